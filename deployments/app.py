@@ -1,0 +1,75 @@
+"""build_app(args) -> Application: the Serve entry point (`deployments.app:build_app`).
+
+Binds the undecorated LLMReplica and the OpenAIIngress with options computed from the config.
+A Serve YAML can still override either deployment's options by name (`num_replicas`,
+`ray_actor_options`, `max_replicas_per_node`, `request_router_config`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from deployments.config import AppArgs, ReplicaConfig, RouterConfig, parse_app_args
+from deployments.ingress import OpenAIIngress
+from deployments.replica import LLMReplica
+
+REPLICA_NAME = "LLMReplica"
+INGRESS_NAME = "OpenAIIngress"
+ROUTER_CLASS = "deployments.router:UnifiedMemoryRouter"
+
+
+def replica_actor_options(cfg: ReplicaConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    if cfg.accelerator_type:
+        options["accelerator_type"] = cfg.accelerator_type
+    if cfg.resources:
+        options["resources"] = dict(cfg.resources)
+    return options
+
+
+def router_config(cfg: RouterConfig) -> RequestRouterConfig:
+    return RequestRouterConfig(
+        request_router_class=ROUTER_CLASS,
+        request_router_kwargs={
+            "free_memory_tolerance_fraction": cfg.free_memory_tolerance_fraction,
+            "sticky_max_wait_s": cfg.sticky_max_wait_s,
+            "placement_ttl_s": cfg.placement_ttl_s,
+        },
+        request_routing_stats_period_s=cfg.stats_period_s,
+        request_routing_stats_timeout_s=max(5.0, 5 * cfg.stats_period_s),
+    )
+
+
+def replica_options(cfg: AppArgs) -> dict[str, Any]:
+    """Deployment options for LLMReplica (one per node unless the config says otherwise)."""
+    options: dict[str, Any] = {
+        "name": REPLICA_NAME,
+        "num_replicas": cfg.replica.num_replicas,
+        "max_ongoing_requests": cfg.replica.max_ongoing_requests,
+        "ray_actor_options": replica_actor_options(cfg.replica),
+        "health_check_period_s": cfg.replica.health_check_period_s,
+        # Loading a 70B model into unified memory takes minutes, not Serve's default seconds.
+        "health_check_timeout_s": max(60.0, cfg.replica.health_check_period_s * 3),
+        "graceful_shutdown_timeout_s": 30,
+        "request_router_config": router_config(cfg.router),
+    }
+    if cfg.replica.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.replica.max_replicas_per_node
+    return options
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """The grace-serve application: OpenAIIngress in front of LLMReplica."""
+    cfg = parse_app_args(args)
+    replica = serve.deployment(LLMReplica).options(**replica_options(cfg)).bind(cfg)
+    ingress = serve.deployment(OpenAIIngress).options(
+        name=INGRESS_NAME,
+        num_replicas=cfg.ingress.num_replicas,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        max_ongoing_requests=max(256, cfg.replica.max_ongoing_requests * 4),
+    )
+    return ingress.bind(replica, cfg)

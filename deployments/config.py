@@ -1,0 +1,197 @@
+"""The application's arguments: what `serve run` passes as `args` to `build_app`.
+
+Every field is described; a bad value raises `ConfigError`, whose message names the field by
+its dotted path (for example ``memory.pool_size_bytes``). Byte sizes accept integers or strings
+such as ``"8GiB"``. This module imports nothing else of ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A bad application argument; the message names each offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    model_id: str = Field(
+        "builtin:tiny-llama",
+        min_length=1,
+        description="Hugging Face hub id, local directory, or `builtin:tiny-llama` (a small random "
+        "Llama with a byte-level tokenizer, built offline and cached on disk).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients pass as `model`; defaults to the last part of model_id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; `auto` is bfloat16 on a GPU and float32 on CPU."
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest conversation in tokens; defaults to the model's limit."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+    @property
+    def name(self) -> str:
+        """The name clients use in the `model` field."""
+        return self.served_model_name or self.model_id.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+class MemoryConfig(_Section):
+    mode: Literal["auto", "managed", "device", "off"] = Field(
+        "auto",
+        description="How the replica allocates GPU memory. `managed`: RMM managed (unified) "
+        "memory, which on Grace may exceed HBM; `device`: plain device memory through RMM; "
+        "`off`: PyTorch's own allocator; `auto`: managed on a GPU, off on CPU.",
+    )
+    pool: bool = Field(False, description="Put an RMM pool on top of the upstream resource.")
+    pool_size_bytes: ByteSize | None = Field(
+        None,
+        description="Most bytes RMM may hand out. Default: HBM + host_memory_budget_bytes on a "
+        "coherent Grace node; the card's free memory minus headroom_bytes on a discrete GPU.",
+    )
+    host_memory_budget_bytes: ByteSize | None = Field(
+        None,
+        description="LPDDR a Grace replica may use beyond HBM (counts toward free unified "
+        "memory). Default: 90% of the host's available memory at start.",
+    )
+    headroom_bytes: ByteSize = Field(
+        ByteSize(2 * GiB),
+        description="Device memory left untouched on a discrete GPU (CUDA context, other users).",
+    )
+    allow_oversubscription: bool = Field(
+        False,
+        description="Allow a managed pool larger than the discrete GPU's free memory. Dangerous: "
+        "oversubscribed managed memory on a discrete GPU can hang the GPU.",
+    )
+    cpu_memory_budget_bytes: ByteSize = Field(
+        ByteSize(4 * GiB),
+        description="On a CPU-only replica: the memory budget that free unified memory counts "
+        "down from (weights + KV caches).",
+    )
+
+
+class KVCacheConfig(_Section):
+    budget_bytes: ByteSize | None = Field(
+        None,
+        description="Most bytes of per-user KV caches one replica keeps. Default: "
+        "budget_fraction of the free memory left after the model loads.",
+    )
+    budget_fraction: float = Field(
+        0.8, gt=0, le=1, description="Share of post-load free memory for KV when no budget set."
+    )
+
+
+class EngineConfig(_Section):
+    engine_class: str = Field(
+        "deployments.engine.hf_engine:HFEngine",
+        pattern=r"^[\w.]+:\w+$",
+        description="`module:Class` of the engine (an `deployments.engine.Engine`).",
+    )
+    default_max_tokens: int = Field(
+        256, gt=0, description="Completion length when a chat request sets no max_tokens."
+    )
+    max_concurrent_requests: int = Field(
+        64, gt=0, description="Requests an engine runs at once; more wait in its queue."
+    )
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads on a CPU replica; default: the actor's CPUs."
+    )
+
+
+class ReplicaConfig(_Section):
+    num_replicas: int = Field(1, gt=0, description="Model replicas (one per node on Grace).")
+    max_ongoing_requests: int = Field(
+        64, gt=0, description="Requests Serve sends one replica at once."
+    )
+    num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per replica.")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs reserved per replica.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type to require, such as `GH200` or `H100`."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. {grace_node: 1}."
+    )
+    max_replicas_per_node: int | None = Field(
+        1, gt=0, description="At most this many replicas on one node; null for no limit."
+    )
+    health_check_period_s: float = Field(10, gt=0, description="Seconds between health checks.")
+
+
+class RouterConfig(_Section):
+    stats_period_s: float = Field(
+        1.0, gt=0, description="How often replicas report memory and resident users."
+    )
+    free_memory_tolerance_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Replicas whose free unified memory is within this share of the largest "
+        "capacity of the best count as tied; ties break by rendezvous hash of the user.",
+    )
+    sticky_max_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a returning user waits for its busy home replica before "
+        "being served elsewhere (its history then recomputed).",
+    )
+    placement_ttl_s: float = Field(
+        30.0, gt=0, description="How long a router remembers its own unconfirmed placements."
+    )
+
+
+class IngressConfig(_Section):
+    num_replicas: int = Field(1, gt=0, description="OpenAIIngress replicas.")
+    num_cpus: float = Field(0.5, ge=0, description="Ray CPUs per ingress replica.")
+    request_timeout_s: float = Field(
+        600, gt=0, description="Longest a request may run before it is cut off (504)."
+    )
+
+
+class AppArgs(_Section):
+    """Everything `build_app` needs; the `args:` block of a Serve config."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to serve.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory set-up.")
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="KV budget.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine choice.")
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig, description="LLMReplica.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Routing.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP ingress.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppArgs:
+        if self.memory.mode in ("managed", "device") and self.replica.num_gpus == 0:
+            raise ValueError(
+                f"memory.mode is {self.memory.mode!r} but replica.num_gpus is 0: a GPU memory "
+                "mode needs a GPU (set replica.num_gpus: 1, or memory.mode: auto)"
+            )
+        return self
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "args"
+
+
+def parse_app_args(raw: dict[str, Any] | AppArgs | None) -> AppArgs:
+    """Validate raw `args` into AppArgs; raise ConfigError naming every bad field."""
+    if isinstance(raw, AppArgs):
+        return raw
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"args: expected a mapping, got {type(raw).__name__}")
+    try:
+        return AppArgs.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid app args:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,221 @@
+"""The generic engine: any Hugging Face causal LM, one KV cache per user, kept between requests.
+
+Each request runs prefill and then one decode step at a time on a single model thread, so many
+users' requests interleave step by step without blocking the event loop. A user's cache is a
+transformers `DynamicCache`; a new request crops it to the longest prefix it shares with the
+new prompt and prefills only the rest. This is the reference behaviour the fast engine must
+match, and the engine every architecture falls back to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from deployments.config import AppArgs
+from deployments.engine.interface import (
+    Engine,
+    EngineStats,
+    GenerationRequest,
+    RequestProgress,
+    SamplingParams,
+)
+from deployments.engine.loader import (
+    kv_bytes_per_token,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from deployments.engine.sampling import make_generator, sample_token
+from deployments.engine.user_cache import UserCacheStore, UserEntry, common_prefix_len
+from deployments.memory import HostAccountant, MemoryAccountant, is_out_of_memory
+
+logger = logging.getLogger(__name__)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, list) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class HFEngine(Engine):
+    """transformers forward passes, per-user DynamicCache, step-interleaved concurrency."""
+
+    def __init__(self, args: AppArgs, memory: MemoryAccountant) -> None:
+        self.device = memory.device
+        if self.device == "cpu" and args.engine.cpu_threads:
+            torch.set_num_threads(args.engine.cpu_threads)
+        path = resolve_model_path(args.model.model_id)
+        self.tokenizer = load_tokenizer(path, args.model)
+        self.model = load_model(path, args.model, self.device)
+        self.model_name = args.model.name
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        wanted = args.model.max_model_len or limit or 4096
+        self.max_model_len = min(wanted, limit) if limit else wanted
+        self.eos_token_ids = eos_ids(self.model, self.tokenizer)
+        element = next(self.model.parameters()).element_size()
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element))
+        if isinstance(memory, HostAccountant):
+            memory.track(lambda: self.weights_bytes + self.store.total_bytes)
+        free = max(0, memory.snapshot().free_unified_memory_bytes)
+        budget = args.kv_cache.budget_bytes
+        self.store.budget_bytes = int(budget if budget is not None else
+                                      args.kv_cache.budget_fraction * free)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf-model")
+        self._slots = asyncio.Semaphore(args.engine.max_concurrent_requests)
+        self._waiting = 0
+        logger.info(
+            "HFEngine ready: %s, context %d, KV %d B/token, KV budget %.1f MiB",
+            self.model_name, self.max_model_len, self.store.bytes_per_token,
+            self.store.budget_bytes / 2**20,
+        )
+
+    # ---- model thread ---------------------------------------------------------------------
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older signatures
+            return DynamicCache()
+
+    def _step(
+        self, feed: list[int], cache: Any, params: SamplingParams, gen: torch.Generator
+    ) -> int:
+        """Feed tokens through the model (appending to `cache`); sample the next token."""
+        with torch.inference_mode():
+            ids = torch.tensor([feed], device=self.device)
+            out = self.model(
+                input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
+            )
+            return sample_token(out.logits[0, -1], params, gen)
+
+    def _run_step(self, *args: Any) -> concurrent.futures.Future[int]:
+        return self._executor.submit(self._step, *args)
+
+    # ---- request flow ---------------------------------------------------------------------
+
+    def _reuse(self, entry: UserEntry, prompt: list[int]) -> tuple[Any, int]:
+        """The cache to extend and how many prompt tokens it already covers."""
+        if entry.kv is None or entry.kv_tokens == 0:
+            return self._new_cache(), 0
+        # At least one prompt token must be fed to get logits for the next token.
+        reuse = min(common_prefix_len(entry.token_ids, prompt), entry.kv_tokens, len(prompt) - 1)
+        if reuse <= 0:
+            return self._new_cache(), 0
+        if reuse < entry.kv_tokens:
+            try:
+                entry.kv.crop(reuse - entry.kv_tokens)  # negative: drop that many tokens
+            except (RuntimeError, ValueError) as exc:  # e.g. sliding window past its size
+                logger.debug("cannot crop cache (%s); recomputing", exc)
+                return self._new_cache(), 0
+        return entry.kv, reuse
+
+    async def stream_tokens(
+        self, request: GenerationRequest, progress: RequestProgress
+    ) -> AsyncIterator[int]:
+        prompt = list(request.prompt_token_ids)
+        params = request.sampling
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        entry = self.store.acquire(request.user_key)
+        seen: list[int] = []
+        fed = 0  # tokens of `seen` whose KV is in the cache
+        pending: concurrent.futures.Future[int] | None = None
+        cache: Any = None
+        try:
+            cache, fed = self._reuse(entry, prompt)
+            progress.cached_tokens = fed
+            seen = list(prompt)
+            self.store.record(entry, seen, cache, fed)
+            self.store.reserve(len(prompt) - fed + params.max_tokens)
+            gen = make_generator(params.seed, self.device)
+            feed = prompt[fed:]
+            for produced in range(1, params.max_tokens + 1):
+                pending = self._run_step(feed, cache, params, gen)
+                token = await self._await_step(pending, entry)
+                pending = None
+                fed = len(seen)
+                seen.append(token)
+                self.store.record(entry, seen, cache, fed)
+                yield token
+                if token in self.eos_token_ids or produced == params.max_tokens:
+                    return
+                feed = [token]
+        finally:
+            self._finish(entry, seen, cache, fed, pending)
+
+    async def _await_step(self, step: concurrent.futures.Future[int], entry: UserEntry) -> int:
+        try:
+            return await asyncio.wrap_future(step)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Out of memory mid-request: drop idle users' caches and tell the client.
+            dropped = self.store.evict_to(0)
+            logger.warning("out of memory; dropped %d idle users' caches", len(dropped))
+            raise MemoryError("the replica ran out of memory for this request") from exc
+
+    def _finish(
+        self, entry: UserEntry, seen: list[int], cache: Any, fed: int,
+        pending: concurrent.futures.Future[int] | None,
+    ) -> None:
+        """Release the entry once no step is running on its cache (event-loop thread)."""
+        loop = asyncio.get_running_loop()
+
+        def settle(step: concurrent.futures.Future[int] | None) -> None:
+            kv_tokens = fed
+            if step is not None:
+                # A cancelled request's last step still ran: its tokens are in the cache,
+                # unless it failed, in which case the cache's state is unknown.
+                kv_tokens = len(seen) if step.exception() is None else 0
+            if kv_tokens == 0:
+                self.store.record(entry, seen, None, 0)
+            else:
+                self.store.record(entry, seen, cache, kv_tokens)
+            self.store.release(entry)
+            self._slots.release()
+
+        if pending is None or pending.done():
+            settle(pending)
+        else:
+            pending.add_done_callback(lambda step: loop.call_soon_threadsafe(settle, step))
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_cache_bytes=self.store.total_bytes,
+            kv_budget_bytes=self.store.budget_bytes,
+            kv_bytes_per_token=self.store.bytes_per_token,
+            resident_users=self.store.resident_keys(),
+            running_requests=self.store.running_count(),
+            waiting_requests=self._waiting,
+            evicted_users=self.store.evicted_users,
+        )
+
+    def check_health(self) -> None:
+        if self._executor._shutdown:  # noqa: SLF001 - our own executor
+            raise RuntimeError("model thread stopped")
+
+    async def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,178 @@
+"""The engine contract: what a replica needs from whatever runs the model.
+
+An engine turns a tokenized request into a stream of sampled token ids, keeping a KV cache per
+user between requests. The shared `Engine.generate` turns those ids into text deltas, applies
+stop strings and reports usage, so every engine behaves the same at the API. Engines never
+import Ray; they are constructed as ``EngineClass(args, memory)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.engine.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A client's mistake found by the engine (e.g. prompt too long); becomes a 4xx."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise RequestError("max_tokens must be at least 1", param="max_tokens")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    user_key: str | None  # opaque user key (identity.user_key); None: cache not kept
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingParams
+
+
+@dataclass
+class RequestProgress:
+    """What an engine reports about a request besides its tokens."""
+
+    cached_tokens: int = 0  # prompt tokens served from the user's kept KV cache
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One step of a request: the new text and tokens since the previous output."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str | None  # "stop" or "length" on the last output, else None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the replica reports for routing and /admin/replicas."""
+
+    kv_cache_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
+    resident_users: list[str]  # user keys (hashed ids) whose KV cache this engine holds
+    running_requests: int
+    waiting_requests: int
+    evicted_users: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """Runs one model; subclasses implement `stream_tokens` and `stats`."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Any  # a transformers tokenizer
+    eos_token_ids: frozenset[int]
+
+    # ---- what an engine implements -------------------------------------------------------
+
+    @abstractmethod
+    def stream_tokens(
+        self, request: GenerationRequest, progress: RequestProgress
+    ) -> AsyncIterator[int]:
+        """Yield sampled token ids, at most `max_tokens`, ending after an EOS token.
+
+        Sets `progress.cached_tokens` before the first token. Closing the iterator early
+        (stop string, client gone) must cancel the work and keep the user's cache consistent:
+        it then holds exactly the tokens the model has seen.
+        """
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """Current KV usage and resident users."""
+
+    def check_health(self) -> None:
+        """Raise if the engine cannot serve (default: healthy)."""
+
+    async def shutdown(self) -> None:
+        """Release resources (default: nothing)."""
+
+    # ---- shared behaviour -----------------------------------------------------------------
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the model's chat template (with the assistant's turn opened) and tokenize."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
+        """Refuse prompts that cannot fit the context window (a client error)."""
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty", param="prompt", code="empty_prompt")
+        if prompt_len >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {prompt_len} tokens but this model's context is "
+                f"{self.max_model_len} tokens (prompt plus at least one new token must fit)",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
+    def clamp_max_tokens(self, prompt_len: int, max_tokens: int) -> int:
+        """The completion length that fits the context window after the prompt."""
+        return max(1, min(max_tokens, self.max_model_len - prompt_len))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream text deltas with stop strings applied; the last output has a finish_reason."""
+        progress = RequestProgress()
+        sampling = request.sampling
+        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        prompt_tokens = len(request.prompt_token_ids)
+        tokens = self.stream_tokens(request, progress)
+        count = 0
+        finish: str | None = None
+        try:
+            async for token in tokens:
+                count += 1
+                if token in self.eos_token_ids:
+                    text, finish = detok.flush(), "stop"
+                else:
+                    text, hit_stop = detok.push(token)
+                    if hit_stop:
+                        finish = "stop"
+                    elif count >= sampling.max_tokens:
+                        text, finish = text + detok.flush(), "length"
+                yield GenerationOutput(
+                    text, (token,), prompt_tokens, progress.cached_tokens, count, finish
+                )
+                if finish:
+                    return
+            # The engine ended the stream itself (EOS or length seen there).
+            reason = "length" if count >= sampling.max_tokens else "stop"
+            yield GenerationOutput(
+                detok.flush(), (), prompt_tokens, progress.cached_tokens, count, reason
+            )
+        finally:
+            await tokens.aclose()  # type: ignore[attr-defined]

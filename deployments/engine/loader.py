@@ -1,0 +1,72 @@
+"""Loading a model and tokenizer by hub id, local path, or `builtin:` name, with progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from deployments.config import ModelConfig
+from deployments.engine import builtin
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(model_id: str) -> str:
+    """A path or hub id transformers can load (building a built-in model if needed)."""
+    if builtin.is_builtin(model_id):
+        return str(builtin.materialize(model_id))
+    return model_id
+
+
+def torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def load_model(path: str, cfg: ModelConfig, device: str) -> Any:
+    """Load weights straight onto `device` (through RMM when it is the allocator).
+
+    transformers shows a progress bar per checkpoint shard; this logs size and time.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(cfg.dtype, device)
+    logger.info("loading %s (%s) onto %s ...", cfg.model_id, dtype, device)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+        device_map=device,
+    )
+    model.eval()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info(
+        "loaded %s: %.2f GB of weights in %.1f s", cfg.model_id, nbytes / 1e9,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def kv_bytes_per_token(model_config: Any, dtype_size: int) -> int:
+    """Bytes of keys and values one token takes across all layers."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else (
+        model_config
+    )
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype_size

@@ -1,0 +1,259 @@
+"""RMM set-up and memory accounting: the "free unified memory" figure the router places users by.
+
+Free unified memory, per platform (bytes):
+
+- **grace** (coherent GH200/GB200): ``limit - rmm_in_use``, where ``limit = HBM +
+  host_memory_budget_bytes`` (or ``memory.pool_size_bytes``) and ``rmm_in_use`` is what RMM's
+  statistics adaptor reports allocated. Weights and KV caches may spill past HBM into LPDDR
+  over NVLink-C2C; that is the point of managed memory there.
+- **discrete** (H100/H200 on PCIe): ``min(limit - rmm_in_use, device_free)``, where ``limit``
+  is at most the card's free memory minus ``headroom_bytes``: managed memory is never allowed
+  to oversubscribe a discrete card (it can hang the GPU). With a pool the card's free memory
+  already excludes the pool, so it is ``limit - rmm_in_use`` alone.
+- **cpu**: ``cpu_memory_budget_bytes - (weights + KV bytes)``, as the engine reports them.
+
+`setup_memory` must run before anything touches `torch.cuda`: it swaps PyTorch's allocator for
+RMM's. Imports only `config` of ours; rmm and torch are imported lazily, on GPU replicas only.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from deployments.config import GiB, MemoryConfig
+
+if TYPE_CHECKING:
+    from deployments.platform import PlatformInfo
+
+logger = logging.getLogger(__name__)
+
+ResourceKind = Literal["managed", "device", "torch", "host"]
+
+
+class OversubscriptionError(RuntimeError):
+    """A managed pool larger than a discrete GPU's free memory was asked for and refused."""
+
+
+@dataclass(frozen=True)
+class GpuMemoryPlan:
+    """What RMM will be set up with, decided before a byte is allocated."""
+
+    resource: Literal["managed", "device"]
+    limit_bytes: int  # most bytes RMM hands out; allocations beyond raise MemoryError
+    pool: bool
+    initial_pool_bytes: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """One reading of a replica's memory (bytes)."""
+
+    platform: str
+    resource: ResourceKind
+    capacity_bytes: int
+    used_bytes: int
+    free_unified_memory_bytes: int
+    device_free_bytes: int | None = None
+
+
+def resolve_mode(cfg: MemoryConfig, platform: PlatformInfo) -> str:
+    """The effective memory mode: `auto` is managed on a GPU and off on CPU."""
+    if cfg.mode == "auto":
+        return "managed" if platform.has_gpu else "off"
+    if cfg.mode in ("managed", "device") and not platform.has_gpu:
+        raise RuntimeError(f"memory.mode {cfg.mode!r} needs a GPU, but this node has none")
+    return cfg.mode
+
+
+def plan_gpu_memory(
+    cfg: MemoryConfig, platform: PlatformInfo, device_free_bytes: int, mode: str = "managed"
+) -> GpuMemoryPlan:
+    """Decide the RMM limit; refuse an oversubscribing managed pool on a discrete GPU.
+
+    Pure function of its inputs, so the guard is testable without a GPU.
+    """
+    resource: Literal["managed", "device"] = "device" if mode == "device" else "managed"
+    requested = int(cfg.pool_size_bytes) if cfg.pool_size_bytes is not None else None
+    gib = GiB
+    if platform.kind == "grace" and resource == "managed":
+        host_budget = (
+            int(cfg.host_memory_budget_bytes)
+            if cfg.host_memory_budget_bytes is not None
+            else int(0.9 * platform.host_available_bytes)
+        )
+        ceiling = platform.device_total_bytes + platform.host_total_bytes
+        limit = requested if requested is not None else platform.device_total_bytes + host_budget
+        if limit > ceiling:
+            raise OversubscriptionError(
+                f"memory.pool_size_bytes {limit / gib:.1f} GiB exceeds this Grace node's HBM + "
+                f"LPDDR ({ceiling / gib:.1f} GiB)"
+            )
+        reason = (
+            f"coherent Grace node: managed memory up to {limit / gib:.1f} GiB "
+            f"({platform.device_total_bytes / gib:.1f} GiB HBM + the rest in LPDDR over C2C)"
+        )
+    else:
+        cap = max(0, device_free_bytes - int(cfg.headroom_bytes))
+        limit = requested if requested is not None else cap
+        if resource == "managed" and limit > cap and not cfg.allow_oversubscription:
+            raise OversubscriptionError(
+                f"refusing a managed pool of {limit / gib:.1f} GiB on a discrete GPU "
+                f"({platform.device_name}) with {device_free_bytes / gib:.1f} GiB free and "
+                f"{int(cfg.headroom_bytes) / gib:.1f} GiB headroom (at most {cap / gib:.1f} GiB): "
+                "this GPU is not coherent with host memory, and oversubscribed managed memory "
+                "can hang it. Lower memory.pool_size_bytes, or set "
+                "memory.allow_oversubscription: true if you accept that risk."
+            )
+        reason = (
+            f"discrete GPU: {resource} memory up to {limit / gib:.1f} GiB "
+            f"of {device_free_bytes / gib:.1f} GiB free"
+        )
+    initial = min(limit, gib) // 256 * 256 if cfg.pool else None
+    return GpuMemoryPlan(resource, limit, cfg.pool, initial, reason)
+
+
+class MemoryAccountant(ABC):
+    """Reports a replica's memory; the single source of the router's free-memory figure."""
+
+    device: str  # torch device string the engine should use
+
+    @abstractmethod
+    def snapshot(self) -> MemorySnapshot:
+        """Current capacity, use and free unified memory."""
+
+
+class HostAccountant(MemoryAccountant):
+    """CPU-only replica: a configured budget minus what the engine reports it holds."""
+
+    device = "cpu"
+
+    def __init__(self, budget_bytes: int) -> None:
+        self._budget = budget_bytes
+        self._usage: list[Callable[[], int]] = []
+
+    def track(self, usage_bytes: Callable[[], int]) -> None:
+        """Count what `usage_bytes()` returns (weights, KV caches) as used."""
+        self._usage.append(usage_bytes)
+
+    def snapshot(self) -> MemorySnapshot:
+        used = sum(fn() for fn in self._usage)
+        return MemorySnapshot("cpu", "host", self._budget, used, self._budget - used)
+
+
+class RmmAccountant(MemoryAccountant):
+    """GPU replica whose every allocation goes through RMM's statistics adaptor."""
+
+    device = "cuda"
+
+    def __init__(self, platform: PlatformInfo, plan: GpuMemoryPlan, stats_mr: Any) -> None:
+        self._platform = platform
+        self._plan = plan
+        self._stats_mr = stats_mr
+
+    @property
+    def plan(self) -> GpuMemoryPlan:
+        return self._plan
+
+    def rmm_statistics(self) -> Any:
+        """RMM's counters: current_bytes, peak_bytes, total_bytes, current_count, ..."""
+        return self._stats_mr.allocation_counts
+
+    def snapshot(self) -> MemorySnapshot:
+        import rmm
+
+        used = int(self.rmm_statistics().current_bytes)
+        free_dev, _ = rmm.mr.available_device_memory()
+        free = self._plan.limit_bytes - used
+        if self._platform.kind == "discrete" and not self._plan.pool:
+            free = min(free, int(free_dev))
+        return MemorySnapshot(
+            self._platform.kind, self._plan.resource, self._plan.limit_bytes, used, free,
+            int(free_dev),
+        )
+
+
+class TorchAccountant(MemoryAccountant):
+    """GPU replica left on PyTorch's allocator (memory.mode: off)."""
+
+    device = "cuda"
+
+    def __init__(self, platform: PlatformInfo, headroom_bytes: int) -> None:
+        self._platform = platform
+        self._capacity = max(0, platform.device_total_bytes - headroom_bytes)
+
+    def snapshot(self) -> MemorySnapshot:
+        import torch
+
+        used = int(torch.cuda.memory_allocated())
+        free_dev, _ = torch.cuda.mem_get_info()
+        free = min(self._capacity - used, int(free_dev))
+        return MemorySnapshot(
+            self._platform.kind, "torch", self._capacity, used, free, int(free_dev)
+        )
+
+
+def setup_memory(cfg: MemoryConfig, platform: PlatformInfo) -> MemoryAccountant:
+    """Set up this process's memory before any `torch.cuda` call; return its accountant.
+
+    On a GPU with mode managed/device: plan (refusing an oversubscribing managed pool on a
+    discrete GPU before anything is allocated), build RMM's resource chain
+    ``Statistics(Limiting(Pool?(Managed|Cuda)))``, make it current, and route PyTorch's
+    allocations through it.
+    """
+    mode = resolve_mode(cfg, platform)
+    if mode == "off":
+        if platform.has_gpu:
+            return TorchAccountant(platform, int(cfg.headroom_bytes))
+        return HostAccountant(int(cfg.cpu_memory_budget_bytes))
+
+    import rmm
+
+    free_dev, _ = rmm.mr.available_device_memory()  # cudaMemGetInfo; PyTorch untouched
+    plan = plan_gpu_memory(cfg, platform, int(free_dev), mode)
+    upstream = rmm.mr.ManagedMemoryResource() if plan.resource == "managed" else (
+        rmm.mr.CudaMemoryResource()
+    )
+    if plan.pool:
+        upstream = rmm.mr.PoolMemoryResource(
+            upstream, initial_pool_size=plan.initial_pool_bytes, maximum_pool_size=plan.limit_bytes
+        )
+    limited = rmm.mr.LimitingResourceAdaptor(upstream, plan.limit_bytes)
+    stats_mr = rmm.mr.StatisticsResourceAdaptor(limited)
+    rmm.mr.set_current_device_resource(stats_mr)
+    swap_torch_allocator()
+    logger.info("RMM ready: %s", plan.reason)
+    return RmmAccountant(platform, plan, stats_mr)
+
+
+def swap_torch_allocator() -> None:
+    """Route PyTorch's CUDA allocations through RMM's current resource.
+
+    Raises a RuntimeError that says why when PyTorch's CUDA allocator is already in use.
+    """
+    import torch
+    from rmm.allocators.torch import rmm_torch_allocator
+
+    try:
+        torch.cuda.memory.change_current_allocator(rmm_torch_allocator)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            "could not route PyTorch through RMM: something called torch.cuda before the "
+            f"replica set up memory ({exc}). Set up memory first."
+        ) from exc
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for PyTorch's OOM and for RMM's MemoryError (how RMM OOM surfaces once swapped)."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        return isinstance(exc, torch.cuda.OutOfMemoryError)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False

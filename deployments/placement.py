@@ -1,0 +1,165 @@
+"""Where a request goes: a returning user to its cache, a new user to the most free memory.
+
+Pure policy, free of Ray, torch and clocks, so the router, the routing simulation and the tests
+all run the same code. Inputs are what every router process can know: the replicas' reported
+stats, plus this router's own recent placements (stats lag by one period).
+
+- A *returning* user (its key in a replica's reported ``resident_users``, or placed by this
+  router moments ago) goes to that replica alone, waiting for it while it is busy, for at most
+  ``sticky_max_wait_s``; then to the others, where its history is recomputed.
+- A *new* user goes to the replica with the most free unified memory, less this router's
+  unconfirmed placements there. Replicas within ``tolerance_fraction`` of the largest capacity
+  of the best count as tied, and ties break by rendezvous hash of the user key, so every router
+  process, seeing the same stats, picks the same replica for the same user.
+- A request without a user has no cache to keep: all replicas form one rank and Serve picks
+  the shortest queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_NEW_USER_TOKENS = 256  # KV estimate for a user when a replica has no users yet
+
+
+def rendezvous_score(user: str, replica_id: str) -> int:
+    """Highest-random-weight hash of (user, replica): same everywhere, stable across restarts."""
+    digest = hashlib.sha256(f"{user}\x00{replica_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What a router knows of one replica, from its last reported stats."""
+
+    replica_id: str
+    free_bytes: int | None  # None: no stats reported yet
+    capacity_bytes: int
+    resident: frozenset[str]
+    new_user_bytes: int  # estimated bytes a new user adds there
+
+    @classmethod
+    def from_stats(cls, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaView:
+        stats = stats or {}
+        if "free_unified_memory_bytes" not in stats:
+            return cls(replica_id, None, 0, frozenset(), 0)
+        resident = frozenset(stats.get("resident_users") or ())
+        kv_bytes = int(stats.get("kv_cache_bytes", 0))
+        per_token = int(stats.get("kv_bytes_per_token", 0))
+        per_user = kv_bytes // len(resident) if resident and kv_bytes else 0
+        return cls(
+            replica_id=replica_id,
+            free_bytes=int(stats["free_unified_memory_bytes"]),
+            capacity_bytes=int(stats.get("capacity_bytes", 0)),
+            resident=resident,
+            new_user_bytes=per_user or per_token * DEFAULT_NEW_USER_TOKENS,
+        )
+
+
+@dataclass
+class _Placed:
+    replica_id: str
+    at: float
+    nbytes: int
+
+
+@dataclass
+class PlacementLedger:
+    """This router's placements that replica stats may not show yet."""
+
+    ttl_s: float = 30.0
+    _placed: dict[str, _Placed] = field(default_factory=dict)
+
+    def record(self, user: str, replica_id: str, nbytes: int, now: float) -> None:
+        self._placed[user] = _Placed(replica_id, now, nbytes)
+
+    def home(self, user: str, now: float) -> str | None:
+        placed = self._placed.get(user)
+        return placed.replica_id if placed and now - placed.at <= self.ttl_s else None
+
+    def pending_bytes(self, replica_id: str, now: float) -> int:
+        return sum(
+            p.nbytes for p in self._placed.values()
+            if p.replica_id == replica_id and now - p.at <= self.ttl_s
+        )
+
+    def reconcile(self, views: Sequence[ReplicaView], now: float) -> None:
+        """Forget placements the stats now confirm, and those too old to matter."""
+        resident = {v.replica_id: v.resident for v in views}
+        for user, placed in list(self._placed.items()):
+            confirmed = user in resident.get(placed.replica_id, frozenset())
+            if confirmed or now - placed.at > self.ttl_s:
+                del self._placed[user]
+
+    def __len__(self) -> int:
+        return len(self._placed)
+
+
+@dataclass(frozen=True)
+class PlacementPolicy:
+    tolerance_fraction: float = 0.01
+    sticky_max_wait_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Ranks of replica ids, most preferred first; Serve tries them in order."""
+
+    ranks: list[list[str]]
+    reason: Literal["home", "new", "anonymous", "none"]
+
+
+def rank_for_new_user(
+    user: str, views: Sequence[ReplicaView], ledger: PlacementLedger, policy: PlacementPolicy,
+    now: float,
+) -> list[str]:
+    """Replica ids for a new user, best first (see module docstring)."""
+    known = [v for v in views if v.free_bytes is not None]
+    unknown = sorted(
+        (v for v in views if v.free_bytes is None),
+        key=lambda v: rendezvous_score(user, v.replica_id), reverse=True,
+    )
+    if not known:
+        return [v.replica_id for v in unknown]
+    free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) for v in known}
+    best = max(free.values())
+    tolerance = policy.tolerance_fraction * max(v.capacity_bytes for v in known)
+    band = [v for v in known if free[v.replica_id] >= best - tolerance]
+    band.sort(key=lambda v: rendezvous_score(user, v.replica_id), reverse=True)
+    rest = [v for v in known if free[v.replica_id] < best - tolerance]
+    rest.sort(key=lambda v: free[v.replica_id], reverse=True)
+    return [v.replica_id for v in band + rest + unknown]
+
+
+def find_home(
+    user: str, views: Sequence[ReplicaView], ledger: PlacementLedger, now: float
+) -> str | None:
+    """The replica holding the user's cache by the stats, else by this router's placements."""
+    holders = [v for v in views if user in v.resident]
+    if holders:
+        # More than one holder only after a fallback; prefer the same one everywhere.
+        return max(holders, key=lambda v: rendezvous_score(user, v.replica_id)).replica_id
+    placed = ledger.home(user, now)
+    return placed if placed in {v.replica_id for v in views} else None
+
+
+def decide(
+    user: str | None, views: Sequence[ReplicaView], ledger: PlacementLedger,
+    policy: PlacementPolicy, now: float, waited_s: float = 0.0,
+) -> Decision:
+    """Rank replicas for one request. `waited_s`: how long it has waited to be routed."""
+    if not views:
+        return Decision([], "none")
+    if user is None:
+        return Decision([[v.replica_id for v in views]], "anonymous")
+    ledger.reconcile(views, now)
+    home = find_home(user, views, ledger, now)
+    if home is None:
+        return Decision([[r] for r in rank_for_new_user(user, views, ledger, policy, now)], "new")
+    if waited_s < policy.sticky_max_wait_s:
+        return Decision([[home]], "home")
+    others = [r for r in rank_for_new_user(user, views, ledger, policy, now) if r != home]
+    return Decision([[home]] + [[r] for r in others], "home")

@@ -1,0 +1,181 @@
+"""LLMReplica: one per node. Memory first, then the engine; streams events; reports stats.
+
+The order in `__init__` is the invariant that matters on a GPU: platform detection (CUDA
+driver only), then RMM set-up (which swaps PyTorch's allocator), and only then anything that
+touches `torch.cuda` (the engine).
+
+`generate` streams plain dicts, one per event, so the ingress can map them to HTTP:
+``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens"}``, then
+``{"event": "delta", "text", "token_ids"}`` ..., then ``{"event": "end", "finish_reason",
+"usage"}``; or a single ``{"event": "error", "status", "message", "type", "param", "code"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+
+from deployments.config import AppArgs, parse_app_args
+from deployments.engine import (
+    Engine,
+    GenerationRequest,
+    RequestError,
+    SamplingParams,
+    load_engine_class,
+)
+from deployments.identity import user_key
+from deployments.memory import MemoryAccountant, is_out_of_memory, setup_memory
+from deployments.platform import PlatformInfo, detect_platform
+from deployments.protocol import usage_dict
+
+logger = logging.getLogger("ray.serve")
+
+
+def error_event(
+    status: int, message: str, err_type: str = "invalid_request_error", param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "event": "error", "status": status, "message": message, "type": err_type,
+        "param": param, "code": code,
+    }
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests constructing the class directly)
+        return f"local-{uuid.uuid4().hex[:8]}"
+
+
+class LLMReplica:
+    """A model replica holding per-user KV caches in (unified) memory."""
+
+    def __init__(self, args: AppArgs | dict[str, Any]) -> None:
+        self.args = parse_app_args(args)
+        self.replica_id = _replica_id()
+        self.platform: PlatformInfo = detect_platform(use_gpu=self.args.replica.num_gpus > 0)
+        self.memory: MemoryAccountant = setup_memory(self.args.memory, self.platform)
+        engine_cls = load_engine_class(self.args.engine.engine_class)
+        self.engine: Engine = engine_cls(self.args, self.memory)
+        self.started_at = time.time()
+        logger.info(
+            "LLMReplica %s ready on %s: %s", self.replica_id, self.platform.describe(),
+            type(self.engine).__name__,
+        )
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def _tokenize(self, request: dict[str, Any]) -> list[int]:
+        if "messages" in request:
+            return self.engine.encode_chat(request["messages"])
+        if "prompt_token_ids" in request:
+            ids = [int(t) for t in request["prompt_token_ids"]]
+            vocab = len(self.engine.tokenizer)
+            if any(t < 0 or t >= vocab for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return ids
+        return self.engine.encode_text(request["prompt"])
+
+    def _build(self, request: dict[str, Any], user_id: str | None) -> GenerationRequest:
+        ids = self._tokenize(request)
+        sampling = request.get("sampling", {})
+        max_tokens = sampling.get("max_tokens") or self.args.engine.default_max_tokens
+        self.engine.check_prompt(len(ids), max_tokens)
+        return GenerationRequest(
+            request_id=request.get("request_id") or uuid.uuid4().hex,
+            user_key=user_key(user_id) if user_id else None,
+            prompt_token_ids=ids,
+            sampling=SamplingParams(
+                max_tokens=self.engine.clamp_max_tokens(len(ids), max_tokens),
+                temperature=float(sampling.get("temperature", 1.0)),
+                top_p=float(sampling.get("top_p", 1.0)),
+                stop=tuple(sampling.get("stop") or ()),
+                seed=sampling.get("seed"),
+            ),
+        )
+
+    async def generate(
+        self, *, request: dict[str, Any], user_id: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request's events (see module docstring). Never raises for bad input."""
+        try:
+            gen_request = self._build(request, user_id)
+        except RequestError as exc:
+            yield error_event(400, str(exc), param=exc.param, code=exc.code)
+            return
+        started = False
+        try:
+            async for out in self.engine.generate(gen_request):
+                if not started:
+                    started = True
+                    yield {
+                        "event": "start", "replica_id": self.replica_id,
+                        "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
+                    }
+                if out.text or out.token_ids:
+                    yield {"event": "delta", "text": out.text, "token_ids": list(out.token_ids)}
+                if out.finish_reason:
+                    yield {
+                        "event": "end", "finish_reason": out.finish_reason,
+                        "usage": usage_dict(
+                            out.prompt_tokens, out.completion_tokens, out.cached_tokens
+                        ),
+                    }
+        except RequestError as exc:
+            yield error_event(400, str(exc), param=exc.param, code=exc.code)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                yield error_event(503, str(exc), "server_error", code="out_of_memory")
+                return
+            logger.exception("request %s failed", gen_request.request_id)
+            yield error_event(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def _report(self) -> dict[str, Any]:
+        snap = self.memory.snapshot()
+        stats = self.engine.stats()
+        return {
+            "replica_id": self.replica_id,
+            "platform": self.platform.kind,
+            "device_name": self.platform.device_name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "free_unified_memory_bytes": snap.free_unified_memory_bytes,
+            "capacity_bytes": snap.capacity_bytes,
+            "used_bytes": snap.used_bytes,
+            "memory_resource": snap.resource,
+            "kv_cache_bytes": stats.kv_cache_bytes,
+            "kv_budget_bytes": stats.kv_budget_bytes,
+            "kv_bytes_per_token": stats.kv_bytes_per_token,
+            "resident_users": stats.resident_users,
+            "running_requests": stats.running_requests,
+            "waiting_requests": stats.waiting_requests,
+            "evicted_users": stats.evicted_users,
+            "engine": type(self.engine).__name__,
+            "model": self.engine.model_name,
+            "max_model_len": self.engine.max_model_len,
+            "as_of": time.time(),
+        }
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve every `request_routing_stats_period_s`; read by the router."""
+        return self._report()
+
+    def replica_info(self) -> dict[str, Any]:
+        """One row of GET /admin/replicas."""
+        return self._report()
+
+    def model_info(self) -> dict[str, Any]:
+        return {"model": self.engine.model_name, "max_model_len": self.engine.max_model_len}
+
+    def check_health(self) -> None:
+        self.engine.check_health()

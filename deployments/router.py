@@ -1,0 +1,87 @@
+"""UnifiedMemoryRouter: Serve's request router for LLMReplica, driving `placement.decide`.
+
+Lives in every process that holds a handle to LLMReplica (each ingress replica, each driver),
+so it keeps nothing that must be shared: the replicas' reported stats are the truth, and the
+small ledger of its own recent placements only covers the lag until the next stats arrive.
+Set it from a Serve config with::
+
+    request_router_config:
+      request_router_class: deployments.router:UnifiedMemoryRouter
+
+Never imports torch or rmm (it runs in proxy and ingress processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
+
+from deployments.identity import user_key
+from deployments.placement import (
+    PlacementLedger,
+    PlacementPolicy,
+    ReplicaView,
+    decide,
+)
+
+logger = logging.getLogger("ray.serve")
+
+
+class UnifiedMemoryRouter(RequestRouter):
+    """Returning users to the replica holding their cache; new users by free unified memory."""
+
+    def initialize_state(
+        self,
+        free_memory_tolerance_fraction: float = 0.01,
+        sticky_max_wait_s: float = 30.0,
+        placement_ttl_s: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        self._policy = PlacementPolicy(free_memory_tolerance_fraction, sticky_max_wait_s)
+        self._ledger = PlacementLedger(placement_ttl_s)
+
+    @staticmethod
+    def _user(pending_request: PendingRequest | None) -> str | None:
+        if pending_request is None:
+            return None
+        user_id = pending_request.kwargs.get("user_id")
+        return user_key(user_id) if isinstance(user_id, str) and user_id else None
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        views = [ReplicaView.from_stats(rid, r.routing_stats) for rid, r in by_id.items()]
+        now = time.time()
+        waited = now - pending_request.created_at if pending_request else 0.0
+        decision = decide(
+            self._user(pending_request), views, self._ledger, self._policy, now, waited
+        )
+        if pending_request is not None:
+            # Always back off between rounds: with every rank full, retrying at once would spin.
+            pending_request.routing_context.should_backoff = True
+        return [[by_id[rid] for rid in rank] for rank in decision.ranks]
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        user = self._user(pending_request)
+        if user is None:
+            return
+        replica = self.curr_replicas.get(replica_id)
+        view = ReplicaView.from_stats(
+            replica_id.unique_id, replica.routing_stats if replica else None
+        )
+        if user not in view.resident:
+            self._ledger.record(user, replica_id.unique_id, view.new_user_bytes, time.time())
