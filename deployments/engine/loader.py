@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from deployments.config import ModelConfig
@@ -35,6 +37,32 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     )
 
 
+@contextlib.contextmanager
+def _no_allocator_warmup() -> Iterator[None]:
+    """Skip transformers' caching-allocator warm-up while PyTorch allocates through RMM.
+
+    The warm-up reserves the model's size in PyTorch's caching allocator to speed up loading;
+    with RMM there is no such cache, and PyTorch's pluggable allocator cannot report
+    `memory_reserved`, which the warm-up calls (it fails with "does not yet support
+    getDeviceStats").
+    """
+    import torch
+    import transformers.modeling_utils as modeling_utils
+
+    pluggable = torch.cuda.is_available() and (
+        torch.cuda.memory.get_allocator_backend() == "pluggable"
+    )
+    original = getattr(modeling_utils, "caching_allocator_warmup", None)
+    if not pluggable or original is None:
+        yield
+        return
+    modeling_utils.caching_allocator_warmup = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        modeling_utils.caching_allocator_warmup = original
+
+
 def load_model(path: str, cfg: ModelConfig, device: str) -> Any:
     """Load weights straight onto `device` (through RMM when it is the allocator).
 
@@ -45,13 +73,14 @@ def load_model(path: str, cfg: ModelConfig, device: str) -> Any:
     dtype = torch_dtype(cfg.dtype, device)
     logger.info("loading %s (%s) onto %s ...", cfg.model_id, dtype, device)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-        dtype=dtype,
-        device_map=device,
-    )
+    with _no_allocator_warmup():
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+            device_map=device,
+        )
     model.eval()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
