@@ -27,7 +27,7 @@ endif
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/serve run configs/local.yaml
+	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/serve run configs/local.yaml
 
 # Single-node tests share one Ray instance; the multi-node test starts its own
 # cluster, so it runs in a second pytest process.

@@ -57,6 +57,11 @@ class APIError(Exception):
                                param, code)
         self.replica_id = replica_id
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries through Ray
+        err = self.body["error"]
+        return (APIError, (self.status, err["message"], err["type"], err["param"], err["code"],
+                           self.replica_id))
+
     def response(self) -> JSONResponse:
         headers = {REPLICA_HEADER: self.replica_id} if self.replica_id else None
         return JSONResponse(self.body, status_code=self.status, headers=headers)

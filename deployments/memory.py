@@ -150,10 +150,14 @@ class RmmAccountant(MemoryAccountant):
 
     device = "cuda"
 
-    def __init__(self, platform: PlatformInfo, plan: GpuMemoryPlan, stats_mr: Any) -> None:
+    def __init__(
+        self, platform: PlatformInfo, plan: GpuMemoryPlan, stats_mr: Any,
+        device_free: Callable[[], int] | None = None,
+    ) -> None:
         self._platform = platform
         self._plan = plan
         self._stats_mr = stats_mr
+        self._device_free = device_free or _rmm_device_free
 
     @property
     def plan(self) -> GpuMemoryPlan:
@@ -164,10 +168,8 @@ class RmmAccountant(MemoryAccountant):
         return self._stats_mr.allocation_counts
 
     def snapshot(self) -> MemorySnapshot:
-        import rmm
-
         used = int(self.rmm_statistics().current_bytes)
-        free_dev, _ = rmm.mr.available_device_memory()
+        free_dev = self._device_free()
         free = self._plan.limit_bytes - used
         if self._platform.kind == "discrete" and not self._plan.pool:
             free = min(free, int(free_dev))
@@ -175,6 +177,12 @@ class RmmAccountant(MemoryAccountant):
             self._platform.kind, self._plan.resource, self._plan.limit_bytes, used, free,
             int(free_dev),
         )
+
+
+def _rmm_device_free() -> int:
+    import rmm
+
+    return int(rmm.mr.available_device_memory()[0])  # cudaMemGetInfo
 
 
 class TorchAccountant(MemoryAccountant):
@@ -213,8 +221,7 @@ def setup_memory(cfg: MemoryConfig, platform: PlatformInfo) -> MemoryAccountant:
 
     import rmm
 
-    free_dev, _ = rmm.mr.available_device_memory()  # cudaMemGetInfo; PyTorch untouched
-    plan = plan_gpu_memory(cfg, platform, int(free_dev), mode)
+    plan = plan_gpu_memory(cfg, platform, _rmm_device_free(), mode)  # PyTorch untouched
     upstream = rmm.mr.ManagedMemoryResource() if plan.resource == "managed" else (
         rmm.mr.CudaMemoryResource()
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -109,7 +110,7 @@ def train_bpe(text: str, num_merges: int) -> tuple[dict[str, int], list[tuple[st
         pairs: collections.Counter[tuple[str, str]] = collections.Counter()
         for word, count in words.items():
             symbols = splits[word]
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break

@@ -214,7 +214,7 @@ class HFEngine(Engine):
         )
 
     def check_health(self) -> None:
-        if self._executor._shutdown:  # noqa: SLF001 - our own executor
+        if self._executor._shutdown:
             raise RuntimeError("model thread stopped")
 
     async def shutdown(self) -> None:
