@@ -1,0 +1,68 @@
+"""Shared fixtures: one local Ray instance and Serve on a free port for all integration tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+APP = "llm"
+# Small and quick on 2 cores; short stats period so routing sees fresh numbers.
+SERVICE_ARGS = {
+    "model": {"model_id": "builtin:tiny-llama", "served_model_name": "tiny-llama",
+              "max_model_len": 512},
+    "memory": {"cpu_memory_budget_bytes": "64MiB"},
+    "kv_cache": {"budget_bytes": "16MiB"},
+    "engine": {"default_max_tokens": 16, "cpu_threads": 1},
+    "replica": {"num_replicas": 3, "num_cpus": 0, "max_replicas_per_node": None},
+    "router": {"stats_period_s": 0.25, "free_memory_tolerance_fraction": 0.001},
+    "ingress": {"num_replicas": 1, "num_cpus": 0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    """A private local Ray (never an existing cluster) with Serve on a free port."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_healthy(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def llm_url(serve_url):
+    """The service (3 LLMReplicas, 1 ingress) deployed once for the session."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(SERVICE_ARGS), name=APP, route_prefix="/")
+    wait_healthy(serve_url)
+    return serve_url

@@ -1,0 +1,62 @@
+"""The real UnifiedMemoryRouter class, driven with fake replicas outside Serve."""
+
+import asyncio
+from types import SimpleNamespace as NS
+
+from ray.serve.request_router import PendingRequest
+
+from deployments.identity import user_key
+from deployments.router import UnifiedMemoryRouter
+
+GB = 10**9
+
+
+def make_router(**kwargs):
+    router = UnifiedMemoryRouter(
+        deployment_id=NS(name="LLMReplica", app_name="llm"), handle_source=NS(value="UNKNOWN")
+    )
+    router.initialize_state(**kwargs)
+    return router
+
+
+def replica(rid, free_gb, resident=()):
+    return NS(replica_id=NS(unique_id=rid), routing_stats={
+        "free_unified_memory_bytes": int(free_gb * GB), "capacity_bytes": 500 * GB,
+        "resident_users": [user_key(u) for u in resident], "kv_bytes_per_token": 1024,
+    })
+
+
+def choose(router, replicas, user_id):
+    async def route():
+        request = PendingRequest(args=[], kwargs={"request": {}, "user_id": user_id},
+                                 metadata=None)
+        return await router.choose_replicas(replicas, request), request
+
+    ranks, request = asyncio.run(route())
+    return [[r.replica_id.unique_id for r in rank] for rank in ranks], request
+
+
+def test_returning_user_is_pinned_to_its_home_and_routing_backs_off():
+    replicas = [replica("a", 10, resident=["alice"]), replica("b", 300)]
+    ranks, request = choose(make_router(), replicas, "alice")
+    assert ranks == [["a"]]
+    assert request.routing_context.should_backoff  # a busy home means wait, never spin
+
+
+def test_new_user_goes_to_most_free_memory():
+    ranks, request = choose(make_router(), [replica("a", 10), replica("b", 300)], "bob")
+    assert ranks == [["b"], ["a"]] and request.routing_context.should_backoff
+
+
+def test_two_router_instances_agree_on_new_users():
+    replicas = [replica("a", 200), replica("b", 200.2), replica("c", 199.9)]
+    one, two = make_router(), make_router()
+    for i in range(50):
+        assert choose(one, replicas, f"user{i}")[0] == choose(two, replicas, f"user{i}")[0]
+
+
+def test_kwargs_from_the_serve_config_reach_the_policy():
+    router = make_router(free_memory_tolerance_fraction=0.5, sticky_max_wait_s=0)
+    replicas = [replica("a", 10, resident=["alice"]), replica("b", 300)]
+    ranks, _ = choose(router, replicas, "alice")
+    assert ranks == [["a"], ["b"]]  # sticky wait 0: fall back at once
