@@ -18,9 +18,10 @@ RMM's. Imports only `config` of ours; rmm and torch are imported lazily, on GPU 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -118,9 +119,31 @@ def plan_gpu_memory(
 
 
 class MemoryAccountant(ABC):
-    """Reports a replica's memory; the single source of the router's free-memory figure."""
+    """Reports a replica's memory; the single source of the router's free-memory figure.
+
+    Engines report what an allocator cannot see: `track_usage` (bytes they hold that no
+    allocator counts, on CPU) and `track_spare` (bytes allocated but free for new KV, such as
+    a preallocated pool's empty pages: free unified memory counts them as free).
+    """
 
     device: str  # torch device string the engine should use
+
+    def __init__(self) -> None:
+        self._usage: list[Callable[[], int]] = []
+        self._spare: list[Callable[[], int]] = []
+
+    def track_usage(self, usage_bytes: Callable[[], int]) -> None:
+        self._usage.append(usage_bytes)
+
+    def track_spare(self, spare_bytes: Callable[[], int]) -> None:
+        self._spare.append(spare_bytes)
+
+    def _tracked(self) -> tuple[int, int]:
+        return sum(fn() for fn in self._usage), sum(fn() for fn in self._spare)
+
+    def allocation_scope(self) -> contextlib.AbstractContextManager[None]:
+        """Allocate weights and KV caches inside this so they land in the replica's resource."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def snapshot(self) -> MemorySnapshot:
@@ -133,31 +156,36 @@ class HostAccountant(MemoryAccountant):
     device = "cpu"
 
     def __init__(self, budget_bytes: int) -> None:
+        super().__init__()
         self._budget = budget_bytes
-        self._usage: list[Callable[[], int]] = []
-
-    def track(self, usage_bytes: Callable[[], int]) -> None:
-        """Count what `usage_bytes()` returns (weights, KV caches) as used."""
-        self._usage.append(usage_bytes)
 
     def snapshot(self) -> MemorySnapshot:
-        used = sum(fn() for fn in self._usage)
+        usage, spare = self._tracked()
+        used = usage - spare
         return MemorySnapshot("cpu", "host", self._budget, used, self._budget - used)
 
 
 class RmmAccountant(MemoryAccountant):
-    """GPU replica whose every allocation goes through RMM's statistics adaptor."""
+    """GPU replica whose weights and KV caches are allocated through RMM's statistics adaptor.
+
+    With `global_allocator` every PyTorch allocation goes through RMM; otherwise only what is
+    allocated inside `allocation_scope()` does (an RMM-backed `torch.cuda.MemPool`), and
+    PyTorch's own allocator keeps activations and CUDA-graph pools, which count as used too.
+    """
 
     device = "cuda"
 
     def __init__(
         self, platform: PlatformInfo, plan: GpuMemoryPlan, stats_mr: Any,
-        device_free: Callable[[], int] | None = None,
+        device_free: Callable[[], int] | None = None, global_allocator: bool = True,
     ) -> None:
+        super().__init__()
         self._platform = platform
         self._plan = plan
         self._stats_mr = stats_mr
         self._device_free = device_free or _rmm_device_free
+        self._global = global_allocator
+        self._pool: Any = None
 
     @property
     def plan(self) -> GpuMemoryPlan:
@@ -167,12 +195,35 @@ class RmmAccountant(MemoryAccountant):
         """RMM's counters: current_bytes, peak_bytes, total_bytes, current_count, ..."""
         return self._stats_mr.allocation_counts
 
+    @contextlib.contextmanager
+    def allocation_scope(self) -> Iterator[None]:
+        if self._global:
+            yield
+            return
+        import torch
+        from rmm.allocators.torch import rmm_torch_allocator
+
+        if self._pool is None:
+            self._pool = torch.cuda.MemPool(rmm_torch_allocator.allocator())
+        with torch.cuda.use_mem_pool(self._pool):
+            yield
+
+    def _native_bytes(self) -> int:
+        """Bytes PyTorch's own allocator holds outside RMM (0 when RMM is the allocator)."""
+        if self._global:
+            return 0
+        import torch
+
+        # memory_reserved counts the RMM-backed pool's segments as well: subtract them.
+        return max(0, int(torch.cuda.memory_reserved()) - int(self.rmm_statistics().current_bytes))
+
     def snapshot(self) -> MemorySnapshot:
-        used = int(self.rmm_statistics().current_bytes)
+        _, spare = self._tracked()
+        used = int(self.rmm_statistics().current_bytes) + self._native_bytes() - spare
         free_dev = self._device_free()
         free = self._plan.limit_bytes - used
         if self._platform.kind == "discrete" and not self._plan.pool:
-            free = min(free, int(free_dev))
+            free = min(free, int(free_dev) + spare)
         return MemorySnapshot(
             self._platform.kind, self._plan.resource, self._plan.limit_bytes, used, free,
             int(free_dev),
@@ -191,27 +242,33 @@ class TorchAccountant(MemoryAccountant):
     device = "cuda"
 
     def __init__(self, platform: PlatformInfo, headroom_bytes: int) -> None:
+        super().__init__()
         self._platform = platform
         self._capacity = max(0, platform.device_total_bytes - headroom_bytes)
 
     def snapshot(self) -> MemorySnapshot:
         import torch
 
-        used = int(torch.cuda.memory_allocated())
+        _, spare = self._tracked()
+        used = int(torch.cuda.memory_reserved()) - spare
         free_dev, _ = torch.cuda.mem_get_info()
-        free = min(self._capacity - used, int(free_dev))
+        free = min(self._capacity - used, int(free_dev) + spare)
         return MemorySnapshot(
             self._platform.kind, "torch", self._capacity, used, free, int(free_dev)
         )
 
 
-def setup_memory(cfg: MemoryConfig, platform: PlatformInfo) -> MemoryAccountant:
+def setup_memory(
+    cfg: MemoryConfig, platform: PlatformInfo, torch_allocator: str = "rmm"
+) -> MemoryAccountant:
     """Set up this process's memory before any `torch.cuda` call; return its accountant.
 
     On a GPU with mode managed/device: plan (refusing an oversubscribing managed pool on a
     discrete GPU before anything is allocated), build RMM's resource chain
-    ``Statistics(Limiting(Pool?(Managed|Cuda)))``, make it current, and route PyTorch's
-    allocations through it.
+    ``Statistics(Limiting(Pool?(Managed|Cuda)))`` and make it current. With
+    ``torch_allocator="rmm"`` all of PyTorch's allocations go through it; with ``"native"``
+    only those inside `allocation_scope()` do (weights, KV pool), so PyTorch keeps the private
+    pools CUDA graphs need.
     """
     mode = resolve_mode(cfg, platform)
     if mode == "off":
@@ -229,12 +286,16 @@ def setup_memory(cfg: MemoryConfig, platform: PlatformInfo) -> MemoryAccountant:
         upstream = rmm.mr.PoolMemoryResource(
             upstream, initial_pool_size=plan.initial_pool_bytes, maximum_pool_size=plan.limit_bytes
         )
+    if plan.resource == "managed" and platform.kind == "discrete":
+        # Migrate pages to the card as they are allocated, not on first touch by a kernel.
+        upstream = rmm.mr.PrefetchResourceAdaptor(upstream)
     limited = rmm.mr.LimitingResourceAdaptor(upstream, plan.limit_bytes)
     stats_mr = rmm.mr.StatisticsResourceAdaptor(limited)
     rmm.mr.set_current_device_resource(stats_mr)
-    swap_torch_allocator()
-    logger.info("RMM ready: %s", plan.reason)
-    return RmmAccountant(platform, plan, stats_mr)
+    if torch_allocator == "rmm":
+        swap_torch_allocator()
+    logger.info("RMM ready: %s; PyTorch allocator: %s", plan.reason, torch_allocator)
+    return RmmAccountant(platform, plan, stats_mr, global_allocator=torch_allocator == "rmm")
 
 
 def swap_torch_allocator() -> None:

@@ -69,7 +69,7 @@ class HFEngine(Engine):
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element))
         if isinstance(memory, HostAccountant):
-            memory.track(lambda: self.weights_bytes + self.store.total_bytes)
+            memory.track_usage(lambda: self.weights_bytes + self.store.total_bytes)
         free = max(0, memory.snapshot().free_unified_memory_bytes)
         budget = args.kv_cache.budget_bytes
         self.store.budget_bytes = int(budget if budget is not None else

@@ -28,6 +28,10 @@ class RequestError(ValueError):
         self.code = code
 
 
+class CapacityError(RuntimeError):
+    """The replica cannot hold this request's KV even when empty; becomes a 503."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -89,6 +93,9 @@ class Engine(ABC):
     max_model_len: int
     tokenizer: Any  # a transformers tokenizer
     eos_token_ids: frozenset[int]
+    # "rmm": every PyTorch allocation goes through the replica's RMM resource; "native": only
+    # weights and KV caches do (allocated in `memory.allocation_scope()`), so CUDA graphs work.
+    torch_allocator: str = "rmm"
 
     # ---- what an engine implements -------------------------------------------------------
 

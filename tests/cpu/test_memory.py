@@ -108,10 +108,12 @@ class TestFreeUnifiedMemory:
     def test_cpu_counts_down_from_the_budget(self):
         acc = HostAccountant(budget_bytes=1000)
         used = {"weights": 300, "kv": 0}
-        acc.track(lambda: used["weights"] + used["kv"])
+        acc.track_usage(lambda: used["weights"] + used["kv"])
         assert acc.snapshot().free_unified_memory_bytes == 700
         used["kv"] = 200
         assert acc.snapshot().free_unified_memory_bytes == 500
+        acc.track_spare(lambda: 50)  # e.g. empty pages of a preallocated KV pool
+        assert acc.snapshot().free_unified_memory_bytes == 550
 
 
 def test_cpu_setup_needs_no_gpu_libraries():
