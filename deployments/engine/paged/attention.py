@@ -1,0 +1,88 @@
+"""Paged attention: where each step's tokens read keys and values from.
+
+`AttentionMetadata` describes one step's flattened batch (sequences of varying query lengths,
+each reading its own pages). `paged_attention` dispatches: decode rows (one query token) go to
+the Triton split-K kernel on a GPU; prefill chunks, and everything on CPU, use the reference
+path: gather the sequence's pages and run PyTorch's scaled-dot-product attention with a causal
+mask aligned to the end of the context (a chunk sees every earlier token of its sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # [T] position of each token in its sequence
+    write_pages: torch.Tensor  # [T] page each token's KV is written to
+    write_offsets: torch.Tensor  # [T] slot within that page
+    page_table: torch.Tensor  # [S, max_pages] int32, each sequence's pages in order
+    context_lens: torch.Tensor  # [S] int32, KV length after this step's tokens
+    query_lens: list[int]  # host copies of the per-sequence figures
+    context_lens_host: list[int]
+    decode_only: bool
+
+    @property
+    def query_starts(self) -> list[int]:
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        return starts
+
+
+def reference_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
+    context_len: int, scale: float,
+) -> torch.Tensor:
+    """One sequence: q [n, H, D] against its first `context_len` cached tokens -> [n, H, D]."""
+    n, heads, dim = q.shape
+    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    used = pages[: -(-context_len // page_size)].long()
+    k = k_cache[used].reshape(-1, kv_heads, dim)[:context_len]
+    v = v_cache[used].reshape(-1, kv_heads, dim)[:context_len]
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    first = context_len - n  # absolute position of the first query token
+    if first == 0:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale)
+    else:
+        key_pos = torch.arange(context_len, device=q.device)
+        query_pos = torch.arange(first, context_len, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, use_triton: bool,
+) -> torch.Tensor:
+    """All sequences of a step: q [T, H, D] -> [T, H, D]."""
+    if use_triton and meta.decode_only:
+        from deployments.engine.paged.triton_attention import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
+    out = torch.empty_like(q)
+    starts = meta.query_starts
+    decode_rows = [i for i, n in enumerate(meta.query_lens) if n == 1]
+    if use_triton and decode_rows:
+        from deployments.engine.paged.triton_attention import decode_attention
+
+        rows = torch.tensor([starts[i] for i in decode_rows], device=q.device)
+        seqs = torch.tensor(decode_rows, device=q.device)
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, meta.page_table[seqs],
+                                     meta.context_lens[seqs], scale)
+    for i, n in enumerate(meta.query_lens):
+        if use_triton and n == 1:
+            continue
+        lo = starts[i]
+        out[lo:lo + n] = reference_attention(q[lo:lo + n], k_cache, v_cache, meta.page_table[i],
+                                             meta.context_lens_host[i], scale)
+    return out

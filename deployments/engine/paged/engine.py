@@ -1,0 +1,248 @@
+"""PagedEngine: continuous batching over a paged per-user KV pool, on one engine thread.
+
+Requests from the event loop join the scheduler through an inbox; the engine thread runs one
+step at a time (schedule, run the model, sample, deliver tokens back to each request's queue
+on its event loop). Users' caches live in pages of one pool allocated through the replica's
+memory resource (RMM managed memory on a GPU), kept between requests and reused by prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.config import AppArgs
+from deployments.engine.interface import (
+    CapacityError,
+    Engine,
+    EngineStats,
+    GenerationRequest,
+    RequestProgress,
+)
+from deployments.engine.loader import load_tokenizer, resolve_model_path, torch_dtype
+from deployments.engine.paged.cache_manager import CacheManager
+from deployments.engine.paged.cuda_graphs import DecodeGraphs
+from deployments.engine.paged.kv_pool import KVPool
+from deployments.engine.paged.model import DecoderModel
+from deployments.engine.paged.runner import ModelRunner
+from deployments.engine.paged.scheduler import Scheduler
+from deployments.engine.paged.sequence import FINISHED, Sequence
+from deployments.engine.paged.spec import ModelSpec
+from deployments.engine.paged.weights import allocate, checkpoint_items, init_random, load_state
+from deployments.engine.sampling import make_generator
+from deployments.memory import HostAccountant, MemoryAccountant
+
+logger = logging.getLogger(__name__)
+
+
+def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
+    from transformers import AutoConfig
+
+    path = resolve_model_path(args.model.model_id)
+    config = AutoConfig.from_pretrained(path, revision=args.model.revision,
+                                        trust_remote_code=args.model.trust_remote_code)
+    return path, ModelSpec.from_hf_config(config)
+
+
+class PagedEngine(Engine):
+    """The fast engine for Llama-family checkpoints (see spec.SUPPORTED_ARCHITECTURES)."""
+
+    torch_allocator = "native"  # graphs need PyTorch's pools; weights and KV go to RMM
+
+    def __init__(self, args: AppArgs, memory: MemoryAccountant) -> None:
+        cfg = args.engine
+        path, self.spec = load_spec(args)
+        self.device = memory.device
+        self.dtype = torch_dtype(args.model.dtype, self.device)
+        self.tokenizer = load_tokenizer(path, args.model)
+        self.model_name = args.model.name
+        self.max_model_len = min(args.model.max_model_len or self.spec.max_position,
+                                 self.spec.max_position)
+        self.eos_token_ids = self._eos_ids(path)
+        start = time.perf_counter()
+        with memory.allocation_scope():
+            weights = allocate(self.spec, self.dtype, self.device)
+            if cfg.random_weights:
+                init_random(weights, seed=0)
+            else:
+                load_state(weights, self.spec, checkpoint_items(path))
+        self.weights_bytes = weights.nbytes
+        logger.info("weights: %.2f GB in %.1f s", weights.nbytes / 1e9, time.perf_counter() - start)
+        page_bytes = KVPool.page_bytes(self.spec, cfg.page_size, self.dtype)
+        self.page_bytes = page_bytes
+        self._pool_bytes = 0
+        if isinstance(memory, HostAccountant):  # on a GPU, RMM counts these bytes itself
+            memory.track_usage(lambda: self.weights_bytes + self._pool_bytes)
+        budget = args.kv_cache.budget_bytes
+        free = max(0, memory.snapshot().free_unified_memory_bytes)
+        budget = int(budget if budget is not None else args.kv_cache.budget_fraction * free)
+        num_pages = max(2, budget // page_bytes) + 1  # +1: the scratch page
+        with memory.allocation_scope():
+            self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device)
+        self._pool_bytes = self.pool.nbytes
+        self.cache = CacheManager(num_pages, cfg.page_size, reserved=1)
+        # Empty pages are free unified memory: the router places new users by them.
+        memory.track_spare(lambda: self.cache.free_pages * self.page_bytes)
+        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens)
+        use_gpu = self.device.startswith("cuda")
+        model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu)
+        graphs = None
+        if use_gpu and cfg.cuda_graphs:
+            graphs = DecodeGraphs(model, cfg.max_num_seqs,
+                                  self.cache.pages_for(self.max_model_len))
+        self.runner = ModelRunner(model, cfg.page_size, graphs)
+        self._lock = threading.Lock()  # guards scheduler and cache state
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[Sequence] = []
+        self._stopping = False
+        # (sequences, tokens, decode_only, seconds) of recent steps: benchmarks and metrics.
+        self.step_log: collections.deque[tuple[int, int, bool, float]] = collections.deque(
+            maxlen=100_000)
+        self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
+        self._thread.start()
+        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
+                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
+                    cfg.page_size, self.pool.nbytes / 2**30, self.max_model_len)
+
+    def _eos_ids(self, path: str) -> frozenset[int]:
+        from transformers import GenerationConfig
+
+        ids: set[int] = set()
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass
+        eos = self.spec.hf_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # ---- engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._inbox or self.scheduler.has_work()):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                started = time.perf_counter()  # a step: schedule, run, sample, deliver
+                for seq in self._inbox:
+                    self.scheduler.add(seq)
+                self._inbox.clear()
+                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    if seq.aborted:
+                        self.scheduler.finish(seq)
+                batch = self.scheduler.schedule()
+            if not batch:
+                time.sleep(0.001)  # waiting for pages that only a finishing request frees
+                continue
+            try:
+                tokens = self.runner.execute(batch)  # ends in a host sync (sampled tokens)
+            except Exception as exc:  # out of memory, a kernel error: fail this step's requests
+                logger.exception("engine step failed")
+                with self._lock:
+                    for seq in batch.seqs:
+                        self.scheduler.finish(seq)
+                        seq.deliver(exc)
+                continue
+            with self._lock:
+                self._postprocess(batch, tokens)
+            self.step_log.append((len(batch), sum(batch.num_tokens), batch.decode_only,
+                                  time.perf_counter() - started))
+
+    def _postprocess(self, batch: Any, tokens: list[int | None]) -> None:
+        for seq, n, token in zip(batch.seqs, batch.num_tokens, tokens, strict=True):
+            seq.num_computed += n
+            if token is None or seq.aborted:
+                continue
+            seq.token_ids.append(token)
+            seq.num_generated += 1
+            seq.deliver(token)
+            if token in self.eos_token_ids or seq.num_generated >= seq.sampling.max_tokens:
+                self.scheduler.finish(seq)
+                seq.deliver(FINISHED)
+
+    # ---- event-loop side ------------------------------------------------------------------
+
+    def _check_capacity(self, request: GenerationRequest) -> None:
+        need = self.cache.pages_for(len(request.prompt_token_ids) + request.sampling.max_tokens)
+        if need > self.cache.usable_pages:
+            raise CapacityError(
+                f"this request needs {need} KV pages but the replica's pool has "
+                f"{self.cache.usable_pages} ({self.cache.usable_pages * self.cache.page_size} "
+                "tokens); shorten the prompt or max_tokens")
+
+    async def stream_tokens(
+        self, request: GenerationRequest, progress: RequestProgress
+    ) -> AsyncIterator[int]:
+        self._check_capacity(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        seq = Sequence(
+            request_id=request.request_id, user_key=request.user_key,
+            token_ids=list(request.prompt_token_ids), sampling=request.sampling,
+            deliver=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            generator=None if request.sampling.seed is None
+            else make_generator(request.sampling.seed, self.device),
+        )
+        with self._wake:
+            self._inbox.append(seq)
+            self._wake.notify()
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is FINISHED:
+                    done = True
+                    return
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                progress.cached_tokens = seq.cached_tokens
+                yield item
+        finally:
+            if not done:
+                with self._wake:
+                    seq.aborted = True
+                    self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            used = self.cache.usable_pages - self.cache.free_pages
+            return EngineStats(
+                kv_cache_bytes=used * self.page_bytes,
+                kv_budget_bytes=self.cache.usable_pages * self.page_bytes,
+                kv_bytes_per_token=self.page_bytes // self.cache.page_size,
+                resident_users=self.cache.users(),
+                running_requests=len(self.scheduler.running),
+                waiting_requests=len(self.scheduler.waiting) + len(self._inbox),
+                evicted_users=self.cache.evicted_users,
+                extra={"kv_pages_total": self.cache.usable_pages,
+                       "kv_pages_free": self.cache.free_pages,
+                       "kv_page_size": self.cache.page_size,
+                       "preempted_requests": self.scheduler.preemptions,
+                       "kv_bytes_by_tier": {"device": used * self.page_bytes}},
+            )
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if pages leaked or are shared (tests call this)."""
+        with self._lock:
+            self.scheduler.check_integrity()
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine thread stopped")
+
+    async def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=10)

@@ -1,0 +1,46 @@
+"""KV storage: fixed-size pages of keys and values, one allocation for the whole replica.
+
+Layout ``[num_pages, 2 (k, v), num_layers, page_size, num_kv_heads, head_dim]``: a page of
+every layer is one contiguous block, so moving a user's cache (to host memory, back) is one
+copy per page. Layer ``l``'s keys are the strided view ``buffer[:, 0, l]`` of shape
+``[num_pages, page_size, num_kv_heads, head_dim]``. The pool stores; it does not decide who
+owns a page (that is `CacheManager`'s job).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deployments.engine.paged.spec import ModelSpec
+
+
+class KVPool:
+    def __init__(
+        self, spec: ModelSpec, num_pages: int, page_size: int, dtype: torch.dtype,
+        device: str | torch.device,
+    ) -> None:
+        if num_pages <= 0:
+            raise ValueError("the KV pool needs at least one page")
+        self.spec = spec
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.buffer = torch.zeros(
+            num_pages, 2, spec.num_layers, page_size, spec.num_kv_heads, spec.head_dim,
+            dtype=dtype, device=device,
+        )
+
+    @staticmethod
+    def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one page (all layers, keys and values)."""
+        return 2 * spec.num_layers * page_size * spec.kv_size * torch.empty(
+            (), dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.buffer[:, 0, layer]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.buffer[:, 1, layer]

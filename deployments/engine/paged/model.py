@@ -1,0 +1,70 @@
+"""The decoder forward over a flattened batch of tokens with paged KV.
+
+Llama-family layers computed the way Hugging Face computes them (so logits match its own
+forward): RMSNorm in float32, rotary tables from transformers' own rope code (Llama 3 scaling
+included), residual adds, SiLU-gated MLP; q/k/v and gate/up as fused matrix products. Logits are
+computed only for the tokens that sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deployments.engine.paged.attention import AttentionMetadata, paged_attention
+from deployments.engine.paged.fused import add_rms_norm, rms_norm_ref, rope_store, silu_mul
+from deployments.engine.paged.kv_pool import KVPool
+from deployments.engine.paged.spec import ModelSpec
+from deployments.engine.paged.weights import ModelWeights
+
+
+def rope_tables(spec: ModelSpec, length: int, dtype: torch.dtype, device: torch.device | str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] exactly as transformers computes them for this config."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(config=spec.hf_config).to(device)
+    positions = torch.arange(length, device=device)[None, :]
+    probe = torch.empty(1, dtype=dtype, device=device)
+    cos, sin = rotary(probe, positions)
+    return cos[0], sin[0]
+
+
+class DecoderModel:
+    def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: KVPool, max_len: int,
+                 use_triton: bool) -> None:
+        self.spec = spec
+        self.w = weights
+        self.pool = pool
+        self.use_triton = use_triton
+        self.scale = spec.head_dim ** -0.5
+        self.cos, self.sin = rope_tables(spec, max_len, weights.embed.dtype, weights.embed.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata,
+                logits_index: torch.Tensor) -> torch.Tensor:
+        """tokens [T] -> float32 logits [len(logits_index), vocab]; writes the tokens' KV."""
+        spec, eps, fast = self.spec, self.spec.rms_norm_eps, self.use_triton
+        n = tokens.shape[0]
+        x = F.embedding(tokens, self.w.embed)
+        delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added
+        for index, layer in enumerate(self.w.layers):
+            x, h = add_rms_norm(x, delta, layer.input_norm, eps, fast)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            if layer.q_norm is not None:  # Qwen3: RMSNorm each q and k head before RoPE
+                q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+                q = rms_norm_ref(q.reshape(n, spec.num_heads, spec.head_dim), layer.q_norm, eps)
+                k = rms_norm_ref(k.reshape(n, spec.num_kv_heads, spec.head_dim), layer.k_norm,
+                                 eps)
+                qkv = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v], dim=-1)
+            q = rope_store(qkv, spec.num_heads, spec.num_kv_heads, spec.head_dim, self.cos,
+                           self.sin, meta.positions, self.pool.keys(index),
+                           self.pool.values(index), meta.write_pages, meta.write_offsets, fast)
+            attn = paged_attention(q, self.pool.keys(index), self.pool.values(index), meta,
+                                   self.scale, fast)
+            out = F.linear(attn.reshape(n, spec.q_size), layer.o, layer.o_bias)
+            x, h = add_rms_norm(x, out, layer.post_norm, eps, fast)
+            delta = F.linear(silu_mul(F.linear(h, layer.gate_up), fast), layer.down)
+        _, h = add_rms_norm(x[logits_index], delta[logits_index] if delta is not None else None,
+                            self.w.norm, eps, fast)
+        return F.linear(h, self.w.lm_head).float()

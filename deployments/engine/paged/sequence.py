@@ -1,0 +1,50 @@
+"""One request as the paged engine tracks it: its tokens, its pages, its progress."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.engine.interface import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+FINISHED = object()  # delivered after a sequence's last token
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    user_key: str | None
+    token_ids: list[int]  # prompt, then every generated token
+    sampling: SamplingParams
+    deliver: Callable[[Any], None]  # called on the engine thread: a token id, FINISHED, or error
+    prompt_len: int = 0
+    num_computed: int = 0  # positions [0, num_computed) have KV in `pages`
+    pages: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the user's kept cache supplied
+    private: bool = True  # cache not kept after the request (anonymous, or user busy)
+    admitted: bool = False  # the user's kept cache has been checked out
+    status: Status = Status.WAITING
+    num_generated: int = 0
+    aborted: bool = False
+    generator: Any = None  # a seeded torch.Generator, or None for the shared one
+
+    def __post_init__(self) -> None:
+        self.prompt_len = self.prompt_len or len(self.token_ids)
+
+    @property
+    def to_compute(self) -> int:
+        """Tokens still to feed before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.to_compute == 1

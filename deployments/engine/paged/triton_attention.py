@@ -1,0 +1,122 @@
+"""Triton kernels for decode attention over paged KV (flash-decoding with split-K).
+
+One program handles one (sequence, kv head, split): the `G` query heads that share that kv head
+attend to a contiguous range of the sequence's tokens, gathering keys and values page by page
+with an online softmax in float32. A second kernel merges the splits by log-sum-exp. Splitting
+the context keeps the GPU busy at small batch sizes; at large batches one split suffices.
+Sequences with no context (padding rows in a CUDA graph) produce zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # tokens per iteration
+
+
+@triton.jit
+def _split_kernel(
+    Q, K, V, PageTable, CtxLens, MidO, MidLse,
+    stride_qs, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    stride_pt, stride_ms, stride_mh, stride_mk, scale,
+    PAGE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(CtxLens + s)
+    per_split = tl.cdiv(tl.cdiv(ctx, BLOCK), SPLITS) * BLOCK
+    start = split * per_split
+    end = tl.minimum(ctx, start + per_split)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    heads = kvh * G + g
+    q = tl.load(Q + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
+                mask=g[:, None] < G, other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for n0 in range(start, end, BLOCK):
+        t = n0 + tl.arange(0, BLOCK)
+        valid = t < end
+        page = tl.load(PageTable + s * stride_pt + t // PAGE, mask=valid, other=0)
+        slot = t % PAGE
+        k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh
+                    + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh
+                    + d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    has = denom > 0
+    out = acc / tl.where(has, denom, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
+    base = s * stride_ms + heads * stride_mh + split * stride_mk
+    tl.store(MidO + base[:, None] + d[None, :], out, mask=g[:, None] < G)
+    tl.store(MidLse + base // D, lse, mask=g < G)
+
+
+@triton.jit
+def _merge_kernel(MidO, MidLse, Out, stride_ms, stride_mh, stride_mk, stride_os, stride_oh,
+                  D: tl.constexpr, SPLITS: tl.constexpr):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    k = tl.arange(0, SPLITS)
+    base = s * stride_ms + h * stride_mh
+    lse = tl.load(MidLse + (base + k * stride_mk) // D)
+    top = tl.max(lse, 0)
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - safe_top))
+    o = tl.load(MidO + base + k[:, None] * stride_mk + d[None, :])
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + s * stride_os + h * stride_oh + d, out.to(Out.dtype.element_ty))
+
+
+def choose_splits(num_seqs: int, kv_heads: int, max_context: int) -> int:
+    """Enough programs to cover the GPU at small batches; a power of two, at most 32."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
+        else 128
+    want = max(1, (2 * sms) // max(1, num_seqs * kv_heads))
+    cap = max(1, -(-max_context // BLOCK_N))
+    splits = 1
+    while splits * 2 <= min(want, cap, 32):
+        splits *= 2
+    return splits
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, splits: int | None = None,
+) -> torch.Tensor:
+    """q [S, H, D] (one token per sequence) over paged k/v [pages, page, kv_heads, D]."""
+    num_seqs, heads, dim = q.shape
+    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    if splits is None:
+        splits = choose_splits(num_seqs, kv_heads, page_table.shape[1] * page_size)
+    mid_o = torch.empty(num_seqs, heads, splits, dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(num_seqs, heads, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    _split_kernel[(num_seqs, kv_heads, splits)](
+        q, k_cache, v_cache, page_table, context_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), scale,
+        PAGE=page_size, D=dim, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK=BLOCK_N, SPLITS=splits,
+    )
+    _merge_kernel[(num_seqs, heads)](
+        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        out.stride(0), out.stride(1), D=dim, SPLITS=splits,
+    )
+    return out

@@ -1,0 +1,171 @@
+"""The decoder's weights in the layout the paged engine computes with.
+
+q/k/v are fused into one matrix and gate/up into another, so each layer runs four matrix
+products. Weights come from a Hugging Face state dict or safetensors checkpoint (names mapped
+and every tensor checked), or from a seeded random initialisation for benchmarks. Tensors are
+allocated where the caller's allocation scope says (the replica's RMM resource on a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from deployments.engine.paged.spec import ModelSpec
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass
+class LayerWeights:
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    o: torch.Tensor  # [hidden, q_size]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+    input_norm: torch.Tensor  # [hidden]
+    post_norm: torch.Tensor  # [hidden]
+    qkv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [head_dim]
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor  # the embedding itself when tied
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        seen: set[int] = set()
+        for t in [self.embed, self.norm, self.lm_head]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield t
+        for layer in self.layers:
+            for f in fields(layer):
+                t = getattr(layer, f.name)
+                if t is not None:
+                    yield t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def allocate(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> ModelWeights:
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    h, i = spec.hidden_size, spec.intermediate_size
+    qkv = spec.q_size + 2 * spec.kv_size
+    layers = [
+        LayerWeights(
+            qkv=empty(qkv, h), o=empty(h, spec.q_size), gate_up=empty(2 * i, h),
+            down=empty(h, i), input_norm=empty(h), post_norm=empty(h),
+            qkv_bias=empty(qkv) if spec.qkv_bias else None,
+            o_bias=empty(h) if spec.o_bias else None,
+            q_norm=empty(spec.head_dim) if spec.qk_norm else None,
+            k_norm=empty(spec.head_dim) if spec.qk_norm else None,
+        )
+        for _ in range(spec.num_layers)
+    ]
+    embed = empty(spec.vocab_size, h)
+    lm_head = embed if spec.tie_word_embeddings else empty(spec.vocab_size, h)
+    return ModelWeights(embed, layers, empty(h), lm_head)
+
+
+def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
+    """The tensor (or slice) a checkpoint tensor fills; None for names we ignore."""
+    if name == "model.embed_tokens.weight":
+        return w.embed
+    if name == "model.norm.weight":
+        return w.norm
+    if name == "lm_head.weight":
+        return None if spec.tie_word_embeddings else w.lm_head
+    m = LAYER.match(name)
+    if m is None:
+        return None
+    layer, rest = w.layers[int(m.group(1))], m.group(2)
+    q, kv, inter = spec.q_size, spec.kv_size, spec.intermediate_size
+    qkv_slices = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+    if (pm := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)):
+        full = layer.qkv if pm.group(2) == "weight" else layer.qkv_bias
+        return None if full is None else full[qkv_slices[pm.group(1)]]
+    simple = {
+        "self_attn.o_proj.weight": layer.o, "self_attn.o_proj.bias": layer.o_bias,
+        "mlp.down_proj.weight": layer.down, "input_layernorm.weight": layer.input_norm,
+        "post_attention_layernorm.weight": layer.post_norm,
+        "self_attn.q_norm.weight": layer.q_norm, "self_attn.k_norm.weight": layer.k_norm,
+        "mlp.gate_proj.weight": layer.gate_up[:inter], "mlp.up_proj.weight": layer.gate_up[inter:],
+    }
+    return simple.get(rest)
+
+
+def expected_names(spec: ModelSpec) -> set[str]:
+    """Every checkpoint tensor name the model needs."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not spec.tie_word_embeddings:
+        names.add("lm_head.weight")
+    per_layer = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight", "input_layernorm.weight",
+                 "post_attention_layernorm.weight"]
+    if spec.qkv_bias:
+        per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    if spec.o_bias:
+        per_layer.append("self_attn.o_proj.bias")
+    if spec.qk_norm:
+        per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    for i in range(spec.num_layers):
+        names.update(f"model.layers.{i}.{n}" for n in per_layer)
+    return names
+
+
+def load_state(
+    weights: ModelWeights, spec: ModelSpec, items: Iterable[tuple[str, torch.Tensor]]
+) -> None:
+    """Copy checkpoint tensors into `weights`; raise if any expected tensor is missing."""
+    loaded: set[str] = set()
+    for name, tensor in items:
+        target = _target(weights, spec, name)
+        if target is None:
+            continue
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
+                             f"{tuple(target.shape)}")
+        target.copy_(tensor)
+        loaded.add(name)
+    missing = expected_names(spec) - loaded
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def checkpoint_items(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs from a directory of safetensors files, one tensor at a time."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    for file in files:
+        with safe_open(str(root / file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield name, f.get_tensor(name)
+
+
+def init_random(weights: ModelWeights, seed: int = 0, std: float = 0.02) -> None:
+    """Seeded random weights (norms at 1) for benchmarks of real architectures' shapes."""
+    gen = torch.Generator(device=weights.embed.device).manual_seed(seed)
+    for t in weights.tensors():
+        if t.dim() == 1:
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, std, generator=gen)
