@@ -95,9 +95,11 @@ class KVCacheConfig(_Section):
 
 class EngineConfig(_Section):
     engine_class: str = Field(
-        "deployments.engine.hf_engine:HFEngine",
-        pattern=r"^[\w.]+:\w+$",
-        description="`module:Class` of the engine (an `deployments.engine.Engine`).",
+        "auto",
+        pattern=r"^(auto|[\w.]+:\w+)$",
+        description="`module:Class` of the engine (a `deployments.engine.Engine`), or `auto`: "
+        "the paged engine for Llama/Mistral/Qwen2/Qwen3 checkpoints, the generic transformers "
+        "engine for anything else.",
     )
     default_max_tokens: int = Field(
         256, gt=0, description="Completion length when a chat request sets no max_tokens."
@@ -107,6 +109,18 @@ class EngineConfig(_Section):
     )
     cpu_threads: int | None = Field(
         None, gt=0, description="torch threads on a CPU replica; default: the actor's CPUs."
+    )
+    page_size: int = Field(16, gt=0, le=256, description="Tokens per KV page (paged engine).")
+    max_num_seqs: int = Field(
+        256, gt=0, description="Most sequences in one batch (paged engine)."
+    )
+    max_batched_tokens: int = Field(
+        8192, gt=0, description="Token budget of one step; long prompts prefill in chunks of it."
+    )
+    cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU).")
+    random_weights: bool = Field(
+        False, description="Initialise weights randomly from the model's config instead of "
+        "loading them (benchmarks and capacity tests of real architectures' shapes).",
     )
 
 

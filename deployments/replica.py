@@ -24,11 +24,12 @@ from ray import serve
 
 from deployments.config import AppArgs, parse_app_args
 from deployments.engine import (
+    CapacityError,
     Engine,
     GenerationRequest,
     RequestError,
     SamplingParams,
-    load_engine_class,
+    select_engine_class,
 )
 from deployments.identity import user_key
 from deployments.memory import MemoryAccountant, is_out_of_memory, setup_memory
@@ -62,8 +63,9 @@ class LLMReplica:
         self.args = parse_app_args(args)
         self.replica_id = _replica_id()
         self.platform: PlatformInfo = detect_platform(use_gpu=self.args.replica.num_gpus > 0)
-        self.memory: MemoryAccountant = setup_memory(self.args.memory, self.platform)
-        engine_cls = load_engine_class(self.args.engine.engine_class)
+        engine_cls = select_engine_class(self.args)  # reads the model's config only
+        self.memory: MemoryAccountant = setup_memory(
+            self.args.memory, self.platform, engine_cls.torch_allocator)
         self.engine: Engine = engine_cls(self.args, self.memory)
         self.started_at = time.time()
         logger.info(
@@ -131,6 +133,8 @@ class LLMReplica:
                     }
         except RequestError as exc:
             yield error_event(400, str(exc), param=exc.param, code=exc.code)
+        except CapacityError as exc:
+            yield error_event(503, str(exc), "server_error", code="kv_capacity")
         except Exception as exc:
             if is_out_of_memory(exc):
                 yield error_event(503, str(exc), "server_error", code="out_of_memory")

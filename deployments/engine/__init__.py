@@ -7,8 +7,11 @@ cache per user (hf_engine.py). `load_engine_class` resolves the `engine.engine_c
 from __future__ import annotations
 
 import importlib
+import logging
+from typing import TYPE_CHECKING
 
 from deployments.engine.interface import (
+    CapacityError,
     Engine,
     EngineStats,
     GenerationOutput,
@@ -17,7 +20,13 @@ from deployments.engine.interface import (
     SamplingParams,
 )
 
+if TYPE_CHECKING:
+    from deployments.config import AppArgs
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "CapacityError",
     "Engine",
     "EngineStats",
     "GenerationOutput",
@@ -25,6 +34,7 @@ __all__ = [
     "RequestError",
     "SamplingParams",
     "load_engine_class",
+    "select_engine_class",
 ]
 
 
@@ -35,3 +45,18 @@ def load_engine_class(path: str) -> type[Engine]:
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         raise TypeError(f"engine.engine_class {path!r} is not a deployments.engine.Engine")
     return cls
+
+
+def select_engine_class(args: AppArgs) -> type[Engine]:
+    """The configured engine; for `auto`, the paged engine when it supports the model."""
+    if args.engine.engine_class != "auto":
+        return load_engine_class(args.engine.engine_class)
+    from deployments.engine.paged.engine import load_spec
+    from deployments.engine.paged.spec import UnsupportedModel
+
+    try:
+        load_spec(args)
+    except UnsupportedModel as exc:
+        logger.warning("%s runs on the generic transformers engine: %s", args.model.model_id, exc)
+        return load_engine_class("deployments.engine.hf_engine:HFEngine")
+    return load_engine_class("deployments.engine.paged.engine:PagedEngine")
