@@ -1,0 +1,389 @@
+"""Engine benchmark: ours against HF `generate` and HF continuous batching, one run, one card.
+
+    python -m benchmarks.engine_bench            # GPU machine: Llama 3.1 8B config, bf16
+    python -m benchmarks.engine_bench --quick    # tiny config, any device: checks the script
+
+Builds the Llama 3.1 8B architecture with random bf16 weights (HF's model; ours receives the
+same weights), measures the card's copy bandwidth, then: decode step time and tokens/s across
+batch sizes (512-token prompts) for ours and HF `generate`; time to first token of a returning
+user with an 8k-token history sending 64 new tokens (ours from its kept cache, HF re-prefilling
+the conversation, and HF with a kept DynamicCache); 256 requests with prompts of 128-4096 and
+outputs of 32-512 tokens submitted at once (ours, HF continuous batching). EOS is ignored so
+every request produces its full length. Writes benchmarks/results/engine-<card>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, copy_bandwidth, sync, time_it, write_result
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    "hidden_act": "silu", "torch_dtype": "bfloat16",
+}
+QUICK = {**LLAMA_31_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+         "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 2048,
+         "max_position_embeddings": 16384, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def model_dir(config: dict[str, Any]) -> str:
+    """A checkpoint directory without weights: config.json and a tokenizer."""
+    from deployments.engine.builtin import build_tokenizer
+
+    path = tempfile.mkdtemp(prefix="bench-model-")
+    Path(path, "config.json").write_text(json.dumps(config))
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(100, vocab - 1) for _ in range(length)] for _ in range(n)]
+
+
+# ---- HF transformers -----------------------------------------------------------------------
+
+def build_hf(path: str, dtype: torch.dtype, device: str) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return model.eval()
+
+
+def hf_decode_step(model: Any, prompts: list[list[int]], device: str) -> float:
+    """Seconds per decode step of HF generate: the time difference of two lengths."""
+    ids = torch.tensor(prompts, device=device)
+
+    def run(n: int) -> None:
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+
+    short, long = 4, 20
+    return (time_it(lambda: run(long), repeat=2) - time_it(lambda: run(short), repeat=2)) / (
+        long - short)
+
+
+def hf_ttft(model: Any, history: list[int], new: list[int], device: str) -> dict[str, float]:
+    import inspect
+
+    from transformers import DynamicCache
+
+    kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else (
+        "past_key_values")
+    full = torch.tensor([history + new], device=device)
+    with torch.inference_mode():
+        full_s = time_it(lambda: model(input_ids=full, logits_to_keep=1).logits.argmax(-1),
+                         repeat=3)
+        kept = []
+        for _ in range(2):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([history], device=device), use_cache=True,
+                  **{kwarg: cache})
+            sync()
+            start = time.perf_counter()
+            model(input_ids=torch.tensor([new], device=device), use_cache=True,
+                  logits_to_keep=1, **{kwarg: cache}).logits.argmax(-1)
+            sync()
+            kept.append(time.perf_counter() - start)
+    return {"full_prefill_ms": full_s * 1e3, "kept_cache_ms": statistics.median(kept) * 1e3}
+
+
+def hf_continuous_batching(model: Any, prompts: list[list[int]], outputs: list[int],
+                           limit_s: float) -> dict[str, Any]:
+    """HF's continuous batching on the workload; counts streamed tokens if it runs past limit."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(outputs), do_sample=False)
+    generated: dict[str, int] = {}
+    done: set[str] = set()
+    start = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=config, block=True,
+                                                   timeout=30) as manager:
+        for i, (p, n) in enumerate(zip(prompts, outputs, strict=True)):
+            manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=n,
+                                streaming=True, eos_token_id=-1)
+        while len(done) < len(prompts) and time.perf_counter() - start < limit_s:
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    break
+                continue
+            generated[result.request_id] = max(generated.get(result.request_id, 0),
+                                               len(result.generated_tokens))
+            if result.is_finished():
+                done.add(result.request_id)
+        seconds = time.perf_counter() - start
+    return {"generated_tokens": sum(generated.values()), "seconds": seconds,
+            "finished_requests": len(done), "complete": len(done) == len(prompts)}
+
+
+# ---- ours ------------------------------------------------------------------------------------
+
+def build_ours(path: str, dtype_name: str, kv_bytes: int, quick: bool) -> Any:
+    from deployments.config import AppArgs
+    from deployments.engine.paged.engine import PagedEngine
+    from deployments.memory import setup_memory
+    from deployments.platform import detect_platform
+
+    gpu = torch.cuda.is_available()
+    weights = 4 << 30 if quick else 17 << 30
+    args = AppArgs.model_validate({
+        "model": {"model_id": path, "dtype": dtype_name},
+        "memory": {"mode": "managed", "pool_size_bytes": weights + kv_bytes + (2 << 30)}
+        if gpu else {"cpu_memory_budget_bytes": kv_bytes + weights},
+        "replica": {"num_gpus": 1 if gpu else 0},
+        "kv_cache": {"budget_bytes": kv_bytes},
+        "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine",
+                   "random_weights": True, "max_num_seqs": 256,
+                   "max_batched_tokens": 512 if quick else 8192},
+    })
+    memory = setup_memory(args.memory, detect_platform(use_gpu=gpu), torch_allocator="native")
+    engine = PagedEngine(args, memory)
+    engine.eos_token_ids = frozenset()  # benchmarks generate every requested token
+    return engine
+
+
+async def run_requests(engine: Any, prompts: list[list[int]], outputs: list[int],
+                       users: list[str | None] | None = None) -> dict[str, Any]:
+    from deployments.engine import GenerationRequest, SamplingParams
+    from deployments.engine.interface import RequestProgress
+
+    first_token: list[float] = []
+
+    async def one(i: int) -> int:
+        req = GenerationRequest(f"b{i}", users[i] if users else None, prompts[i],
+                                SamplingParams(outputs[i], temperature=0.0))
+        start, count = time.perf_counter(), 0
+        async for _ in engine.stream_tokens(req, RequestProgress()):
+            if count == 0:
+                first_token.append(time.perf_counter() - start)
+            count += 1
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*[one(i) for i in range(len(prompts))])
+    return {"generated_tokens": sum(counts), "seconds": time.perf_counter() - start,
+            "ttft_s": first_token}
+
+
+def decode_steps(engine: Any, batch: int, since: int) -> list[float]:
+    return [s for (n, _, decode, s) in list(engine.step_log)[since:] if decode and n == batch]
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny config, checks the script")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--hf-cb-limit-s", type=float, default=330)
+    opts = parser.parse_args()
+    quick = opts.quick
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, dtype_name = (torch.bfloat16, "bfloat16") if device == "cuda" else (
+        torch.float32, "float32")
+    config = QUICK if quick else LLAMA_31_8B
+    path = model_dir(config)
+    rng = random.Random(0)
+    vocab = config["vocab_size"]
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write)", flush=True)
+    rows: list[dict[str, Any]] = []
+    context = 512
+    hf_batches = [1, 8] if quick else [1, 8, 16, 32, 64]
+    our_batches = [1, 8] if quick else [1, 8, 16, 32, 64, 128, 256]
+    history_len, new_len = (1024, 16) if quick else (8192, 64)
+
+    hf = build_hf(path, dtype, device)
+    weights_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    for batch in hf_batches:
+        step = hf_decode_step(hf, random_prompts(rng, batch, context, vocab), device)
+        rows.append({"impl": "hf_generate", "workload": "decode", "batch": batch,
+                     "context": context, "step_ms": step * 1e3,
+                     "decode_tokens_per_s": batch / step})
+        print(rows[-1], flush=True)
+    history = random_prompts(rng, 1, history_len, vocab)[0]
+    new = random_prompts(rng, 1, new_len, vocab)[0]
+    hf_t = hf_ttft(hf, history, new, device)
+    rows.append({"impl": "hf_generate", "workload": "returning_user_ttft",
+                 "history_tokens": history_len, "new_tokens": new_len,
+                 "ttft_ms": hf_t["full_prefill_ms"], "note": "re-prefills the conversation"})
+    rows.append({"impl": "hf_kept_dynamic_cache", "workload": "returning_user_ttft",
+                 "history_tokens": history_len, "new_tokens": new_len,
+                 "ttft_ms": hf_t["kept_cache_ms"]})
+    print(hf_t, flush=True)
+    n_mixed = 16 if quick else 256
+    mixed_prompts = [[rng.randrange(100, vocab - 1) for _ in range(rng.randint(128, 4096))]
+                     for _ in range(n_mixed)]
+    mixed_outputs = [rng.randint(32, 512) for _ in range(n_mixed)]
+    if device == "cuda":
+        cb = hf_continuous_batching(hf, mixed_prompts, mixed_outputs, opts.hf_cb_limit_s)
+        rows.append({"impl": "hf_generate_batch", "workload": "mixed_256", "requests": n_mixed,
+                     **cb, "tokens_per_s": cb["generated_tokens"] / cb["seconds"]})
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 8 << 30
+    kv_bytes = int(min(64 << 30, 0.6 * (free - weights_bytes)))
+    ours = build_ours(path, dtype_name, kv_bytes, quick)
+    from deployments.engine.paged.weights import load_state
+
+    load_state(ours.runner.model.w, ours.spec, hf.named_parameters())  # the same weights
+    correctness = compare_logits(ours, hf, rng, vocab, device)
+    print("correctness", correctness, flush=True)
+    del hf
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    kv_per_token = ours.page_bytes // ours.cache.page_size
+
+    for batch in our_batches:
+        new_tokens = 128 if batch in (1, 64) else 64
+        since = len(ours.step_log)
+        result = asyncio.run(run_requests(ours, random_prompts(rng, batch, context, vocab),
+                                          [new_tokens] * batch))
+        steps = decode_steps(ours, batch, since)
+        step = statistics.median(steps)
+        kv_read = batch * (context + new_tokens / 2) * kv_per_token
+        rows.append({"impl": "ours", "workload": "decode", "batch": batch, "context": context,
+                     "new_tokens": new_tokens, "step_ms": step * 1e3,
+                     "floor_ms": (weights_bytes + kv_read) / bandwidth * 1e3,
+                     "decode_tokens_per_s": batch / step,
+                     "e2e_tokens_per_s": result["generated_tokens"] / result["seconds"]})
+        print(rows[-1], flush=True)
+
+    ttfts = []
+    for u in range(3):
+        hist = random_prompts(rng, 1, history_len, vocab)[0]
+        first = asyncio.run(run_requests(ours, [hist], [1], users=[f"user{u}"]))
+        del first
+        follow = hist + [rng.randrange(100, vocab - 1) for _ in range(new_len)]
+        second = asyncio.run(run_requests(ours, [follow], [1], users=[f"user{u}"]))
+        ttfts.append(second["ttft_s"][0])
+    rows.append({"impl": "ours", "workload": "returning_user_ttft",
+                 "history_tokens": history_len, "new_tokens": new_len,
+                 "ttft_ms": statistics.median(ttfts) * 1e3, "note": "served from the kept cache"})
+    print(rows[-1], flush=True)
+
+    mixed = asyncio.run(run_requests(ours, mixed_prompts, mixed_outputs))
+    rows.append({"impl": "ours", "workload": "mixed_256", "requests": n_mixed,
+                 "generated_tokens": mixed["generated_tokens"], "seconds": mixed["seconds"],
+                 "complete": True, "tokens_per_s": mixed["generated_tokens"] / mixed["seconds"],
+                 "preempted_requests": ours.stats().extra["preempted_requests"]})
+    print(rows[-1], flush=True)
+    headline = headlines(rows)
+    payload = {
+        "model": ("tiny Llama config (quick check)" if quick else
+                  "Llama 3.1 8B config, random bf16 weights"),
+        "weights_bytes": weights_bytes, "kv_bytes_per_token": kv_per_token,
+        "kv_pool_bytes": ours.pool.nbytes, "copy_bandwidth_bytes_per_s": bandwidth,
+        "floor_definition": "(weights + KV bytes read per step) / measured copy bandwidth "
+                            "(bytes read + written per second)",
+        "tokens_per_s_definition": "decode: batch / median decode-only step time; "
+                                   "mixed_256: generated tokens / wall time from submission",
+        "rows": rows, "correctness_8b_bf16_vs_hf": correctness, "headline": headline,
+    }
+    path_out = write_result("engine" if not quick else "engine-quick", payload, opts.out)
+    print(json.dumps(headline, indent=2))
+    print("wrote", path_out)
+    asyncio.run(ours.shutdown())
+
+
+def compare_logits(ours: Any, hf: Any, rng: random.Random, vocab: int, device: str
+                   ) -> dict[str, float]:
+    """Ours and HF's forward on the same weights and tokens: a mixed batch's logits."""
+    from deployments.engine import SamplingParams
+    from deployments.engine.paged.scheduler import Batch
+    from deployments.engine.paged.sequence import Sequence
+
+    convs = [[rng.randrange(100, vocab - 1) for _ in range(n)] for n in (300, 700, 257)]
+    seqs = [Sequence("c", None, c, SamplingParams(1), deliver=lambda _: None) for c in convs]
+
+    def step(plan: list[tuple[Any, int]]) -> list[torch.Tensor]:
+        batch = Batch()
+        for s, n in plan:
+            s.pages += ours.cache.allocate(ours.cache.pages_for(s.num_computed + n) - len(s.pages))
+            batch.add(s, n)
+        tokens, meta, _, _ = ours.runner._prepare(batch)
+        logits = ours.runner.model.forward(tokens, meta,
+                                           torch.arange(tokens.shape[0], device=device))
+        out, start = [], 0
+        for s, n in plan:
+            out.append(logits[start:start + n])
+            start += n
+            s.num_computed += n
+        return out
+
+    step([(seqs[0], 299), (seqs[1], 600)])
+    got = step([(seqs[0], 1), (seqs[1], 100), (seqs[2], 257)])
+    errs, agree, total, scale = [], 0, 0, []
+    with torch.inference_mode():
+        for s, logit, start in zip(seqs, got, (299, 600, 0), strict=True):
+            ref = hf(input_ids=torch.tensor([s.token_ids], device=device)).logits[0, start:].float()
+            errs.append((logit - ref).abs().max().item())
+            scale.append(ref.abs().max().item())
+            agree += int((logit.argmax(-1) == ref.argmax(-1)).sum())
+            total += ref.shape[0]
+    ours.cache.free([p for s in seqs for p in s.pages])
+    return {"max_abs_err": max(errs), "max_abs_logit": max(scale), "top1_agreement": agree / total}
+
+
+def headlines(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def pick(impl: str, workload: str, **match: Any) -> dict[str, Any] | None:
+        return next((r for r in rows if r["impl"] == impl and r["workload"] == workload
+                     and all(r.get(k) == v for k, v in match.items())), None)
+
+    out: dict[str, Any] = {}
+    b1, b64 = pick("ours", "decode", batch=1), pick("ours", "decode", batch=64)
+    hf64 = pick("hf_generate", "decode", batch=64)
+    if b1:
+        out["decode_b1_step_over_floor"] = b1["step_ms"] / b1["floor_ms"]
+    if b64 and hf64:
+        out["decode_b64_tokens_per_s_vs_hf_generate"] = (
+            b64["decode_tokens_per_s"] / hf64["decode_tokens_per_s"])
+    if b64:
+        out["decode_b64_step_over_floor"] = b64["step_ms"] / b64["floor_ms"]
+    mixed, cb = pick("ours", "mixed_256"), pick("hf_generate_batch", "mixed_256")
+    if mixed and cb:
+        out["mixed_256_tokens_per_s_vs_hf_generate_batch"] = (
+            mixed["tokens_per_s"] / cb["tokens_per_s"])
+        out["hf_generate_batch_complete"] = cb["complete"]
+    ttft, hf_ttft_row = pick("ours", "returning_user_ttft"), pick("hf_generate",
+                                                                 "returning_user_ttft")
+    if ttft and hf_ttft_row:
+        out["returning_user_ttft_speedup_vs_hf_full_prefill"] = (
+            hf_ttft_row["ttft_ms"] / ttft["ttft_ms"])
+    targets = {"decode_b1_step_over_floor": ("<=", 1.3),
+               "decode_b64_tokens_per_s_vs_hf_generate": (">=", 12),
+               "decode_b64_step_over_floor": ("<=", 1.6),
+               "mixed_256_tokens_per_s_vs_hf_generate_batch": (">=", 20),
+               "returning_user_ttft_speedup_vs_hf_full_prefill": (">=", 30)}
+    out["targets_met"] = {
+        k: (out[k] <= v if op == "<=" else out[k] >= v)
+        for k, (op, v) in targets.items() if k in out}
+    return out
+
+
+if __name__ == "__main__":
+    main()
