@@ -109,7 +109,7 @@ PROGRAM = '''
         # Decode through CUDA graphs (batch of 3) and eagerly: the same logits.
         eager_vs_graph = 0.0
         trio = [Sequence("t", None, c[:50], SamplingParams(1), deliver=lambda _: None)
-                for c in convs[:3]]
+                for c in convs[1:]]
         step([(s, 49) for s in trio])
         batch = Batch()
         for s in trio:
