@@ -34,12 +34,14 @@ class DecodeGraphs:
         self.write_pages, self.write_offsets = zeros(big), zeros(big)
         self.page_table = zeros(big, max_pages, dtype=torch.int32)
         self.context_lens = zeros(big, dtype=torch.int32)
+        # Every tensor a graph reads must outlive it: a freed one's memory gets reused.
+        self.rows = torch.arange(big, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.buckets):  # largest first: later captures reuse its memory
             meta = self._meta(size)
-            index = torch.arange(size, device=device)
+            index = self.rows[:size]
             for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels)
                 model.forward(self.tokens[:size], meta, index)
             torch.cuda.synchronize()
