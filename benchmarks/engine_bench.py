@@ -230,40 +230,9 @@ def main() -> None:
     our_batches = [1, 8] if quick else [1, 8, 16, 32, 64, 128, 256]
     history_len, new_len = (1024, 16) if quick else (8192, 64)
 
+    # Ours first (with HF's weights), then HF: HF's continuous batching may keep its cache.
     hf = build_hf(path, dtype, device)
     weights_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    for batch in hf_batches:
-        step = hf_decode_step(hf, random_prompts(rng, batch, context, vocab), device)
-        rows.append({"impl": "hf_generate", "workload": "decode", "batch": batch,
-                     "context": context, "step_ms": step * 1e3,
-                     "decode_tokens_per_s": batch / step})
-        print(rows[-1], flush=True)
-    history = random_prompts(rng, 1, history_len, vocab)[0]
-    new = random_prompts(rng, 1, new_len, vocab)[0]
-    hf_t = hf_ttft(hf, history, new, device)
-    rows.append({"impl": "hf_generate", "workload": "returning_user_ttft",
-                 "history_tokens": history_len, "new_tokens": new_len,
-                 "ttft_ms": hf_t["full_prefill_ms"], "note": "re-prefills the conversation"})
-    rows.append({"impl": "hf_kept_dynamic_cache", "workload": "returning_user_ttft",
-                 "history_tokens": history_len, "new_tokens": new_len,
-                 "ttft_ms": hf_t["kept_cache_ms"]})
-    print(hf_t, flush=True)
-    n_mixed = 16 if quick else 256
-    mixed_prompts = [[rng.randrange(100, vocab - 1) for _ in range(rng.randint(128, 4096))]
-                     for _ in range(n_mixed)]
-    mixed_outputs = [rng.randint(32, 512) for _ in range(n_mixed)]
-    if device == "cuda":
-        try:
-            cb = hf_continuous_batching(hf, mixed_prompts, mixed_outputs, opts.hf_cb_limit_s)
-            rows.append({"impl": "hf_generate_batch", "workload": "mixed_256",
-                         "requests": n_mixed, **cb,
-                         "tokens_per_s": cb["generated_tokens"] / cb["seconds"]})
-        except Exception as exc:  # keep the run's other numbers
-            rows.append({"impl": "hf_generate_batch", "workload": "mixed_256",
-                         "error": f"{type(exc).__name__}: {exc}"})
-        print(rows[-1], flush=True)
-        torch.cuda.empty_cache()
-
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 8 << 30
     kv_bytes = int(min(64 << 30, 0.6 * (free - weights_bytes)))
     ours = build_ours(path, dtype_name, kv_bytes, quick)
@@ -272,18 +241,20 @@ def main() -> None:
     load_state(ours.runner.model.w, ours.spec, hf.named_parameters())  # the same weights
     correctness = compare_logits(ours, hf, rng, vocab, device)
     print("correctness", correctness, flush=True)
-    del hf
-    if device == "cuda":
-        torch.cuda.empty_cache()
     kv_per_token = ours.page_bytes // ours.cache.page_size
+    history = random_prompts(rng, 1, history_len, vocab)[0]
+    new = random_prompts(rng, 1, new_len, vocab)[0]
+    n_mixed = 16 if quick else 256
+    mixed_prompts = [[rng.randrange(100, vocab - 1) for _ in range(rng.randint(128, 4096))]
+                     for _ in range(n_mixed)]
+    mixed_outputs = [rng.randint(32, 512) for _ in range(n_mixed)]
 
     for batch in our_batches:
         new_tokens = 128 if batch in (1, 64) else 64
         since = len(ours.step_log)
         result = asyncio.run(run_requests(ours, random_prompts(rng, batch, context, vocab),
                                           [new_tokens] * batch))
-        steps = decode_steps(ours, batch, since)
-        step = statistics.median(steps)
+        step = statistics.median(decode_steps(ours, batch, since))
         kv_read = batch * (context + new_tokens / 2) * kv_per_token
         rows.append({"impl": "ours", "workload": "decode", "batch": batch, "context": context,
                      "new_tokens": new_tokens, "step_ms": step * 1e3,
@@ -295,8 +266,7 @@ def main() -> None:
     ttfts = []
     for u in range(3):
         hist = random_prompts(rng, 1, history_len, vocab)[0]
-        first = asyncio.run(run_requests(ours, [hist], [1], users=[f"user{u}"]))
-        del first
+        asyncio.run(run_requests(ours, [hist], [1], users=[f"user{u}"]))
         follow = hist + [rng.randrange(100, vocab - 1) for _ in range(new_len)]
         second = asyncio.run(run_requests(ours, [follow], [1], users=[f"user{u}"]))
         ttfts.append(second["ttft_s"][0])
@@ -306,17 +276,48 @@ def main() -> None:
     print(rows[-1], flush=True)
 
     mixed = asyncio.run(run_requests(ours, mixed_prompts, mixed_outputs))
+    prompt_tokens = sum(len(p) for p in mixed_prompts)
     rows.append({"impl": "ours", "workload": "mixed_256", "requests": n_mixed,
+                 "prompt_tokens": prompt_tokens,
                  "generated_tokens": mixed["generated_tokens"], "seconds": mixed["seconds"],
                  "complete": True, "tokens_per_s": mixed["generated_tokens"] / mixed["seconds"],
                  "preempted_requests": ours.stats().extra["preempted_requests"]})
     print(rows[-1], flush=True)
+    pool_bytes = ours.pool.nbytes
+    asyncio.run(ours.shutdown())
+    del ours
+
+    for batch in hf_batches:
+        step = hf_decode_step(hf, random_prompts(rng, batch, context, vocab), device)
+        rows.append({"impl": "hf_generate", "workload": "decode", "batch": batch,
+                     "context": context, "step_ms": step * 1e3,
+                     "decode_tokens_per_s": batch / step})
+        print(rows[-1], flush=True)
+    hf_t = hf_ttft(hf, history, new, device)
+    rows.append({"impl": "hf_generate", "workload": "returning_user_ttft",
+                 "history_tokens": history_len, "new_tokens": new_len,
+                 "ttft_ms": hf_t["full_prefill_ms"], "note": "re-prefills the conversation"})
+    rows.append({"impl": "hf_kept_dynamic_cache", "workload": "returning_user_ttft",
+                 "history_tokens": history_len, "new_tokens": new_len,
+                 "ttft_ms": hf_t["kept_cache_ms"]})
+    print(hf_t, flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        try:
+            cb = hf_continuous_batching(hf, mixed_prompts, mixed_outputs, opts.hf_cb_limit_s)
+            rows.append({"impl": "hf_generate_batch", "workload": "mixed_256",
+                         "requests": n_mixed, **cb,
+                         "tokens_per_s": cb["generated_tokens"] / cb["seconds"]})
+        except Exception as exc:  # keep the run's other numbers
+            rows.append({"impl": "hf_generate_batch", "workload": "mixed_256",
+                         "error": f"{type(exc).__name__}: {exc}"})
+        print(rows[-1], flush=True)
     headline = headlines(rows)
     payload = {
         "model": ("tiny Llama config (quick check)" if quick else
                   "Llama 3.1 8B config, random bf16 weights"),
         "weights_bytes": weights_bytes, "kv_bytes_per_token": kv_per_token,
-        "kv_pool_bytes": ours.pool.nbytes, "copy_bandwidth_bytes_per_s": bandwidth,
+        "kv_pool_bytes": pool_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
         "floor_definition": "(weights + KV bytes read per step) / measured copy bandwidth "
                             "(bytes read + written per second)",
         "tokens_per_s_definition": "decode: batch / median decode-only step time; "
@@ -326,7 +327,6 @@ def main() -> None:
     path_out = write_result("engine" if not quick else "engine-quick", payload, opts.out)
     print(json.dumps(headline, indent=2))
     print("wrote", path_out)
-    asyncio.run(ours.shutdown())
 
 
 def compare_logits(ours: Any, hf: Any, rng: random.Random, vocab: int, device: str
