@@ -33,6 +33,38 @@ def test_triton_decode_attention_matches_the_reference_on_gpu():
             torch.testing.assert_close(out[i].float(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_kernels_address_pages_beyond_two_to_the_31_elements():
+    """A 4.5 GiB pool: offsets of its last pages overflow int32 (an 8B model's pool has them)."""
+    import torch
+
+    from deployments.engine.paged.attention import reference_attention
+    from deployments.engine.paged.fused import rope_store
+    from deployments.engine.paged.triton_attention import decode_attention
+
+    layers, page, kv_heads, dim, heads = 4, 16, 8, 128, 32
+    pages = (9 << 30) // (2 * layers * page * kv_heads * dim * 2) // 2  # ~4.5 GiB
+    buffer = torch.zeros(pages, 2, layers, page, kv_heads, dim, dtype=torch.bfloat16,
+                         device="cuda")
+    k_cache, v_cache = buffer[:, 0, 3], buffer[:, 1, 3]  # the last layer: largest offsets
+    last = torch.arange(pages - 4, pages, device="cuda")
+    qkv = torch.randn(64, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    cos = torch.ones(64, dim, device="cuda", dtype=torch.bfloat16)
+    sin = torch.zeros_like(cos)
+    positions = torch.arange(64, device="cuda")
+    q = rope_store(qkv, heads, kv_heads, dim, cos, sin, positions, k_cache, v_cache,
+                   last.repeat_interleave(16), positions % 16, use_triton=True)
+    torch.cuda.synchronize()
+    stored = k_cache[last].reshape(64, kv_heads, dim)
+    torch.testing.assert_close(stored, qkv[:, heads * dim:(heads + kv_heads) * dim].reshape(
+        64, kv_heads, dim))
+    table = last.int()[None, :]
+    out = decode_attention(q[-1:], k_cache, v_cache, table,
+                           torch.tensor([64], device="cuda", dtype=torch.int32), dim ** -0.5)
+    ref = reference_attention(q[-1:].float(), k_cache.float(), v_cache.float(), table[0], 64,
+                              dim ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 PROGRAM = '''
     import asyncio, json, tempfile
     import torch, transformers

@@ -81,7 +81,7 @@ if triton is not None:
             sin = tl.load(Sin + pos * stride_cp + d).to(tl.float32)
             dtype = Qout.dtype.element_ty
             x = ((x * cos).to(dtype).to(tl.float32) + (rot * sin).to(dtype).to(tl.float32))
-        page = tl.load(Pages + t)
+        page = tl.load(Pages + t).to(tl.int64)  # page * stride passes 2**31 in big pools
         slot = tl.load(Offsets + t)
         if head < H:
             tl.store(Qout + t * stride_qt + head * stride_qh + d, x.to(Qout.dtype.element_ty))

@@ -42,7 +42,8 @@ def _split_kernel(
     for n0 in range(start, end, BLOCK):
         t = n0 + tl.arange(0, BLOCK)
         valid = t < end
-        page = tl.load(PageTable + s * stride_pt + t // PAGE, mask=valid, other=0)
+        # int64: page * stride passes 2**31 elements in pools over 4 GiB.
+        page = tl.load(PageTable + s * stride_pt + t // PAGE, mask=valid, other=0).to(tl.int64)
         slot = t % PAGE
         k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh
                     + d[None, :], mask=valid[:, None], other=0.0)
