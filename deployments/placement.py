@@ -7,8 +7,11 @@ stats, plus this router's own recent placements (stats lag by one period).
 - A *returning* user (its key in a replica's reported ``resident_users``, or placed by this
   router moments ago) goes to that replica alone, waiting for it while it is busy, for at most
   ``sticky_max_wait_s``; then to the others, where its history is recomputed.
-- A *new* user goes to the replica with the most free unified memory, less this router's
-  unconfirmed placements there. Replicas within ``tolerance_fraction`` of the largest capacity
+- A *new* user goes to the replica with the most room for its cache, less this router's
+  unconfirmed placements there. Room is free unified memory, but no more than what is left of
+  the replica's KV budget where it reports one: beyond its budget the engine drops idle users'
+  caches however much memory is free, and replicas of unequal memory leave unequal slack
+  beyond their budgets. Replicas within ``tolerance_fraction`` of the largest capacity
   of the best count as tied, and ties break by rendezvous hash of the user key, so every router
   process, seeing the same stats, picks the same replica for the same user.
 - A request without a user has no cache to keep: all replicas form one rank and Serve picks
@@ -36,7 +39,7 @@ class ReplicaView:
     """What a router knows of one replica, from its last reported stats."""
 
     replica_id: str
-    free_bytes: int | None  # None: no stats reported yet
+    free_bytes: int | None  # room for new caches (see module docstring); None: no stats yet
     capacity_bytes: int
     resident: frozenset[str]
     new_user_bytes: int  # estimated bytes a new user adds there
@@ -50,9 +53,12 @@ class ReplicaView:
         kv_bytes = int(stats.get("kv_cache_bytes", 0))
         per_token = int(stats.get("kv_bytes_per_token", 0))
         per_user = kv_bytes // len(resident) if resident and kv_bytes else 0
+        free = int(stats["free_unified_memory_bytes"])
+        if stats.get("kv_budget_bytes") is not None:
+            free = min(free, int(stats["kv_budget_bytes"]) - kv_bytes)
         return cls(
             replica_id=replica_id,
-            free_bytes=int(stats["free_unified_memory_bytes"]),
+            free_bytes=free,
             capacity_bytes=int(stats.get("capacity_bytes", 0)),
             resident=resident,
             new_user_bytes=per_user or per_token * DEFAULT_NEW_USER_TOKENS,

@@ -120,3 +120,16 @@ def test_new_user_estimate_comes_from_resident_users():
     v = view("a", 10, resident=["x", "y"], kv_bytes=4 * GB)
     assert v.new_user_bytes == 2 * GB
     assert view("b", 10).new_user_bytes == 256 * 320 * 1024
+
+
+def test_room_is_capped_by_the_kv_budget_left():
+    # "a" has more free unified memory, but its KV budget is nearly spent: beyond it the engine
+    # drops idle users however much memory is free, so the new user belongs on "b".
+    a = ReplicaView.from_stats("a", {
+        "free_unified_memory_bytes": 100 * GB, "capacity_bytes": 500 * GB,
+        "kv_cache_bytes": 195 * GB, "kv_budget_bytes": 200 * GB, "resident_users": ["x"]})
+    b = ReplicaView.from_stats("b", {
+        "free_unified_memory_bytes": 30 * GB, "capacity_bytes": 200 * GB,
+        "kv_cache_bytes": 10 * GB, "kv_budget_bytes": 100 * GB, "resident_users": ["y"]})
+    assert a.free_bytes == 5 * GB and b.free_bytes == 30 * GB
+    assert choose("u1", [a, b]).ranks == [["b"], ["a"]]
