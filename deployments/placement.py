@@ -11,9 +11,10 @@ stats, plus this router's own recent placements (stats lag by one period).
   unconfirmed placements there. Room is free unified memory, but no more than what is left of
   the replica's KV budget where it reports one: beyond its budget the engine drops idle users'
   caches however much memory is free, and replicas of unequal memory leave unequal slack
-  beyond their budgets. Replicas within ``tolerance_fraction`` of the largest capacity
-  of the best count as tied, and ties break by rendezvous hash of the user key, so every router
-  process, seeing the same stats, picks the same replica for the same user.
+  beyond their budgets. Replicas whose room is within ``tolerance_fraction`` of the largest
+  KV budget (of the largest capacity, where no budget is reported) of the best count as tied,
+  and ties break by rendezvous hash of the user key, so every router process, seeing the same
+  stats, picks the same replica for the same user.
 - A request without a user has no cache to keep: all replicas form one rank and Serve picks
   the shortest queue.
 """
@@ -43,6 +44,7 @@ class ReplicaView:
     capacity_bytes: int
     resident: frozenset[str]
     new_user_bytes: int  # estimated bytes a new user adds there
+    kv_budget_bytes: int = 0  # the replica's KV budget; 0: not reported
 
     @classmethod
     def from_stats(cls, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaView:
@@ -54,14 +56,16 @@ class ReplicaView:
         per_token = int(stats.get("kv_bytes_per_token", 0))
         per_user = kv_bytes // len(resident) if resident and kv_bytes else 0
         free = int(stats["free_unified_memory_bytes"])
-        if stats.get("kv_budget_bytes") is not None:
-            free = min(free, int(stats["kv_budget_bytes"]) - kv_bytes)
+        budget = int(stats.get("kv_budget_bytes") or 0)
+        if budget:
+            free = min(free, budget - kv_bytes)
         return cls(
             replica_id=replica_id,
             free_bytes=free,
             capacity_bytes=int(stats.get("capacity_bytes", 0)),
             resident=resident,
             new_user_bytes=per_user or per_token * DEFAULT_NEW_USER_TOKENS,
+            kv_budget_bytes=budget,
         )
 
 
@@ -132,7 +136,9 @@ def rank_for_new_user(
         return [v.replica_id for v in unknown]
     free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) for v in known}
     best = max(free.values())
-    tolerance = policy.tolerance_fraction * max(v.capacity_bytes for v in known)
+    # The band is a share of what room is measured against: KV budgets, else capacities.
+    tolerance = policy.tolerance_fraction * max(v.kv_budget_bytes or v.capacity_bytes
+                                                for v in known)
     band = [v for v in known if free[v.replica_id] >= best - tolerance]
     band.sort(key=lambda v: rendezvous_score(user, v.replica_id), reverse=True)
     rest = [v for v in known if free[v.replica_id] < best - tolerance]

@@ -133,3 +133,17 @@ def test_room_is_capped_by_the_kv_budget_left():
         "kv_cache_bytes": 10 * GB, "kv_budget_bytes": 100 * GB, "resident_users": ["y"]})
     assert a.free_bytes == 5 * GB and b.free_bytes == 30 * GB
     assert choose("u1", [a, b]).ranks == [["b"], ["a"]]
+
+
+def test_tie_band_is_a_share_of_the_largest_kv_budget():
+    def budgeted(rid, room_gb):
+        return ReplicaView.from_stats(rid, {
+            "free_unified_memory_bytes": 300 * GB, "capacity_bytes": 500 * GB,
+            "kv_cache_bytes": int((100 - room_gb) * GB), "kv_budget_bytes": 100 * GB,
+            "resident_users": ["x"]})
+
+    # 1% of a 100 GB budget is 1 GB: 2 GB less room is not a tie (1% of capacity would be).
+    views = [budgeted("a", 50), budgeted("b", 48)]
+    assert all(choose(f"u{i}", views).ranks[0] == ["a"] for i in range(50))
+    views = [budgeted("a", 50), budgeted("b", 49.5)]
+    assert {choose(f"u{i}", views).ranks[0][0] for i in range(50)} == {"a", "b"}
