@@ -1,4 +1,4 @@
-"""Where a request goes: a returning user to its cache, a new user to the most free memory.
+"""Where a request goes: a returning user to its cache, a new user to the freest replica.
 
 Pure policy, free of Ray, torch and clocks, so the router, the routing simulation and the tests
 all run the same code. Inputs are what every router process can know: the replicas' reported
@@ -7,14 +7,15 @@ stats, plus this router's own recent placements (stats lag by one period).
 - A *returning* user (its key in a replica's reported ``resident_users``, or placed by this
   router moments ago) goes to that replica alone, waiting for it while it is busy, for at most
   ``sticky_max_wait_s``; then to the others, where its history is recomputed.
-- A *new* user goes to the replica with the most room for its cache, less this router's
-  unconfirmed placements there. Room is free unified memory, but no more than what is left of
-  the replica's KV budget where it reports one: beyond its budget the engine drops idle users'
-  caches however much memory is free, and replicas of unequal memory leave unequal slack
-  beyond their budgets. Replicas whose room is within ``tolerance_fraction`` of the largest
-  KV budget (of the largest capacity, where no budget is reported) of the best count as tied,
-  and ties break by rendezvous hash of the user key, so every router process, seeing the same
-  stats, picks the same replica for the same user.
+- A *new* user goes to the replica with the largest share of its cache memory free, less this
+  router's unconfirmed placements there. Room is free unified memory, but no more than what is
+  left of the replica's KV budget where it reports one (beyond its budget the engine drops idle
+  users' caches however much memory is free); the share is room / KV budget (/ capacity where
+  no budget is reported). Replicas of unequal memory thus fill in proportion to their memory:
+  all of them serve from the start, and their free shares stay level. Replicas within
+  ``tolerance_fraction`` (a share) of the best count as tied, and ties break by rendezvous hash
+  of the user key, so every router process, seeing the same stats, picks the same replica for
+  the same user.
 - A request without a user has no cache to keep: all replicas form one rank and Serve picks
   the shortest queue.
 """
@@ -40,7 +41,7 @@ class ReplicaView:
     """What a router knows of one replica, from its last reported stats."""
 
     replica_id: str
-    free_bytes: int | None  # room for new caches (see module docstring); None: no stats yet
+    free_bytes: int | None  # room for new caches, bytes (module docstring); None: no stats
     capacity_bytes: int
     resident: frozenset[str]
     new_user_bytes: int  # estimated bytes a new user adds there
@@ -135,10 +136,13 @@ def rank_for_new_user(
     if not known:
         return [v.replica_id for v in unknown]
     free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) for v in known}
+    sizes = {v.replica_id: v.kv_budget_bytes or v.capacity_bytes for v in known}
+    if all(sizes.values()):
+        free = {rid: room / sizes[rid] for rid, room in free.items()}  # share free
+        tolerance = policy.tolerance_fraction
+    else:  # a replica reported no size: compare bytes
+        tolerance = policy.tolerance_fraction * max(sizes.values())
     best = max(free.values())
-    # The band is a share of what room is measured against: KV budgets, else capacities.
-    tolerance = policy.tolerance_fraction * max(v.kv_budget_bytes or v.capacity_bytes
-                                                for v in known)
     band = [v for v in known if free[v.replica_id] >= best - tolerance]
     band.sort(key=lambda v: rendezvous_score(user, v.replica_id), reverse=True)
     rest = [v for v in known if free[v.replica_id] < best - tolerance]

@@ -135,14 +135,23 @@ def test_room_is_capped_by_the_kv_budget_left():
     assert choose("u1", [a, b]).ranks == [["b"], ["a"]]
 
 
-def test_tie_band_is_a_share_of_the_largest_kv_budget():
-    def budgeted(rid, room_gb):
-        return ReplicaView.from_stats(rid, {
-            "free_unified_memory_bytes": 300 * GB, "capacity_bytes": 500 * GB,
-            "kv_cache_bytes": int((100 - room_gb) * GB), "kv_budget_bytes": 100 * GB,
-            "resident_users": ["x"]})
+def budgeted(rid, room_gb, budget_gb=100):
+    return ReplicaView.from_stats(rid, {
+        "free_unified_memory_bytes": 300 * GB, "capacity_bytes": 500 * GB,
+        "kv_cache_bytes": int((budget_gb - room_gb) * GB), "kv_budget_bytes": budget_gb * GB,
+        "resident_users": ["x"]})
 
-    # 1% of a 100 GB budget is 1 GB: 2 GB less room is not a tie (1% of capacity would be).
+
+def test_replicas_fill_in_proportion_to_their_kv_budgets():
+    # The small replica has less room in bytes but a larger share of its budget free.
+    views = [budgeted("big", 100, budget_gb=200), budgeted("small", 40, budget_gb=50)]
+    assert choose("u1", views).ranks == [["small"], ["big"]]
+    views = [budgeted("big", 100, budget_gb=200), budgeted("small", 20, budget_gb=50)]
+    assert choose("u1", views).ranks == [["big"], ["small"]]
+
+
+def test_tie_band_is_a_share_of_the_kv_budget():
+    # 1% of the budget: 2% less of it free is not a tie (1% of capacity, 5 GB, would be).
     views = [budgeted("a", 50), budgeted("b", 48)]
     assert all(choose(f"u{i}", views).ranks[0] == ["a"] for i in range(50))
     views = [budgeted("a", 50), budgeted("b", 49.5)]
