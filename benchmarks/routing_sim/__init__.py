@@ -8,6 +8,8 @@ Modules, one job each:
   and the stats it reports, as ``LLMReplica.record_routing_stats`` does;
 - ``policies``: the routers compared, each behind one small adapter;
 - ``simulate``: the event loop (one request per turn, stats refreshed every period,
-  replicas joining and leaving) and the metrics it records;
+  replicas joining and leaving);
+- ``metrics``: what a run records, and the definitions the results quote;
+- ``suite``: the runs behind one results file (load sweep, seeds, churn) and the targets;
 - ``plot``: the figure. ``benchmarks/routing.py`` is the command that runs it all.
 """

@@ -23,14 +23,27 @@ DEFINITIONS: dict[str, str] = {
     "evictions": "caches dropped by a replica's LRU eviction to fit its KV budget (a replica "
         "leaving is not counted)",
     "evictions_of_live_users": "evictions of users whose conversation had turns to come",
-    "free_kv_spread": "at each stats period from the first eviction on: max minus min over "
-        "live replicas of (KV budget - KV bytes) / KV budget, the share of a replica's cache "
-        "memory still free; reported as p50, p95 and max over those periods",
-    "free_unified_spread": "the same, of free unified memory / (limit - weights): what the "
-        "replicas report as free, including memory beyond the KV budget",
+    "free_kv_share_spread": "at every stats period of the run (the first request to the "
+        "last): max minus min over live replicas of (KV budget - KV bytes) / KV budget, the "
+        "share of each replica's cache memory still free; p50, p95 and max over the periods",
+    "free_kv_share_spread_while_evicting": "the same, over the periods from the first "
+        "eviction on (while some replica has had to drop caches)",
+    "free_unified_share_spread": "as free_kv_share_spread, of free unified memory / (limit - "
+        "weights): what replicas report as free, including memory beyond their KV budgets",
     "overflow_requests": "requests whose replica stayed over its KV budget after dropping "
         "every idle user (the engine would answer 503)",
+    "load": "KV bytes of every conversation at its end (what keeping every cache would take) / "
+        "the sum of the replicas' KV budgets; above 1, some eviction is unavoidable",
+    "moves": "for one replica leaving or joining: every user with a conversation under way and "
+        "a cache on some replica at that moment is tracked to its next request. stayed: routed "
+        "to a replica still holding its cache; moved_needless: routed elsewhere although such "
+        "a replica was alive; moved_must: its cache was on the replica that left (and on no "
+        "other); cache_evicted_meanwhile: its cache was dropped before it came back",
 }
+
+
+SPREADS = ("free_kv_share_spread", "free_kv_share_spread_while_evicting",
+           "free_unified_share_spread")
 
 
 def _quantiles(samples: list[float]) -> dict[str, float | int | None]:
@@ -61,8 +74,8 @@ class Recorder:
     admitted_before_first_eviction: int = 0
     overflow_requests: int = 0
     lost_on_leave: int = 0
-    kv_spread: list[float] = field(default_factory=list)
-    unified_spread: list[float] = field(default_factory=list)
+    spreads: dict[str, list[float]] = field(default_factory=lambda: {
+        key: [] for key in SPREADS})
     timeline: list[dict[str, float]] = field(default_factory=list)
 
     def request(self, turn_index: int, holders_before: set[str], chosen: str, prompt: int,
@@ -88,16 +101,18 @@ class Recorder:
         self.evictions_of_live_users += live
 
     def sample(self, cluster: Cluster, now: float, every_s: float = 60.0) -> None:
-        """At a stats period: spreads of free memory (once evicting) and the timeline."""
-        kv = [r.kv_room_bytes / r.node.kv_budget_bytes for r in cluster.replicas.values()]
+        """At a stats period: the spreads of free memory, and the timeline every `every_s`."""
+        replicas = list(cluster.replicas.values())
+        share = [r.kv_room_bytes / r.node.kv_budget_bytes for r in replicas]
+        unified = [r.free_unified_bytes / (r.node.limit_bytes - WEIGHTS_BYTES) for r in replicas]
+        self.spreads["free_kv_share_spread"].append(max(share) - min(share))
         if self.first_eviction_at is not None:
-            unified = [r.free_unified_bytes / (r.node.limit_bytes - WEIGHTS_BYTES)
-                       for r in cluster.replicas.values()]
-            self.kv_spread.append(max(kv) - min(kv))
-            self.unified_spread.append(max(unified) - min(unified))
+            self.spreads["free_kv_share_spread_while_evicting"].append(max(share) - min(share))
+        self.spreads["free_unified_share_spread"].append(max(unified) - min(unified))
         if not self.timeline or now - self.timeline[-1]["t"] >= every_s:
-            self.timeline.append({"t": round(now, 1), "min": round(min(kv), 4),
-                                  "mean": round(sum(kv) / len(kv), 4), "max": round(max(kv), 4)})
+            self.timeline.append({"t": round(now, 1), "min": round(min(share), 4),
+                                  "mean": round(sum(share) / len(share), 4),
+                                  "max": round(max(share), 4)})
 
     def summary(self) -> dict[str, Any]:
         ratio = lambda a, b: round(a / b, 5) if b else None  # noqa: E731
@@ -116,8 +131,7 @@ class Recorder:
             "evictions": self.evictions,
             "evicted_gib": round(self.evicted_tokens * KV_BYTES_PER_TOKEN / GiB, 1),
             "evictions_of_live_users": self.evictions_of_live_users,
-            "free_kv_spread": _quantiles(self.kv_spread),
-            "free_unified_spread": _quantiles(self.unified_spread),
+            **{key: _quantiles(samples) for key, samples in self.spreads.items()},
             "overflow_requests": self.overflow_requests,
             "caches_lost_on_leave": self.lost_on_leave,
         }
