@@ -12,7 +12,10 @@ stats, plus this router's own recent placements (stats lag by one period).
   left of the replica's KV budget where it reports one (beyond its budget the engine drops idle
   users' caches however much memory is free); the share is room / KV budget (/ capacity where
   no budget is reported). Replicas of unequal memory thus fill in proportion to their memory:
-  all of them serve from the start, and their free shares stay level. Replicas within
+  all of them serve from the start, and their free shares stay level. The request's own KV
+  (``request_bytes``, estimated from its prompt) is taken off every replica's room first, so a
+  long first prompt goes where it takes the smallest share, not onto a small replica that
+  merely had the largest share free. Replicas within
   ``tolerance_fraction`` (a share) of the best count as tied, and ties break by rendezvous hash
   of the user key, so every router process, seeing the same stats, picks the same replica for
   the same user.
@@ -125,9 +128,12 @@ class Decision:
 
 def rank_for_new_user(
     user: str, views: Sequence[ReplicaView], ledger: PlacementLedger, policy: PlacementPolicy,
-    now: float,
+    now: float, request_bytes: int = 0,
 ) -> list[str]:
-    """Replica ids for a new user, best first (see module docstring)."""
+    """Replica ids for a new user, best first (see module docstring).
+
+    `request_bytes`: estimated KV bytes of the request's prompt; 0 when unknown.
+    """
     known = [v for v in views if v.free_bytes is not None]
     unknown = sorted(
         (v for v in views if v.free_bytes is None),
@@ -135,7 +141,8 @@ def rank_for_new_user(
     )
     if not known:
         return [v.replica_id for v in unknown]
-    free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) for v in known}
+    free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) - request_bytes
+            for v in known}
     sizes = {v.replica_id: v.kv_budget_bytes or v.capacity_bytes for v in known}
     if all(sizes.values()):
         free = {rid: room / sizes[rid] for rid, room in free.items()}  # share free
@@ -164,18 +171,19 @@ def find_home(
 
 def decide(
     user: str | None, views: Sequence[ReplicaView], ledger: PlacementLedger,
-    policy: PlacementPolicy, now: float, waited_s: float = 0.0,
+    policy: PlacementPolicy, now: float, waited_s: float = 0.0, request_bytes: int = 0,
 ) -> Decision:
-    """Rank replicas for one request. `waited_s`: how long it has waited to be routed."""
+    """Rank replicas for one request. `waited_s`: how long it has waited to be routed;
+    `request_bytes`: estimated KV bytes of its prompt (0: unknown)."""
     if not views:
         return Decision([], "none")
     if user is None:
         return Decision([[v.replica_id for v in views]], "anonymous")
     ledger.reconcile(views, now)
     home = find_home(user, views, ledger, now)
-    if home is None:
-        return Decision([[r] for r in rank_for_new_user(user, views, ledger, policy, now)], "new")
-    if waited_s < policy.sticky_max_wait_s:
+    if home is not None and waited_s < policy.sticky_max_wait_s:
         return Decision([[home]], "home")
-    others = [r for r in rank_for_new_user(user, views, ledger, policy, now) if r != home]
-    return Decision([[home]] + [[r] for r in others], "home")
+    ranked = rank_for_new_user(user, views, ledger, policy, now, request_bytes)
+    if home is None:
+        return Decision([[r] for r in ranked], "new")
+    return Decision([[home]] + [[r] for r in ranked if r != home], "home")

@@ -156,3 +156,10 @@ def test_tie_band_is_a_share_of_the_kv_budget():
     assert all(choose(f"u{i}", views).ranks[0] == ["a"] for i in range(50))
     views = [budgeted("a", 50), budgeted("b", 49.5)]
     assert {choose(f"u{i}", views).ranks[0][0] for i in range(50)} == {"a", "b"}
+
+
+def test_a_long_prompt_goes_where_it_takes_the_smallest_share():
+    views = [budgeted("big", 100, budget_gb=200), budgeted("small", 30, budget_gb=50)]
+    assert choose("u1", views).ranks[0] == ["small"]  # 60% free against 50%
+    long_prompt = decide("u1", views, PlacementLedger(), POLICY, 0.0, request_bytes=20 * GB)
+    assert long_prompt.ranks == [["big"], ["small"]]  # 40% left against 20%

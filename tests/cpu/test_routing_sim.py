@@ -112,5 +112,5 @@ def test_the_simulated_policy_chooses_as_the_real_router_does():
     for user_id in [f"new{n}" for n in range(30)] + ["old3", "old7"]:
         policy = OursPolicy(routers=1, seed=0)
         policy.sync(cluster, stats_refreshed=True)
-        simulated = asyncio.run(policy.choose(user_key(user_id), cluster, now=100.0))
+        simulated = asyncio.run(policy.choose(user_key(user_id), cluster, 100.0, 0))
         assert simulated == asyncio.run(real(user_id)), user_id
