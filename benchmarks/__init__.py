@@ -1,0 +1,1 @@
+"""grace-serve benchmarks: GPU measurements against peers, and the CPU routing simulation."""

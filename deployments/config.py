@@ -151,8 +151,9 @@ class RouterConfig(_Section):
         0.01,
         ge=0,
         le=1,
-        description="Replicas whose free unified memory is within this share of the largest "
-        "capacity of the best count as tied; ties break by rendezvous hash of the user.",
+        description="New users go to the replica with the largest share of its KV budget "
+        "free; replicas within this share of the best count as tied, and ties break by "
+        "rendezvous hash of the user.",
     )
     sticky_max_wait_s: float = Field(
         30.0,

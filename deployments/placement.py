@@ -1,4 +1,4 @@
-"""Where a request goes: a returning user to its cache, a new user to the most free memory.
+"""Where a request goes: a returning user to its cache, a new user to the freest replica.
 
 Pure policy, free of Ray, torch and clocks, so the router, the routing simulation and the tests
 all run the same code. Inputs are what every router process can know: the replicas' reported
@@ -7,10 +7,18 @@ stats, plus this router's own recent placements (stats lag by one period).
 - A *returning* user (its key in a replica's reported ``resident_users``, or placed by this
   router moments ago) goes to that replica alone, waiting for it while it is busy, for at most
   ``sticky_max_wait_s``; then to the others, where its history is recomputed.
-- A *new* user goes to the replica with the most free unified memory, less this router's
-  unconfirmed placements there. Replicas within ``tolerance_fraction`` of the largest capacity
-  of the best count as tied, and ties break by rendezvous hash of the user key, so every router
-  process, seeing the same stats, picks the same replica for the same user.
+- A *new* user goes to the replica with the largest share of its cache memory free, less this
+  router's unconfirmed placements there. Room is free unified memory, but no more than what is
+  left of the replica's KV budget where it reports one (beyond its budget the engine drops idle
+  users' caches however much memory is free); the share is room / KV budget (/ capacity where
+  no budget is reported). Replicas of unequal memory thus fill in proportion to their memory:
+  all of them serve from the start, and their free shares stay level. The request's own KV
+  (``request_bytes``, estimated from its prompt) is taken off every replica's room first, so a
+  long first prompt goes where it takes the smallest share, not onto a small replica that
+  merely had the largest share free. Replicas within
+  ``tolerance_fraction`` (a share) of the best count as tied, and ties break by rendezvous hash
+  of the user key, so every router process, seeing the same stats, picks the same replica for
+  the same user.
 - A request without a user has no cache to keep: all replicas form one rank and Serve picks
   the shortest queue.
 """
@@ -36,10 +44,11 @@ class ReplicaView:
     """What a router knows of one replica, from its last reported stats."""
 
     replica_id: str
-    free_bytes: int | None  # None: no stats reported yet
+    free_bytes: int | None  # room for new caches, bytes (module docstring); None: no stats
     capacity_bytes: int
     resident: frozenset[str]
     new_user_bytes: int  # estimated bytes a new user adds there
+    kv_budget_bytes: int = 0  # the replica's KV budget; 0: not reported
 
     @classmethod
     def from_stats(cls, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaView:
@@ -50,12 +59,17 @@ class ReplicaView:
         kv_bytes = int(stats.get("kv_cache_bytes", 0))
         per_token = int(stats.get("kv_bytes_per_token", 0))
         per_user = kv_bytes // len(resident) if resident and kv_bytes else 0
+        free = int(stats["free_unified_memory_bytes"])
+        budget = int(stats.get("kv_budget_bytes") or 0)
+        if budget:
+            free = min(free, budget - kv_bytes)
         return cls(
             replica_id=replica_id,
-            free_bytes=int(stats["free_unified_memory_bytes"]),
+            free_bytes=free,
             capacity_bytes=int(stats.get("capacity_bytes", 0)),
             resident=resident,
             new_user_bytes=per_user or per_token * DEFAULT_NEW_USER_TOKENS,
+            kv_budget_bytes=budget,
         )
 
 
@@ -114,9 +128,12 @@ class Decision:
 
 def rank_for_new_user(
     user: str, views: Sequence[ReplicaView], ledger: PlacementLedger, policy: PlacementPolicy,
-    now: float,
+    now: float, request_bytes: int = 0,
 ) -> list[str]:
-    """Replica ids for a new user, best first (see module docstring)."""
+    """Replica ids for a new user, best first (see module docstring).
+
+    `request_bytes`: estimated KV bytes of the request's prompt; 0 when unknown.
+    """
     known = [v for v in views if v.free_bytes is not None]
     unknown = sorted(
         (v for v in views if v.free_bytes is None),
@@ -124,9 +141,15 @@ def rank_for_new_user(
     )
     if not known:
         return [v.replica_id for v in unknown]
-    free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) for v in known}
+    free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) - request_bytes
+            for v in known}
+    sizes = {v.replica_id: v.kv_budget_bytes or v.capacity_bytes for v in known}
+    if all(sizes.values()):
+        free = {rid: room / sizes[rid] for rid, room in free.items()}  # share free
+        tolerance = policy.tolerance_fraction
+    else:  # a replica reported no size: compare bytes
+        tolerance = policy.tolerance_fraction * max(sizes.values())
     best = max(free.values())
-    tolerance = policy.tolerance_fraction * max(v.capacity_bytes for v in known)
     band = [v for v in known if free[v.replica_id] >= best - tolerance]
     band.sort(key=lambda v: rendezvous_score(user, v.replica_id), reverse=True)
     rest = [v for v in known if free[v.replica_id] < best - tolerance]
@@ -148,18 +171,19 @@ def find_home(
 
 def decide(
     user: str | None, views: Sequence[ReplicaView], ledger: PlacementLedger,
-    policy: PlacementPolicy, now: float, waited_s: float = 0.0,
+    policy: PlacementPolicy, now: float, waited_s: float = 0.0, request_bytes: int = 0,
 ) -> Decision:
-    """Rank replicas for one request. `waited_s`: how long it has waited to be routed."""
+    """Rank replicas for one request. `waited_s`: how long it has waited to be routed;
+    `request_bytes`: estimated KV bytes of its prompt (0: unknown)."""
     if not views:
         return Decision([], "none")
     if user is None:
         return Decision([[v.replica_id for v in views]], "anonymous")
     ledger.reconcile(views, now)
     home = find_home(user, views, ledger, now)
-    if home is None:
-        return Decision([[r] for r in rank_for_new_user(user, views, ledger, policy, now)], "new")
-    if waited_s < policy.sticky_max_wait_s:
+    if home is not None and waited_s < policy.sticky_max_wait_s:
         return Decision([[home]], "home")
-    others = [r for r in rank_for_new_user(user, views, ledger, policy, now) if r != home]
-    return Decision([[home]] + [[r] for r in others], "home")
+    ranked = rank_for_new_user(user, views, ledger, policy, now, request_bytes)
+    if home is None:
+        return Decision([[r] for r in ranked], "new")
+    return Decision([[home]] + [[r] for r in ranked if r != home], "home")

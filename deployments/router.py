@@ -35,6 +35,27 @@ from deployments.placement import (
 
 logger = logging.getLogger("ray.serve")
 
+CHARS_PER_TOKEN = 4  # rough for Llama-style BPE on English text; it only ranks replicas
+
+
+def estimated_prompt_tokens(request: Any) -> int:
+    """Rough token count of the payload the ingress sends a replica as `request=` (0: unknown).
+
+    Token ids count exactly; text counts as characters / CHARS_PER_TOKEN.
+    """
+    if not isinstance(request, dict):
+        return 0
+    if isinstance(request.get("prompt_token_ids"), list):
+        return len(request["prompt_token_ids"])
+    if isinstance(request.get("prompt"), str):
+        return len(request["prompt"]) // CHARS_PER_TOKEN
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    chars = sum(len(m["content"]) for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return chars // CHARS_PER_TOKEN
+
 
 class UnifiedMemoryRouter(RequestRouter):
     """Returning users to the replica holding their cache; new users by free unified memory."""
@@ -56,6 +77,19 @@ class UnifiedMemoryRouter(RequestRouter):
         user_id = pending_request.kwargs.get("user_id")
         return user_key(user_id) if isinstance(user_id, str) and user_id else None
 
+    @staticmethod
+    def _request_bytes(
+        pending_request: PendingRequest | None, replicas: list[RunningReplica]
+    ) -> int:
+        """Estimated KV bytes of the request's prompt, at the replicas' reported bytes/token."""
+        if pending_request is None:
+            return 0
+        per_token = max(
+            (int((r.routing_stats or {}).get("kv_bytes_per_token", 0)) for r in replicas),
+            default=0,
+        )
+        return per_token * estimated_prompt_tokens(pending_request.kwargs.get("request"))
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
@@ -66,7 +100,8 @@ class UnifiedMemoryRouter(RequestRouter):
         now = time.time()
         waited = now - pending_request.created_at if pending_request else 0.0
         decision = decide(
-            self._user(pending_request), views, self._ledger, self._policy, now, waited
+            self._user(pending_request), views, self._ledger, self._policy, now, waited,
+            self._request_bytes(pending_request, candidate_replicas),
         )
         if pending_request is not None:
             # Always back off between rounds: with every rank full, retrying at once would spin.
@@ -84,4 +119,7 @@ class UnifiedMemoryRouter(RequestRouter):
             replica_id.unique_id, replica.routing_stats if replica else None
         )
         if user not in view.resident:
-            self._ledger.record(user, replica_id.unique_id, view.new_user_bytes, time.time())
+            nbytes = self._request_bytes(pending_request, [replica] if replica else [])
+            self._ledger.record(
+                user, replica_id.unique_id, nbytes or view.new_user_bytes, time.time()
+            )

@@ -120,3 +120,46 @@ def test_new_user_estimate_comes_from_resident_users():
     v = view("a", 10, resident=["x", "y"], kv_bytes=4 * GB)
     assert v.new_user_bytes == 2 * GB
     assert view("b", 10).new_user_bytes == 256 * 320 * 1024
+
+
+def test_room_is_capped_by_the_kv_budget_left():
+    # "a" has more free unified memory, but its KV budget is nearly spent: beyond it the engine
+    # drops idle users however much memory is free, so the new user belongs on "b".
+    a = ReplicaView.from_stats("a", {
+        "free_unified_memory_bytes": 100 * GB, "capacity_bytes": 500 * GB,
+        "kv_cache_bytes": 195 * GB, "kv_budget_bytes": 200 * GB, "resident_users": ["x"]})
+    b = ReplicaView.from_stats("b", {
+        "free_unified_memory_bytes": 30 * GB, "capacity_bytes": 200 * GB,
+        "kv_cache_bytes": 10 * GB, "kv_budget_bytes": 100 * GB, "resident_users": ["y"]})
+    assert a.free_bytes == 5 * GB and b.free_bytes == 30 * GB
+    assert choose("u1", [a, b]).ranks == [["b"], ["a"]]
+
+
+def budgeted(rid, room_gb, budget_gb=100):
+    return ReplicaView.from_stats(rid, {
+        "free_unified_memory_bytes": 300 * GB, "capacity_bytes": 500 * GB,
+        "kv_cache_bytes": int((budget_gb - room_gb) * GB), "kv_budget_bytes": budget_gb * GB,
+        "resident_users": ["x"]})
+
+
+def test_replicas_fill_in_proportion_to_their_kv_budgets():
+    # The small replica has less room in bytes but a larger share of its budget free.
+    views = [budgeted("big", 100, budget_gb=200), budgeted("small", 40, budget_gb=50)]
+    assert choose("u1", views).ranks == [["small"], ["big"]]
+    views = [budgeted("big", 100, budget_gb=200), budgeted("small", 20, budget_gb=50)]
+    assert choose("u1", views).ranks == [["big"], ["small"]]
+
+
+def test_tie_band_is_a_share_of_the_kv_budget():
+    # 1% of the budget: 2% less of it free is not a tie (1% of capacity, 5 GB, would be).
+    views = [budgeted("a", 50), budgeted("b", 48)]
+    assert all(choose(f"u{i}", views).ranks[0] == ["a"] for i in range(50))
+    views = [budgeted("a", 50), budgeted("b", 49.5)]
+    assert {choose(f"u{i}", views).ranks[0][0] for i in range(50)} == {"a", "b"}
+
+
+def test_a_long_prompt_goes_where_it_takes_the_smallest_share():
+    views = [budgeted("big", 100, budget_gb=200), budgeted("small", 30, budget_gb=50)]
+    assert choose("u1", views).ranks[0] == ["small"]  # 60% free against 50%
+    long_prompt = decide("u1", views, PlacementLedger(), POLICY, 0.0, request_bytes=20 * GB)
+    assert long_prompt.ranks == [["big"], ["small"]]  # 40% left against 20%

@@ -60,3 +60,33 @@ def test_kwargs_from_the_serve_config_reach_the_policy():
     replicas = [replica("a", 10, resident=["alice"]), replica("b", 300)]
     ranks, _ = choose(router, replicas, "alice")
     assert ranks == [["a"], ["b"]]  # sticky wait 0: fall back at once
+
+
+def test_prompt_size_is_estimated_from_the_replica_payload():
+    from deployments.router import estimated_prompt_tokens
+
+    assert estimated_prompt_tokens({"prompt_token_ids": [1, 2, 3]}) == 3
+    assert estimated_prompt_tokens({"prompt": "x" * 400}) == 100
+    messages = [{"role": "system", "content": "x" * 40}, {"role": "user", "content": "y" * 60}]
+    assert estimated_prompt_tokens({"messages": messages}) == 25
+    assert estimated_prompt_tokens(None) == estimated_prompt_tokens({"messages": "?"}) == 0
+
+
+def test_a_long_first_prompt_goes_to_the_replica_it_fills_least():
+    def budgeted(rid, room_gb, budget_gb):
+        return NS(replica_id=NS(unique_id=rid), routing_stats={
+            "free_unified_memory_bytes": 300 * GB, "capacity_bytes": 500 * GB,
+            "kv_cache_bytes": (budget_gb - room_gb) * GB, "kv_budget_bytes": budget_gb * GB,
+            "resident_users": [], "kv_bytes_per_token": 10**6})
+
+    replicas = [budgeted("big", 100, 200), budgeted("small", 30, 50)]
+    assert choose(make_router(), replicas, "bob")[0][0] == ["small"]
+
+    async def route(text):
+        request = PendingRequest(args=[], kwargs={
+            "request": {"messages": [{"role": "user", "content": text}]}, "user_id": "carol"},
+            metadata=None)
+        return await make_router().choose_replicas(replicas, request)
+
+    ranks = asyncio.run(route("x" * 4 * 20_000))  # 20k tokens x 1 MB: 20 GB of KV
+    assert [r.replica_id.unique_id for r in ranks[0]] == ["big"]
