@@ -155,7 +155,8 @@ def hf_continuous_batching(model: Any, prompts: list[list[int]], outputs: list[i
 
 # ---- ours ------------------------------------------------------------------------------------
 
-def build_ours(path: str, dtype_name: str, kv_bytes: int, quick: bool) -> Any:
+def build_ours(path: str, dtype_name: str, kv_bytes: int, quick: bool,
+               prefill_attention: str = "sdpa") -> Any:
     from deployments.config import AppArgs
     from deployments.engine.paged.engine import PagedEngine
     from deployments.memory import setup_memory
@@ -171,7 +172,8 @@ def build_ours(path: str, dtype_name: str, kv_bytes: int, quick: bool) -> Any:
         "kv_cache": {"budget_bytes": kv_bytes},
         "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine",
                    "random_weights": True, "max_num_seqs": 256,
-                   "max_batched_tokens": 512 if quick else 8192},
+                   "max_batched_tokens": 512 if quick else 8192,
+                   "prefill_attention": prefill_attention},
     })
     memory = setup_memory(args.memory, detect_platform(use_gpu=gpu), torch_allocator="native")
     engine = PagedEngine(args, memory)
@@ -213,6 +215,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny config, checks the script")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--hf-cb-limit-s", type=float, default=330)
+    parser.add_argument("--prefill-attention", choices=["sdpa", "triton"], default="sdpa",
+                        help="our engine's prefill attention (engine.prefill_attention)")
     opts = parser.parse_args()
     quick = opts.quick
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -235,7 +239,7 @@ def main() -> None:
     weights_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 8 << 30
     kv_bytes = int(min(64 << 30, 0.6 * (free - weights_bytes)))
-    ours = build_ours(path, dtype_name, kv_bytes, quick)
+    ours = build_ours(path, dtype_name, kv_bytes, quick, opts.prefill_attention)
     from deployments.engine.paged.weights import load_state
 
     load_state(ours.runner.model.w, ours.spec, hf.named_parameters())  # the same weights
@@ -322,6 +326,7 @@ def main() -> None:
                             "(bytes read + written per second)",
         "tokens_per_s_definition": "decode: batch / median decode-only step time; "
                                    "mixed_256: generated tokens / wall time from submission",
+        "prefill_attention": opts.prefill_attention,
         "rows": rows, "correctness_8b_bf16_vs_hf": correctness, "headline": headline,
     }
     path_out = write_result("engine" if not quick else "engine-quick", payload, opts.out)

@@ -118,6 +118,12 @@ class EngineConfig(_Section):
         8192, gt=0, description="Token budget of one step; long prompts prefill in chunks of it."
     )
     cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU).")
+    prefill_attention: Literal["sdpa", "triton"] = Field(
+        "sdpa",
+        description="Attention for prefill chunks on a GPU: `sdpa` gathers each sequence's "
+        "pages for PyTorch's attention (measured on an H200); `triton` runs one paged flash "
+        "kernel for all chunks of a step (tested in Triton's interpreter, not yet on a GPU).",
+    )
     random_weights: bool = Field(
         False, description="Initialise weights randomly from the model's config instead of "
         "loading them (benchmarks and capacity tests of real architectures' shapes).",

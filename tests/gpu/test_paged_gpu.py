@@ -175,3 +175,31 @@ def test_bf16_logits_graphs_and_managed_memory_for_each_architecture():
         assert r["ours_max_err"] <= 2 * r["hf_bf16_max_err"] + 1e-2, (arch, r)
         assert r["eager_vs_graph"] < 1e-2, (arch, r)
         assert r["weights_managed"] == 1 and r["kv_managed"] == 1, (arch, r)
+
+
+def test_triton_prefill_attention_matches_the_reference_on_gpu():
+    import torch
+
+    from deployments.engine.paged.attention import reference_attention
+    from deployments.engine.paged.triton_prefill import prefill_attention
+
+    torch.manual_seed(1)
+    pages, page, kv_heads, dim, heads = 600, 16, 8, 128, 32
+    k = torch.randn(pages, page, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    shapes = [(2, 2), (64, 8256), (500, 500), (17, 4000), (100, 101)]  # (chunk, context)
+    lens = [n for n, _ in shapes]
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], heads, dim, device="cuda", dtype=torch.bfloat16)
+    table = torch.stack([torch.randperm(pages, device="cuda")[:520] for _ in shapes]).int()
+    ctx = torch.tensor([c for _, c in shapes], device="cuda", dtype=torch.int32)
+    out = torch.empty_like(q)
+    prefill_attention(q, k, v, table, ctx, starts, lens, list(range(len(shapes))),
+                      dim ** -0.5, out)
+    for i, (n, c) in enumerate(shapes):
+        ref = reference_attention(q[starts[i]:starts[i] + n].float(), k.float(), v.float(),
+                                  table[i], c, dim ** -0.5)
+        torch.testing.assert_close(out[starts[i]:starts[i] + n].float(), ref, atol=2e-2,
+                                   rtol=2e-2)

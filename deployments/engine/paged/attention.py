@@ -62,9 +62,13 @@ def reference_attention(
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, use_triton: bool,
+    scale: float, use_triton: bool, triton_prefill: bool = False,
 ) -> torch.Tensor:
-    """All sequences of a step: q [T, H, D] -> [T, H, D]."""
+    """All sequences of a step: q [T, H, D] -> [T, H, D].
+
+    `use_triton`: decode rows go to the Triton decode kernel; `triton_prefill`: prefill
+    chunks go to the Triton paged prefill kernel instead of the gather + SDPA reference.
+    """
     if use_triton and meta.decode_only:
         from deployments.engine.paged.triton_attention import decode_attention
 
@@ -79,9 +83,15 @@ def paged_attention(
         seqs = torch.tensor(decode_rows, device=q.device)
         out[rows] = decode_attention(q[rows], k_cache, v_cache, meta.page_table[seqs],
                                      meta.context_lens[seqs], scale)
-    for i, n in enumerate(meta.query_lens):
-        if use_triton and n == 1:
-            continue
+    prefill_rows = [i for i, n in enumerate(meta.query_lens) if n > 1 or not use_triton]
+    if triton_prefill and prefill_rows:
+        from deployments.engine.paged.triton_prefill import prefill_attention
+
+        prefill_attention(q, k_cache, v_cache, meta.page_table, meta.context_lens, starts,
+                          meta.query_lens, prefill_rows, scale, out)
+        return out
+    for i in prefill_rows:
+        n = meta.query_lens[i]
         lo = starts[i]
         out[lo:lo + n] = reference_attention(q[lo:lo + n], k_cache, v_cache, meta.page_table[i],
                                              meta.context_lens_host[i], scale)

@@ -90,7 +90,8 @@ class PagedEngine(Engine):
         memory.track_spare(lambda: self.cache.free_pages * self.page_bytes)
         self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens)
         use_gpu = self.device.startswith("cuda")
-        model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu)
+        model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu,
+                             triton_prefill=use_gpu and cfg.prefill_attention == "triton")
         graphs = None
         if use_gpu and cfg.cuda_graphs:
             graphs = DecodeGraphs(model, cfg.max_num_seqs,

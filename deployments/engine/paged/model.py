@@ -32,11 +32,12 @@ def rope_tables(spec: ModelSpec, length: int, dtype: torch.dtype, device: torch.
 
 class DecoderModel:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: KVPool, max_len: int,
-                 use_triton: bool) -> None:
+                 use_triton: bool, triton_prefill: bool = False) -> None:
         self.spec = spec
         self.w = weights
         self.pool = pool
         self.use_triton = use_triton
+        self.triton_prefill = triton_prefill
         self.scale = spec.head_dim ** -0.5
         self.cos, self.sin = rope_tables(spec, max_len, weights.embed.dtype, weights.embed.device)
 
@@ -61,7 +62,7 @@ class DecoderModel:
                            self.sin, meta.positions, self.pool.keys(index),
                            self.pool.values(index), meta.write_pages, meta.write_offsets, fast)
             attn = paged_attention(q, self.pool.keys(index), self.pool.values(index), meta,
-                                   self.scale, fast)
+                                   self.scale, fast, self.triton_prefill)
             out = F.linear(attn.reshape(n, spec.q_size), layer.o, layer.o_bias)
             x, h = add_rms_norm(x, out, layer.post_norm, eps, fast)
             delta = F.linear(silu_mul(F.linear(h, layer.gate_up), fast), layer.down)

@@ -1,0 +1,104 @@
+"""Triton kernel for prefill-chunk attention over paged KV (flash attention, causal at the end).
+
+A chunk of `n` query tokens of a sequence whose KV now holds `ctx` tokens sits at positions
+`ctx - n .. ctx - 1`; query position p sees keys 0..p. One program handles one block of
+`BLOCK_M` query tokens of one sequence for one kv head, with that kv head's `G` query heads
+packed into the tile's rows (row r: token r // G_PAD, head r % G_PAD), so grouped-query
+attention reads each key once per block. Keys and values are gathered page by page; the online
+softmax runs in float32. Every prefill chunk of a step goes in one launch, through a host-built
+table of (sequence, first token of the block).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16  # query tokens per program
+BLOCK_N = 64  # keys per iteration
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, Out, PageTable, CtxLens, QueryStart, QueryLen, BlockSeq, BlockStart,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_pt, scale,
+    PAGE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    block = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.load(BlockSeq + block)
+    m0 = tl.load(BlockStart + block)
+    ctx = tl.load(CtxLens + s)
+    n = tl.load(QueryLen + s)
+    q0 = tl.load(QueryStart + s)
+    ROWS: tl.constexpr = BLOCK_M * G_PAD
+    r = tl.arange(0, ROWS)
+    tok = m0 + r // G_PAD  # query token index within the chunk
+    g = r % G_PAD
+    row_ok = (tok < n) & (g < G)
+    head = kvh * G + g
+    d = tl.arange(0, D)
+    q = tl.load(Q + (q0 + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
+                + d[None, :], mask=row_ok[:, None], other=0.0)
+    qpos = ctx - n + tok  # absolute position of each row's token
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    denom = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    end = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # the block's last token sees this far
+    for n0 in range(0, end, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        page = tl.load(PageTable + s * stride_pt + t // PAGE, mask=valid, other=0).to(tl.int64)
+        slot = t % PAGE
+        k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh
+                    + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh
+                    + d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        seen = valid[None, :] & (t[None, :] <= qpos[:, None])
+        scores = tl.where(seen, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(Out + (q0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
+             + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+    context_lens: torch.Tensor, query_starts: list[int], query_lens: list[int],
+    seqs: list[int], scale: float, out: torch.Tensor,
+) -> None:
+    """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`."""
+    heads, dim = q.shape[1], q.shape[2]
+    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    block_seq, block_start = [], []
+    for s in seqs:
+        for m0 in range(0, query_lens[s], BLOCK_M):
+            block_seq.append(s)
+            block_start.append(m0)
+    if not block_seq:
+        return
+    device = q.device
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+    _prefill_kernel[(len(block_seq), kv_heads)](
+        q, k_cache, v_cache, out, page_table, context_lens, ints(query_starts[:-1]),
+        ints(query_lens), ints(block_seq), ints(block_start),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        page_table.stride(0), scale,
+        PAGE=page_size, D=dim, G=group, G_PAD=triton.next_power_of_2(group),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )
