@@ -338,27 +338,12 @@ def compare_logits(ours: Any, hf: Any, rng: random.Random, vocab: int, device: s
                    ) -> dict[str, float]:
     """Ours and HF's forward on the same weights and tokens: a mixed batch's logits."""
     from deployments.engine import SamplingParams
-    from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
 
     convs = [[rng.randrange(100, vocab - 1) for _ in range(n)] for n in (300, 700, 257)]
     seqs = [Sequence("c", None, c, SamplingParams(1), deliver=lambda _: None) for c in convs]
 
-    def step(plan: list[tuple[Any, int]]) -> list[torch.Tensor]:
-        batch = Batch()
-        for s, n in plan:
-            s.pages += ours.cache.allocate(ours.cache.pages_for(s.num_computed + n) - len(s.pages))
-            batch.add(s, n)
-        tokens, meta, _, _ = ours.runner._prepare(batch)
-        logits = ours.runner.model.forward(tokens, meta,
-                                           torch.arange(tokens.shape[0], device=device))
-        out, start = [], 0
-        for s, n in plan:
-            out.append(logits[start:start + n])
-            start += n
-            s.num_computed += n
-        return out
-
+    step = ours.logits_for
     step([(seqs[0], 299), (seqs[1], 600)])
     got = step([(seqs[0], 1), (seqs[1], 100), (seqs[2], 257)])
     errs, agree, total, scale = [], 0, 0, []

@@ -16,7 +16,6 @@ from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams, select_engine_class
 from deployments.engine.builtin import build_tokenizer
 from deployments.engine.paged.engine import PagedEngine
-from deployments.engine.paged.scheduler import Batch
 from deployments.engine.paged.sequence import Sequence
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
@@ -74,20 +73,7 @@ def new_seq(engine: PagedEngine, ids: list[int]) -> Sequence:
 
 def step(engine: PagedEngine, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
     """Run one hand-built mixed batch; return each sequence's logits for its new tokens."""
-    batch = Batch()
-    for seq, n in plan:
-        seq.pages += engine.cache.allocate(
-            engine.cache.pages_for(seq.num_computed + n) - len(seq.pages))
-        batch.add(seq, n)
-    tokens, meta, _, _ = engine.runner._prepare(batch)
-    every = torch.arange(tokens.shape[0])
-    logits = engine.runner.model.forward(tokens, meta, every)
-    out, start = [], 0
-    for seq, n in plan:
-        out.append(logits[start:start + n])
-        start += n
-        seq.num_computed += n
-    return out
+    return engine.logits_for(plan)
 
 
 def test_mixed_batch_of_histories_and_chunks_matches_hf_forward(checkpoint):

@@ -114,19 +114,7 @@ PROGRAM = '''
         g = torch.Generator().manual_seed(5)
         convs = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (40, 300, 77, 513)]
         seqs = [Sequence("t", None, c, SamplingParams(1), deliver=lambda _: None) for c in convs]
-        def step(plan):
-            batch = Batch()
-            for s, n in plan:
-                s.pages += engine.cache.allocate(
-                    engine.cache.pages_for(s.num_computed + n) - len(s.pages))
-                batch.add(s, n)
-            tokens, meta, _, _ = engine.runner._prepare(batch)
-            logits = engine.runner.model.forward(tokens, meta, torch.arange(
-                tokens.shape[0], device="cuda"))
-            out, start = [], 0
-            for s, n in plan:
-                out.append(logits[start:start + n]); start += n; s.num_computed += n
-            return out
+        step = engine.logits_for
         step([(seqs[0], 39), (seqs[1], 200), (seqs[2], 10)])
         got = step([(seqs[0], 1), (seqs[1], 100), (seqs[2], 67), (seqs[3], 513)])
         ours_err, hf_err = 0.0, 0.0
@@ -147,7 +135,7 @@ PROGRAM = '''
         for s in trio:
             s.pages += engine.cache.allocate(engine.cache.pages_for(50) - len(s.pages))
             batch.add(s, 1)
-        tokens, meta, _, index = engine.runner._prepare(batch)
+        tokens, meta, _, index = engine.runner._prepare(batch)  # the graph path, by hand
         graph_logits = engine.runner.graphs.run(meta, tokens).clone()
         eager = engine.runner.model.forward(tokens, meta, index)
         eager_vs_graph = (graph_logits - eager).abs().max().item()

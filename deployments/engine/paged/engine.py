@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
+
 from deployments.config import AppArgs
 from deployments.engine.interface import (
     CapacityError,
@@ -30,7 +32,7 @@ from deployments.engine.paged.cuda_graphs import DecodeGraphs
 from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.model import DecoderModel
 from deployments.engine.paged.runner import ModelRunner
-from deployments.engine.paged.scheduler import Scheduler
+from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import FINISHED, Sequence
 from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.weights import allocate, checkpoint_items, init_random, load_state
@@ -232,6 +234,27 @@ class PagedEngine(Engine):
                        "preempted_requests": self.scheduler.preemptions,
                        "kv_bytes_by_tier": {"device": used * self.page_bytes}},
             )
+
+    def logits_for(self, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
+        """Run one hand-built step and return each sequence's logits for its new tokens.
+
+        Each (sequence, n) feeds its next n tokens; pages are allocated as needed. For tests
+        and benchmarks comparing logits with a reference; call only while no request runs.
+        """
+        batch = Batch()
+        for seq, n in plan:
+            seq.pages += self.cache.allocate(
+                self.cache.pages_for(seq.num_computed + n) - len(seq.pages))
+            batch.add(seq, n)
+        tokens, meta, _, _ = self.runner._prepare(batch)
+        every = torch.arange(tokens.shape[0], device=tokens.device)
+        logits = self.runner.model.forward(tokens, meta, every)
+        out, start = [], 0
+        for seq, n in plan:
+            out.append(logits[start:start + n])
+            start += n
+            seq.num_computed += n
+        return out
 
     def check_integrity(self) -> None:
         """Raise AssertionError if pages leaked or are shared (tests call this)."""
