@@ -80,12 +80,6 @@ class CacheManager:
     def users(self) -> list[str]:
         return list(self._users)
 
-    def user(self, key: str) -> UserKV | None:
-        return self._users.get(key)
-
-    def idle_pages(self) -> int:
-        return sum(len(u.pages) for u in self._users.values() if not u.busy)
-
     def checkout(self, key: str | None, prompt: Sequence[int]) -> Reuse:
         """Hand a new request of `key` its kept pages, trimmed to what its prompt reuses."""
         if key is None:
@@ -110,18 +104,13 @@ class CacheManager:
         user = self._users[key]
         if kv_len > len(token_ids) or self.pages_for(kv_len) > len(pages):
             raise ValueError("a kept cache must cover exactly its kv_len tokens")
-        surplus = pages[self.pages_for(kv_len):]
-        self.free(surplus)
-        user.token_ids, user.kv_len, user.pages, user.busy = token_ids, kv_len, pages[
-            : self.pages_for(kv_len)], False
+        keep = self.pages_for(kv_len)
+        self.free(pages[keep:])
+        if kv_len == 0:  # nothing computed (ended at once): nothing to keep
+            del self._users[key]
+            return
+        user.token_ids, user.kv_len, user.pages, user.busy = token_ids, kv_len, pages[:keep], False
         self._users.move_to_end(key)
-
-    def forget(self, key: str) -> None:
-        """The user's running request was lost (preempted): it keeps no cache."""
-        user = self._users.get(key)
-        if user is not None:
-            self.free(user.pages)
-            user.pages, user.kv_len = [], 0
 
     def evict_lru_idle(self) -> str | None:
         """Drop the least recently used idle user holding pages; None if there is none."""
@@ -132,12 +121,6 @@ class CacheManager:
                 self.evicted_users += 1
                 return key
         return None
-
-    def drop_idle_without_pages(self) -> None:
-        for key in [k for k, u in self._users.items() if not u.busy and not u.pages]:
-            del self._users[key]
-
-    # ---- checks ---------------------------------------------------------------------------
 
     def check_integrity(self, running: Iterable[Sequence[int]] = ()) -> None:
         owners: dict[int, str] = {}
