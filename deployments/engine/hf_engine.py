@@ -184,7 +184,7 @@ class HFEngine(Engine):
 
         def settle(step: concurrent.futures.Future[int] | None) -> None:
             kv_tokens = fed
-            if step is not None:
+            if step is not None and not step.cancelled():  # a cancelled step never ran
                 # A cancelled request's last step still ran: its tokens are in the cache,
                 # unless it failed, in which case the cache's state is unknown.
                 kv_tokens = len(seen) if step.exception() is None else 0

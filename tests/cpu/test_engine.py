@@ -168,3 +168,21 @@ def test_budget_drops_least_recent_idle_users():
     assert stats.evicted_users > 0 and "u5" in stats.resident_users
     assert "u0" not in stats.resident_users
     engine.store.check_integrity()
+
+
+def test_cancelling_while_a_step_is_still_queued_releases_the_request(engine):
+    """Many concurrent users queue their steps on the one model thread; cancel them all."""
+
+    async def main():
+        tasks = [asyncio.create_task(run(engine, f"q{i}", chat(engine, "long " * 20),
+                                         max_tokens=200)) for i in range(12)]
+        await asyncio.sleep(0.2)  # all started; most have a step waiting in the queue
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.5)  # the running step settles
+        return engine.stats()
+
+    stats = asyncio.run(main())
+    assert stats.running_requests == 0 and engine._slots._value == 64
+    engine.store.check_integrity()
