@@ -9,9 +9,11 @@ Ray exports them on every node's metrics port with a `ray_` prefix (counters als
   (error responses, by `reason`) and `grace_serve_failed_streams` (streams that ended in an
   error chunk after their first token, by `reason`).
 - replica: counters `grace_serve_prompt_tokens`, `_completion_tokens`, `_cached_prompt_tokens`,
-  `_evicted_users`, `_preempted_requests`; gauges `grace_serve_kv_cache_bytes` (by `tier`),
-  `_free_unified_memory_bytes`, `_resident_users`, `_running_requests`, `_waiting_requests`,
-  `_kv_pages_total`, `_kv_pages_free` (the last two only from engines that page their KV).
+  `_evicted_users`, `_preempted_requests` (and the same totals as gauges `_evicted_users_so_far`,
+  `_preempted_requests_so_far`, present before the first event); gauges
+  `grace_serve_kv_cache_bytes` (by `tier`), `_free_unified_memory_bytes`, `_resident_users`,
+  `_running_requests`, `_waiting_requests`, `_kv_pages_total`, `_kv_pages_free` (the last
+  two only from engines that page their KV).
 
 Never imports torch or rmm (the ingress uses it).
 """
@@ -73,6 +75,12 @@ class ReplicaMetrics:
         self.evicted = Counter(PREFIX + "evicted_users", "Idle users whose KV cache was dropped.")
         self.preempted = Counter(
             PREFIX + "preempted_requests", "Running requests preempted for memory.")
+        # Ray counters appear only after a first increment; these gauges carry the same
+        # totals from the start, so a dashboard shows 0 rather than "no data".
+        self.evicted_so_far = Gauge(
+            PREFIX + "evicted_users_so_far", "Idle users evicted since the replica started.")
+        self.preempted_so_far = Gauge(
+            PREFIX + "preempted_requests_so_far", "Requests preempted since the replica started.")
         self.kv_bytes = Gauge(
             PREFIX + "kv_cache_bytes", "Bytes of KV cache held, by memory tier.",
             tag_keys=("tier",))
@@ -111,5 +119,9 @@ class ReplicaMetrics:
         for tier, nbytes in kv_by_tier.items():
             self.kv_bytes.set(float(nbytes), tags={"tier": tier})
         self._tiers |= set(kv_by_tier)
-        self._count_delta(self.evicted, "evicted", int(report.get("evicted_users", 0)))
-        self._count_delta(self.preempted, "preempted", int(report.get("preempted_requests", 0)))
+        evicted = int(report.get("evicted_users", 0))
+        preempted = int(report.get("preempted_requests", 0))
+        self._count_delta(self.evicted, "evicted", evicted)
+        self._count_delta(self.preempted, "preempted", preempted)
+        self.evicted_so_far.set(evicted)
+        self.preempted_so_far.set(preempted)
