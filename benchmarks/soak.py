@@ -251,7 +251,9 @@ def main() -> int:
 
     proc, url = None, args.url
     if url is None:
-        proc, url = start_server(args.config, out.with_suffix(".serve.log"))
+        log = Path(tempfile.mkdtemp(prefix="soak-log-")) / "serve.log"
+        print(f"serve run output: {log}")
+        proc, url = start_server(args.config, log)
     try:
         expected = None
         if proc is not None:

@@ -77,3 +77,29 @@ def test_counters_follow_engine_totals_without_double_counting():
     for total in (0, 3, 3, 5):
         metrics.update({"evicted_users": total}, {"host": 0})
     assert seen == [3, 2]
+
+
+def test_the_grafana_dashboard_only_queries_metrics_we_export():
+    import json
+    import pathlib
+    import re
+
+    from ray.util.metrics import Metric
+
+    from deployments.metrics import IngressMetrics
+
+    exported = set()
+    for obj in (IngressMetrics(), ReplicaMetrics()):
+        for value in vars(obj).values():
+            metrics = value.values() if isinstance(value, dict) else [value]
+            exported |= {"ray_" + m.info["name"] for m in metrics if isinstance(m, Metric)}
+    root = pathlib.Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "cluster" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    names = {name for e in exprs for name in re.findall(r"ray_grace_serve_[a-z_]+", e)}
+    # Prometheus adds _bucket to histograms and _total to counters (a gauge may end in _total).
+    used = {name if name in exported else re.sub(r"_(bucket|total)$", "", name)
+            for name in names}
+    assert used and used <= exported, used - exported
+    assert {"ray_grace_serve_time_to_first_token_seconds", "ray_grace_serve_kv_cache_bytes",
+            "ray_grace_serve_rejected_requests"} <= used
