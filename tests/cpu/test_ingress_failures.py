@@ -15,9 +15,6 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.ingress import APIError, OpenAIIngress
 
-# The Serve wrapper's async __del__ is never awaited outside Serve; that is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning",
-                                        "ignore:coroutine .* was never awaited")
 MODEL = "tiny-llama"
 REQUEST = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -76,9 +73,16 @@ class FakeHandle:
         return stream
 
 
+class LocalIngress(OpenAIIngress):
+    """OpenAIIngress outside Serve: Serve's wrapper has an async __del__ only Serve awaits."""
+
+    def __del__(self) -> None:
+        pass
+
+
 def ingress(handle: FakeHandle, **ingress_args: Any) -> OpenAIIngress:
     args = {"ingress": {"request_timeout_s": 0.5, "retry_after_s": 3, **ingress_args}}
-    obj = OpenAIIngress.__new__(OpenAIIngress)
+    obj = LocalIngress.__new__(LocalIngress)
     asyncio.run(obj.__init__(handle, args))
     return obj
 
