@@ -54,6 +54,7 @@ from deployments.streaming import (
     completion_events,
     error_from_event,
     sse_response,
+    until_deadline,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -150,40 +151,13 @@ class OpenAIIngress:
             raise error_from_event(first)
         first_at = time.monotonic()
         self._metrics.request_done(endpoint, first_at - arrived, None)
-        return first, self._until_deadline(stream, deadline, endpoint, first_at)
 
-    async def _until_deadline(self, stream: Any, deadline: float, endpoint: str,
-                              first_at: float) -> Events:
-        """The stream's events; an error event if it fails or outlives the deadline."""
-        finished = False
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(
-                        stream.__anext__(), max(0.0, deadline - time.monotonic())
-                    )
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except asyncio.TimeoutError:
-                    yield {"event": "error", "status": 504, "message": "request timed out",
-                           "type": "server_error", "param": None, "code": "timeout"}
-                    return
-                except Exception as exc:
-                    logger.warning("replica stream failed: %s", type(exc).__name__)
-                    yield {"event": "error", "status": 503,
-                           "message": "the model replica failed during generation; retry",
-                           "type": "server_error", "param": None, "code": "replica_failed"}
-                    return
-                if event["event"] == "end":
-                    tokens = event["usage"]["completion_tokens"]
-                    if tokens > 1:
-                        tpot = (time.monotonic() - first_at) / (tokens - 1)
-                        self._metrics.request_done(endpoint, None, tpot)
-                yield event
-        finally:
-            if not finished:
-                stream.cancel()  # client gone or deadline: stop the replica's work
+        def ended(completion_tokens: int) -> None:
+            if completion_tokens > 1:
+                tpot = (time.monotonic() - first_at) / (completion_tokens - 1)
+                self._metrics.request_done(endpoint, None, tpot)
+
+        return first, until_deadline(stream, deadline, ended)
 
     def _chat_payload(self, req: ChatCompletionRequest) -> dict[str, Any]:
         self._check_model(req.model)

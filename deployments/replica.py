@@ -145,6 +145,10 @@ class LLMReplica:
             ),
         )
 
+    def _error(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """An error event naming this replica (the ingress sets X-Replica-Id from it)."""
+        return {**error_event(*args, **kwargs), "replica_id": self.replica_id}
+
     def _check_room(self, prompt_tokens: int) -> None:
         stats = self.engine.stats()
         need = (prompt_tokens + 1) * stats.kv_bytes_per_token
@@ -164,10 +168,10 @@ class LLMReplica:
         try:
             gen_request = self._build(request, user_id)
         except Refused as exc:
-            yield error_event(503, str(exc), "server_error", code="insufficient_memory")
+            yield self._error(503, str(exc), "server_error", code="insufficient_memory")
             return
         except RequestError as exc:
-            yield error_event(400, str(exc), param=exc.param, code=exc.code)
+            yield self._error(400, str(exc), param=exc.param, code=exc.code)
             return
         outputs = self.engine.generate(gen_request)
         step: asyncio.Future[GenerationOutput] | None = None
@@ -202,13 +206,13 @@ class LLMReplica:
                         ),
                     }
         except RequestError as exc:
-            yield error_event(400, str(exc), param=exc.param, code=exc.code)
+            yield self._error(400, str(exc), param=exc.param, code=exc.code)
         except Exception as exc:
             if is_out_of_memory(exc):
-                yield error_event(503, str(exc), "server_error", code="out_of_memory")
+                yield self._error(503, str(exc), "server_error", code="out_of_memory")
                 return
             logger.exception("request %s failed", gen_request.request_id)
-            yield error_event(500, f"internal error: {type(exc).__name__}", "server_error")
+            yield self._error(500, f"internal error: {type(exc).__name__}", "server_error")
         finally:
             task = asyncio.ensure_future(_close(outputs, step))
             self._closing.add(task)  # keep a reference until it is done

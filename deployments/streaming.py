@@ -2,12 +2,16 @@
 
 A replica streams plain dicts (see `replica`): one `start`, `delta`s, then `end` (with usage),
 or an `error` event. These helpers turn them into what the OpenAI API sends. Pure functions of
-their inputs; imports only `protocol` and `errors`.
+their inputs, but for `until_deadline`, which reads a replica stream; imports only `protocol`
+and `errors`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,12 +20,49 @@ from fastapi.responses import StreamingResponse
 from deployments.errors import REPLICA_HEADER, APIError
 from deployments.protocol import chat_chunk, completion_chunk, new_id
 
+logger = logging.getLogger("ray.serve")
 Events = AsyncIterator[dict[str, Any]]
+
+
+def _failure(status: int, message: str, code: str) -> dict[str, Any]:
+    return {"event": "error", "status": status, "message": message, "type": "server_error",
+            "param": None, "code": code}
+
+
+async def until_deadline(stream: Any, deadline: float,
+                         on_end: Callable[[int], None]) -> Events:
+    """A replica's stream of events, ended by an error event if it fails (the replica died)
+    or outlives `deadline` (monotonic seconds). `on_end(completion_tokens)` sees a normal end.
+    If the consumer stops early (client gone) or time runs out, the replica call is cancelled.
+    """
+    finished = False
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(stream.__anext__(),
+                                               max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                finished = True
+                return
+            except asyncio.TimeoutError:
+                yield _failure(504, "request timed out", "timeout")
+                return
+            except Exception as exc:
+                logger.warning("replica stream failed: %s", type(exc).__name__)
+                yield _failure(503, "the model replica failed during generation; retry",
+                               "replica_failed")
+                return
+            if event["event"] == "end":
+                on_end(event["usage"]["completion_tokens"])
+            yield event
+    finally:
+        if not finished:
+            stream.cancel()  # client gone or deadline: stop the replica's work
 
 
 def error_from_event(event: dict[str, Any], replica_id: str | None = None) -> APIError:
     return APIError(event["status"], event["message"], event["type"], event.get("param"),
-                    event["code"], replica_id=replica_id)
+                    event["code"], replica_id=replica_id or event.get("replica_id"))
 
 
 async def collect(first: dict[str, Any], events: Events) -> tuple[str, str | None, dict]:
