@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from deployments.config import AppArgs, ReplicaConfig, RouterConfig, parse_app_args
 from deployments.ingress import OpenAIIngress
@@ -50,6 +50,8 @@ def replica_options(cfg: AppArgs) -> dict[str, Any]:
         "name": REPLICA_NAME,
         "num_replicas": cfg.replica.num_replicas,
         "max_ongoing_requests": cfg.replica.max_ongoing_requests,
+        # Bounded wait at each caller; beyond it the ingress answers 429 with Retry-After.
+        "max_queued_requests": cfg.replica.max_queued_requests,
         "ray_actor_options": replica_actor_options(cfg.replica),
         "health_check_period_s": cfg.replica.health_check_period_s,
         # Loading a 70B model into unified memory takes minutes, not Serve's default seconds.
@@ -70,6 +72,9 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         name=INGRESS_NAME,
         num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
-        max_ongoing_requests=max(256, cfg.replica.max_ongoing_requests * 4),
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        max_queued_requests=cfg.ingress.max_queued_requests,
+        backpressure_config=BackpressureConfig(
+            status_code=429, retry_after_s=cfg.ingress.retry_after_s),
     )
     return ingress.bind(replica, cfg)

@@ -147,6 +147,12 @@ class ReplicaConfig(_Section):
         1, gt=0, description="At most this many replicas on one node; null for no limit."
     )
     health_check_period_s: float = Field(10, gt=0, description="Seconds between health checks.")
+    max_queued_requests: int = Field(
+        256,
+        gt=0,
+        description="Requests each caller (ingress replica, driver) may hold waiting for a "
+        "free LLMReplica; beyond that a request is refused at once (HTTP 429 with Retry-After).",
+    )
 
 
 class RouterConfig(_Section):
@@ -178,6 +184,51 @@ class IngressConfig(_Section):
     request_timeout_s: float = Field(
         600, gt=0, description="Longest a request may run before it is cut off (504)."
     )
+    max_ongoing_requests: int = Field(
+        1024, gt=0, description="HTTP requests one ingress replica handles at once."
+    )
+    max_queued_requests: int = Field(
+        1024,
+        gt=0,
+        description="HTTP requests the proxy holds waiting for a free ingress replica; beyond "
+        "that it answers 429 with Retry-After.",
+    )
+    retry_after_s: int = Field(
+        1, ge=1, description="Seconds sent in `Retry-After` when a request is refused as busy."
+    )
+    max_body_bytes: ByteSize = Field(
+        ByteSize(4 * MiB),
+        gt=0,
+        description="Largest request body accepted; larger ones get 413 before they are read.",
+    )
+    max_messages: int = Field(
+        2048, gt=0, description="Most messages one chat request may carry (400 beyond)."
+    )
+    replica_retries: int = Field(
+        2,
+        ge=0,
+        description="Times a request whose replica died before its first token is sent to "
+        "another replica (nothing reached the client yet, so this is safe).",
+    )
+
+
+class AuthConfig(_Section):
+    api_keys_file: str | None = Field(
+        None,
+        description="File of API keys, one a line (blank lines and `#` comments ignored). "
+        "Any key set turns auth on: requests need `Authorization: Bearer <key>`.",
+    )
+    api_keys_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable (in the ingress process) holding API "
+        "keys separated by commas or whitespace. May be combined with api_keys_file.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a key source is configured (the keys themselves load in the ingress)."""
+        return bool(self.api_keys_file or self.api_keys_env)
 
 
 class AppArgs(_Section):
@@ -190,6 +241,7 @@ class AppArgs(_Section):
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig, description="LLMReplica.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Routing.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP ingress.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off if unset).")
 
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:

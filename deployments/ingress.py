@@ -1,113 +1,75 @@
 """OpenAIIngress: the OpenAI-compatible HTTP API (FastAPI through `serve.ingress`) and the
 same operations as Python methods for DeploymentHandle callers.
 
+In front of every route, the `Gate` middleware checks API keys and bounds the body (gate.py).
 The ingress parses and validates requests (a client's mistake is a 4xx in OpenAI's error shape,
-never a 500), resolves the user (``X-User-Id`` header, else the body's ``user``), and calls
-LLMReplica with keyword arguments so the router can read ``user_id``. Every response, streamed
-or not, carries ``X-Replica-Id``. Never imports torch or rmm.
+never a 500), resolves the user (``X-User-Id`` header, else the body's ``user``; with auth on,
+namespaced by the caller's key), and calls LLMReplica with keyword arguments so the router can
+read ``user_id``. Every response, streamed or not, carries ``X-Replica-Id``.
+
+Overload and failure: a full LLMReplica queue is a 429 with ``Retry-After``; a replica that
+dies before the first token is replaced by another (``ingress.replica_retries``); one that dies
+mid-stream ends that stream with an error event; every request has a deadline (504).
+Never imports torch or rmm.
 """
 
-from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
 from deployments.config import AppArgs, parse_app_args
+from deployments.errors import (
+    REPLICA_HEADER,
+    APIError,
+    install_error_handlers,
+    validation_message,
+)
+from deployments.gate import PRINCIPAL_SCOPE_KEY, Gate, GateSettings
 from deployments.identity import resolve_user_id
+from deployments.metrics import IngressMetrics
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    chat_chunk,
     chat_completion,
-    completion_chunk,
-    error_body,
     model_list,
     new_id,
     text_completion,
 )
+from deployments.streaming import (
+    Events,
+    chat_events,
+    collect,
+    completion_events,
+    error_from_event,
+    sse_response,
+    until_deadline,
+)
 
 logger = logging.getLogger("ray.serve")
-REPLICA_HEADER = "X-Replica-Id"
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error"}
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
 
 
-class APIError(Exception):
-    """An OpenAI-shaped error with its HTTP status; Python callers receive it as raised."""
-
-    def __init__(self, status: int, message: str, err_type: str | None = None,
-                 param: str | None = None, code: str | None = None,
-                 replica_id: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = error_body(message, err_type or ERROR_TYPES.get(status, "server_error"),
-                               param, code)
-        self.replica_id = replica_id
-
-    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries through Ray
-        err = self.body["error"]
-        return (APIError, (self.status, err["message"], err["type"], err["param"], err["code"],
-                           self.replica_id))
-
-    def response(self) -> JSONResponse:
-        headers = {REPLICA_HEADER: self.replica_id} if self.replica_id else None
-        return JSONResponse(self.body, status_code=self.status, headers=headers)
-
-
-def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """A readable message and the first offending parameter from pydantic errors."""
-    parts, first = [], None
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
-            return f"invalid JSON body: {err.get('ctx', {}).get('error', err['msg'])}", None
-        name = ".".join(loc) or "body"
-        first = first or (loc[0] if loc else None)
-        parts.append(f"{name}: {err['msg']}")
-    return "; ".join(parts) or "invalid request", first
+def _count_error(request: Request, err: APIError) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.reject(err.reason)
 
 
 app = FastAPI(title="grace-serve", description="OpenAI-compatible LLM API on Ray Serve.")
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = validation_message(list(exc.errors()))
-    return APIError(400, message, param=param).response()
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return APIError(exc.status_code, str(exc.detail)).response()
-
-
-@app.exception_handler(APIError)
-async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return exc.response()
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in ingress")
-    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
-
-
-def _sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
+app.add_middleware(Gate)
+install_error_handlers(app, _count_error)
 
 
 @serve.ingress(app)
@@ -118,79 +80,91 @@ class OpenAIIngress:
         self._llm = llm
         self._args = parse_app_args(args)
         self._model = self._args.model.name
-        self._timeout_s = self._args.ingress.request_timeout_s
+        self._limits = self._args.ingress
+        self._keys = load_keys(self._args.auth)
+        self._metrics = IngressMetrics()
         self._max_model_len: int | None = None
+        logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
+                    "on" if self._keys.enabled else "off", len(self._keys))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Called by Serve after __init__: hand this replica's settings to the HTTP gate."""
+        api: FastAPI = self.app  # type: ignore[attr-defined]  (set by serve.ingress)
+        api.state.gate = GateSettings(self._keys, int(self._limits.max_body_bytes),
+                                      self._metrics.reject)
+        api.state.metrics = self._metrics
+        return api
 
     # ---- the shared path ------------------------------------------------------------------
+
+    def _http_user(self, request: Request, header: str | None, body_user: str | None
+                   ) -> str | None:
+        return namespaced_user(request.scope.get(PRINCIPAL_SCOPE_KEY),
+                               resolve_user_id(header, body_user))
+
+    def _handle_user(self, user: str | None, body_user: str | None) -> str | None:
+        principal = HANDLE_PRINCIPAL if self._keys.enabled else None
+        return namespaced_user(principal, resolve_user_id(user, body_user))
 
     def _check_model(self, model: str) -> None:
         if model != self._model:
             raise APIError(404, f"The model '{model}' does not exist; this server serves "
                            f"'{self._model}'", param="model", code="model_not_found")
 
-    async def _open(self, payload: dict[str, Any], user_id: str | None
-                    ) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+    def _busy(self) -> APIError:
+        return APIError(429, "the server is busy: every model replica's queue is full; retry "
+                        "after the time in Retry-After", code="queue_full",
+                        headers={"Retry-After": str(self._limits.retry_after_s)})
+
+    async def _open(self, payload: dict[str, Any], user_id: str | None, endpoint: str
+                    ) -> tuple[dict[str, Any], Events]:
         """Start a request on a replica; return its first event and the rest of the stream."""
-        stream = self._llm.options(stream=True).generate.remote(request=payload, user_id=user_id)
-        try:
-            first = await asyncio.wait_for(stream.__anext__(), self._timeout_s)
-        except asyncio.TimeoutError:
-            stream.cancel()
-            raise APIError(504, "the request timed out before its first token",
-                           "server_error", code="timeout") from None
-        except Exception as exc:
-            logger.warning("replica call failed before its first token: %r", exc)
-            raise APIError(503, "no model replica could serve the request; retry",
-                           "server_error", code="replica_unavailable") from exc
+        arrived = time.monotonic()
+        deadline = arrived + self._limits.request_timeout_s
+        for attempt in range(self._limits.replica_retries + 1):
+            stream = self._llm.options(stream=True).generate.remote(
+                request=payload, user_id=user_id)
+            try:
+                first = await asyncio.wait_for(stream.__anext__(),
+                                               max(0.0, deadline - time.monotonic()))
+                break
+            except asyncio.TimeoutError:
+                stream.cancel()
+                raise APIError(504, "the request timed out before its first token",
+                               "server_error", code="timeout") from None
+            except BackPressureError:
+                raise self._busy() from None
+            except RayActorError as exc:  # the replica died: nothing was sent, so try again
+                retry = attempt < self._limits.replica_retries
+                logger.warning("replica lost before the first token (%s): %s",
+                               "retrying" if retry else "giving up", type(exc).__name__)
+                if not retry:
+                    raise APIError(503, "the model replica was lost; retry", "server_error",
+                                   code="replica_unavailable") from None
+                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+            except Exception as exc:
+                logger.warning("replica call failed before its first token: %s",
+                               type(exc).__name__)
+                raise APIError(503, "no model replica could serve the request; retry",
+                               "server_error", code="replica_unavailable") from exc
         if first["event"] == "error":
-            raise APIError(first["status"], first["message"], first["type"], first["param"],
-                           first["code"])
-        return first, self._until_deadline(stream, time.monotonic() + self._timeout_s)
+            raise error_from_event(first)
+        first_at = time.monotonic()
+        self._metrics.request_done(endpoint, first_at - arrived, None)
 
-    async def _until_deadline(self, stream: Any, deadline: float
-                              ) -> AsyncIterator[dict[str, Any]]:
-        """The stream's events; an error event if it fails or outlives the deadline."""
-        finished = False
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(
-                        stream.__anext__(), max(0.0, deadline - time.monotonic())
-                    )
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except asyncio.TimeoutError:
-                    yield {"event": "error", "status": 504, "message": "request timed out",
-                           "type": "server_error", "param": None, "code": "timeout"}
-                    return
-                except Exception as exc:
-                    logger.warning("replica stream failed: %r", exc)
-                    yield {"event": "error", "status": 503,
-                           "message": "the model replica failed during generation; retry",
-                           "type": "server_error", "param": None, "code": "replica_failed"}
-                    return
-                yield event
-        finally:
-            if not finished:
-                stream.cancel()  # client gone or deadline: stop the replica's work
+        def ended(completion_tokens: int) -> None:
+            if completion_tokens > 1:
+                tpot = (time.monotonic() - first_at) / (completion_tokens - 1)
+                self._metrics.request_done(endpoint, None, tpot)
 
-    @staticmethod
-    async def _collect(first: dict[str, Any], events: AsyncIterator[dict[str, Any]]
-                       ) -> tuple[str, str | None, dict[str, Any]]:
-        text, finish, usage = [], None, {}
-        async for event in events:
-            if event["event"] == "delta":
-                text.append(event["text"])
-            elif event["event"] == "end":
-                finish, usage = event["finish_reason"], event["usage"]
-            elif event["event"] == "error":
-                raise APIError(event["status"], event["message"], event["type"],
-                               code=event["code"], replica_id=first["replica_id"])
-        return "".join(text), finish, usage
+        return first, until_deadline(stream, deadline, ended)
 
     def _chat_payload(self, req: ChatCompletionRequest) -> dict[str, Any]:
         self._check_model(req.model)
+        if len(req.messages) > self._limits.max_messages:
+            raise APIError(400, f"messages: at most {self._limits.max_messages} messages per "
+                           f"request, got {len(req.messages)}", param="messages",
+                           code="too_many_messages")
         return {"messages": [{"role": m.role, "content": m.text()} for m in req.messages],
                 "sampling": req.sampling(req.token_limit)}
 
@@ -198,45 +172,8 @@ class OpenAIIngress:
         self._check_model(req.model)
         return {**req.prompt_payload(), "sampling": req.sampling(req.max_tokens)}
 
-    async def _chat_events(self, first: dict[str, Any], events: AsyncIterator[dict[str, Any]],
-                           include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-        rid = new_id("chatcmpl")
-        yield chat_chunk(rid, self._model, {"role": "assistant", "content": ""})
-        async for event in events:
-            if event["event"] == "delta" and event["text"]:
-                yield chat_chunk(rid, self._model, {"content": event["text"]})
-            elif event["event"] == "end":
-                yield chat_chunk(rid, self._model, {}, event["finish_reason"])
-                if include_usage:
-                    yield chat_chunk(rid, self._model, None, usage=event["usage"])
-            elif event["event"] == "error":
-                yield APIError(event["status"], event["message"], event["type"],
-                               code=event["code"]).body
-
-    async def _completion_events(self, first: dict[str, Any],
-                                 events: AsyncIterator[dict[str, Any]], include_usage: bool
-                                 ) -> AsyncIterator[dict[str, Any]]:
-        rid = new_id("cmpl")
-        async for event in events:
-            if event["event"] == "delta" and event["text"]:
-                yield completion_chunk(rid, self._model, event["text"])
-            elif event["event"] == "end":
-                yield completion_chunk(rid, self._model, "", event["finish_reason"])
-                if include_usage:
-                    yield completion_chunk(rid, self._model, None, usage=event["usage"])
-            elif event["event"] == "error":
-                yield APIError(event["status"], event["message"], event["type"],
-                               code=event["code"]).body
-
-    async def _sse_response(self, first: dict[str, Any],
-                            chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            async for chunk in chunks:
-                yield _sse(chunk)
-            yield _sse("[DONE]")
-
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={REPLICA_HEADER: first["replica_id"]})
+    def _stream_failed(self, reason: str) -> None:
+        self._metrics.failed_streams.inc(tags={"reason": reason})
 
     # ---- HTTP -----------------------------------------------------------------------------
 
@@ -252,29 +189,29 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(
-        self, body: ChatCompletionRequest,
+        self, body: ChatCompletionRequest, request: Request,
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
-        user = resolve_user_id(x_user_id, body.user)
-        first, events = await self._open(self._chat_payload(body), user)
+        user = self._http_user(request, x_user_id, body.user)
+        first, events = await self._open(self._chat_payload(body), user, "chat")
         if body.stream:
-            return await self._sse_response(
-                first, self._chat_events(first, events, body.include_usage))
-        text, finish, usage = await self._collect(first, events)
+            return sse_response(first["replica_id"], chat_events(
+                self._model, events, body.include_usage, self._stream_failed))
+        text, finish, usage = await collect(first, events)
         return JSONResponse(chat_completion(new_id("chatcmpl"), self._model, text, finish, usage),
                             headers={REPLICA_HEADER: first["replica_id"]})
 
     @app.post("/v1/completions")
     async def completions(
-        self, body: CompletionRequest,
+        self, body: CompletionRequest, request: Request,
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
-        user = resolve_user_id(x_user_id, body.user)
-        first, events = await self._open(self._completion_payload(body), user)
+        user = self._http_user(request, x_user_id, body.user)
+        first, events = await self._open(self._completion_payload(body), user, "completion")
         if body.stream:
-            return await self._sse_response(
-                first, self._completion_events(first, events, body.include_usage))
-        text, finish, usage = await self._collect(first, events)
+            return sse_response(first["replica_id"], completion_events(
+                self._model, events, body.include_usage, self._stream_failed))
+        text, finish, usage = await collect(first, events)
         return JSONResponse(text_completion(new_id("cmpl"), self._model, text, finish, usage),
                             headers={REPLICA_HEADER: first["replica_id"]})
 
@@ -292,36 +229,49 @@ class OpenAIIngress:
 
     # ---- Python API (DeploymentHandle) ----------------------------------------------------
 
-    @staticmethod
-    def _validate(model: type, request: dict[str, Any]) -> Any:
+    def _validate(self, model: type, request: dict[str, Any]) -> Any:
         try:
             return model.model_validate(request)
         except ValidationError as exc:
             message, param = validation_message(list(exc.errors()))
+            self._metrics.reject("invalid_request_error")
             raise APIError(400, message, param=param) from None
+
+    async def _counted(self, call: Any) -> Any:
+        try:
+            return await call
+        except APIError as err:
+            self._metrics.reject(err.reason)
+            raise
 
     async def chat(self, request: dict[str, Any], user: str | None = None) -> dict[str, Any]:
         """A chat completion, as the HTTP body would be. Raises APIError for bad input."""
         req = self._validate(ChatCompletionRequest, request)
-        first, events = await self._open(self._chat_payload(req), resolve_user_id(user, req.user))
-        text, finish, usage = await self._collect(first, events)
+        return await self._counted(self._chat(req, self._handle_user(user, req.user)))
+
+    async def _chat(self, req: ChatCompletionRequest, user: str | None) -> dict[str, Any]:
+        first, events = await self._open(self._chat_payload(req), user, "chat")
+        text, finish, usage = await collect(first, events)
         return chat_completion(new_id("chatcmpl"), self._model, text, finish, usage)
 
     async def chat_stream(self, request: dict[str, Any], user: str | None = None
                           ) -> AsyncIterator[dict[str, Any]]:
         """Chat completion chunks, as the SSE stream would carry them; call with stream=True."""
         req = self._validate(ChatCompletionRequest, request)
-        first, events = await self._open(self._chat_payload(req), resolve_user_id(user, req.user))
-        async for chunk in self._chat_events(first, events, include_usage=True):
+        _, events = await self._counted(
+            self._open(self._chat_payload(req), self._handle_user(user, req.user), "chat"))
+        async for chunk in chat_events(self._model, events, True, self._stream_failed):
             yield chunk
 
     async def completion(self, request: dict[str, Any], user: str | None = None
                          ) -> dict[str, Any]:
         """A text completion, as the HTTP body would be."""
         req = self._validate(CompletionRequest, request)
-        first, events = await self._open(self._completion_payload(req),
-                                         resolve_user_id(user, req.user))
-        text, finish, usage = await self._collect(first, events)
+        return await self._counted(self._completion(req, self._handle_user(user, req.user)))
+
+    async def _completion(self, req: CompletionRequest, user: str | None) -> dict[str, Any]:
+        first, events = await self._open(self._completion_payload(req), user, "completion")
+        text, finish, usage = await collect(first, events)
         return text_completion(new_id("cmpl"), self._model, text, finish, usage)
 
     async def replicas(self) -> list[dict[str, Any]]:

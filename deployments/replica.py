@@ -8,10 +8,18 @@ touches `torch.cuda` (the engine).
 ``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens"}``, then
 ``{"event": "delta", "text", "token_ids"}`` ..., then ``{"event": "end", "finish_reason",
 "usage"}``; or a single ``{"event": "error", "status", "message", "type", "param", "code"}``.
+
+Admission: a request whose prompt's KV cannot fit this replica even with every other user's
+cache dropped (`kv_capacity_bytes`) is refused with a 503 `insufficient_memory` error event.
+The router sends a new user to the replica with the most free unified memory, so when that one
+refuses, no replica could hold the prompt. Transient pressure (running requests holding
+memory) is the engine's to handle: it queues, evicts idle users, or preempts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -26,13 +34,16 @@ from deployments.config import AppArgs, parse_app_args
 from deployments.engine import (
     CapacityError,
     Engine,
+    EngineStats,
+    GenerationOutput,
     GenerationRequest,
     RequestError,
     SamplingParams,
     select_engine_class,
 )
 from deployments.identity import user_key
-from deployments.memory import MemoryAccountant, is_out_of_memory, setup_memory
+from deployments.memory import MemoryAccountant, MemorySnapshot, is_out_of_memory, setup_memory
+from deployments.metrics import ReplicaMetrics
 from deployments.platform import PlatformInfo, detect_platform
 from deployments.protocol import usage_dict
 
@@ -49,11 +60,40 @@ def error_event(
     }
 
 
+def kv_capacity_bytes(stats: EngineStats, snap: MemorySnapshot) -> int:
+    """Most KV bytes this replica could hold for one request with every other cache dropped:
+    the KV budget, or less when free unified memory plus today's KV bytes is smaller."""
+    return min(stats.kv_budget_bytes, snap.free_unified_memory_bytes + stats.kv_cache_bytes)
+
+
+def kv_bytes_by_tier(stats: EngineStats, snap: MemorySnapshot) -> dict[str, int]:
+    """KV bytes per memory tier: the engine's own split if it reports one, else all bytes in
+    the replica's memory resource (`host` on CPU, `managed` for RMM unified memory, ...)."""
+    tiers = stats.extra.get("kv_bytes_by_tier")
+    if isinstance(tiers, dict) and tiers:
+        return {str(k): int(v) for k, v in tiers.items()}
+    return {snap.resource: stats.kv_cache_bytes}
+
+
+async def _close(outputs: AsyncIterator[GenerationOutput],
+                 step: asyncio.Future[GenerationOutput] | None) -> None:
+    """Close an engine stream once its step in flight (at most one) has finished, so the
+    engine frees the request at a yield point rather than being cancelled mid-step."""
+    if step is not None:
+        with contextlib.suppress(BaseException):
+            await step
+    await outputs.aclose()  # type: ignore[attr-defined]
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside Serve (tests constructing the class directly)
         return f"local-{uuid.uuid4().hex[:8]}"
+
+
+class Refused(Exception):
+    """A request this replica cannot take for lack of memory (503)."""
 
 
 class LLMReplica:
@@ -68,6 +108,8 @@ class LLMReplica:
             self.args.memory, self.platform, engine_cls.torch_allocator)
         self.engine: Engine = engine_cls(self.args, self.memory)
         self.started_at = time.time()
+        self.metrics = ReplicaMetrics()
+        self._closing: set[asyncio.Future[None]] = set()
         logger.info(
             "LLMReplica %s ready on %s: %s", self.replica_id, self.platform.describe(),
             type(self.engine).__name__,
@@ -91,6 +133,7 @@ class LLMReplica:
         sampling = request.get("sampling", {})
         max_tokens = sampling.get("max_tokens") or self.args.engine.default_max_tokens
         self.engine.check_prompt(len(ids), max_tokens)
+        self._check_room(len(ids))
         return GenerationRequest(
             request_id=request.get("request_id") or uuid.uuid4().hex,
             user_key=user_key(user_id) if user_id else None,
@@ -104,24 +147,57 @@ class LLMReplica:
             ),
         )
 
+    def _error(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """An error event naming this replica (the ingress sets X-Replica-Id from it)."""
+        return {**error_event(*args, **kwargs), "replica_id": self.replica_id}
+
+    def _check_room(self, prompt_tokens: int) -> None:
+        stats = self.engine.stats()
+        need = (prompt_tokens + 1) * stats.kv_bytes_per_token
+        room = kv_capacity_bytes(stats, self.memory.snapshot())
+        if need > room:
+            raise Refused(
+                f"no replica can hold this prompt in memory: its {prompt_tokens} tokens need "
+                f"{need / 2**20:.2f} MiB of KV cache, and the replica with the most free memory "
+                f"can hold at most {max(room, 0) / 2**20:.2f} MiB even after dropping every "
+                "other user's cache; shorten the conversation"
+            )
+
     async def generate(
         self, *, request: dict[str, Any], user_id: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's events (see module docstring). Never raises for bad input."""
         try:
             gen_request = self._build(request, user_id)
-        except RequestError as exc:
-            yield error_event(400, str(exc), param=exc.param, code=exc.code)
+        except Refused as exc:
+            yield self._error(503, str(exc), "server_error", code="insufficient_memory")
             return
+        except RequestError as exc:
+            yield self._error(400, str(exc), param=exc.param, code=exc.code)
+            return
+        outputs = self.engine.generate(gen_request)
+        step: asyncio.Future[GenerationOutput] | None = None
         started = False
         try:
-            async for out in self.engine.generate(gen_request):
+            while True:
+                # Shielded: a cancel (client gone, deadline) lands here, never inside the
+                # engine's await; the stream is then closed at a yield point (see _close).
+                step = asyncio.ensure_future(outputs.__anext__())
+                try:
+                    out = await asyncio.shield(step)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if step.done():
+                        step = None
                 if not started:
                     started = True
+                    self.metrics.request_started(out.prompt_tokens, out.cached_tokens)
                     yield {
                         "event": "start", "replica_id": self.replica_id,
                         "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
                     }
+                self.metrics.tokens_generated(len(out.token_ids))
                 if out.text or out.token_ids:
                     yield {"event": "delta", "text": out.text, "token_ids": list(out.token_ids)}
                 if out.finish_reason:
@@ -132,15 +208,19 @@ class LLMReplica:
                         ),
                     }
         except RequestError as exc:
-            yield error_event(400, str(exc), param=exc.param, code=exc.code)
+            yield self._error(400, str(exc), param=exc.param, code=exc.code)
         except CapacityError as exc:
-            yield error_event(503, str(exc), "server_error", code="kv_capacity")
+            yield self._error(503, str(exc), "server_error", code="kv_capacity")
         except Exception as exc:
             if is_out_of_memory(exc):
-                yield error_event(503, str(exc), "server_error", code="out_of_memory")
+                yield self._error(503, str(exc), "server_error", code="out_of_memory")
                 return
             logger.exception("request %s failed", gen_request.request_id)
-            yield error_event(500, f"internal error: {type(exc).__name__}", "server_error")
+            yield self._error(500, f"internal error: {type(exc).__name__}", "server_error")
+        finally:
+            task = asyncio.ensure_future(_close(outputs, step))
+            self._closing.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._closing.discard)
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -164,6 +244,10 @@ class LLMReplica:
             "running_requests": stats.running_requests,
             "waiting_requests": stats.waiting_requests,
             "evicted_users": stats.evicted_users,
+            "preempted_requests": int(stats.extra.get("preempted_requests", 0)),
+            "kv_bytes_by_tier": kv_bytes_by_tier(stats, snap),
+            "kv_pages_total": stats.extra.get("kv_pages_total"),
+            "kv_pages_free": stats.extra.get("kv_pages_free"),
             "engine": type(self.engine).__name__,
             "model": self.engine.model_name,
             "max_model_len": self.engine.max_model_len,
@@ -171,8 +255,12 @@ class LLMReplica:
         }
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Polled by Serve every `request_routing_stats_period_s`; read by the router."""
-        return self._report()
+        """Polled by Serve every `request_routing_stats_period_s`; read by the router.
+
+        Also the moment the replica's gauges are refreshed."""
+        report = self._report()
+        self.metrics.update(report, report["kv_bytes_by_tier"])
+        return report
 
     def replica_info(self) -> dict[str, Any]:
         """One row of GET /admin/replicas."""

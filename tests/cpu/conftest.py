@@ -10,6 +10,10 @@ import httpx
 import pytest
 
 APP = "llm"
+# An API key that only the guarded app's ingress reads (test_guarded.py); set before Ray starts
+# so every worker process inherits it.
+ENV_KEY_VAR = "GRACE_SERVE_TEST_API_KEYS"
+ENV_KEY = "gs-test-env-key-5d1e0c"
 # Small and quick on 2 cores; short stats period so routing sees fresh numbers.
 SERVICE_ARGS = {
     "model": {"model_id": "builtin:tiny-llama", "served_model_name": "tiny-llama",
@@ -36,7 +40,10 @@ def serve_url():
     from ray import serve
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    os.environ[ENV_KEY_VAR] = ENV_KEY
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             # Metrics reach the node's /metrics within a second (default: 10 s).
+             _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

@@ -1,0 +1,129 @@
+"""The HTTP gate in front of every route: API key check and request body size limit.
+
+An ASGI middleware, so it acts before FastAPI reads or parses anything: a request without a
+valid key is refused (401) without its body being read, and a body over the limit is refused
+(413) as soon as its `Content-Length` or its bytes so far exceed the limit, so no client can
+make the ingress buffer more than `max_body_bytes`. The settings live on the ASGI app's
+`state.gate` (set by the ingress once its config is known); the caller's key id is left in the
+ASGI scope under `PRINCIPAL_SCOPE_KEY` for the routes to namespace users with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from deployments.auth import KeyRing, bearer_token
+from deployments.protocol import error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+PRINCIPAL_SCOPE_KEY = "grace_serve.principal"
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
+@dataclass
+class GateSettings:
+    """What the gate enforces; `on_reject(reason)` is told of every refusal (metrics)."""
+
+    keys: KeyRing = field(default_factory=KeyRing)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    on_reject: Callable[[str], None] = lambda reason: None
+
+
+def _route_path(scope: Scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class Gate:
+    """ASGI middleware: authenticate, then bound the body (see module docstring)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = getattr(scope.get("app"), "state", None)
+        settings: GateSettings = getattr(state, "gate", None) or GateSettings()
+        if settings.keys.enabled and _route_path(scope) not in OPEN_PATHS:
+            principal = settings.keys.match(bearer_token(_header(scope, b"authorization")))
+            if principal is None:
+                settings.on_reject("invalid_api_key")
+                await _refuse(scope, receive, send, 401, "invalid_api_key",
+                              "Incorrect or missing API key: send `Authorization: Bearer "
+                              "<key>` with a key this server accepts.",
+                              {"WWW-Authenticate": "Bearer"})
+                return
+            scope[PRINCIPAL_SCOPE_KEY] = principal
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        body = await self._read_body(scope, receive, send, settings)
+        if body is None:
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    async def _read_body(scope: Scope, receive: Receive, send: Send,
+                         settings: GateSettings) -> bytes | None:
+        """The whole body, or None after refusing it as too large."""
+        limit = settings.max_body_bytes
+        declared = _header(scope, b"content-length")
+        too_large = f"the request body exceeds the limit of {limit} bytes"
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            settings.on_reject("request_too_large")
+            await _refuse(scope, receive, send, 413, "request_too_large", too_large)
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                settings.on_reject("request_too_large")
+                await _refuse(scope, receive, send, 413, "request_too_large", too_large)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields the buffered body once, then the client's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # e.g. http.disconnect, so streaming notices a gone client
+
+    return replay
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, code: str,
+                  message: str, headers: dict[str, str] | None = None) -> None:
+    body = error_body(message, "invalid_request_error", None, code)
+    await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
