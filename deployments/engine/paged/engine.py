@@ -87,6 +87,7 @@ class PagedEngine(Engine):
         with memory.allocation_scope():
             self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device)
         self._pool_bytes = self.pool.nbytes
+        self._pool_tier = "device" if self.device.startswith("cuda") else "host"
         self.cache = CacheManager(num_pages, cfg.page_size, reserved=1)
         # Empty pages are free unified memory: the router places new users by them.
         memory.track_spare(lambda: self.cache.free_pages * self.page_bytes)
@@ -232,7 +233,7 @@ class PagedEngine(Engine):
                        "kv_pages_free": self.cache.free_pages,
                        "kv_page_size": self.cache.page_size,
                        "preempted_requests": self.scheduler.preemptions,
-                       "kv_bytes_by_tier": {"device": used * self.page_bytes}},
+                       "kv_bytes_by_tier": {self._pool_tier: used * self.page_bytes}},
             )
 
     def logits_for(self, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
