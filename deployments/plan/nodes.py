@@ -8,14 +8,14 @@ Sources (also in the README's facts table):
 
 - GH200: NVIDIA GH200 Grace Hopper Superchip datasheet and product page
   (nvidia.com/en-us/data-center/grace-hopper-superchip): 96 GB HBM3 at 4 TB/s, or 144 GB
-  HBM3e at 4.9 TB/s; 480 GB LPDDR5X (up to 512 GB/s; ~500 GB/s in DESIGN.md's facts);
+  HBM3e at 4.9 TB/s; 480 GB LPDDR5X (up to 512 GB/s; the design notes plan with ~500 GB/s);
   NVLink-C2C 900 GB/s total, 450 GB/s a direction. Others measured ~375 GB/s host-to-device
   and ~297 GB/s device-to-host over C2C, so the floor from 450 GB/s is optimistic.
 - GB200: NVIDIA GB200 NVL72 product page: one Grace and two Blackwell GPUs per superchip,
   ~186 GB HBM3e at 8 TB/s each, 480 GB LPDDR5X, NVLink-C2C 900 GB/s for the superchip.
 - H100 SXM (80 GB HBM3, 3.35 TB/s) and H200 (141 GB HBM3e, 4.8 TB/s): NVIDIA's H100 and
   H200 product pages. On x86 their host link is PCIe Gen5 x16 (64 GB/s a direction nominal;
-  ~55 GB/s pinned copies measured on this project's H100/H200 machines) and is not coherent.
+  ~54 GB/s pinned copies measured on this project's H100/H200 machines) and is not coherent.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class NodeSpec:
 
 _C2C_A_DIRECTION = 450 * GB  # NVLink-C2C: 900 GB/s total
 _LPDDR5X_BANDWIDTH = 500 * GB
-_PCIE_PINNED_MEASURED = 55 * GB
+_PCIE_PINNED_MEASURED = 54 * GB
 
 NODES: dict[str, NodeSpec] = {
     node.name: node

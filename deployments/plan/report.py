@@ -92,7 +92,7 @@ def _rate(bps: float) -> str:
 
 
 def _row(label: str, cells: list[str], note: str = "") -> str:
-    return f"{label:<21}" + "".join(f"{c:>15}" for c in cells) + (f"   {note}" if note else "")
+    return f"{label:<21}" + "".join(f"{c:>16}" for c in cells) + (f"   {note}" if note else "")
 
 
 def _floor_rows(plan: Plan, floor: StepFloor) -> list[str]:
