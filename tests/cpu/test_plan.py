@@ -303,3 +303,7 @@ class TestOneMemoryModel:
                 and node.module.startswith("deployments")}
         assert ours <= allowed  # memory: platform only for type hints (TYPE_CHECKING)
 
+
+def test_readme_shows_the_planners_own_output():
+    readme = (ROOT / "README.md").read_text()
+    assert render(plan_of()) in readme
