@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -78,5 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     doc = to_dict(result)
-    print(json.dumps(doc, indent=2) if args.json else render(result))
+    try:
+        print(json.dumps(doc, indent=2) if args.json else render(result), flush=True)
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if doc["fits"] else 1

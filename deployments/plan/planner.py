@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deployments.capacity import NodeMemory
+from deployments.capacity import DEFAULT_HEADROOM_BYTES, NodeMemory
 from deployments.plan.models import ModelFootprint
 from deployments.plan.nodes import NodeSpec
 
@@ -117,9 +117,8 @@ def _floor(model: ModelFootprint, node: NodeSpec, weights: dict[str, dict[str, i
 
 
 def plan(model: ModelFootprint, node: NodeSpec, context_tokens: int, *, dtype: str = "bfloat16",
-         dtype_bytes: int = 2,
-         users: int | None = None, host_budget: int | None = None,
-         headroom: int | None = None, kv_budget: int | None = None,
+         dtype_bytes: int = 2, users: int | None = None, host_budget: int | None = None,
+         headroom: int = DEFAULT_HEADROOM_BYTES, kv_budget: int | None = None,
          kv_budget_fraction: float = 0.8) -> Plan:
     """Plan `model` on one replica of `node` at `context_tokens` of context per user.
 
@@ -132,7 +131,7 @@ def plan(model: ModelFootprint, node: NodeSpec, context_tokens: int, *, dtype: s
     if context_tokens > model.max_context:
         raise ValueError(f"context {context_tokens} exceeds {model.name}'s maximum of "
                          f"{model.max_context} tokens")
-    memory = node.memory(host_budget) if headroom is None else node.memory(host_budget, headroom)
+    memory = node.memory(host_budget, headroom)
     room = {"hbm": memory.device_room_bytes, "host": memory.host_room_bytes}
     sizes = {"read": model.read_params, "experts": model.expert_params, "idle": model.idle_params}
     weights, unplaced = {}, 0

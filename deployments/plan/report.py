@@ -142,7 +142,8 @@ def render(plan: Plan) -> str:
         f"weights: {_gb(plan.weight_bytes)} ({m.num_parameters / 1e9:.2f} B parameters), "
         f"{_gb(plan.weights_beyond_hbm_bytes)} beyond the {_gb(n.hbm_bytes)} of HBM "
         + (f"({_gb(plan.weights_in('host'))} in host memory with the headroom)" if n.coherent
-           else f"(not coherent: {_gb(plan.unplaced_weight_bytes)} do not fit)"),
+           else f"(not coherent: {_gb(plan.unplaced_weight_bytes)} do not fit)"
+           if not plan.weights_fit else "(not coherent: all in HBM)"),
         f"memory limit: {_gb(mem.limit_bytes)} = "
         + (f"HBM + {_gb(mem.host_budget_bytes)} host budget (as the replica's RMM limit)"
            if n.coherent else "HBM less headroom (as the replica's RMM limit; no spill)"),
@@ -158,8 +159,9 @@ def render(plan: Plan) -> str:
             f"MoE: all {m.num_experts} routed experts resident "
             f"({_gb(m.expert_params * plan.dtype_bytes)}); a step reads the share its tokens "
             f"pick, 1-(1-{m.experts_per_token}/{m.num_experts})^tokens: "
-            f"{plan.one_user.expert_share:.3f} for 1, {plan.n_users.expert_share:.3f} for "
-            f"{plan.n_users.users}")
+            f"{plan.one_user.expert_share:.3f} for 1" + (
+                f", {plan.n_users.expert_share:.3f} for {plan.n_users.users}"
+                if plan.n_users.users != 1 else ""))
     lines.append("weights by group, HBM / host: " + "; ".join(
         f"{g} {_gb(plan.weights[g]['hbm'])} / {_gb(plan.weights[g]['host'])}"
         for g in GROUPS if sum(plan.weights[g].values())))
