@@ -13,7 +13,9 @@ Free unified memory, per platform (bytes):
 - **cpu**: ``cpu_memory_budget_bytes - (weights + KV bytes)``, as the engine reports them.
 
 `setup_memory` must run before anything touches `torch.cuda`: it swaps PyTorch's allocator for
-RMM's. Imports only `config` of ours; rmm and torch are imported lazily, on GPU replicas only.
+RMM's. The limits come from `capacity` (the node memory model the capacity planner uses too).
+Imports only `config` and `capacity` of ours; rmm and torch are imported lazily, on GPU replicas
+only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from deployments.capacity import NodeMemory, coherent_ceiling_bytes, host_budget_bytes
 from deployments.config import GiB, MemoryConfig
 
 if TYPE_CHECKING:
@@ -82,13 +85,10 @@ def plan_gpu_memory(
     requested = int(cfg.pool_size_bytes) if cfg.pool_size_bytes is not None else None
     gib = GiB
     if platform.kind == "grace" and resource == "managed":
-        host_budget = (
-            int(cfg.host_memory_budget_bytes)
-            if cfg.host_memory_budget_bytes is not None
-            else int(0.9 * platform.host_available_bytes)
-        )
-        ceiling = platform.device_total_bytes + platform.host_total_bytes
-        limit = requested if requested is not None else platform.device_total_bytes + host_budget
+        budget = host_budget_bytes(cfg.host_memory_budget_bytes, platform.host_available_bytes)
+        node = NodeMemory.grace(platform.device_total_bytes, budget, int(cfg.headroom_bytes))
+        ceiling = coherent_ceiling_bytes(platform.device_total_bytes, platform.host_total_bytes)
+        limit = requested if requested is not None else node.limit_bytes
         if limit > ceiling:
             raise OversubscriptionError(
                 f"memory.pool_size_bytes {limit / gib:.1f} GiB exceeds this Grace node's HBM + "
@@ -99,7 +99,7 @@ def plan_gpu_memory(
             f"({platform.device_total_bytes / gib:.1f} GiB HBM + the rest in LPDDR over C2C)"
         )
     else:
-        cap = max(0, device_free_bytes - int(cfg.headroom_bytes))
+        cap = NodeMemory.discrete(device_free_bytes, int(cfg.headroom_bytes)).limit_bytes
         limit = requested if requested is not None else cap
         if resource == "managed" and limit > cap and not cfg.allow_oversubscription:
             raise OversubscriptionError(

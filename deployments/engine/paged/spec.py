@@ -50,6 +50,16 @@ class ModelSpec:
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.kv_size * dtype_size
 
+    def num_parameters(self) -> int:
+        """Parameters of the checkpoint: embeddings, layers, final norm, LM head unless tied."""
+        h = self.hidden_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        attn += (self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
+        attn += 2 * self.head_dim * self.qk_norm  # Qwen3's per-head q/k RMSNorm weights
+        layer = attn + 3 * h * self.intermediate_size + 2 * h  # gate/up/down + two RMSNorms
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.num_layers * layer + h
+
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
         """Describe a transformers config; raise UnsupportedModel for anything else."""
