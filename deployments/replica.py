@@ -18,8 +18,6 @@ memory) is the engine's to handle: it queues, evicts idle users, or preempts.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -35,7 +33,6 @@ from deployments.engine import (
     CapacityError,
     Engine,
     EngineStats,
-    GenerationOutput,
     GenerationRequest,
     RequestError,
     SamplingParams,
@@ -75,16 +72,6 @@ def kv_bytes_by_tier(stats: EngineStats, snap: MemorySnapshot) -> dict[str, int]
     return {snap.resource: stats.kv_cache_bytes}
 
 
-async def _close(outputs: AsyncIterator[GenerationOutput],
-                 step: asyncio.Future[GenerationOutput] | None) -> None:
-    """Close an engine stream once its step in flight (at most one) has finished, so the
-    engine frees the request at a yield point rather than being cancelled mid-step."""
-    if step is not None:
-        with contextlib.suppress(BaseException):
-            await step
-    await outputs.aclose()  # type: ignore[attr-defined]
-
-
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -109,7 +96,6 @@ class LLMReplica:
         self.engine: Engine = engine_cls(self.args, self.memory)
         self.started_at = time.time()
         self.metrics = ReplicaMetrics()
-        self._closing: set[asyncio.Future[None]] = set()
         logger.info(
             "LLMReplica %s ready on %s: %s", self.replica_id, self.platform.describe(),
             type(self.engine).__name__,
@@ -176,20 +162,11 @@ class LLMReplica:
             yield self._error(400, str(exc), param=exc.param, code=exc.code)
             return
         outputs = self.engine.generate(gen_request)
-        step: asyncio.Future[GenerationOutput] | None = None
         started = False
         try:
-            while True:
-                # Shielded: a cancel (client gone, deadline) lands here, never inside the
-                # engine's await; the stream is then closed at a yield point (see _close).
-                step = asyncio.ensure_future(outputs.__anext__())
-                try:
-                    out = await asyncio.shield(step)
-                except StopAsyncIteration:
-                    break
-                finally:
-                    if step.done():
-                        step = None
+            # A cancel (client gone, deadline) may land inside the engine's await: engines end
+            # the request there and keep its user's cache consistent (Engine.stream_tokens).
+            async for out in outputs:
                 if not started:
                     started = True
                     self.metrics.request_started(out.prompt_tokens, out.cached_tokens)
@@ -210,7 +187,7 @@ class LLMReplica:
         except RequestError as exc:
             yield self._error(400, str(exc), param=exc.param, code=exc.code)
         except CapacityError as exc:
-            yield self._error(503, str(exc), "server_error", code="kv_capacity")
+            yield self._error(503, str(exc), "server_error", code="insufficient_memory")
         except Exception as exc:
             if is_out_of_memory(exc):
                 yield self._error(503, str(exc), "server_error", code="out_of_memory")
@@ -218,9 +195,7 @@ class LLMReplica:
             logger.exception("request %s failed", gen_request.request_id)
             yield self._error(500, f"internal error: {type(exc).__name__}", "server_error")
         finally:
-            task = asyncio.ensure_future(_close(outputs, step))
-            self._closing.add(task)  # keep a reference until it is done
-            task.add_done_callback(self._closing.discard)
+            await outputs.aclose()  # type: ignore[attr-defined]
 
     # ---- reporting ------------------------------------------------------------------------
 
