@@ -91,6 +91,13 @@ class KVCacheConfig(_Section):
     budget_fraction: float = Field(
         0.8, gt=0, le=1, description="Share of post-load free memory for KV when no budget set."
     )
+    host_tier_bytes: ByteSize = Field(
+        ByteSize(0),
+        description="Host-memory tier below the paged engine's device KV pool (pinned memory "
+        "on a GPU): idle users' caches move there, least recently used first, when device "
+        "pages run short, and come back when they return, so more users keep their caches "
+        "before any is dropped. 0 disables it.",
+    )
 
 
 class EngineConfig(_Section):

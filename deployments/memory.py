@@ -131,6 +131,7 @@ class MemoryAccountant(ABC):
     def __init__(self) -> None:
         self._usage: list[Callable[[], int]] = []
         self._spare: list[Callable[[], int]] = []
+        self._tiers: list[tuple[int, Callable[[], int]]] = []
 
     def track_usage(self, usage_bytes: Callable[[], int]) -> None:
         self._usage.append(usage_bytes)
@@ -138,8 +139,23 @@ class MemoryAccountant(ABC):
     def track_spare(self, spare_bytes: Callable[[], int]) -> None:
         self._spare.append(spare_bytes)
 
+    def track_tier(self, capacity_bytes: int, used_bytes: Callable[[], int]) -> None:
+        """Memory outside the replica's resource that holds KV (a host tier): its capacity and
+        use count in the snapshot, so free unified memory covers every tier."""
+        self._tiers.append((capacity_bytes, used_bytes))
+
     def _tracked(self) -> tuple[int, int]:
         return sum(fn() for fn in self._usage), sum(fn() for fn in self._spare)
+
+    def _with_tiers(self, snap: MemorySnapshot) -> MemorySnapshot:
+        if not self._tiers:
+            return snap
+        capacity = sum(c for c, _ in self._tiers)
+        used = sum(fn() for _, fn in self._tiers)
+        return MemorySnapshot(
+            snap.platform, snap.resource, snap.capacity_bytes + capacity, snap.used_bytes + used,
+            snap.free_unified_memory_bytes + capacity - used, snap.device_free_bytes,
+        )
 
     def allocation_scope(self) -> contextlib.AbstractContextManager[None]:
         """Allocate weights and KV caches inside this so they land in the replica's resource."""
@@ -162,7 +178,8 @@ class HostAccountant(MemoryAccountant):
     def snapshot(self) -> MemorySnapshot:
         usage, spare = self._tracked()
         used = usage - spare
-        return MemorySnapshot("cpu", "host", self._budget, used, self._budget - used)
+        return self._with_tiers(
+            MemorySnapshot("cpu", "host", self._budget, used, self._budget - used))
 
 
 class RmmAccountant(MemoryAccountant):
@@ -224,10 +241,10 @@ class RmmAccountant(MemoryAccountant):
         free = self._plan.limit_bytes - used
         if self._platform.kind == "discrete" and not self._plan.pool:
             free = min(free, int(free_dev) + spare)
-        return MemorySnapshot(
+        return self._with_tiers(MemorySnapshot(
             self._platform.kind, self._plan.resource, self._plan.limit_bytes, used, free,
             int(free_dev),
-        )
+        ))
 
 
 def _rmm_device_free() -> int:
@@ -253,9 +270,9 @@ class TorchAccountant(MemoryAccountant):
         used = int(torch.cuda.memory_reserved()) - spare
         free_dev, _ = torch.cuda.mem_get_info()
         free = min(self._capacity - used, int(free_dev) + spare)
-        return MemorySnapshot(
+        return self._with_tiers(MemorySnapshot(
             self._platform.kind, "torch", self._capacity, used, free, int(free_dev)
-        )
+        ))
 
 
 def setup_memory(

@@ -1,14 +1,24 @@
-"""Who owns which KV pages: free pages, idle users' kept caches, running sequences' pages.
+"""Who owns which KV pages: free pages, idle users' kept caches, running sequences, and pages
+in flight between the device tier and an optional host tier.
 
-Policy only (the storage is `KVPool`). Pages are never shared: an idle user's cache belongs
-to that user alone, and a running sequence holds its own pages (a user's pages move to the
-sequence serving it and back when it ends).
+Policy only (the storage is `KVPool` and `HostKVPool`; copies are the engine's `TierMover`).
+Pages are never shared: an idle user's cache belongs to that user alone, and a running sequence
+holds its own pages (a user's pages move to the sequence serving it and back when it ends).
+
+Tiers. An idle user's cache lives in device pages or, with a host tier, in host pages. When
+device pages run short, `start_offload` moves the least recently used idle user down (dropping
+the least recently used host-resident users if the host tier is full); a returning user's cache
+comes back up at `checkout`. A move's source pages stay reserved until the engine reports the
+copy done (`complete`); copies run in order on one stream, so a page freed by one move may be
+written by the next.
 
 Contract:
-- every page is in exactly one place: the free list, one idle user, or one running sequence;
+- every device page is in exactly one place: the free list, one idle user, one running or
+  admitted sequence, or the source of a move down; every host page likewise: the host free
+  list, one idle user, or the source of a move up;
 - ``can_allocate(n)`` is true iff ``allocate(n)`` succeeds; ``allocate`` never evicts;
-- ``evict_lru_idle()`` frees the least recently used idle user's pages, or returns None when
-  no idle user holds any page; users whose request is running are never evicted;
+- ``evict_lru_idle()`` drops the least recently used idle user holding device pages, or returns
+  None; users whose request is running are never evicted or moved;
 - ``check_integrity(running)`` raises AssertionError when any of this does not hold.
 """
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from deployments.engine.user_cache import common_prefix_len
 
@@ -27,9 +38,21 @@ class UserKV:
 
     key: str
     token_ids: list[int] = field(default_factory=list)
-    kv_len: int = 0  # positions [0, kv_len) have keys and values in `pages`
-    pages: list[int] = field(default_factory=list)
+    kv_len: int = 0  # positions [0, kv_len) have keys and values in `pages` or `host_pages`
+    pages: list[int] = field(default_factory=list)  # device tier
+    host_pages: list[int] = field(default_factory=list)  # host tier
     busy: bool = False  # a running sequence holds this user's pages
+
+
+@dataclass(eq=False)
+class Move:
+    """Pages in flight between tiers: `src` is read by the copy, then freed by `complete`."""
+
+    key: str
+    src: list[int]
+    dst: list[int]
+    down: bool  # device -> host; else host -> device
+    handle: Any = None  # the mover's completion handle
 
 
 @dataclass(frozen=True)
@@ -37,19 +60,26 @@ class Reuse:
     """What a new request of a user gets from its kept cache."""
 
     pages: list[int]
-    tokens: int  # prompt tokens whose KV is already in `pages`
+    tokens: int  # prompt tokens whose KV is already in `pages` (or on its way up)
     private: bool  # the user was busy: this request's cache is not kept
+    restore: Move | None = None  # the copy up that must finish before the pages are read
 
 
 class CacheManager:
-    def __init__(self, num_pages: int, page_size: int, reserved: int = 0) -> None:
+    def __init__(self, num_pages: int, page_size: int, reserved: int = 0,
+                 host_pages: int = 0) -> None:
         """Pages [0, reserved) are never handed out (page 0: scratch for padding rows)."""
         self.num_pages = num_pages
         self.page_size = page_size
         self.reserved = reserved
+        self.host_pages_total = host_pages
         self._free: list[int] = list(range(num_pages - 1, reserved - 1, -1))  # low ids first
+        self._host_free: list[int] = list(range(host_pages - 1, -1, -1))
         self._users: OrderedDict[str, UserKV] = OrderedDict()  # least recently used first
+        self.moves: list[Move] = []  # in flight
         self.evicted_users = 0
+        self.offloaded_users = 0
+        self.restored_users = 0
 
     # ---- pages ----------------------------------------------------------------------------
 
@@ -64,6 +94,13 @@ class CacheManager:
     def usable_pages(self) -> int:
         return self.num_pages - self.reserved
 
+    @property
+    def host_free_pages(self) -> int:
+        return len(self._host_free)
+
+    def host_used_pages(self) -> int:
+        return self.host_pages_total - len(self._host_free)
+
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 
@@ -75,13 +112,35 @@ class CacheManager:
     def free(self, pages: Iterable[int]) -> None:
         self._free.extend(pages)
 
+    def draining_pages(self) -> int:
+        """Device pages a move down will free when its copy completes."""
+        return sum(len(m.src) for m in self.moves if m.down)
+
     # ---- users ----------------------------------------------------------------------------
 
     def users(self) -> list[str]:
         return list(self._users)
 
+    def restore_cost(self, key: str | None, prompt: Sequence[int]) -> int:
+        """Device pages `checkout` will take to bring this user's cache up from the host."""
+        user = self._users.get(key) if key is not None else None
+        if user is None or user.busy or not user.host_pages:
+            return 0
+        return self.pages_for(self._reusable(user, prompt))
+
+    @staticmethod
+    def _reusable(user: UserKV, prompt: Sequence[int]) -> int:
+        # Feed at least one prompt token: its logits give the first new token.
+        return max(0, min(common_prefix_len(user.token_ids, prompt), user.kv_len,
+                          len(prompt) - 1))
+
     def checkout(self, key: str | None, prompt: Sequence[int]) -> Reuse:
-        """Hand a new request of `key` its kept pages, trimmed to what its prompt reuses."""
+        """Hand a new request of `key` its kept pages, trimmed to what its prompt reuses.
+
+        A host-resident cache comes back into freshly allocated device pages (the caller makes
+        room first: see `restore_cost`); the returned `restore` move must complete before the
+        pages are read.
+        """
         if key is None:
             return Reuse([], 0, private=True)
         user = self._users.get(key)
@@ -90,14 +149,21 @@ class CacheManager:
         if user is None:
             user = self._users[key] = UserKV(key)
         self._users.move_to_end(key)
-        # Feed at least one prompt token: its logits give the first new token.
-        tokens = min(common_prefix_len(user.token_ids, prompt), user.kv_len, len(prompt) - 1)
-        tokens = max(tokens, 0)
+        tokens = self._reusable(user, prompt)
         keep = self.pages_for(tokens)
-        self.free(user.pages[keep:])
-        pages = user.pages[:keep]
-        user.pages, user.kv_len, user.busy = [], 0, True
-        return Reuse(pages, tokens, private=False)
+        restore = None
+        if user.host_pages:
+            self._host_free.extend(user.host_pages[keep:])
+            if keep:
+                restore = Move(key, user.host_pages[:keep], self.allocate(keep), down=False)
+                self.moves.append(restore)
+                self.restored_users += 1
+            pages = restore.dst if restore else []
+        else:
+            self.free(user.pages[keep:])
+            pages = user.pages[:keep]
+        user.pages, user.host_pages, user.kv_len, user.busy = [], [], 0, True
+        return Reuse(pages, tokens, private=False, restore=restore)
 
     def checkin(self, key: str, token_ids: list[int], kv_len: int, pages: list[int]) -> None:
         """A user's request ended: keep its pages as the user's cache (most recently used)."""
@@ -113,33 +179,79 @@ class CacheManager:
         self._users.move_to_end(key)
 
     def evict_lru_idle(self) -> str | None:
-        """Drop the least recently used idle user holding pages; None if there is none."""
+        """Drop the least recently used idle user holding device pages; None if there is none."""
         for key, user in self._users.items():
             if not user.busy and user.pages:
-                self.free(user.pages)
-                del self._users[key]
-                self.evicted_users += 1
+                self._drop(key)
                 return key
         return None
 
-    def check_integrity(self, running: Iterable[Sequence[int]] = ()) -> None:
-        owners: dict[int, str] = {}
+    def _drop(self, key: str) -> None:
+        user = self._users.pop(key)
+        self.free(user.pages)
+        self._host_free.extend(user.host_pages)
+        self.evicted_users += 1
 
-        def claim(pages: Iterable[int], owner: str) -> None:
+    # ---- the host tier ----------------------------------------------------------------------
+
+    def start_offload(self) -> Move | None:
+        """Move the least recently used idle device-resident user down to host pages.
+
+        Drops least recently used host-resident users when the host tier is full. None when
+        there is no host tier, no idle user on the device, or its cache exceeds the host tier.
+        """
+        user = next((u for u in self._users.values() if not u.busy and u.pages), None)
+        if user is None or len(user.pages) > self.host_pages_total:
+            return None
+        while len(self._host_free) < len(user.pages):
+            victim = next(k for k, u in self._users.items() if not u.busy and u.host_pages)
+            self._drop(victim)
+        dst = [self._host_free.pop() for _ in range(len(user.pages))]
+        move = Move(user.key, user.pages, dst, down=True)
+        user.pages, user.host_pages = [], dst
+        self.moves.append(move)
+        self.offloaded_users += 1
+        return move
+
+    def complete(self, move: Move) -> None:
+        """A move's copy finished: its source pages are free again."""
+        self.moves.remove(move)
+        if move.down:
+            self.free(move.src)
+        else:
+            self._host_free.extend(move.src)
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def check_integrity(self, running: Iterable[Sequence[int]] = ()) -> None:
+        device: dict[int, str] = {}
+        host: dict[int, str] = {}
+
+        def claim(owners: dict[int, str], size: int, pages: Iterable[int], owner: str) -> None:
             for p in pages:
-                assert 0 <= p < self.num_pages, f"{owner}: page {p} out of range"
+                assert 0 <= p < size, f"{owner}: page {p} out of range"
                 assert p not in owners, f"page {p} owned by {owners[p]} and {owner}"
                 owners[p] = owner
 
-        claim(self._free, "free list")
+        claim(device, self.num_pages, self._free, "free list")
+        claim(device, self.num_pages, range(self.reserved), "reserved")
+        claim(host, self.host_pages_total, self._host_free, "host free list")
         for key, user in self._users.items():
-            assert not (user.busy and user.pages), f"busy user {key} still holds pages"
+            assert not (user.busy and (user.pages or user.host_pages)), f"busy {key} holds pages"
+            assert not (user.pages and user.host_pages), f"user {key} in two tiers"
             assert user.kv_len <= len(user.token_ids), f"user {key}: KV beyond its tokens"
-            assert self.pages_for(user.kv_len) == len(user.pages), f"user {key}: page count"
-            claim(user.pages, f"user {key}")
+            held = len(user.pages) + len(user.host_pages)
+            assert self.pages_for(user.kv_len) == held, f"user {key}: page count"
+            claim(device, self.num_pages, user.pages, f"user {key}")
+            claim(host, self.host_pages_total, user.host_pages, f"user {key} (host)")
+        for move in self.moves:
+            if move.down:
+                claim(device, self.num_pages, move.src, f"move down of {move.key}")
+            else:
+                claim(host, self.host_pages_total, move.src, f"move up of {move.key}")
         for i, pages in enumerate(running):
-            claim(pages, f"running sequence {i}")
-        claim(range(self.reserved), "reserved")
-        assert len(owners) == self.num_pages, (
-            f"{self.num_pages - len(owners)} pages are owned by nobody (leaked)"
-        )
+            claim(device, self.num_pages, pages, f"running sequence {i}")
+        assert len(device) == self.num_pages, (
+            f"{self.num_pages - len(device)} device pages are owned by nobody (leaked)")
+        assert len(host) == self.host_pages_total, (
+            f"{self.host_pages_total - len(host)} host pages are owned by nobody (leaked)")

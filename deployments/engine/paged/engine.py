@@ -29,12 +29,14 @@ from deployments.engine.interface import (
 from deployments.engine.loader import load_tokenizer, resolve_model_path, torch_dtype
 from deployments.engine.paged.cache_manager import CacheManager
 from deployments.engine.paged.cuda_graphs import DecodeGraphs
+from deployments.engine.paged.host_pool import HostKVPool
 from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.model import DecoderModel
 from deployments.engine.paged.runner import ModelRunner
 from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import FINISHED, Sequence
 from deployments.engine.paged.spec import ModelSpec
+from deployments.engine.paged.tier_mover import CopyMover
 from deployments.engine.paged.weights import allocate, checkpoint_items, init_random, load_state
 from deployments.engine.sampling import make_generator
 from deployments.memory import HostAccountant, MemoryAccountant
@@ -87,11 +89,21 @@ class PagedEngine(Engine):
         with memory.allocation_scope():
             self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device)
         self._pool_bytes = self.pool.nbytes
-        self._pool_tier = "device" if self.device.startswith("cuda") else "host"
-        self.cache = CacheManager(num_pages, cfg.page_size, reserved=1)
+        host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
+        self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages)
         # Empty pages are free unified memory: the router places new users by them.
         memory.track_spare(lambda: self.cache.free_pages * self.page_bytes)
-        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens)
+        mover = None
+        if host_pages:
+            host_pool = HostKVPool(self.pool, host_pages)
+            mover = CopyMover(self.pool, host_pool)
+            memory.track_tier(host_pool.nbytes, lambda: self.cache.host_used_pages()
+                              * self.page_bytes)
+        self.mover = mover
+        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens, mover)
+        # Keep a step's worth of device pages free by moving idle users down ahead of need.
+        self._keep_free = min(self.cache.usable_pages // 4, self.cache.pages_for(
+            cfg.max_batched_tokens) + cfg.max_num_seqs // 4)
         use_gpu = self.device.startswith("cuda")
         model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu,
                              triton_prefill=use_gpu and cfg.prefill_attention == "triton")
@@ -159,6 +171,7 @@ class PagedEngine(Engine):
                 continue
             with self._lock:
                 self._postprocess(batch, tokens)
+                self.scheduler.keep_free(self._keep_free)
             self.step_log.append((len(batch), sum(batch.num_tokens), batch.decode_only,
                                   time.perf_counter() - started))
 
@@ -221,9 +234,11 @@ class PagedEngine(Engine):
     def stats(self) -> EngineStats:
         with self._lock:
             used = self.cache.usable_pages - self.cache.free_pages
+            host_used = self.cache.host_used_pages()
             return EngineStats(
-                kv_cache_bytes=used * self.page_bytes,
-                kv_budget_bytes=self.cache.usable_pages * self.page_bytes,
+                kv_cache_bytes=(used + host_used) * self.page_bytes,
+                kv_budget_bytes=(self.cache.usable_pages + self.cache.host_pages_total)
+                * self.page_bytes,
                 kv_bytes_per_token=self.page_bytes // self.cache.page_size,
                 resident_users=self.cache.users(),
                 running_requests=len(self.scheduler.running),
@@ -233,7 +248,14 @@ class PagedEngine(Engine):
                        "kv_pages_free": self.cache.free_pages,
                        "kv_page_size": self.cache.page_size,
                        "preempted_requests": self.scheduler.preemptions,
-                       "kv_bytes_by_tier": {self._pool_tier: used * self.page_bytes}},
+                       "kv_bytes_by_tier": {"device": used * self.page_bytes,
+                                            **({"host": host_used * self.page_bytes}
+                                               if self.cache.host_pages_total else {})},
+                       "kv_host_pages_total": self.cache.host_pages_total,
+                       "kv_host_pages_free": self.cache.host_free_pages,
+                       "offloaded_users": self.cache.offloaded_users,
+                       "restored_users": self.cache.restored_users,
+                       "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0},
             )
 
     def logits_for(self, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:

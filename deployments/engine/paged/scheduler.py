@@ -3,17 +3,22 @@
 Every step, running sequences continue (decoding ones take one token; prefilling ones a chunk of
 their prompt), then waiting ones are admitted while the step's token budget and the sequence
 limit allow. Long prompts are prefilled in chunks so they do not stall others' decoding. Pages
-follow the `can_allocate`/`allocate` discipline; when they run out, idle users' kept caches go
-first (least recently used), then the newest running sequence is preempted: its pages are freed
-and it waits at the head of the queue to be recomputed and resumed, never failed.
+follow the `can_allocate`/`allocate` discipline; when they run out, idle users' kept caches move
+down to the host tier if there is one (least recently used first; a step waits while such moves
+are in flight), else they are dropped, and only then is the newest running sequence preempted:
+its pages are freed and it waits at the head of the queue to be recomputed and resumed, never
+failed. A returning user whose cache is on the host waits (without holding up the queue) while
+its pages come back, then prefills what it adds.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from deployments.engine.paged.cache_manager import CacheManager
+from deployments.engine.paged.cache_manager import CacheManager, Move
 from deployments.engine.paged.sequence import Sequence, Status
 
 
@@ -41,11 +46,27 @@ class Batch:
         return len(self.seqs)
 
 
+class Mover(Protocol):
+    """Copies a move's pages between tiers (see tier_mover.CopyMover)."""
+
+    def launch(self, move: Move) -> None: ...
+    def done(self, move: Move) -> bool: ...
+    def wait(self, move: Move) -> None: ...
+
+
+class Room(enum.Enum):
+    OK = "ok"  # the pages were allocated
+    WAIT = "wait"  # moves in flight will free enough: try again next step
+    NO = "no"  # impossible now
+
+
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_num_seqs: int, max_batched_tokens: int) -> None:
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_batched_tokens: int,
+                 mover: Mover | None = None) -> None:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        self.mover = mover if cache.host_pages_total else None
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # oldest first
         self.preemptions = 0
@@ -59,6 +80,7 @@ class Scheduler:
     # ---- one step -------------------------------------------------------------------------
 
     def schedule(self) -> Batch:
+        self.poll()
         batch = Batch()
         budget = self.max_batched_tokens
         scheduled: set[int] = set()
@@ -68,19 +90,25 @@ class Scheduler:
             n = 1 if seq.is_decoding else min(seq.to_compute, budget)
             if n <= 0:
                 continue
-            if not self._reserve(seq, n, scheduled):
+            room = self._reserve(seq, n, scheduled)
+            if room is Room.NO:
                 self.preempt(seq)
+            if room is not Room.OK:
                 continue
             batch.add(seq, n)
             scheduled.add(id(seq))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            self._admit(seq)
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if not seq.admitted and self._admit(seq) is not Room.OK:
+                break  # its cache cannot come back yet; keep the queue's order
+            if seq.restore is not None:
+                continue  # its pages are still on their way up; others may go ahead
             n = min(seq.to_compute, budget)
-            if not self._reserve(seq, n, scheduled, may_preempt=False):
+            if self._reserve(seq, n, scheduled, may_preempt=False) is not Room.OK:
                 break  # wait for pages to free up; running sequences keep going
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.add(seq, n)
@@ -88,27 +116,73 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _admit(self, seq: Sequence) -> None:
-        if seq.admitted:
-            return
+    def _admit(self, seq: Sequence) -> Room:
+        """Check the user's kept cache out for `seq` (bringing it up from the host tier)."""
+        restore = self.cache.restore_cost(seq.user_key, seq.token_ids)
+        if restore:
+            room = self._make_room(restore, seq, set(), may_preempt=False)
+            if room is not Room.OK:
+                return room
         reuse = self.cache.checkout(seq.user_key, seq.token_ids)
         seq.pages, seq.num_computed = reuse.pages, reuse.tokens
         seq.cached_tokens, seq.private, seq.admitted = reuse.tokens, reuse.private, True
+        if reuse.restore is not None:
+            seq.restore = reuse.restore
+            self.mover.launch(reuse.restore)  # type: ignore[union-attr]
+            self.poll()
+        return Room.OK
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int], may_preempt: bool = True
-                 ) -> bool:
-        """Give `seq` pages for `n` more tokens: evict idle users, then preempt newer ones."""
+                 ) -> Room:
+        """Give `seq` pages for `n` more tokens (see `_make_room` for how room is made)."""
         need = self.cache.pages_for(seq.num_computed + n) - len(seq.pages)
+        room = self._make_room(need, seq, scheduled, may_preempt)
+        if room is Room.OK:
+            seq.pages += self.cache.allocate(need)
+        return room
+
+    def _make_room(self, need: int, seq: Sequence, scheduled: set[int], may_preempt: bool
+                   ) -> Room:
+        """Free device pages: move idle users down, drop idle users, preempt newer sequences."""
         while not self.cache.can_allocate(need):
-            if self.cache.evict_lru_idle() is not None:
+            if self.cache.free_pages + self.cache.draining_pages() >= need:
+                return Room.WAIT
+            if self._offload_one() or self.cache.evict_lru_idle() is not None:
                 continue
             victim = next((s for s in reversed(self.running)
                            if s is not seq and id(s) not in scheduled), None)
             if not may_preempt or victim is None:
-                return False
+                return Room.WAIT if self.cache.moves else Room.NO
             self.preempt(victim)
-        seq.pages += self.cache.allocate(need)
+        return Room.OK
+
+    def _offload_one(self) -> bool:
+        if self.mover is None:
+            return False
+        move = self.cache.start_offload()
+        if move is None:
+            return False
+        self.mover.launch(move)
+        self.poll()
         return True
+
+    def poll(self) -> None:
+        """Finish the moves whose copies are done (their source pages become free)."""
+        if self.mover is None:
+            return
+        for move in list(self.cache.moves):
+            if self.mover.done(move):
+                self.cache.complete(move)
+        for seq in self.waiting:
+            if seq.restore is not None and seq.restore not in self.cache.moves:
+                seq.restore = None
+
+    def keep_free(self, pages: int) -> None:
+        """Between steps: move idle users down until `pages` device pages are free or freeing."""
+        while (self.mover is not None
+               and self.cache.free_pages + self.cache.draining_pages() < pages
+               and self._offload_one()):
+            pass
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages; it waits first in line and is recomputed."""
@@ -131,6 +205,10 @@ class Scheduler:
         seq.status = Status.FINISHED
         if not seq.admitted:
             return
+        if seq.restore is not None:  # its pages are being written: let the copy finish
+            self.mover.wait(seq.restore)  # type: ignore[union-attr]
+            self.poll()
+            seq.restore = None
         if seq.private:
             self.cache.free(seq.pages)
         else:

@@ -36,6 +36,7 @@ class Sequence:
     num_generated: int = 0
     aborted: bool = False
     generator: Any = None  # a seeded torch.Generator, or None for the shared one
+    restore: Any = None  # the cache manager's move bringing this user's pages up, until done
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
