@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.common import RESULTS, copy_bandwidth, write_result
 from benchmarks.hf_peer import build_hf, hf_continuous_batching, hf_decode_step, hf_ttft
+from benchmarks.ours import build_ours
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -73,32 +74,6 @@ def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[
 
 
 # ---- ours ------------------------------------------------------------------------------------
-
-def build_ours(path: str, dtype_name: str, kv_bytes: int, quick: bool,
-               prefill_attention: str = "sdpa") -> Any:
-    from deployments.config import AppArgs
-    from deployments.engine.paged.engine import PagedEngine
-    from deployments.memory import setup_memory
-    from deployments.platform import detect_platform
-
-    gpu = torch.cuda.is_available()
-    weights = 4 << 30 if quick else 17 << 30
-    args = AppArgs.model_validate({
-        "model": {"model_id": path, "dtype": dtype_name},
-        "memory": {"mode": "managed", "pool_size_bytes": weights + kv_bytes + (2 << 30)}
-        if gpu else {"cpu_memory_budget_bytes": kv_bytes + weights},
-        "replica": {"num_gpus": 1 if gpu else 0},
-        "kv_cache": {"budget_bytes": kv_bytes},
-        "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine",
-                   "random_weights": True, "max_num_seqs": 256,
-                   "max_batched_tokens": 512 if quick else 8192,
-                   "prefill_attention": prefill_attention},
-    })
-    memory = setup_memory(args.memory, detect_platform(use_gpu=gpu), torch_allocator="native")
-    engine = PagedEngine(args, memory)
-    engine.eos_token_ids = frozenset()  # benchmarks generate every requested token
-    return engine
-
 
 async def run_requests(engine: Any, prompts: list[list[int]], outputs: list[int],
                        users: list[str | None] | None = None) -> dict[str, Any]:
@@ -158,7 +133,10 @@ def main() -> None:
     weights_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 8 << 30
     kv_bytes = int(min(64 << 30, 0.6 * (free - weights_bytes)))
-    ours = build_ours(path, dtype_name, kv_bytes, quick, opts.prefill_attention)
+    weights_limit = 4 << 30 if quick else 17 << 30
+    ours = build_ours(path, dtype_name, kv_bytes, weights_limit + kv_bytes + (2 << 30),
+                      max_batched_tokens=512 if quick else 8192,
+                      prefill_attention=opts.prefill_attention)
     from deployments.engine.paged.weights import load_state
 
     load_state(ours.runner.model.w, ours.spec, hf.named_parameters())  # the same weights
