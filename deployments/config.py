@@ -41,6 +41,13 @@ class ModelConfig(_Section):
         None, gt=0, description="Longest conversation in tokens; defaults to the model's limit."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    device_weight_budget_bytes: ByteSize | None = Field(
+        None,
+        description="Most bytes of weights the paged engine keeps in device memory; the layers "
+        "beyond it live in pinned host memory and stream in ahead of use (decode then runs at "
+        "the host link's speed). For models larger than a discrete GPU; unset keeps every "
+        "weight on the device.",
+    )
 
     @property
     def name(self) -> str:

@@ -80,3 +80,49 @@ def test_generation_with_the_host_tier_equals_generation_without_on_gpu():
     ''')
     assert result["same"] and result["offloaded"] > 0 and result["restored"] >= 1
     assert result["cached"][0] == result["cached"][1] > 0 and result["evicted"] == 0
+
+
+def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
+    result = run_isolated('''
+        import json, tempfile
+        import torch, transformers
+        from deployments.config import AppArgs
+        from deployments.engine import SamplingParams
+        from deployments.engine.builtin import build_tokenizer
+        from deployments.engine.paged.engine import PagedEngine
+        from deployments.engine.paged.sequence import Sequence
+        from deployments.memory import setup_memory
+        from deployments.platform import detect_platform
+        config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
+            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+            max_position_embeddings=2048, vocab_size=448, tie_word_embeddings=False)
+        path = tempfile.mkdtemp()
+        transformers.LlamaForCausalLM(config).save_pretrained(path)
+        build_tokenizer().save_pretrained(path)
+        memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
+            "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
+            detect_platform(), torch_allocator="native")
+        def make(budget):
+            return PagedEngine(AppArgs.model_validate({
+                "model": {"model_id": path, "dtype": "bfloat16",
+                          "device_weight_budget_bytes": budget},
+                "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
+                "kv_cache": {"budget_bytes": "64MiB"}}), memory)
+        from deployments.engine.paged.spec import ModelSpec
+        from deployments.engine.paged.weights import layer_numel
+        layer = layer_numel(ModelSpec.from_hf_config(transformers.AutoConfig.from_pretrained(
+            path))) * 2
+        streamed = make(448 * 512 * 2 * 2 + 512 * 2 + 4 * layer)  # 1 resident, 7 streamed
+        whole = make(None)
+        prompts = [list(range(3, 3 + n)) for n in (100, 37, 300)]
+        out = []
+        for eng in (streamed, whole):
+            seqs = [Sequence("t", None, p, SamplingParams(1), deliver=lambda _: None)
+                    for p in prompts]
+            out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
+        same = all(torch.equal(a, b) for a, b in zip(*out))
+        on_host = streamed.runner.model.w.blocks[-1].is_pinned()
+        print("RESULT " + json.dumps({"same": same, "streamed": len(
+            streamed.runner.model.streamer.streamed), "pinned": on_host}))
+    ''')
+    assert result["same"] and result["streamed"] == 7 and result["pinned"]

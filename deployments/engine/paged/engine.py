@@ -37,7 +37,14 @@ from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import FINISHED, Sequence
 from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.tier_mover import CopyMover
-from deployments.engine.paged.weights import allocate, checkpoint_items, init_random, load_state
+from deployments.engine.paged.weight_stream import WeightStreamer
+from deployments.engine.paged.weights import (
+    allocate,
+    checkpoint_items,
+    init_random,
+    layer_numel,
+    load_state,
+)
 from deployments.engine.sampling import make_generator
 from deployments.memory import HostAccountant, MemoryAccountant
 
@@ -69,8 +76,9 @@ class PagedEngine(Engine):
                                  self.spec.max_position)
         self.eos_token_ids = self._eos_ids(path)
         start = time.perf_counter()
+        streamed = self._streamed_layers(args)
         with memory.allocation_scope():
-            weights = allocate(self.spec, self.dtype, self.device)
+            weights = allocate(self.spec, self.dtype, self.device, frozenset(streamed))
             if cfg.random_weights:
                 init_random(weights, seed=0)
             else:
@@ -105,10 +113,18 @@ class PagedEngine(Engine):
         self._keep_free = min(self.cache.usable_pages // 4, self.cache.pages_for(
             cfg.max_batched_tokens) + cfg.max_num_seqs // 4)
         use_gpu = self.device.startswith("cuda")
+        streamer = None
+        if streamed:
+            with memory.allocation_scope():
+                streamer = WeightStreamer(weights, self.spec, streamed)
+            logger.info("streaming %d of %d layers (%.2f GB a pass) from pinned host memory; "
+                        "decode steps run without CUDA graphs", len(streamed),
+                        self.spec.num_layers, streamer.bytes_per_pass / 1e9)
         model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu,
-                             triton_prefill=use_gpu and cfg.prefill_attention == "triton")
+                             triton_prefill=use_gpu and cfg.prefill_attention == "triton",
+                             streamer=streamer)
         graphs = None
-        if use_gpu and cfg.cuda_graphs:
+        if use_gpu and cfg.cuda_graphs and not streamed:
             graphs = DecodeGraphs(model, cfg.max_num_seqs,
                                   self.cache.pages_for(self.max_model_len))
         self.runner = ModelRunner(model, cfg.page_size, graphs)
@@ -124,6 +140,27 @@ class PagedEngine(Engine):
         logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
                     "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
                     cfg.page_size, self.pool.nbytes / 2**30, self.max_model_len)
+
+    def _streamed_layers(self, args: AppArgs) -> list[int]:
+        """Layers beyond `model.device_weight_budget_bytes` (the last ones), streamed in."""
+        budget = args.model.device_weight_budget_bytes
+        if budget is None:
+            return []
+        size = torch.empty((), dtype=self.dtype).element_size()
+        spec = self.spec
+        layer = layer_numel(spec) * size
+        fixed = (spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+                 + spec.hidden_size) * size
+        slots = min(3, spec.num_layers)
+        resident = max(0, (int(budget) - fixed - slots * layer) // layer)
+        if resident >= spec.num_layers:
+            return []
+        if int(budget) < fixed + slots * layer:
+            raise ValueError(
+                f"model.device_weight_budget_bytes {int(budget) / 1e9:.2f} GB is less than the "
+                f"embeddings and {slots} layer buffers need ({(fixed + slots * layer) / 1e9:.2f} "
+                "GB)")
+        return list(range(resident, spec.num_layers))
 
     def _eos_ids(self, path: str) -> frozenset[int]:
         from transformers import GenerationConfig

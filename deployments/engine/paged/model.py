@@ -15,6 +15,7 @@ from deployments.engine.paged.attention import AttentionMetadata, paged_attentio
 from deployments.engine.paged.fused import add_rms_norm, rms_norm_ref, rope_store, silu_mul
 from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.spec import ModelSpec
+from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import ModelWeights
 
 
@@ -32,12 +33,14 @@ def rope_tables(spec: ModelSpec, length: int, dtype: torch.dtype, device: torch.
 
 class DecoderModel:
     def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: KVPool, max_len: int,
-                 use_triton: bool, triton_prefill: bool = False) -> None:
+                 use_triton: bool, triton_prefill: bool = False,
+                 streamer: WeightStreamer | None = None) -> None:
         self.spec = spec
         self.w = weights
         self.pool = pool
         self.use_triton = use_triton
         self.triton_prefill = triton_prefill
+        self.streamer = streamer  # layers beyond the device budget stream in from host memory
         self.scale = spec.head_dim ** -0.5
         self.cos, self.sin = rope_tables(spec, max_len, weights.embed.dtype, weights.embed.device)
 
@@ -49,7 +52,10 @@ class DecoderModel:
         n = tokens.shape[0]
         x = F.embedding(tokens, self.w.embed)
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added
-        for index, layer in enumerate(self.w.layers):
+        if self.streamer is not None:
+            self.streamer.begin()
+        for index in range(spec.num_layers):
+            layer = self.streamer.layer(index) if self.streamer else self.w.layers[index]
             x, h = add_rms_norm(x, delta, layer.input_norm, eps, fast)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             if layer.q_norm is not None:  # Qwen3: RMSNorm each q and k head before RoPE
@@ -66,6 +72,8 @@ class DecoderModel:
             out = F.linear(attn.reshape(n, spec.q_size), layer.o, layer.o_bias)
             x, h = add_rms_norm(x, out, layer.post_norm, eps, fast)
             delta = F.linear(silu_mul(F.linear(h, layer.gate_up), fast), layer.down)
+            if self.streamer is not None:
+                self.streamer.done(index)
         _, h = add_rms_norm(x[logits_index], delta[logits_index] if delta is not None else None,
                             self.w.norm, eps, fast)
         return F.linear(h, self.w.lm_head).float()

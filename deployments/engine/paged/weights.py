@@ -9,9 +9,10 @@ allocated where the caller's allocation scope says (the replica's RMM resource o
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: torch.Tensor  # the embedding itself when tied
+    blocks: list[torch.Tensor] = field(default_factory=list)  # each layer's contiguous block
 
     def tensors(self) -> Iterator[torch.Tensor]:
         seen: set[int] = set()
@@ -59,26 +61,54 @@ class ModelWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def allocate(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device) -> ModelWeights:
+def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The tensors of one layer, in the order they sit in its contiguous block."""
+    h, i = spec.hidden_size, spec.intermediate_size
+    qkv = spec.q_size + 2 * spec.kv_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "qkv": (qkv, h), "o": (h, spec.q_size), "gate_up": (2 * i, h), "down": (h, i),
+        "input_norm": (h,), "post_norm": (h,),
+    }
+    if spec.qkv_bias:
+        shapes["qkv_bias"] = (qkv,)
+    if spec.o_bias:
+        shapes["o_bias"] = (h,)
+    if spec.qk_norm:
+        shapes["q_norm"] = shapes["k_norm"] = (spec.head_dim,)
+    return shapes
+
+
+def layer_numel(spec: ModelSpec) -> int:
+    return sum(math.prod(shape) for shape in layer_shapes(spec).values())
+
+
+def layer_views(block: torch.Tensor, spec: ModelSpec) -> LayerWeights:
+    """A layer's tensors as views of one contiguous block (so a layer copies as one DMA)."""
+    views, offset = {}, 0
+    for name, shape in layer_shapes(spec).items():
+        n = math.prod(shape)
+        views[name] = block[offset:offset + n].view(shape)
+        offset += n
+    return LayerWeights(**views)
+
+
+def allocate(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
+             host_layers: frozenset[int] = frozenset()) -> ModelWeights:
+    """Allocate the model; layers in `host_layers` go to pinned host memory (streamed)."""
     def empty(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device=device)
 
-    h, i = spec.hidden_size, spec.intermediate_size
-    qkv = spec.q_size + 2 * spec.kv_size
-    layers = [
-        LayerWeights(
-            qkv=empty(qkv, h), o=empty(h, spec.q_size), gate_up=empty(2 * i, h),
-            down=empty(h, i), input_norm=empty(h), post_norm=empty(h),
-            qkv_bias=empty(qkv) if spec.qkv_bias else None,
-            o_bias=empty(h) if spec.o_bias else None,
-            q_norm=empty(spec.head_dim) if spec.qk_norm else None,
-            k_norm=empty(spec.head_dim) if spec.qk_norm else None,
-        )
-        for _ in range(spec.num_layers)
+    pin = torch.device(device).type == "cuda"
+    blocks = [
+        torch.empty(layer_numel(spec), dtype=dtype, pin_memory=pin) if index in host_layers
+        else empty(layer_numel(spec))
+        for index in range(spec.num_layers)
     ]
+    h = spec.hidden_size
     embed = empty(spec.vocab_size, h)
     lm_head = embed if spec.tie_word_embeddings else empty(spec.vocab_size, h)
-    return ModelWeights(embed, layers, empty(h), lm_head)
+    return ModelWeights(embed, [layer_views(b, spec) for b in blocks], empty(h), lm_head,
+                        blocks)
 
 
 def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
@@ -163,9 +193,11 @@ def checkpoint_items(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def init_random(weights: ModelWeights, seed: int = 0, std: float = 0.02) -> None:
     """Seeded random weights (norms at 1) for benchmarks of real architectures' shapes."""
-    gen = torch.Generator(device=weights.embed.device).manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
     for t in weights.tensors():
         if t.dim() == 1:
             t.fill_(1.0)
-        else:
-            t.normal_(0.0, std, generator=gen)
+            continue
+        if t.device not in generators:  # host-resident (streamed) layers draw on the CPU
+            generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
+        t.normal_(0.0, std, generator=generators[t.device])
