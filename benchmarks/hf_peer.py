@@ -25,7 +25,8 @@ def build_hf(path: str, dtype: torch.dtype, device: str) -> Any:
     return model.eval()
 
 
-def hf_decode_step(model: Any, prompts: list[list[int]], device: str) -> float:
+def hf_decode_step(model: Any, prompts: list[list[int]], device: str, short: int = 4,
+                   long: int = 20) -> float:
     """Seconds per decode step of HF generate: the time difference of two lengths."""
     ids = torch.tensor(prompts, device=device)
 
@@ -33,7 +34,6 @@ def hf_decode_step(model: Any, prompts: list[list[int]], device: str) -> float:
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                        max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-    short, long = 4, 20
     return (time_it(lambda: run(long), repeat=2) - time_it(lambda: run(short), repeat=2)) / (
         long - short)
 

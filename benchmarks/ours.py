@@ -30,13 +30,18 @@ def memory(limit_bytes: int) -> Any:
 
 def build_ours(path: str, dtype_name: str, kv_bytes: int, limit_bytes: int,
                **engine: Any) -> Any:
-    """A PagedEngine on the checkpoint directory `path` (random weights, EOS ignored)."""
+    """A PagedEngine on the checkpoint directory `path` (random weights, EOS ignored).
+
+    `engine` holds engine settings, plus `host_tier_bytes` and `device_weight_budget_bytes`.
+    """
     from deployments.config import AppArgs
     from deployments.engine.paged.engine import PagedEngine
 
     kv_cache = {"budget_bytes": kv_bytes, "host_tier_bytes": engine.pop("host_tier_bytes", 0)}
+    model = {"model_id": path, "dtype": dtype_name,
+             "device_weight_budget_bytes": engine.pop("device_weight_budget_bytes", None)}
     args = AppArgs.model_validate({
-        "model": {"model_id": path, "dtype": dtype_name},
+        "model": model,
         "replica": {"num_gpus": 1 if torch.cuda.is_available() else 0},
         "memory": {"mode": "managed"} if torch.cuda.is_available() else {},
         "kv_cache": kv_cache,

@@ -87,3 +87,13 @@ def test_generation_with_streamed_weights_matches_resident_weights(checkpoint):
 def test_a_budget_too_small_for_the_layer_buffers_is_refused(checkpoint):
     with pytest.raises(ValueError, match="device_weight_budget_bytes"):
         make(checkpoint, 1000)
+
+
+def test_weights_load_from_a_live_model_whose_parameters_require_grad(checkpoint):
+    from deployments.engine.paged.weights import load_state
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert next(model.parameters()).requires_grad
+    eng = make(checkpoint, budget_for(1))
+    load_state(eng.runner.model.w, eng.spec, model.named_parameters())
+    assert not eng.runner.model.w.blocks[0].requires_grad

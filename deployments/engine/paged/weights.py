@@ -158,6 +158,7 @@ def expected_names(spec: ModelSpec) -> set[str]:
     return names
 
 
+@torch.no_grad()  # views of one layer block: autograd must not track the copies into them
 def load_state(
     weights: ModelWeights, spec: ModelSpec, items: Iterable[tuple[str, torch.Tensor]]
 ) -> None:
