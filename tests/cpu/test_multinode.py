@@ -25,7 +25,9 @@ ARGS = {
     "engine": {"default_max_tokens": 8, "cpu_threads": 1},
     "replica": {"num_replicas": 3, "num_cpus": 0, "resources": {"grace_node": 1},
                 "max_replicas_per_node": 1},
-    "router": {"stats_period_s": PERIOD_S},
+    # A tight tie band: demo conversations are tiny, and new users should go strictly to the
+    # freest replica (ties would fall to rendezvous hashing, which may skip one of three).
+    "router": {"stats_period_s": PERIOD_S, "free_memory_tolerance_fraction": 0.001},
     "ingress": {"num_replicas": 2, "num_cpus": 0},
 }
 
@@ -73,6 +75,8 @@ def test_users_stick_across_two_ingress_routers_given_think_time(cluster_url):
     for turn in range(3):
         time.sleep(4 * PERIOD_S)  # a user's think time exceeds one stats period
         for user, messages in history.items():
+            if turn == 0:
+                time.sleep(2 * PERIOD_S)  # new users arrive apart: routers see fresh stats
             messages.append({"role": "user", "content": f"turn {turn}"})
             response = httpx.post(
                 f"{url}/v1/chat/completions", headers={"X-User-Id": user}, timeout=60,
