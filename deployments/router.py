@@ -36,6 +36,7 @@ from deployments.placement import (
 logger = logging.getLogger("ray.serve")
 
 CHARS_PER_TOKEN = 4  # rough for Llama-style BPE on English text; it only ranks replicas
+DEFAULT_NEW_TOKENS = 256  # generation length assumed when a request sets no max_tokens
 
 
 def estimated_prompt_tokens(request: Any) -> int:
@@ -81,14 +82,21 @@ class UnifiedMemoryRouter(RequestRouter):
     def _request_bytes(
         pending_request: PendingRequest | None, replicas: list[RunningReplica]
     ) -> int:
-        """Estimated KV bytes of the request's prompt, at the replicas' reported bytes/token."""
+        """Estimated KV bytes the request holds when it ends (prompt plus what it generates),
+        at the replicas' reported bytes/token."""
         if pending_request is None:
             return 0
         per_token = max(
             (int((r.routing_stats or {}).get("kv_bytes_per_token", 0)) for r in replicas),
             default=0,
         )
-        return per_token * estimated_prompt_tokens(pending_request.kwargs.get("request"))
+        request = pending_request.kwargs.get("request")
+        prompt = estimated_prompt_tokens(request)
+        if not prompt:
+            return 0
+        sampling = request.get("sampling") if isinstance(request, dict) else None
+        new = (sampling or {}).get("max_tokens") if isinstance(sampling, dict) else None
+        return per_token * (prompt + (new if isinstance(new, int) else DEFAULT_NEW_TOKENS))
 
     async def choose_replicas(
         self,

@@ -1,6 +1,7 @@
 """The real UnifiedMemoryRouter class, driven with fake replicas outside Serve."""
 
 import asyncio
+import time
 from types import SimpleNamespace as NS
 
 from ray.serve.request_router import PendingRequest
@@ -90,3 +91,27 @@ def test_a_long_first_prompt_goes_to_the_replica_it_fills_least():
 
     ranks = asyncio.run(route("x" * 4 * 20_000))  # 20k tokens x 1 MB: 20 GB of KV
     assert [r.replica_id.unique_id for r in ranks[0]] == ["big"]
+
+
+def test_a_new_users_footprint_counts_what_it_will_generate():
+    router = make_router(free_memory_tolerance_fraction=0.001)
+    mib = 1 << 20
+    replicas = [NS(replica_id=NS(unique_id=rid), routing_stats={  # equal, 64 MiB each
+        "free_unified_memory_bytes": 60 * mib, "capacity_bytes": 64 * mib,
+        "kv_budget_bytes": 16 * mib, "kv_cache_bytes": 0, "resident_users": [],
+        "kv_bytes_per_token": 2048}) for rid in ("a", "b", "c", "d")]
+
+    async def place(user):
+        request = PendingRequest(args=[], kwargs={
+            "request": {"messages": [{"role": "user", "content": "hi there"}],
+                        "sampling": {"max_tokens": 4000}},
+            "user_id": user}, metadata=None)
+        ranks = await router.choose_replicas(replicas, request)
+        first = ranks[0][0]
+        router._ledger.record(user_key(user), first.replica_id.unique_id,
+                              router._request_bytes(request, replicas), time.time())
+        return first.replica_id.unique_id
+
+    placed = [asyncio.run(place(f"u{i}")) for i in range(4)]
+    # 4,000 tokens of KV to come (8 MiB) break the tie before stats arrive: one user each.
+    assert sorted(placed) == ["a", "b", "c", "d"]
