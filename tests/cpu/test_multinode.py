@@ -12,23 +12,17 @@ import time
 import httpx
 import pytest
 
-from tests.cpu.conftest import free_port, wait_healthy
+from tests.cpu.conftest import SERVICE_ARGS, free_port, wait_healthy
 
 pytestmark = pytest.mark.multinode
 
-PERIOD_S = 0.25
+PERIOD_S = SERVICE_ARGS["router"]["stats_period_s"]
 ARGS = {
-    "model": {"model_id": "builtin:tiny-llama", "served_model_name": "tiny-llama",
-              "max_model_len": 512},
-    "memory": {"cpu_memory_budget_bytes": "64MiB"},
-    "kv_cache": {"budget_bytes": "16MiB"},
-    "engine": {"default_max_tokens": 8, "cpu_threads": 1},
+    **SERVICE_ARGS,  # the single-node service test's app, spread over grace-like nodes:
+    "engine": {**SERVICE_ARGS["engine"], "default_max_tokens": 8},
     "replica": {"num_replicas": 3, "num_cpus": 0, "resources": {"grace_node": 1},
                 "max_replicas_per_node": 1},
-    # A tight tie band: demo conversations are tiny, and new users should go strictly to the
-    # freest replica (ties would fall to rendezvous hashing, which may skip one of three).
-    "router": {"stats_period_s": PERIOD_S, "free_memory_tolerance_fraction": 0.001},
-    "ingress": {"num_replicas": 2, "num_cpus": 0},
+    "ingress": {"num_replicas": 2, "num_cpus": 0},  # two routers, sharing only replica stats
 }
 
 
