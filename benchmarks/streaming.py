@@ -11,6 +11,7 @@ resident bytes over the measured device bandwidth.
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 from typing import Any
 
@@ -63,6 +64,7 @@ def streaming_rows(quick: bool, limit: int, pinned_bw: float | None, device_bw: 
              "floor_ms": floor * 1e3 if floor else None}]
     asyncio.run(ours.shutdown())
     del ours
+    gc.collect()  # the engine's weights and pool go back before accelerate's run
     if gpu:
         from accelerate import dispatch_model, infer_auto_device_map
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import statistics
@@ -63,6 +64,15 @@ def restore_bandwidth(engine: Any, user: str) -> dict[str, float]:
     engine.cache.free(dst)
     nbytes = len(host_pages) * engine.page_bytes
     return {"bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds}
+
+
+def release(engine: Any) -> None:
+    """Shut an engine down and free its memory before the next one is built."""
+    asyncio.run(engine.shutdown())
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def users_held(engine: Any, history: int, vocab: int, limit: int, rng: random.Random) -> int:
@@ -122,16 +132,17 @@ def main() -> None:
                  "from_host_tier_ms": statistics.median(ttft_tier) * 1e3,
                  "recompute_ms": statistics.median(ttft_recompute) * 1e3})
     print(rows[-2:], flush=True)
-    asyncio.run(tiered.shutdown())
+    release(tiered)
     del tiered
 
     flat = build_ours(path, dtype, device_kv, limit, **common)
     without = users_held(flat, history, vocab, 64, rng)
-    asyncio.run(flat.shutdown())
+    release(flat)
     del flat
     tiered = build_ours(path, dtype, device_kv, limit, host_tier_bytes=host_kv, **common)
     with_tier = users_held(tiered, history, vocab, 64, rng)
-    asyncio.run(tiered.shutdown())
+    release(tiered)
+    del tiered
     rows.append({"workload": "users_held", "history_tokens": history,
                  "device_kv_bytes": device_kv, "host_tier_bytes": host_kv,
                  "without_tier": without, "with_tier": with_tier})

@@ -118,12 +118,27 @@ def plan_gpu_memory(
     return GpuMemoryPlan(resource, limit, cfg.pool, initial, reason)
 
 
+def _tracked_in(entries: list[Any], entry: Any) -> Callable[[], None]:
+    """Append `entry`; return a function that removes it (idempotent)."""
+    entries.append(entry)
+
+    def untrack() -> None:
+        for i, e in enumerate(entries):
+            if e is entry:
+                del entries[i]
+                return
+
+    return untrack
+
+
 class MemoryAccountant(ABC):
     """Reports a replica's memory; the single source of the router's free-memory figure.
 
     Engines report what an allocator cannot see: `track_usage` (bytes they hold that no
     allocator counts, on CPU) and `track_spare` (bytes allocated but free for new KV, such as
-    a preallocated pool's empty pages: free unified memory counts them as free).
+    a preallocated pool's empty pages: free unified memory counts them as free). Each
+    `track_*` returns a function that stops the tracking: an engine calls it when it shuts
+    down, so its figures stop counting and the accountant no longer keeps it alive.
     """
 
     device: str  # torch device string the engine should use
@@ -133,16 +148,17 @@ class MemoryAccountant(ABC):
         self._spare: list[Callable[[], int]] = []
         self._tiers: list[tuple[int, Callable[[], int]]] = []
 
-    def track_usage(self, usage_bytes: Callable[[], int]) -> None:
-        self._usage.append(usage_bytes)
+    def track_usage(self, usage_bytes: Callable[[], int]) -> Callable[[], None]:
+        return _tracked_in(self._usage, usage_bytes)
 
-    def track_spare(self, spare_bytes: Callable[[], int]) -> None:
-        self._spare.append(spare_bytes)
+    def track_spare(self, spare_bytes: Callable[[], int]) -> Callable[[], None]:
+        return _tracked_in(self._spare, spare_bytes)
 
-    def track_tier(self, capacity_bytes: int, used_bytes: Callable[[], int]) -> None:
+    def track_tier(self, capacity_bytes: int, used_bytes: Callable[[], int]
+                   ) -> Callable[[], None]:
         """Memory outside the replica's resource that holds KV (a host tier): its capacity and
         use count in the snapshot, so free unified memory covers every tier."""
-        self._tiers.append((capacity_bytes, used_bytes))
+        return _tracked_in(self._tiers, (capacity_bytes, used_bytes))
 
     def _tracked(self) -> tuple[int, int]:
         return sum(fn() for fn in self._usage), sum(fn() for fn in self._spare)

@@ -68,8 +68,10 @@ class HFEngine(Engine):
         element = next(self.model.parameters()).element_size()
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element))
+        self._untrack = []  # memory figures this engine reports; dropped at shutdown
         if isinstance(memory, HostAccountant):
-            memory.track_usage(lambda: self.weights_bytes + self.store.total_bytes)
+            self._untrack.append(
+                memory.track_usage(lambda: self.weights_bytes + self.store.total_bytes))
         free = max(0, memory.snapshot().free_unified_memory_bytes)
         budget = args.kv_cache.budget_bytes
         self.store.budget_bytes = int(budget if budget is not None else
@@ -219,3 +221,5 @@ class HFEngine(Engine):
 
     async def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        for untrack in self._untrack:
+            untrack()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -219,6 +221,14 @@ def test_free_unified_memory_counts_the_host_tier():
     after = memory.snapshot()
     held = (eng.cache.usable_pages - eng.cache.free_pages + eng.cache.host_used_pages())
     assert snap.free_unified_memory_bytes - after.free_unified_memory_bytes == held * PAGE_BYTES
+
+    # Shut down, the engine stops counting and nothing keeps it (and its memory) alive.
+    asyncio.run(eng.shutdown())
+    gone = weakref.ref(eng)
+    del eng
+    gc.collect()
+    assert gone() is None
+    assert memory.snapshot() == before
 
 
 @pytest.mark.parametrize("host_pages", [0, 64])

@@ -112,8 +112,11 @@ class TestFreeUnifiedMemory:
         assert acc.snapshot().free_unified_memory_bytes == 700
         used["kv"] = 200
         assert acc.snapshot().free_unified_memory_bytes == 500
-        acc.track_spare(lambda: 50)  # e.g. empty pages of a preallocated KV pool
+        untrack_spare = acc.track_spare(lambda: 50)  # e.g. empty pages of a preallocated pool
         assert acc.snapshot().free_unified_memory_bytes == 550
+        untrack_spare()  # its engine shut down: those pages no longer exist
+        untrack_spare()  # a second call changes nothing
+        assert acc.snapshot().free_unified_memory_bytes == 500
 
 
 def test_cpu_setup_needs_no_gpu_libraries():

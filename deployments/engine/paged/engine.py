@@ -88,8 +88,9 @@ class PagedEngine(Engine):
         page_bytes = KVPool.page_bytes(self.spec, cfg.page_size, self.dtype)
         self.page_bytes = page_bytes
         self._pool_bytes = 0
+        self._untrack = []  # memory figures this engine reports; dropped at shutdown
         if isinstance(memory, HostAccountant):  # on a GPU, RMM counts these bytes itself
-            memory.track_usage(lambda: self.weights_bytes + self._pool_bytes)
+            self._untrack.append(memory.track_usage(lambda: self.weights_bytes + self._pool_bytes))
         budget = args.kv_cache.budget_bytes
         free = max(0, memory.snapshot().free_unified_memory_bytes)
         budget = int(budget if budget is not None else args.kv_cache.budget_fraction * free)
@@ -100,13 +101,13 @@ class PagedEngine(Engine):
         host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
         self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages)
         # Empty pages are free unified memory: the router places new users by them.
-        memory.track_spare(lambda: self.cache.free_pages * self.page_bytes)
+        self._untrack.append(memory.track_spare(lambda: self.cache.free_pages * self.page_bytes))
         mover = None
         if host_pages:
             host_pool = HostKVPool(self.pool, host_pages)
             mover = CopyMover(self.pool, host_pool)
-            memory.track_tier(host_pool.nbytes, lambda: self.cache.host_used_pages()
-                              * self.page_bytes)
+            self._untrack.append(memory.track_tier(
+                host_pool.nbytes, lambda: self.cache.host_used_pages() * self.page_bytes))
         self.mover = mover
         self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens, mover)
         # Keep a step's worth of device pages free by moving idle users down ahead of need.
@@ -330,3 +331,5 @@ class PagedEngine(Engine):
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        for untrack in self._untrack:
+            untrack()
