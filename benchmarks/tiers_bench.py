@@ -23,6 +23,7 @@ import json
 import random
 import statistics
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,19 @@ def restore_bandwidth(engine: Any, user: str) -> dict[str, float]:
     return {"bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds}
 
 
-def release(engine: Any) -> None:
-    """Shut an engine down and free its memory before the next one is built."""
+def release(engines: list[Any]) -> None:
+    """Shut the engine in `engines` down and free its memory before the next one is built.
+
+    Passed in a list the caller drops its own name for: an engine's thread and callbacks form
+    reference cycles, so only a collection after the last reference goes frees its memory.
+    """
+    engine = engines.pop()
     asyncio.run(engine.shutdown())
+    alive = weakref.ref(engine)
     del engine
     gc.collect()
+    if alive() is not None:
+        raise RuntimeError(f"a shut-down engine is still referenced by {gc.get_referrers(alive())}")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -132,17 +141,16 @@ def main() -> None:
                  "from_host_tier_ms": statistics.median(ttft_tier) * 1e3,
                  "recompute_ms": statistics.median(ttft_recompute) * 1e3})
     print(rows[-2:], flush=True)
-    release(tiered)
+    held = [tiered]
     del tiered
+    release(held)
 
-    flat = build_ours(path, dtype, device_kv, limit, **common)
-    without = users_held(flat, history, vocab, 64, rng)
-    release(flat)
-    del flat
-    tiered = build_ours(path, dtype, device_kv, limit, host_tier_bytes=host_kv, **common)
-    with_tier = users_held(tiered, history, vocab, 64, rng)
-    release(tiered)
-    del tiered
+    held = [build_ours(path, dtype, device_kv, limit, **common)]
+    without = users_held(held[0], history, vocab, 64, rng)
+    release(held)
+    held = [build_ours(path, dtype, device_kv, limit, host_tier_bytes=host_kv, **common)]
+    with_tier = users_held(held[0], history, vocab, 64, rng)
+    release(held)
     rows.append({"workload": "users_held", "history_tokens": history,
                  "device_kv_bytes": device_kv, "host_tier_bytes": host_kv,
                  "without_tier": without, "with_tier": with_tier})
