@@ -109,6 +109,15 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def hf_argmax_run(model, ids: list[int], n: int) -> list[int]:
+    """n argmax tokens from HF's forward, with no end token."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
 def test_greedy_outputs_equal_hf_for_concurrent_users_and_follow_up_turns(checkpoint):
     path, model = checkpoint
     engine = make_engine(path)
@@ -129,6 +138,40 @@ def test_greedy_outputs_equal_hf_for_concurrent_users_and_follow_up_turns(checkp
     for prompt, previous, (tokens, out) in zip(follow, firsts, seconds, strict=True):
         assert out.cached_tokens >= len(prompt) - 4 - len(previous[0])  # the first turn, reused
         assert tokens == hf_greedy(model, prompt, len(tokens))
+    # Decode steps were launched before the previous step's tokens reached the host.
+    assert engine.stats().extra["steps_launched_ahead"] > 0
+    engine.check_integrity()
+    asyncio.run(engine.shutdown())
+
+
+def test_a_stop_found_while_the_next_step_runs_keeps_exactly_the_delivered_cache(checkpoint):
+    path, model = checkpoint
+    engine = make_engine(path)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (23, 31, 12)]
+    expected = [hf_argmax_run(model, p, 12) for p in prompts]
+    # The third user's fifth token is an end token: its stream stops there, while steps
+    # already launched for it (the engine runs ahead) are dropped.
+    stop = expected[2][4]
+    engine.eos_token_ids = frozenset({stop})
+
+    async def main(batch):
+        return await asyncio.gather(*[generate(engine, f"s{i}", p) for i, p in batch])
+
+    firsts = asyncio.run(main(enumerate(prompts)))
+    for want, (tokens, _) in zip(expected, firsts, strict=True):
+        cut = want.index(stop) + 1 if stop in want else len(want)
+        assert tokens == want[:cut]
+    engine.check_integrity()
+    engine.eos_token_ids = frozenset()
+    follow = prompts[2] + firsts[2][0] + [5, 6]
+    tokens, out = asyncio.run(generate(engine, "s2", follow))
+    # Every token of the first turn has KV, the end token's too when a step launched ahead
+    # already computed it; either way the continuation is HF's.
+    seen = len(prompts[2]) + len(firsts[2][0])
+    assert seen - 1 <= out.cached_tokens <= seen
+    assert tokens == hf_argmax_run(model, follow, 12)
+    assert engine.stats().extra["steps_launched_ahead"] > 0
     engine.check_integrity()
     asyncio.run(engine.shutdown())
 

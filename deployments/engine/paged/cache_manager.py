@@ -240,6 +240,7 @@ class CacheManager:
             assert not (user.busy and (user.pages or user.host_pages)), f"busy {key} holds pages"
             assert not (user.pages and user.host_pages), f"user {key} in two tiers"
             assert user.kv_len <= len(user.token_ids), f"user {key}: KV beyond its tokens"
+            assert min(user.token_ids, default=0) >= 0, f"user {key}: a token never delivered"
             held = len(user.pages) + len(user.host_pages)
             assert self.pages_for(user.kv_len) == held, f"user {key}: page count"
             claim(device, self.num_pages, user.pages, f"user {key}")

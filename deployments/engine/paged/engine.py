@@ -32,9 +32,9 @@ from deployments.engine.paged.cuda_graphs import DecodeGraphs
 from deployments.engine.paged.host_pool import HostKVPool
 from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.model import DecoderModel
-from deployments.engine.paged.runner import ModelRunner
+from deployments.engine.paged.runner import Launched, ModelRunner
 from deployments.engine.paged.scheduler import Batch, Scheduler
-from deployments.engine.paged.sequence import FINISHED, Sequence
+from deployments.engine.paged.sequence import FINISHED, PLACEHOLDER, Sequence, Status
 from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.tier_mover import CopyMover
 from deployments.engine.paged.weight_stream import WeightStreamer
@@ -133,6 +133,7 @@ class PagedEngine(Engine):
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
         self._stopping = False
+        self.steps_ahead = 0  # steps launched before the previous step's tokens were read
         # (sequences, tokens, decode_only, seconds) of recent steps: benchmarks and metrics.
         self.step_log: collections.deque[tuple[int, int, bool, float]] = collections.deque(
             maxlen=100_000)
@@ -181,13 +182,29 @@ class PagedEngine(Engine):
     # ---- engine thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """One step an iteration, each launched before the previous one's tokens are read.
+
+        While step k runs on the device, the host schedules and launches step k+1 (its decode
+        rows read step k's tokens on the device), then delivers step k's tokens: the GPU never
+        waits for the host's scheduling and bookkeeping. The engine runs ahead only while
+        nothing needs the host's view to be exact: no new or aborted request, and pages to
+        spare for every running sequence; otherwise it first delivers the step in flight.
+        """
+        pending: Launched | None = None
         while True:
             with self._wake:
-                while not (self._stopping or self._inbox or self.scheduler.has_work()):
+                while pending is None and not (
+                        self._stopping or self._inbox or self.scheduler.has_work()):
                     self._wake.wait()
                 if self._stopping:
                     return
-                started = time.perf_counter()  # a step: schedule, run, sample, deliver
+                ahead = pending is not None and self._may_run_ahead()
+                self.steps_ahead += ahead
+            if pending is not None and not ahead:
+                self._resolve(pending)
+                pending = None
+            with self._lock:
+                started = time.perf_counter()  # a step: schedule, launch, deliver the last
                 for seq in self._inbox:
                     self.scheduler.add(seq)
                 self._inbox.clear()
@@ -196,29 +213,77 @@ class PagedEngine(Engine):
                         self.scheduler.finish(seq)
                 batch = self.scheduler.schedule()
             if not batch:
-                time.sleep(0.001)  # waiting for pages that only a finishing request frees
+                if pending is not None:
+                    self._resolve(pending)
+                    pending = None
+                else:
+                    time.sleep(0.001)  # waiting for pages that only a finishing request frees
                 continue
+            decode_only = batch.decode_only  # before _advance changes the sequences
             try:
-                tokens = self.runner.execute(batch)  # ends in a host sync (sampled tokens)
+                launched = self.runner.launch(batch, feed=pending)
             except Exception as exc:  # out of memory, a kernel error: fail this step's requests
-                logger.exception("engine step failed")
-                with self._lock:
-                    for seq in batch.seqs:
-                        self.scheduler.finish(seq)
-                        seq.deliver(exc)
+                self._fail(batch, exc)
                 continue
             with self._lock:
-                self._postprocess(batch, tokens)
-                self.scheduler.keep_free(self._keep_free)
-            self.step_log.append((len(batch), sum(batch.num_tokens), batch.decode_only,
+                self._advance(launched)
+            if pending is not None:
+                self._resolve(pending)
+            pending = launched
+            self.step_log.append((len(batch), sum(batch.num_tokens), decode_only,
                                   time.perf_counter() - started))
 
-    def _postprocess(self, batch: Any, tokens: list[int | None]) -> None:
-        for seq, n, token in zip(batch.seqs, batch.num_tokens, tokens, strict=True):
+    def _may_run_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the step in flight is delivered."""
+        sched, cache = self.scheduler, self.cache
+        if self._inbox or sched.waiting or any(seq.aborted for seq in sched.running):
+            return False
+        # The next schedule must find its pages free: no preemption while a step is in flight.
+        need = 0
+        for seq in sched.running:
+            n = 1 if seq.is_decoding else min(seq.to_compute, sched.max_batched_tokens)
+            need += max(0, cache.pages_for(seq.num_computed + n) - len(seq.pages))
+        return cache.can_allocate(need)
+
+    def _advance(self, step: Launched) -> None:
+        """Right after launch: the batch's tokens count as computed; a sampled token that a
+        next step may need is held by a placeholder until it arrives."""
+        batch = step.batch
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed += n
-            if token is None or seq.aborted:
+        for i in step.rows:
+            seq = batch.seqs[i]
+            if seq.num_generated + seq.in_flight + 1 < seq.sampling.max_tokens:
+                seq.token_ids.append(PLACEHOLDER)  # not its last token: it decodes on
+
+    def _resolve(self, step: Launched) -> None:
+        """Wait for a launched step's tokens and deliver them."""
+        try:
+            tokens = step.result()  # a host sync on this step's tokens only
+        except Exception as exc:
+            self._fail(step.batch, exc)
+            return
+        with self._lock:
+            self._deliver(step.batch, tokens)
+            self.scheduler.keep_free(self._keep_free)
+
+    def _fail(self, batch: Batch, exc: Exception) -> None:
+        logger.error("engine step failed", exc_info=exc)
+        with self._lock:
+            for seq in batch.seqs:
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.finish(seq)
+                    seq.deliver(exc)
+
+    def _deliver(self, batch: Batch, tokens: list[int | None]) -> None:
+        for seq, token in zip(batch.seqs, tokens, strict=True):
+            if token is None or seq.aborted or seq.status is Status.FINISHED:
                 continue
-            seq.token_ids.append(token)
+            at = len(seq.token_ids) - seq.in_flight  # its oldest placeholder, if any
+            if at < len(seq.token_ids):
+                seq.token_ids[at] = token
+            else:
+                seq.token_ids.append(token)  # its last token: no step needed it
             seq.num_generated += 1
             seq.deliver(token)
             if token in self.eos_token_ids or seq.num_generated >= seq.sampling.max_tokens:
@@ -286,6 +351,7 @@ class PagedEngine(Engine):
                        "kv_pages_free": self.cache.free_pages,
                        "kv_page_size": self.cache.page_size,
                        "preempted_requests": self.scheduler.preemptions,
+                       "steps_launched_ahead": self.steps_ahead,
                        "kv_bytes_by_tier": {"device": used * self.page_bytes,
                                             **({"host": host_used * self.page_bytes}
                                                if self.cache.host_pages_total else {})},

@@ -1,6 +1,15 @@
-"""Turns a scheduled batch into tensors, runs the model (eagerly or as a CUDA graph), samples."""
+"""Turns a scheduled batch into tensors, runs the model (eagerly or as a CUDA graph), samples.
+
+A step is launched without waiting for it: its sampled tokens stay on the device (and start
+their copy to pinned host memory), so the engine can schedule and launch the next step while
+this one runs. A decode row whose last token is still in flight (`PLACEHOLDER`) reads it from
+the previous step's sampled tokens on the device. Host-side inputs travel packed: one copy of
+int64 values and one of int32 values a step.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -8,8 +17,31 @@ import torch
 from deployments.engine.paged.attention import AttentionMetadata
 from deployments.engine.paged.cuda_graphs import DecodeGraphs
 from deployments.engine.paged.model import DecoderModel
-from deployments.engine.paged.sampler import sample
+from deployments.engine.paged.sampler import sample_on_device
 from deployments.engine.paged.scheduler import Batch
+from deployments.engine.paged.sequence import PLACEHOLDER
+
+
+@dataclass
+class Launched:
+    """A step on its way: its batch, and its sampled tokens once the device has them."""
+
+    batch: Batch
+    rows: list[int]  # batch rows that sample, in the order of `tokens`
+    tokens: torch.Tensor | None  # [len(rows)] int64 on the device
+    host: torch.Tensor | None = None  # the same, copied into (pinned) host memory
+    event: torch.cuda.Event | None = None  # fires when `host` holds them
+    row_of: dict[int, int] = field(default_factory=dict)  # id(seq) -> index in `tokens`
+
+    def result(self) -> list[int | None]:
+        """Each batch row's sampled token (None where it samples nothing); waits for the step."""
+        if self.event is not None:
+            self.event.synchronize()
+        drawn = self.host.tolist() if self.host is not None else []
+        out: list[int | None] = [None] * len(self.batch)
+        for i, token in zip(self.rows, drawn, strict=True):
+            out[i] = token
+        return out
 
 
 class ModelRunner:
@@ -19,15 +51,23 @@ class ModelRunner:
         self.device = model.w.embed.device
         self.graphs = graphs
 
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(values)
+        if self.device.type != "cuda":
+            return host
+        # Pinned (PyTorch's caching host allocator keeps the block until the copy is done),
+        # so the copy is asynchronous and the host can go on preparing the next step.
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _prepare(
-        self, batch: Batch
+        self, batch: Batch, feed: Launched | None = None
     ) -> tuple[torch.Tensor, AttentionMetadata, list[int], torch.Tensor]:
-        """Host-side batch tensors (NumPy, then one copy each to the device)."""
+        """Device tensors for a step: tokens, attention metadata, sampling rows, logits rows."""
         page = self.page_size
         width = max(len(seq.pages) for seq in batch.seqs)
         table = np.zeros((len(batch), width), dtype=np.int32)
         tokens, positions, contexts, sampling_rows, logits_index = [], [], [], [], []
-        write_pages, count = [], 0
+        write_pages, fed, count = [], [], 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
             start = seq.num_computed
             pages = np.asarray(seq.pages, dtype=np.int64)
@@ -35,35 +75,63 @@ class ModelRunner:
             pos = np.arange(start, start + n, dtype=np.int64)
             positions.append(pos)
             write_pages.append(pages[pos // page])
-            tokens += seq.token_ids[start:start + n]
+            chunk = seq.token_ids[start:start + n]
+            if chunk[-1] == PLACEHOLDER:  # sampled by the step in flight: read on the device
+                if n != 1 or feed is None or id(seq) not in feed.row_of:
+                    raise RuntimeError(f"sequence {seq.request_id}: a token in flight is "
+                                       "needed by a step that cannot read it")
+                fed.append(feed.row_of[id(seq)])
+            else:
+                fed += [-1] * n
+            tokens += chunk
             contexts.append(start + n)
             count += n
             if batch.samples(i):
                 sampling_rows.append(i)
                 logits_index.append(count - 1)
         pos_all = np.concatenate(positions)
-
-        def dev(values: np.ndarray | list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
+        n_tok, n_log = len(tokens), len(logits_index)
+        longs = self._to_device(np.concatenate([
+            np.asarray(tokens, dtype=np.int64), pos_all, np.concatenate(write_pages),
+            pos_all % page, np.asarray(logits_index, dtype=np.int64),
+            np.asarray(fed, dtype=np.int64)]))
+        ints = self._to_device(np.concatenate([table.ravel(),
+                                               np.asarray(contexts, dtype=np.int32)]))
+        tok, positions_d, pages_d, offsets_d, logits_d, fed_d = longs.split(
+            [n_tok, n_tok, n_tok, n_tok, n_log, n_tok])
+        if feed is not None and any(f >= 0 for f in fed):
+            assert feed.tokens is not None
+            tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
         meta = AttentionMetadata(
-            positions=dev(pos_all), write_pages=dev(np.concatenate(write_pages)),
-            write_offsets=dev(pos_all % page), page_table=dev(table, torch.int32),
-            context_lens=dev(contexts, torch.int32), query_lens=list(batch.num_tokens),
+            positions=positions_d, write_pages=pages_d, write_offsets=offsets_d,
+            page_table=ints[:table.size].view(len(batch), width),
+            context_lens=ints[table.size:], query_lens=list(batch.num_tokens),
             context_lens_host=contexts, decode_only=batch.decode_only,
         )
-        return dev(tokens), meta, sampling_rows, dev(logits_index)
+        return tok, meta, sampling_rows, logits_d
 
-    def execute(self, batch: Batch) -> list[int | None]:
-        """Run one step; the sampled token of each sequence that samples, else None."""
-        tokens, meta, rows, logits_index = self._prepare(batch)
+    def launch(self, batch: Batch, feed: Launched | None = None) -> Launched:
+        """Enqueue one step; `feed` is the step still in flight whose tokens it may read."""
+        tokens, meta, rows, logits_index = self._prepare(batch, feed)
         if meta.decode_only and self.graphs is not None and self.graphs.fits(len(batch)):
             logits = self.graphs.run(meta, tokens)
         else:
             logits = self.model.forward(tokens, meta, logits_index)
-        drawn = sample(logits, [batch.seqs[i].sampling for i in rows],
-                       [batch.seqs[i].generator for i in rows]) if rows else []
-        result: list[int | None] = [None] * len(batch)
-        for i, token in zip(rows, drawn, strict=True):
-            result[i] = token
-        return result
+        step = Launched(batch, rows, None)
+        if not rows:
+            return step
+        step.tokens = sample_on_device(logits, [batch.seqs[i].sampling for i in rows],
+                                       [batch.seqs[i].generator for i in rows])
+        step.row_of = {id(batch.seqs[i]): j for j, i in enumerate(rows)}
+        if step.tokens.is_cuda:
+            step.host = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
+            step.host.copy_(step.tokens, non_blocking=True)
+            step.event = torch.cuda.Event()
+            step.event.record()
+        else:
+            step.host = step.tokens
+        return step
+
+    def execute(self, batch: Batch) -> list[int | None]:
+        """Run one step to completion; the sampled token of each sequence that samples."""
+        return self.launch(batch).result()

@@ -12,6 +12,12 @@ from deployments.engine.interface import SamplingParams
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row of float32 logits [S, vocab]; one host sync for the whole batch."""
+    return sample_on_device(logits, params, generators).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams],
+                     generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """`sample` without the sync: the tokens [S] (int64) stay on the logits' device."""
     result = torch.argmax(logits, dim=-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
@@ -36,4 +42,4 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         if order is not None:
             draws = order.gather(1, draws[:, None]).squeeze(-1)
         result[index] = draws
-    return result.tolist()
+    return result

@@ -203,6 +203,7 @@ class Scheduler:
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        seq.drop_placeholders()
         if not seq.admitted:
             return
         if seq.restore is not None:  # its pages are being written: let the copy finish

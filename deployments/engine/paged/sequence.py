@@ -17,6 +17,9 @@ class Status(enum.Enum):
 
 
 FINISHED = object()  # delivered after a sequence's last token
+# Stands in `token_ids` for a token sampled by a step still running on the device; the next
+# step reads the real token on the device, and the engine writes it here once it has it.
+PLACEHOLDER = -1
 
 
 @dataclass(eq=False)
@@ -49,3 +52,16 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         return self.to_compute == 1
+
+    @property
+    def in_flight(self) -> int:
+        """Tokens sampled by steps still running, not yet known on the host."""
+        n = 0
+        while n < len(self.token_ids) and self.token_ids[-1 - n] == PLACEHOLDER:
+            n += 1
+        return n
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still in flight (the sequence ended before they were needed)."""
+        while self.token_ids and self.token_ids[-1] == PLACEHOLDER:
+            self.token_ids.pop()
