@@ -31,6 +31,7 @@ from deployments.capacity import NodeMemory, coherent_ceiling_bytes, host_budget
 from deployments.config import GiB, MemoryConfig
 
 if TYPE_CHECKING:
+    from deployments.memory_advice import MemoryAdvisor
     from deployments.platform import PlatformInfo
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ class MemoryAccountant(ABC):
     """
 
     device: str  # torch device string the engine should use
+    platform: PlatformInfo | None = None  # the node this replica runs on, where known
+    advisor: MemoryAdvisor | None = None  # placement advice for managed memory, where it works
 
     def __init__(self) -> None:
         self._usage: list[Callable[[], int]] = []
@@ -213,7 +216,7 @@ class RmmAccountant(MemoryAccountant):
         device_free: Callable[[], int] | None = None, global_allocator: bool = True,
     ) -> None:
         super().__init__()
-        self._platform = platform
+        self.platform = platform
         self._plan = plan
         self._stats_mr = stats_mr
         self._device_free = device_free or _rmm_device_free
@@ -255,10 +258,10 @@ class RmmAccountant(MemoryAccountant):
         used = int(self.rmm_statistics().current_bytes) + self._native_bytes() - spare
         free_dev = self._device_free()
         free = self._plan.limit_bytes - used
-        if self._platform.kind == "discrete" and not self._plan.pool:
+        if self.platform.kind == "discrete" and not self._plan.pool:
             free = min(free, int(free_dev) + spare)
         return self._with_tiers(MemorySnapshot(
-            self._platform.kind, self._plan.resource, self._plan.limit_bytes, used, free,
+            self.platform.kind, self._plan.resource, self._plan.limit_bytes, used, free,
             int(free_dev),
         ))
 
@@ -276,7 +279,7 @@ class TorchAccountant(MemoryAccountant):
 
     def __init__(self, platform: PlatformInfo, headroom_bytes: int) -> None:
         super().__init__()
-        self._platform = platform
+        self.platform = platform
         self._capacity = max(0, platform.device_total_bytes - headroom_bytes)
 
     def snapshot(self) -> MemorySnapshot:
@@ -287,7 +290,7 @@ class TorchAccountant(MemoryAccountant):
         free_dev, _ = torch.cuda.mem_get_info()
         free = min(self._capacity - used, int(free_dev) + spare)
         return self._with_tiers(MemorySnapshot(
-            self._platform.kind, "torch", self._capacity, used, free, int(free_dev)
+            self.platform.kind, "torch", self._capacity, used, free, int(free_dev)
         ))
 
 
@@ -307,7 +310,9 @@ def setup_memory(
     if mode == "off":
         if platform.has_gpu:
             return TorchAccountant(platform, int(cfg.headroom_bytes))
-        return HostAccountant(int(cfg.cpu_memory_budget_bytes))
+        host = HostAccountant(int(cfg.cpu_memory_budget_bytes))
+        host.platform = platform
+        return host
 
     import rmm
 
@@ -328,7 +333,12 @@ def setup_memory(
     if torch_allocator == "rmm":
         swap_torch_allocator()
     logger.info("RMM ready: %s; PyTorch allocator: %s", plan.reason, torch_allocator)
-    return RmmAccountant(platform, plan, stats_mr, global_allocator=torch_allocator == "rmm")
+    accountant = RmmAccountant(platform, plan, stats_mr, global_allocator=torch_allocator == "rmm")
+    if plan.resource == "managed":
+        from deployments.memory_advice import DriverAdvisor
+
+        accountant.advisor = DriverAdvisor()
+    return accountant
 
 
 def swap_torch_allocator() -> None:

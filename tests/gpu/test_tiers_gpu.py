@@ -126,3 +126,84 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
             streamed.runner.model.streamer.streamed), "pinned": on_host}))
     ''')
     assert result["same"] and result["streamed"] == 7 and result["pinned"]
+
+
+def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
+    """The Grace path with the platform faked on a discrete GPU (concurrent managed access):
+    the driver reports the advice took effect, and the engine computes what it does without."""
+    result = run_isolated('''
+        import asyncio, dataclasses, json, tempfile
+        import torch, transformers
+        from deployments.config import AppArgs
+        from deployments.engine import GenerationRequest, SamplingParams
+        from deployments.engine.builtin import build_tokenizer
+        from deployments.engine.paged.engine import PagedEngine
+        from deployments.engine.paged.sequence import Sequence
+        from deployments.memory import setup_memory
+        from deployments.memory_advice import CU_DEVICE_CPU
+        from deployments.platform import detect_platform
+        config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
+            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+            max_position_embeddings=2048, vocab_size=448, tie_word_embeddings=False)
+        path = tempfile.mkdtemp()
+        transformers.LlamaForCausalLM(config).save_pretrained(path)
+        build_tokenizer().save_pretrained(path)
+        # A small managed pool planned for this discrete card (never beyond its free memory).
+        memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
+            "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
+            detect_platform(), torch_allocator="native")
+        advisor = memory.advisor
+        page = 16 * 2 * 8 * 2 * 64 * 2  # 16 tokens, k+v, 8 layers, 2 heads of 64, bf16
+        def make(budget, host_pages, grace):
+            memory.platform = dataclasses.replace(memory.platform,
+                                                  kind="grace" if grace else "discrete")
+            return PagedEngine(AppArgs.model_validate({
+                "model": {"model_id": path, "dtype": "bfloat16",
+                          "device_weight_budget_bytes": budget},
+                "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
+                "kv_cache": {"budget_bytes": 40 * page, "host_tier_bytes": host_pages * page}}),
+                memory)
+        from deployments.engine.paged.spec import ModelSpec
+        from deployments.engine.paged.weights import layer_numel
+        layer = layer_numel(ModelSpec.from_hf_config(config)) * 2
+        grace = make(448 * 512 * 2 * 2 + 512 * 2 + 3 * layer, 400, True)  # 3 resident
+        plain = make(None, 0, False)
+        blocks = grace.runner.model.w.blocks
+        torch.cuda.synchronize()
+        def inner(t):  # a page at a range's edge may be shared with a neighbour's advice
+            flat = t.view(-1)
+            return flat[flat.numel() // 4: 3 * flat.numel() // 4]
+        where = [advisor.preferred_location(inner(b)) for b in blocks]
+        prefetched = [advisor.last_prefetch_location(inner(b)) for b in blocks]
+        host_pool = advisor.preferred_location(inner(grace.mover.host.buffer))
+        device_pool = advisor.preferred_location(inner(grace.pool.buffer))
+        prompts = [list(range(3, 3 + n)) for n in (100, 37, 300)]
+        out = []
+        for eng in (grace, plain):
+            seqs = [Sequence("t", None, p, SamplingParams(1), deliver=lambda _: None)
+                    for p in prompts]
+            out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
+            eng.cache.free([p for s in seqs for p in s.pages])
+        same_logits = all(torch.equal(a, b) for a, b in zip(*out))
+        async def turn(eng, user, prompt):
+            req = GenerationRequest("r", user, prompt, SamplingParams(6, temperature=0.0))
+            return [t async for o in eng.generate(req) for t in o.token_ids]
+        same = True
+        for i in range(12):  # more users than the device pool holds: the tier is used
+            p = [(7 * i + j) % 440 + 3 for j in range(90)]
+            same &= asyncio.run(turn(grace, f"u{i}", p)) == asyncio.run(turn(plain, f"u{i}", p))
+        follow = [(7 * 0 + j) % 440 + 3 for j in range(90)] + [5, 6]
+        same &= asyncio.run(turn(grace, "u0", follow)) == asyncio.run(turn(plain, "u0", follow))
+        grace.check_integrity()
+        print("RESULT " + json.dumps({"where": where, "prefetched": prefetched,
+            "host_pool": host_pool, "device_pool": device_pool, "cpu": CU_DEVICE_CPU,
+            "streamer": grace.runner.model.streamer is not None, "same_logits": same_logits,
+            "same": same, "offloaded": grace.cache.offloaded_users,
+            "restored": grace.cache.restored_users}))
+    ''')
+    cpu = result["cpu"]
+    assert result["where"] == [0, 0, 0] + [cpu] * 5, result
+    assert result["prefetched"] == result["where"]
+    assert result["host_pool"] == cpu and result["device_pool"] == 0
+    assert not result["streamer"] and result["same_logits"] and result["same"]
+    assert result["offloaded"] > 0 and result["restored"] >= 1

@@ -76,13 +76,31 @@ class PagedEngine(Engine):
                                  self.spec.max_position)
         self.eos_token_ids = self._eos_ids(path)
         start = time.perf_counter()
-        streamed = self._streamed_layers(args)
+        # On a coherent Grace node every tier is managed memory placed by advice: layers beyond
+        # the device budget stay in LPDDR and are read in place over NVLink-C2C (no buffers
+        # to stream through); elsewhere they live in pinned host memory and stream in.
+        grace = memory.platform is not None and memory.platform.kind == "grace"
+        self._advisor = memory.advisor if grace else None
+        streamed = self._streamed_layers(args, in_place=self._advisor is not None)
+        cold = frozenset(streamed) if self._advisor else frozenset()
+        if self._advisor:
+            streamed = []
         with memory.allocation_scope():
             weights = allocate(self.spec, self.dtype, self.device, frozenset(streamed))
+            if self._advisor:  # before the first touch, so pages start where they belong
+                for index, block in enumerate(weights.blocks):
+                    self._advisor.prefer(block, "host" if index in cold else "device")
             if cfg.random_weights:
                 init_random(weights, seed=0)
             else:
                 load_state(weights, self.spec, checkpoint_items(path))
+        if self._advisor:
+            for index, block in enumerate(weights.blocks):
+                self._advisor.prefetch(block, "host" if index in cold else "device")
+            if cold:
+                logger.info("keeping %d of %d layers (%.2f GB) in host memory, read in place "
+                            "over the coherent link", len(cold), self.spec.num_layers,
+                            sum(weights.blocks[i].nbytes for i in cold) / 1e9)
         self.weights_bytes = weights.nbytes
         logger.info("weights: %.2f GB in %.1f s", weights.nbytes / 1e9, time.perf_counter() - start)
         page_bytes = KVPool.page_bytes(self.spec, cfg.page_size, self.dtype)
@@ -97,17 +115,32 @@ class PagedEngine(Engine):
         num_pages = max(2, budget // page_bytes) + 1  # +1: the scratch page
         with memory.allocation_scope():
             self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device)
-        self._pool_bytes = self.pool.nbytes
+        if self._advisor:
+            self._advisor.prefer(self.pool.buffer, "device")
         host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
         self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages)
         # Empty pages are free unified memory: the router places new users by them.
         self._untrack.append(memory.track_spare(lambda: self.cache.free_pages * self.page_bytes))
         mover = None
-        if host_pages:
+        self.host_tier_kind = None
+        if host_pages and self._advisor:
+            # Grace: the host tier is managed memory of the replica's own resource (already in
+            # its capacity), advised to LPDDR; its empty pages are free unified memory.
+            with memory.allocation_scope():
+                host_pool = HostKVPool(self.pool, host_pages, managed=True)
+            self._advisor.prefer(host_pool.buffer, "host")
+            self.host_tier_kind = "managed memory advised to the host"
+            self._untrack.append(memory.track_spare(
+                lambda: self.cache.host_free_pages * self.page_bytes))
+        elif host_pages:
             host_pool = HostKVPool(self.pool, host_pages)
-            mover = CopyMover(self.pool, host_pool)
+            self.host_tier_kind = "pinned host memory"
             self._untrack.append(memory.track_tier(
                 host_pool.nbytes, lambda: self.cache.host_used_pages() * self.page_bytes))
+        if host_pages:
+            mover = CopyMover(self.pool, host_pool)
+        self._pool_bytes = self.pool.nbytes + (
+            host_pool.nbytes if host_pages and self._advisor else 0)
         self.mover = mover
         self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens, mover)
         # Keep a step's worth of device pages free by moving idle users down ahead of need.
@@ -143,8 +176,9 @@ class PagedEngine(Engine):
                     "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
                     cfg.page_size, self.pool.nbytes / 2**30, self.max_model_len)
 
-    def _streamed_layers(self, args: AppArgs) -> list[int]:
-        """Layers beyond `model.device_weight_budget_bytes` (the last ones), streamed in."""
+    def _streamed_layers(self, args: AppArgs, in_place: bool = False) -> list[int]:
+        """Layers beyond `model.device_weight_budget_bytes` (the last ones): streamed in
+        through 3 device buffers, or with `in_place` read where they are (no buffers)."""
         budget = args.model.device_weight_budget_bytes
         if budget is None:
             return []
@@ -153,7 +187,7 @@ class PagedEngine(Engine):
         layer = layer_numel(spec) * size
         fixed = (spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
                  + spec.hidden_size) * size
-        slots = min(3, spec.num_layers)
+        slots = 0 if in_place else min(3, spec.num_layers)
         resident = max(0, (int(budget) - fixed - slots * layer) // layer)
         if resident >= spec.num_layers:
             return []
@@ -356,6 +390,7 @@ class PagedEngine(Engine):
                                             **({"host": host_used * self.page_bytes}
                                                if self.cache.host_pages_total else {})},
                        "kv_host_pages_total": self.cache.host_pages_total,
+                       "kv_host_tier": self.host_tier_kind,
                        "kv_host_pages_free": self.cache.host_free_pages,
                        "offloaded_users": self.cache.offloaded_users,
                        "restored_users": self.cache.restored_users,

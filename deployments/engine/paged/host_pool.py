@@ -1,7 +1,9 @@
-"""Host-tier KV storage: pages of the device pool's layout in host memory (pinned with CUDA).
+"""Host-tier KV storage: pages of the device pool's layout in host memory.
 
-Pinned memory lets page copies run as asynchronous DMA at the link's bandwidth. The pool is
-allocated uninitialised: a page is only read after a copy down has filled it.
+On a discrete GPU the pages are pinned host memory, so page copies run as asynchronous DMA at
+the link's bandwidth. On Grace (`managed=True`) they are allocated like the device pool, from
+the replica's managed memory resource, and the engine advises them to live in LPDDR. The pool
+is allocated uninitialised: a page is only read after a copy down has filled it.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from deployments.engine.paged.kv_pool import KVPool
 
 
 class HostKVPool:
-    def __init__(self, like: KVPool, num_pages: int) -> None:
+    def __init__(self, like: KVPool, num_pages: int, managed: bool = False) -> None:
         if num_pages <= 0:
             raise ValueError("the host KV tier needs at least one page")
         self.num_pages = num_pages
-        self.buffer = torch.empty(
-            (num_pages, *like.buffer.shape[1:]), dtype=like.buffer.dtype,
-            pin_memory=like.buffer.is_cuda,
-        )
+        shape, dtype = (num_pages, *like.buffer.shape[1:]), like.buffer.dtype
+        if managed:  # allocated in the caller's allocation scope (the managed resource)
+            self.buffer = torch.empty(shape, dtype=dtype, device=like.buffer.device)
+        else:
+            self.buffer = torch.empty(shape, dtype=dtype, pin_memory=like.buffer.is_cuda)
 
     @property
     def nbytes(self) -> int:
