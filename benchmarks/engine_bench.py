@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny config, checks the script")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--hf-cb-limit-s", type=float, default=330)
-    parser.add_argument("--prefill-attention", choices=["sdpa", "triton"], default="sdpa",
+    parser.add_argument("--prefill-attention", choices=["sdpa", "triton"], default="triton",
                         help="our engine's prefill attention (engine.prefill_attention)")
     opts = parser.parse_args()
     quick = opts.quick

@@ -71,6 +71,43 @@ def kernel_table(engine: Any, prompts: list[list[int]], new_tokens: int) -> list
     return rows[:25]
 
 
+def returning_user(engine: Any, rng: random.Random, vocab: int, history: int, new: int
+                   ) -> dict[str, Any]:
+    """A user with a kept `history`-token cache sends `new` tokens: time to first token, the
+    step that computes them, and its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ttft, steps = [], []
+    table: list[dict[str, Any]] = []
+    for u in range(3):
+        hist = random_prompts(rng, 1, history, vocab)[0]
+        asyncio.run(run_requests(engine, [hist], [1], users=[f"back{u}"]))
+        follow = hist + random_prompts(rng, 1, new, vocab)[0]
+        since = len(engine.step_log)
+        if u < 2:
+            ttft.append(asyncio.run(run_requests(engine, [follow], [1],
+                                                 users=[f"back{u}"]))["ttft_s"][0])
+            steps += [s for (_, tokens, _, s) in list(engine.step_log)[since:] if tokens == new]
+            continue
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            asyncio.run(run_requests(engine, [follow], [1], users=[f"back{u}"]))
+        for event in prof.key_averages():
+            device_us = getattr(event, "device_time_total", 0)
+            if device_us:
+                table.append({"name": event.key[:90], "calls": event.count,
+                              "device_ms": device_us / 1e3})
+        table.sort(key=lambda r: -r["device_ms"])
+    row = {"workload": "returning_user", "history_tokens": history, "new_tokens": new,
+           "ttft_ms": [t * 1e3 for t in ttft], "step_ms": [s * 1e3 for s in steps],
+           "kernels": table[:25]}
+    print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+    for r in table[:15]:
+        print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}  {r['name']}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -102,6 +139,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "kernels"}), flush=True)
         for r in table[:15]:
             print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}  {r['name']}", flush=True)
+    rows.append(returning_user(engine, rng, vocab, 1024 if opts.quick else 8192, 64))
     asyncio.run(engine.shutdown())
     out = write_result("profile-decode-quick" if opts.quick else "profile-decode",
                        {"model": config.get("model_type"), "weights_bytes": weights,

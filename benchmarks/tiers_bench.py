@@ -1,6 +1,6 @@
 """KV tiers benchmark: restoring an offloaded user, and users held with and without the tier.
 
-    python -m benchmarks.tiers_bench [--prefill-attention triton]   # GPU machine, ~3 minutes
+    python -m benchmarks.tiers_bench [--prefill-attention sdpa]   # GPU machine, ~3 minutes
     python -m benchmarks.tiers_bench --quick                        # tiny config, checks it
 
 Llama 3.1 8B architecture, random bf16 weights, our paged engine with a pinned host tier. In one
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--prefill-attention", choices=["sdpa", "triton"], default="sdpa")
+    parser.add_argument("--prefill-attention", choices=["sdpa", "triton"], default="triton")
     opts = parser.parse_args()
     gpu = torch.cuda.is_available()
     config = QUICK if opts.quick else LLAMA_31_8B

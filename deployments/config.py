@@ -133,10 +133,10 @@ class EngineConfig(_Section):
     )
     cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU).")
     prefill_attention: Literal["sdpa", "triton"] = Field(
-        "sdpa",
-        description="Attention for prefill chunks on a GPU: `sdpa` gathers each sequence's "
-        "pages for PyTorch's attention (measured on an H200); `triton` runs one paged flash "
-        "kernel for all chunks of a step (tested in Triton's interpreter, not yet on a GPU).",
+        "triton",
+        description="Attention for prefill chunks on a GPU: `triton` runs one paged flash "
+        "kernel for all chunks of a step; `sdpa` gathers each sequence's pages for PyTorch's "
+        "attention (a masked chunk after a kept prefix falls back to its math kernel).",
     )
     random_weights: bool = Field(
         False, description="Initialise weights randomly from the model's config instead of "
