@@ -24,21 +24,22 @@ from deployments.engine.paged.triton_attention import decode_attention  # noqa: 
 from deployments.engine.paged.triton_prefill import prefill_attention  # noqa: E402
 
 
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (7, 1), (4, 4)])
-def test_prefill_kernel_matches_reference(heads, kv_heads):
+def test_prefill_kernel_matches_reference(heads, kv_heads, splits):
     torch.manual_seed(0)
     pages, page, dim = 60, 16, 32
     k, v = torch.randn(pages, page, kv_heads, dim), torch.randn(pages, page, kv_heads, dim)
-    shapes = [(1, 1), (5, 5), (17, 40), (33, 33), (3, 100), (20, 21)]
+    shapes = [(1, 1), (5, 5), (17, 40), (33, 33), (3, 100), (20, 21), (7, 300)]
     lens = [n for n, _ in shapes]
     starts = [0]
     for n in lens:
         starts.append(starts[-1] + n)
     q = torch.randn(starts[-1], heads, dim)
-    table = torch.stack([torch.randperm(pages)[:8] for _ in shapes]).int()
+    table = torch.stack([torch.randperm(pages)[:20] for _ in shapes]).int()
     out = torch.full_like(q, float("nan"))
     prefill_attention(q, k, v, table, torch.tensor([c for _, c in shapes], dtype=torch.int32),
-                      starts, lens, list(range(len(shapes))), dim ** -0.5, out)
+                      starts, lens, list(range(len(shapes))), dim ** -0.5, out, splits=splits)
     for i, (n, c) in enumerate(shapes):
         ref = reference_attention(q[starts[i]:starts[i] + n], k, v, table[i], c, dim ** -0.5)
         torch.testing.assert_close(out[starts[i]:starts[i] + n], ref, atol=1e-4, rtol=1e-4)

@@ -183,11 +183,12 @@ def test_triton_prefill_attention_matches_the_reference_on_gpu():
     q = torch.randn(starts[-1], heads, dim, device="cuda", dtype=torch.bfloat16)
     table = torch.stack([torch.randperm(pages, device="cuda")[:520] for _ in shapes]).int()
     ctx = torch.tensor([c for _, c in shapes], device="cuda", dtype=torch.int32)
-    out = torch.empty_like(q)
-    prefill_attention(q, k, v, table, ctx, starts, lens, list(range(len(shapes))),
-                      dim ** -0.5, out)
-    for i, (n, c) in enumerate(shapes):
-        ref = reference_attention(q[starts[i]:starts[i] + n].float(), k.float(), v.float(),
-                                  table[i], c, dim ** -0.5)
-        torch.testing.assert_close(out[starts[i]:starts[i] + n].float(), ref, atol=2e-2,
-                                   rtol=2e-2)
+    for splits in (1, 8, None):  # None: as the engine calls it, splits from the contexts
+        out = torch.empty_like(q)
+        prefill_attention(q, k, v, table, ctx, starts, lens, list(range(len(shapes))),
+                          dim ** -0.5, out, [c for _, c in shapes], splits=splits)
+        for i, (n, c) in enumerate(shapes):
+            ref = reference_attention(q[starts[i]:starts[i] + n].float(), k.float(), v.float(),
+                                      table[i], c, dim ** -0.5)
+            torch.testing.assert_close(out[starts[i]:starts[i] + n].float(), ref, atol=2e-2,
+                                       rtol=2e-2)

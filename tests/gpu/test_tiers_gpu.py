@@ -177,6 +177,16 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
         prefetched = [advisor.last_prefetch_location(inner(b)) for b in blocks]
         host_pool = advisor.preferred_location(inner(grace.mover.host.buffer))
         device_pool = advisor.preferred_location(inner(grace.pool.buffer))
+        def chunks(t, n=8):  # (preferred, last prefetch) of n equal parts: a diagnostic
+            flat = t.view(-1)
+            step = flat.numel() // n
+            return [(advisor.preferred_location(flat[i * step:(i + 1) * step]),
+                     advisor.last_prefetch_location(flat[i * step:(i + 1) * step]))
+                    for i in range(n)]
+        base = min(b.data_ptr() for b in blocks)
+        layout = {"blocks": [(b.data_ptr() - base, b.numel() * 2, chunks(b)) for b in blocks],
+                  "pool": (grace.pool.buffer.data_ptr() - base, grace.pool.nbytes),
+                  "host": (grace.mover.host.buffer.data_ptr() - base, grace.mover.host.nbytes)}
         prompts = [list(range(3, 3 + n)) for n in (100, 37, 300)]
         out = []
         for eng in (grace, plain):
@@ -199,7 +209,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
             "host_pool": host_pool, "device_pool": device_pool, "cpu": CU_DEVICE_CPU,
             "streamer": grace.runner.model.streamer is not None, "same_logits": same_logits,
             "same": same, "offloaded": grace.cache.offloaded_users,
-            "restored": grace.cache.restored_users}))
+            "restored": grace.cache.restored_users, "layout": layout}))
     ''')
     cpu = result["cpu"]
     assert result["where"] == [0, 0, 0] + [cpu] * 5, result

@@ -88,7 +88,7 @@ def paged_attention(
         from deployments.engine.paged.triton_prefill import prefill_attention
 
         prefill_attention(q, k_cache, v_cache, meta.page_table, meta.context_lens, starts,
-                          meta.query_lens, prefill_rows, scale, out)
+                          meta.query_lens, prefill_rows, scale, out, meta.context_lens_host)
         return out
     for i in prefill_rows:
         n = meta.query_lens[i]

@@ -7,6 +7,10 @@ packed into the tile's rows (row r: token r // G_PAD, head r % G_PAD), so groupe
 attention reads each key once per block. Keys and values are gathered page by page; the online
 softmax runs in float32. Every prefill chunk of a step goes in one launch, through a host-built
 table of (sequence, first token of the block).
+
+A short chunk after a long kept history (a returning user's new turn) makes few programs, each
+walking the whole history: then the keys are split into `SPLITS` ranges, one program each, and
+a second kernel merges the partial results by log-sum-exp (flash-decoding, for prefill).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ BLOCK_N = 64  # keys per iteration
 def _prefill_kernel(
     Q, K, V, Out, PageTable, CtxLens, QueryStart, QueryLen, BlockSeq, BlockStart,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_pt, scale,
+    stride_ot, stride_oh, stride_pt, scale, MidO, MidLse, stride_mt, stride_mh, stride_mk,
     PAGE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
 ):
     block = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     s = tl.load(BlockSeq + block)
     m0 = tl.load(BlockStart + block)
     ctx = tl.load(CtxLens + s)
@@ -48,7 +53,10 @@ def _prefill_kernel(
     denom = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
     end = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # the block's last token sees this far
-    for n0 in range(0, end, BLOCK_N):
+    per_split = tl.cdiv(tl.cdiv(end, BLOCK_N), SPLITS) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(end, lo + per_split)
+    for n0 in range(lo, hi, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         valid = t < end
         page = tl.load(PageTable + s * stride_pt + t // PAGE, mask=valid, other=0).to(tl.int64)
@@ -68,16 +76,59 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-    tl.store(Out + (q0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
-             + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if SPLITS == 1:
+        tl.store(Out + (q0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
+                 + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:  # a partial result: merged by _merge_kernel
+        has = denom > 0
+        lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
+        base = (q0 + tok).to(tl.int64) * stride_mt + head * stride_mh + split * stride_mk
+        tl.store(MidO + base[:, None] + d[None, :], out, mask=row_ok[:, None])
+        tl.store(MidLse + base // D, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(MidO, MidLse, Out, Rows, stride_mt, stride_mh, stride_mk, stride_ot,
+                  stride_oh, D: tl.constexpr, SPLITS: tl.constexpr):
+    t = tl.load(Rows + tl.program_id(0)).to(tl.int64)  # a prefill token's row
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    k = tl.arange(0, SPLITS)
+    base = t * stride_mt + h * stride_mh
+    lse = tl.load(MidLse + (base + k * stride_mk) // D)
+    top = tl.max(lse, 0)
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - safe_top))
+    o = tl.load(MidO + base + k[:, None] * stride_mk + d[None, :])
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + t * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty))
+
+
+def choose_splits(programs: int, max_context: int) -> int:
+    """Key splits so that at least ~2 programs per SM run; a power of two, at most 16, and
+    each split at least 4 key blocks long."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
+        else 128
+    want = max(1, (2 * sms) // max(1, programs))
+    cap = max(1, max_context // (4 * BLOCK_N))
+    splits = 1
+    while splits * 2 <= min(want, cap, 16):
+        splits *= 2
+    return splits
 
 
 def prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
     context_lens: torch.Tensor, query_starts: list[int], query_lens: list[int],
-    seqs: list[int], scale: float, out: torch.Tensor,
+    seqs: list[int], scale: float, out: torch.Tensor, context_lens_host: list[int] | None = None,
+    splits: int | None = None,
 ) -> None:
-    """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`."""
+    """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`.
+
+    `splits` (default: chosen from the number of programs and `context_lens_host`) splits each
+    block's keys into that many ranges, merged afterwards.
+    """
     heads, dim = q.shape[1], q.shape[2]
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -93,12 +144,28 @@ def prefill_attention(
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
-    _prefill_kernel[(len(block_seq), kv_heads)](
+    if splits is None:
+        longest = max((context_lens_host[s] for s in seqs), default=0) if context_lens_host \
+            else 0
+        splits = choose_splits(len(block_seq) * kv_heads, longest)
+    if splits > 1:
+        mid_o = torch.empty(q.shape[0], heads, splits, dim, dtype=torch.float32, device=device)
+        mid_lse = torch.empty(q.shape[0], heads, splits, dtype=torch.float32, device=device)
+    else:  # unused: the kernel writes `out` directly
+        mid_o = mid_lse = out
+    strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)) if splits > 1 else (0, 0, 0)
+    _prefill_kernel[(len(block_seq), kv_heads, splits)](
         q, k_cache, v_cache, out, page_table, context_lens, ints(query_starts[:-1]),
         ints(query_lens), ints(block_seq), ints(block_start),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        page_table.stride(0), scale,
+        page_table.stride(0), scale, mid_o, mid_lse, *strides,
         PAGE=page_size, D=dim, G=group, G_PAD=triton.next_power_of_2(group),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits,
     )
+    if splits > 1:
+        rows = [t for s in seqs for t in range(query_starts[s], query_starts[s] + query_lens[s])]
+        _merge_kernel[(len(rows), heads)](
+            mid_o, mid_lse, out, ints(rows), *strides, out.stride(0), out.stride(1),
+            D=dim, SPLITS=splits,
+        )
