@@ -31,7 +31,6 @@ from deployments.capacity import NodeMemory, coherent_ceiling_bytes, host_budget
 from deployments.config import GiB, MemoryConfig
 
 if TYPE_CHECKING:
-    from deployments.memory_advice import MemoryAdvisor
     from deployments.platform import PlatformInfo
 
 logger = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ class MemoryAccountant(ABC):
 
     device: str  # torch device string the engine should use
     platform: PlatformInfo | None = None  # the node this replica runs on, where known
-    advisor: MemoryAdvisor | None = None  # placement advice for managed memory, where it works
+    managed: bool = False  # allocations in `allocation_scope()` are CUDA managed memory
 
     def __init__(self) -> None:
         self._usage: list[Callable[[], int]] = []
@@ -334,10 +333,7 @@ def setup_memory(
         swap_torch_allocator()
     logger.info("RMM ready: %s; PyTorch allocator: %s", plan.reason, torch_allocator)
     accountant = RmmAccountant(platform, plan, stats_mr, global_allocator=torch_allocator == "rmm")
-    if plan.resource == "managed":
-        from deployments.memory_advice import DriverAdvisor
-
-        accountant.advisor = DriverAdvisor()
+    accountant.managed = plan.resource == "managed"
     return accountant
 
 

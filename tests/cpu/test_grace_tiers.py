@@ -55,8 +55,8 @@ def make(path: str, budget: int | None, grace: bool, host_pages: int = 0):
     advisor = None
     if grace:
         memory.platform = dataclasses.replace(memory.platform, kind="grace")
-        memory.advisor = advisor = RecordingAdvisor()
-    return PagedEngine(args, memory), advisor, memory
+        advisor = RecordingAdvisor()
+    return PagedEngine(args, memory, advisor), advisor, memory
 
 
 def test_cold_layers_stay_in_host_memory_and_compute_the_same(checkpoint):  # noqa: F811

@@ -152,7 +152,8 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
         memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
             "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
             detect_platform(), torch_allocator="native")
-        advisor = memory.advisor
+        from deployments.memory_advice import DriverAdvisor
+        advisor = DriverAdvisor()
         page = 16 * 2 * 8 * 2 * 64 * 2  # 16 tokens, k+v, 8 layers, 2 heads of 64, bf16
         def make(budget, host_pages, grace):
             memory.platform = dataclasses.replace(memory.platform,

@@ -47,6 +47,7 @@ from deployments.engine.paged.weights import (
 )
 from deployments.engine.sampling import make_generator
 from deployments.memory import HostAccountant, MemoryAccountant
+from deployments.memory_advice import DriverAdvisor, MemoryAdvisor
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ class PagedEngine(Engine):
 
     torch_allocator = "native"  # graphs need PyTorch's pools; weights and KV go to RMM
 
-    def __init__(self, args: AppArgs, memory: MemoryAccountant) -> None:
+    def __init__(self, args: AppArgs, memory: MemoryAccountant,
+                 advisor: MemoryAdvisor | None = None) -> None:
+        """`advisor` places managed memory on a coherent node (default: the CUDA driver's
+        advice when the platform is Grace and memory is managed)."""
         cfg = args.engine
         path, self.spec = load_spec(args)
         self.device = memory.device
@@ -80,7 +84,9 @@ class PagedEngine(Engine):
         # the device budget stay in LPDDR and are read in place over NVLink-C2C (no buffers
         # to stream through); elsewhere they live in pinned host memory and stream in.
         grace = memory.platform is not None and memory.platform.kind == "grace"
-        self._advisor = memory.advisor if grace else None
+        if grace and advisor is None and memory.managed:
+            advisor = DriverAdvisor()
+        self._advisor = advisor if grace else None
         streamed = self._streamed_layers(args, in_place=self._advisor is not None)
         cold = frozenset(streamed) if self._advisor else frozenset()
         if self._advisor:
