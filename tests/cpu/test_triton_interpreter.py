@@ -86,3 +86,32 @@ def test_fused_layer_kernels_match_their_pytorch_versions():
     torch.testing.assert_close(q_got, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[2], caches[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[3], caches[1])
+
+
+def test_a_mixed_step_gives_every_layer_the_reference_attention():
+    """Decode rows and prefill chunks in one step, two layers sharing the step's metadata (its
+    row selections and prefill blocks are built once): Triton equals the reference path."""
+    from deployments.engine.paged.attention import AttentionMetadata, paged_attention
+
+    torch.manual_seed(2)
+    pages, page, kv_heads, dim, heads = 64, 16, 2, 32, 8
+    # (tokens this step, context): long histories split their keys (see the plan's splits)
+    shapes = [(1, 50), (12, 1000), (1, 7), (40, 40), (3, 900)]
+    lens = [n for n, _ in shapes]
+    contexts = [c for _, c in shapes]
+    table = torch.stack([torch.randperm(pages) for _ in shapes]).int()
+    positions = torch.cat([torch.arange(c - n, c) for n, c in shapes])
+    meta = AttentionMetadata(
+        positions=positions, write_pages=torch.zeros_like(positions),
+        write_offsets=torch.zeros_like(positions), page_table=table,
+        context_lens=torch.tensor(contexts, dtype=torch.int32), query_lens=lens,
+        context_lens_host=contexts, decode_only=False,
+    )
+    for _layer in range(2):
+        k, v = torch.randn(pages, page, kv_heads, dim), torch.randn(pages, page, kv_heads, dim)
+        q = torch.randn(sum(lens), heads, dim)
+        fast = paged_attention(q, k, v, meta, dim ** -0.5, use_triton=True, triton_prefill=True)
+        ref = paged_attention(q, k, v, meta, dim ** -0.5, use_triton=False)
+        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    # Built by the first layer, reused by the second; the long histories' keys were split.
+    assert meta.plans[("mixed", True, True)][2].splits > 1

@@ -9,7 +9,8 @@ mask aligned to the end of the context (a chunk sees every earlier token of its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ class AttentionMetadata:
     query_lens: list[int]  # host copies of the per-sequence figures
     context_lens_host: list[int]
     decode_only: bool
+    # Per-step work every layer shares (row selections, prefill blocks), built by the first.
+    plans: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def query_starts(self) -> list[int]:
@@ -75,20 +78,24 @@ def paged_attention(
         return decode_attention(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
     out = torch.empty_like(q)
     starts = meta.query_starts
-    decode_rows = [i for i, n in enumerate(meta.query_lens) if n == 1]
-    if use_triton and decode_rows:
+    key = ("mixed", use_triton, triton_prefill)
+    plan = meta.plans.get(key)
+    if plan is None:
+        plan = meta.plans[key] = _mixed_plan(meta, q.device, k_cache.shape[2], use_triton,
+                                             triton_prefill)
+    decode, prefill_rows, prefill = plan
+    if decode is not None:
         from deployments.engine.paged.triton_attention import decode_attention
 
-        rows = torch.tensor([starts[i] for i in decode_rows], device=q.device)
-        seqs = torch.tensor(decode_rows, device=q.device)
+        rows, seqs = decode
         out[rows] = decode_attention(q[rows], k_cache, v_cache, meta.page_table[seqs],
                                      meta.context_lens[seqs], scale)
-    prefill_rows = [i for i, n in enumerate(meta.query_lens) if n > 1 or not use_triton]
     if triton_prefill and prefill_rows:
-        from deployments.engine.paged.triton_prefill import prefill_attention
+        from deployments.engine.paged.triton_prefill import run_prefill
 
-        prefill_attention(q, k_cache, v_cache, meta.page_table, meta.context_lens, starts,
-                          meta.query_lens, prefill_rows, scale, out, meta.context_lens_host)
+        if prefill is not None:
+            run_prefill(q, k_cache, v_cache, meta.page_table, meta.context_lens, prefill, scale,
+                        out)
         return out
     for i in prefill_rows:
         n = meta.query_lens[i]
@@ -96,3 +103,25 @@ def paged_attention(
         out[lo:lo + n] = reference_attention(q[lo:lo + n], k_cache, v_cache, meta.page_table[i],
                                              meta.context_lens_host[i], scale)
     return out
+
+
+def _mixed_plan(meta: AttentionMetadata, device: torch.device, kv_heads: int, use_triton: bool,
+                triton_prefill: bool) -> tuple[Any, list[int], Any]:
+    """A mixed step's row selections, copied to the device once for all layers: (decode rows
+    and their sequences, or None), the prefill sequences, and the prefill kernel's plan."""
+    starts = meta.query_starts
+    decode_rows = [i for i, n in enumerate(meta.query_lens) if n == 1] if use_triton else []
+    decode = None
+    if decode_rows:
+        packed = torch.tensor([starts[i] for i in decode_rows] + decode_rows, dtype=torch.long)
+        if torch.device(device).type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        decode = tuple(packed.split(len(decode_rows)))
+    prefill_rows = [i for i, n in enumerate(meta.query_lens) if n > 1 or not use_triton]
+    prefill = None
+    if triton_prefill and prefill_rows:
+        from deployments.engine.paged.triton_prefill import plan_prefill
+
+        prefill = plan_prefill(starts, meta.query_lens, prefill_rows, kv_heads, device,
+                               meta.context_lens_host)
+    return decode, prefill_rows, prefill

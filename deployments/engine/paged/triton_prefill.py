@@ -15,6 +15,8 @@ a second kernel merges the partial results by log-sum-exp (flash-decoding, for p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -118,45 +120,76 @@ def choose_splits(programs: int, max_context: int) -> int:
     return splits
 
 
-def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-    context_lens: torch.Tensor, query_starts: list[int], query_lens: list[int],
-    seqs: list[int], scale: float, out: torch.Tensor, context_lens_host: list[int] | None = None,
-    splits: int | None = None,
-) -> None:
-    """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`.
+@dataclass
+class PrefillPlan:
+    """A step's prefill blocks, on the device: the same for every layer, so built once."""
 
-    `splits` (default: chosen from the number of programs and `context_lens_host`) splits each
-    block's keys into that many ranges, merged afterwards.
-    """
-    heads, dim = q.shape[1], q.shape[2]
-    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kv_heads
+    num_blocks: int
+    splits: int
+    query_starts: torch.Tensor  # [S] int32, first row of each sequence's chunk
+    query_lens: torch.Tensor  # [S] int32
+    block_seq: torch.Tensor  # [num_blocks] int32, the sequence of each block
+    block_start: torch.Tensor  # [num_blocks] int32, its first token within the chunk
+    rows: torch.Tensor  # [R] int32, every prefill token's row (for the merge)
+
+
+def plan_prefill(query_starts: list[int], query_lens: list[int], seqs: list[int], kv_heads: int,
+                 device: torch.device, context_lens_host: list[int] | None = None,
+                 splits: int | None = None) -> PrefillPlan | None:
+    """Blocks of `BLOCK_M` query tokens for sequences `seqs`, copied up in one transfer; None
+    if there is nothing to compute. `splits` (default: chosen from the number of programs and
+    `context_lens_host`) splits each block's keys into that many ranges, merged afterwards."""
     block_seq, block_start = [], []
     for s in seqs:
         for m0 in range(0, query_lens[s], BLOCK_M):
             block_seq.append(s)
             block_start.append(m0)
     if not block_seq:
-        return
-    device = q.device
-
-    def ints(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
-
+        return None
     if splits is None:
         longest = max((context_lens_host[s] for s in seqs), default=0) if context_lens_host \
             else 0
         splits = choose_splits(len(block_seq) * kv_heads, longest)
+    rows = [t for s in seqs for t in range(query_starts[s], query_starts[s] + query_lens[s])]
+    n = len(query_lens)
+    packed = torch.tensor([*query_starts[:n], *query_lens, *block_seq, *block_start, *rows],
+                          dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    qs, ql, bs, bst, rw = packed.split([n, n, len(block_seq), len(block_seq), len(rows)])
+    return PrefillPlan(len(block_seq), splits, qs, ql, bs, bst, rw)
+
+
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+    context_lens: torch.Tensor, query_starts: list[int], query_lens: list[int],
+    seqs: list[int], scale: float, out: torch.Tensor, context_lens_host: list[int] | None = None,
+    splits: int | None = None,
+) -> None:
+    """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`."""
+    plan = plan_prefill(query_starts, query_lens, seqs, k_cache.shape[2], q.device,
+                        context_lens_host, splits)
+    if plan is not None:
+        run_prefill(q, k_cache, v_cache, page_table, context_lens, plan, scale, out)
+
+
+def run_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                page_table: torch.Tensor, context_lens: torch.Tensor, plan: PrefillPlan,
+                scale: float, out: torch.Tensor) -> None:
+    """One layer's prefill attention for the blocks of `plan` into `out`."""
+    heads, dim = q.shape[1], q.shape[2]
+    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    splits = plan.splits
     if splits > 1:
-        mid_o = torch.empty(q.shape[0], heads, splits, dim, dtype=torch.float32, device=device)
-        mid_lse = torch.empty(q.shape[0], heads, splits, dtype=torch.float32, device=device)
+        mid_o = torch.empty(q.shape[0], heads, splits, dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(q.shape[0], heads, splits, dtype=torch.float32, device=q.device)
     else:  # unused: the kernel writes `out` directly
         mid_o = mid_lse = out
     strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)) if splits > 1 else (0, 0, 0)
-    _prefill_kernel[(len(block_seq), kv_heads, splits)](
-        q, k_cache, v_cache, out, page_table, context_lens, ints(query_starts[:-1]),
-        ints(query_lens), ints(block_seq), ints(block_start),
+    _prefill_kernel[(plan.num_blocks, kv_heads, splits)](
+        q, k_cache, v_cache, out, page_table, context_lens, plan.query_starts, plan.query_lens,
+        plan.block_seq, plan.block_start,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         page_table.stride(0), scale, mid_o, mid_lse, *strides,
@@ -164,8 +197,7 @@ def prefill_attention(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits,
     )
     if splits > 1:
-        rows = [t for s in seqs for t in range(query_starts[s], query_starts[s] + query_lens[s])]
-        _merge_kernel[(len(rows), heads)](
-            mid_o, mid_lse, out, ints(rows), *strides, out.stride(0), out.stride(1),
+        _merge_kernel[(plan.rows.shape[0], heads)](
+            mid_o, mid_lse, out, plan.rows, *strides, out.stride(0), out.stride(1),
             D=dim, SPLITS=splits,
         )
