@@ -1,10 +1,35 @@
 """The host KV tier on a GPU: asynchronous page copies through pinned memory, round trip."""
 
+import textwrap
+
 import pytest
 
 from tests.gpu.conftest import run_isolated
 
 pytestmark = pytest.mark.gpu
+
+# An 8-layer Llama checkpoint saved to a temporary folder, and a small managed pool planned
+# for this discrete card (never beyond its free memory): the start of an isolated run.
+EIGHT_LAYERS = '''
+import json, tempfile
+import torch, transformers
+from deployments.config import AppArgs
+from deployments.engine import SamplingParams
+from deployments.engine.builtin import build_tokenizer
+from deployments.engine.paged.engine import PagedEngine
+from deployments.engine.paged.sequence import Sequence
+from deployments.memory import setup_memory
+from deployments.platform import detect_platform
+config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
+    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+    max_position_embeddings=2048, vocab_size=448, tie_word_embeddings=False)
+path = tempfile.mkdtemp()
+transformers.LlamaForCausalLM(config).save_pretrained(path)
+build_tokenizer().save_pretrained(path)
+memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
+    "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
+    detect_platform(), torch_allocator="native")
+'''
 
 
 def test_pages_round_trip_through_pinned_host_memory_asynchronously():
@@ -83,25 +108,7 @@ def test_generation_with_the_host_tier_equals_generation_without_on_gpu():
 
 
 def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
-    result = run_isolated('''
-        import json, tempfile
-        import torch, transformers
-        from deployments.config import AppArgs
-        from deployments.engine import SamplingParams
-        from deployments.engine.builtin import build_tokenizer
-        from deployments.engine.paged.engine import PagedEngine
-        from deployments.engine.paged.sequence import Sequence
-        from deployments.memory import setup_memory
-        from deployments.platform import detect_platform
-        config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
-            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-            max_position_embeddings=2048, vocab_size=448, tie_word_embeddings=False)
-        path = tempfile.mkdtemp()
-        transformers.LlamaForCausalLM(config).save_pretrained(path)
-        build_tokenizer().save_pretrained(path)
-        memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
-            "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
-            detect_platform(), torch_allocator="native")
+    result = run_isolated(EIGHT_LAYERS + textwrap.dedent('''
         def make(budget):
             return PagedEngine(AppArgs.model_validate({
                 "model": {"model_id": path, "dtype": "bfloat16",
@@ -124,7 +131,7 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
         on_host = streamed.runner.model.w.blocks[-1].is_pinned()
         print("RESULT " + json.dumps({"same": same, "streamed": len(
             streamed.runner.model.streamer.streamed), "pinned": on_host}))
-    ''')
+    '''))
     assert result["same"] and result["streamed"] == 7 and result["pinned"]
 
 
@@ -136,28 +143,10 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
 def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
     """The Grace path with the platform faked on a discrete GPU (concurrent managed access):
     the driver reports the advice took effect, and the engine computes what it does without."""
-    result = run_isolated('''
-        import asyncio, dataclasses, json, tempfile
-        import torch, transformers
-        from deployments.config import AppArgs
-        from deployments.engine import GenerationRequest, SamplingParams
-        from deployments.engine.builtin import build_tokenizer
-        from deployments.engine.paged.engine import PagedEngine
-        from deployments.engine.paged.sequence import Sequence
-        from deployments.memory import setup_memory
-        from deployments.memory_advice import CU_DEVICE_CPU
-        from deployments.platform import detect_platform
-        config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
-            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-            max_position_embeddings=2048, vocab_size=448, tie_word_embeddings=False)
-        path = tempfile.mkdtemp()
-        transformers.LlamaForCausalLM(config).save_pretrained(path)
-        build_tokenizer().save_pretrained(path)
-        # A small managed pool planned for this discrete card (never beyond its free memory).
-        memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
-            "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
-            detect_platform(), torch_allocator="native")
-        from deployments.memory_advice import DriverAdvisor
+    result = run_isolated(EIGHT_LAYERS + textwrap.dedent('''
+        import asyncio, dataclasses
+        from deployments.engine import GenerationRequest
+        from deployments.memory_advice import CU_DEVICE_CPU, DriverAdvisor
         advisor = DriverAdvisor()
         page = 16 * 2 * 8 * 2 * 64 * 2  # 16 tokens, k+v, 8 layers, 2 heads of 64, bf16
         def make(budget, host_pages, grace):
@@ -216,7 +205,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
             "streamer": grace.runner.model.streamer is not None, "same_logits": same_logits,
             "same": same, "offloaded": grace.cache.offloaded_users,
             "restored": grace.cache.restored_users, "layout": layout}))
-    ''')
+    '''))
     print("advice layout:", result["layout"])  # shown with -s: where each range's parts live
     cpu = result["cpu"]
     assert result["where"] == [0, 0, 0] + [cpu] * 5, result

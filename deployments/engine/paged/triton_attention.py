@@ -66,13 +66,12 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(MidO, MidLse, Out, stride_ms, stride_mh, stride_mk, stride_os, stride_oh,
-                  D: tl.constexpr, SPLITS: tl.constexpr):
-    s = tl.program_id(0)
-    h = tl.program_id(1)
+def merge_splits(MidO, MidLse, Out, row, h, stride_mr, stride_mh, stride_mk, stride_or,
+                 stride_oh, D: tl.constexpr, SPLITS: tl.constexpr):
+    """Combine one (row, head)'s SPLITS partial results [SPLITS, D] by their log-sum-exp."""
     d = tl.arange(0, D)
     k = tl.arange(0, SPLITS)
-    base = s * stride_ms + h * stride_mh
+    base = row * stride_mr + h * stride_mh
     lse = tl.load(MidLse + (base + k * stride_mk) // D)
     top = tl.max(lse, 0)
     safe_top = tl.where(top == float("-inf"), 0.0, top)
@@ -80,7 +79,14 @@ def _merge_kernel(MidO, MidLse, Out, stride_ms, stride_mh, stride_mk, stride_os,
     o = tl.load(MidO + base + k[:, None] * stride_mk + d[None, :])
     total = tl.sum(w, 0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(Out + s * stride_os + h * stride_oh + d, out.to(Out.dtype.element_ty))
+    tl.store(Out + row * stride_or + h * stride_oh + d, out.to(Out.dtype.element_ty))
+
+
+@triton.jit
+def _merge_kernel(MidO, MidLse, Out, stride_ms, stride_mh, stride_mk, stride_os, stride_oh,
+                  D: tl.constexpr, SPLITS: tl.constexpr):
+    merge_splits(MidO, MidLse, Out, tl.program_id(0), tl.program_id(1), stride_ms, stride_mh,
+                 stride_mk, stride_os, stride_oh, D, SPLITS)
 
 
 def choose_splits(num_seqs: int, kv_heads: int, max_context: int) -> int:

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deployments.engine.paged.triton_attention import merge_splits
+
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per iteration
 
@@ -92,19 +94,9 @@ def _prefill_kernel(
 @triton.jit
 def _merge_kernel(MidO, MidLse, Out, Rows, stride_mt, stride_mh, stride_mk, stride_ot,
                   stride_oh, D: tl.constexpr, SPLITS: tl.constexpr):
-    t = tl.load(Rows + tl.program_id(0)).to(tl.int64)  # a prefill token's row
-    h = tl.program_id(1)
-    d = tl.arange(0, D)
-    k = tl.arange(0, SPLITS)
-    base = t * stride_mt + h * stride_mh
-    lse = tl.load(MidLse + (base + k * stride_mk) // D)
-    top = tl.max(lse, 0)
-    safe_top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - safe_top))
-    o = tl.load(MidO + base + k[:, None] * stride_mk + d[None, :])
-    total = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(Out + t * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty))
+    row = tl.load(Rows + tl.program_id(0)).to(tl.int64)  # a prefill token's row
+    merge_splits(MidO, MidLse, Out, row, tl.program_id(1), stride_mt, stride_mh, stride_mk,
+                 stride_ot, stride_oh, D, SPLITS)
 
 
 def choose_splits(programs: int, max_context: int) -> int:
