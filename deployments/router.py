@@ -70,6 +70,17 @@ class UnifiedMemoryRouter(RequestRouter):
     ) -> None:
         self._policy = PlacementPolicy(free_memory_tolerance_fraction, sticky_max_wait_s)
         self._ledger = PlacementLedger(placement_ttl_s)
+        # replica id -> (the stats object a view was built from, that view): stats arrive as
+        # new objects once a period, so a view (hashing every resident user) is built once.
+        self._views: dict[str, tuple[Any, ReplicaView]] = {}
+
+    def _view(self, replica_id: str, stats: Any) -> ReplicaView:
+        cached = self._views.get(replica_id)
+        if cached is not None and cached[0] is stats and stats is not None:
+            return cached[1]
+        view = ReplicaView.from_stats(replica_id, stats)
+        self._views[replica_id] = (stats, view)
+        return view
 
     @staticmethod
     def _user(pending_request: PendingRequest | None) -> str | None:
@@ -104,7 +115,7 @@ class UnifiedMemoryRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        views = [ReplicaView.from_stats(rid, r.routing_stats) for rid, r in by_id.items()]
+        views = [self._view(rid, r.routing_stats) for rid, r in by_id.items()]
         now = time.time()
         waited = now - pending_request.created_at if pending_request else 0.0
         decision = decide(
@@ -123,9 +134,7 @@ class UnifiedMemoryRouter(RequestRouter):
         if user is None:
             return
         replica = self.curr_replicas.get(replica_id)
-        view = ReplicaView.from_stats(
-            replica_id.unique_id, replica.routing_stats if replica else None
-        )
+        view = self._view(replica_id.unique_id, replica.routing_stats if replica else None)
         if user not in view.resident:
             nbytes = self._request_bytes(pending_request, [replica] if replica else [])
             self._ledger.record(

@@ -78,39 +78,47 @@ async def collect(first: dict[str, Any], events: Events) -> tuple[str, str | Non
     return "".join(text), finish, usage
 
 
-async def chat_events(model: str, events: Events, include_usage: bool,
-                      on_error: Callable[[str], None]) -> Events:
-    """Chat completion chunks; an error after the first token becomes an error chunk."""
-    rid = new_id("chatcmpl")
-    yield chat_chunk(rid, model, {"role": "assistant", "content": ""})
+async def _chunks(events: Events, include_usage: bool, on_error: Callable[[str], None],
+                  text: Callable[[str], dict], end: Callable[[str], dict],
+                  usage: Callable[[dict], dict]) -> Events:
+    """Engine events as API chunks built by `text`, `end` and `usage`; an error after the
+    first token becomes an error chunk (and is reported to `on_error`)."""
     async for event in events:
         if event["event"] == "delta" and event["text"]:
-            yield chat_chunk(rid, model, {"content": event["text"]})
+            yield text(event["text"])
         elif event["event"] == "end":
-            yield chat_chunk(rid, model, {}, event["finish_reason"])
+            yield end(event["finish_reason"])
             if include_usage:
-                yield chat_chunk(rid, model, None, usage=event["usage"])
+                yield usage(event["usage"])
         elif event["event"] == "error":
             err = error_from_event(event)
             on_error(err.reason)
             yield err.body
+
+
+async def chat_events(model: str, events: Events, include_usage: bool,
+                      on_error: Callable[[str], None]) -> Events:
+    """Chat completion chunks, opening with the assistant's role."""
+    rid = new_id("chatcmpl")
+    yield chat_chunk(rid, model, {"role": "assistant", "content": ""})
+    async for chunk in _chunks(
+            events, include_usage, on_error,
+            text=lambda t: chat_chunk(rid, model, {"content": t}),
+            end=lambda reason: chat_chunk(rid, model, {}, reason),
+            usage=lambda u: chat_chunk(rid, model, None, usage=u)):
+        yield chunk
 
 
 async def completion_events(model: str, events: Events, include_usage: bool,
                             on_error: Callable[[str], None]) -> Events:
-    """Text completion chunks; an error after the first token becomes an error chunk."""
+    """Text completion chunks."""
     rid = new_id("cmpl")
-    async for event in events:
-        if event["event"] == "delta" and event["text"]:
-            yield completion_chunk(rid, model, event["text"])
-        elif event["event"] == "end":
-            yield completion_chunk(rid, model, "", event["finish_reason"])
-            if include_usage:
-                yield completion_chunk(rid, model, None, usage=event["usage"])
-        elif event["event"] == "error":
-            err = error_from_event(event)
-            on_error(err.reason)
-            yield err.body
+    async for chunk in _chunks(
+            events, include_usage, on_error,
+            text=lambda t: completion_chunk(rid, model, t),
+            end=lambda reason: completion_chunk(rid, model, "", reason),
+            usage=lambda u: completion_chunk(rid, model, None, usage=u)):
+        yield chunk
 
 
 def sse(payload: dict[str, Any] | str) -> str:

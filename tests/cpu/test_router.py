@@ -115,3 +115,16 @@ def test_a_new_users_footprint_counts_what_it_will_generate():
     placed = [asyncio.run(place(f"u{i}")) for i in range(4)]
     # 4,000 tokens of KV to come (8 MiB) break the tie before stats arrive: one user each.
     assert sorted(placed) == ["a", "b", "c", "d"]
+
+
+def test_replica_views_follow_each_new_stats_report():
+    router = make_router()
+    a, b = replica("a", 300), replica("b", 10)
+    assert choose(router, [a, b], "dave")[0][0] == ["a"]
+    first = router._view("a", a.routing_stats)
+    assert router._view("a", a.routing_stats) is first  # same report: built once
+    # The next report (a new object, as Serve delivers it) says a filled up and holds dave.
+    a.routing_stats = {**replica("a", 5, resident=["dave"]).routing_stats}
+    assert router._view("a", a.routing_stats) is not first
+    assert choose(router, [a, b], "dave")[0] == [["a"]]  # now dave's home
+    assert choose(router, [a, b], "erin")[0][0] == ["b"]
