@@ -17,6 +17,21 @@ BLOCK_N = 64  # tokens per iteration
 
 
 @triton.jit
+def load_kv(K, V, Pages, t, valid, kvh, d, stride_kp, stride_kt, stride_kh, stride_vp,
+            stride_vt, stride_vh, PAGE: tl.constexpr):
+    """Keys and values [len(t), D] of tokens `t` of one kv head, through `Pages` (a sequence's
+    page-table row); tokens not `valid` read as zeros."""
+    # int64: page * stride passes 2**31 elements in pools over 4 GiB.
+    page = tl.load(Pages + t // PAGE, mask=valid, other=0).to(tl.int64)
+    slot = t % PAGE
+    k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh
+                + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh
+                + d[None, :], mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _split_kernel(
     Q, K, V, PageTable, CtxLens, MidO, MidLse,
     stride_qs, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
@@ -42,13 +57,8 @@ def _split_kernel(
     for n0 in range(start, end, BLOCK):
         t = n0 + tl.arange(0, BLOCK)
         valid = t < end
-        # int64: page * stride passes 2**31 elements in pools over 4 GiB.
-        page = tl.load(PageTable + s * stride_pt + t // PAGE, mask=valid, other=0).to(tl.int64)
-        slot = t % PAGE
-        k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh
-                    + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh
-                    + d[None, :], mask=valid[:, None], other=0.0)
+        k, v = load_kv(K, V, PageTable + s * stride_pt, t, valid, kvh, d, stride_kp, stride_kt,
+                       stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
         scores = tl.dot(q, tl.trans(k)) * scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))

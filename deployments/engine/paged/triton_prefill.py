@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deployments.engine.paged.triton_attention import merge_splits
+from deployments.engine.paged.triton_attention import load_kv, merge_splits
 
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per iteration
@@ -63,12 +63,8 @@ def _prefill_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         valid = t < end
-        page = tl.load(PageTable + s * stride_pt + t // PAGE, mask=valid, other=0).to(tl.int64)
-        slot = t % PAGE
-        k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh
-                    + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh
-                    + d[None, :], mask=valid[:, None], other=0.0)
+        k, v = load_kv(K, V, PageTable + s * stride_pt, t, valid, kvh, d, stride_kp, stride_kt,
+                       stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
         scores = tl.dot(q, tl.trans(k)) * scale
         seen = valid[None, :] & (t[None, :] <= qpos[:, None])
         scores = tl.where(seen, scores, float("-inf"))
