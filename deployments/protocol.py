@@ -143,56 +143,43 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
     }
 
 
+def _response(rid: str, kind: str, model: str, choice: dict[str, Any] | None,
+              usage: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI's envelope around at most one choice (index 0); None gives no choices."""
+    out: dict[str, Any] = {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [] if choice is None else [{"index": 0, **choice, "logprobs": None}],
+    }
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
 def chat_completion(
     rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage,
-    }
+    return _response(rid, "chat.completion", model, {
+        "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+    }, usage)
 
 
 def chat_chunk(
     rid: str, model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
     usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    choices = [] if delta is None else [
-        {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-    ]
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    """A streamed chat chunk; `delta=None` gives the usage-only chunk (no choices)."""
+    choice = None if delta is None else {"delta": delta, "finish_reason": finish_reason}
+    return _response(rid, "chat.completion.chunk", model, choice, usage)
 
 
 def text_completion(
     rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage,
-    }
+    return _response(rid, "text_completion", model,
+                     {"text": text, "finish_reason": finish_reason}, usage)
 
 
 def completion_chunk(
@@ -200,19 +187,8 @@ def completion_chunk(
     usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A streamed completion chunk; `text=None` gives the usage-only chunk (no choices)."""
-    choices = [] if text is None else [
-        {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-    ]
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    choice = None if text is None else {"text": text, "finish_reason": finish_reason}
+    return _response(rid, "text_completion", model, choice, usage)
 
 
 def error_body(
