@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import weakref
 from typing import Any
 
 import torch
@@ -51,3 +54,20 @@ def build_ours(path: str, dtype_name: str, kv_bytes: int, limit_bytes: int,
     eng = PagedEngine(args, memory(limit_bytes))
     eng.eos_token_ids = frozenset()  # benchmarks generate every requested token
     return eng
+
+
+def release(engines: list[Any]) -> None:
+    """Shut the engine in `engines` down and free its memory before the next one is built.
+
+    Passed in a list the caller drops its own name for: an engine's thread and callbacks form
+    reference cycles, so only a collection after the last reference goes frees its memory.
+    """
+    engine = engines.pop()
+    asyncio.run(engine.shutdown())
+    alive = weakref.ref(engine)
+    del engine
+    gc.collect()
+    if alive() is not None:
+        raise RuntimeError(f"a shut-down engine is still referenced by {gc.get_referrers(alive())}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -61,6 +61,11 @@ def kernel_table(engine: Any, prompts: list[list[int]], new_tokens: int) -> list
         [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         asyncio.run(run_requests(engine, prompts, [new_tokens] * len(prompts)))
+    return by_device_time(prof)
+
+
+def by_device_time(prof: Any, top: int = 25) -> list[dict[str, Any]]:
+    """The profiler's kernels (and ops) with device time, most first."""
     rows = []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
@@ -68,7 +73,7 @@ def kernel_table(engine: Any, prompts: list[list[int]], new_tokens: int) -> list
             rows.append({"name": event.key[:90], "calls": event.count,
                          "device_ms": device_us / 1e3})
     rows.sort(key=lambda r: -r["device_ms"])
-    return rows[:25]
+    return rows[:top]
 
 
 def returning_user(engine: Any, rng: random.Random, vocab: int, history: int, new: int
@@ -93,15 +98,10 @@ def returning_user(engine: Any, rng: random.Random, vocab: int, history: int, ne
             [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
             asyncio.run(run_requests(engine, [follow], [1], users=[f"back{u}"]))
-        for event in prof.key_averages():
-            device_us = getattr(event, "device_time_total", 0)
-            if device_us:
-                table.append({"name": event.key[:90], "calls": event.count,
-                              "device_ms": device_us / 1e3})
-        table.sort(key=lambda r: -r["device_ms"])
+        table = by_device_time(prof)
     row = {"workload": "returning_user", "history_tokens": history, "new_tokens": new,
            "ttft_ms": [t * 1e3 for t in ttft], "step_ms": [s * 1e3 for s in steps],
-           "kernels": table[:25]}
+           "kernels": table}
     print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
     for r in table[:15]:
         print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}  {r['name']}", flush=True)

@@ -11,26 +11,19 @@ resident bytes over the measured device bandwidth.
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
 from typing import Any
 
 import torch
 
-from benchmarks.engine_bench import model_dir, run_requests
+from benchmarks.engine_bench import LLAMA_31_8B, model_dir, run_requests
 from benchmarks.hf_peer import build_hf, hf_decode_step
-from benchmarks.ours import build_ours
+from benchmarks.ours import build_ours, release
 
-LLAMA_32_3B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072,
-    "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128001,
-    "hidden_act": "silu", "torch_dtype": "bfloat16",
-}
+# The Llama 3.2 3B architecture: the 8B's family, smaller, tied embeddings, rope factor 32.
+LLAMA_32_3B = {**LLAMA_31_8B, "hidden_size": 3072, "intermediate_size": 8192,
+               "num_hidden_layers": 28, "num_attention_heads": 24, "tie_word_embeddings": True,
+               "rope_scaling": {**LLAMA_31_8B["rope_scaling"], "factor": 32.0}}
 QUICK_3B = {**LLAMA_32_3B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
             "vocab_size": 2048, "max_position_embeddings": 16384}
@@ -62,9 +55,9 @@ def streaming_rows(quick: bool, limit: int, pinned_bw: float | None, device_bw: 
              "device_weight_budget_bytes": budget, "weights_bytes": total,
              "streamed_bytes_per_step": streamed, "step_ms": step * 1e3,
              "floor_ms": floor * 1e3 if floor else None}]
-    asyncio.run(ours.shutdown())
+    held = [ours]
     del ours
-    gc.collect()  # the engine's weights and pool go back before accelerate's run
+    release(held)  # the engine's weights and pool go back before accelerate's run
     if gpu:
         from accelerate import dispatch_model, infer_auto_device_map
 

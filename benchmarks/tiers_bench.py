@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import random
 import statistics
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.engine_bench import LLAMA_31_8B, QUICK, model_dir, run_requests
-from benchmarks.ours import build_ours
+from benchmarks.ours import build_ours, release
 from benchmarks.streaming import streaming_rows
 
 
@@ -65,23 +63,6 @@ def restore_bandwidth(engine: Any, user: str) -> dict[str, float]:
     engine.cache.free(dst)
     nbytes = len(host_pages) * engine.page_bytes
     return {"bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds}
-
-
-def release(engines: list[Any]) -> None:
-    """Shut the engine in `engines` down and free its memory before the next one is built.
-
-    Passed in a list the caller drops its own name for: an engine's thread and callbacks form
-    reference cycles, so only a collection after the last reference goes frees its memory.
-    """
-    engine = engines.pop()
-    asyncio.run(engine.shutdown())
-    alive = weakref.ref(engine)
-    del engine
-    gc.collect()
-    if alive() is not None:
-        raise RuntimeError(f"a shut-down engine is still referenced by {gc.get_referrers(alive())}")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def users_held(engine: Any, history: int, vocab: int, limit: int, rng: random.Random) -> int:

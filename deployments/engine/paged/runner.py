@@ -67,7 +67,7 @@ class ModelRunner:
         width = max(len(seq.pages) for seq in batch.seqs)
         table = np.zeros((len(batch), width), dtype=np.int32)
         tokens, positions, contexts, sampling_rows, logits_index = [], [], [], [], []
-        write_pages, fed, count = [], [], 0
+        write_pages, fed, count, feeds = [], [], 0, False
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
             start = seq.num_computed
             pages = np.asarray(seq.pages, dtype=np.int64)
@@ -77,6 +77,7 @@ class ModelRunner:
             write_pages.append(pages[pos // page])
             chunk = seq.token_ids[start:start + n]
             if chunk[-1] == PLACEHOLDER:  # sampled by the step in flight: read on the device
+                feeds = True
                 if n != 1 or feed is None or id(seq) not in feed.row_of:
                     raise RuntimeError(f"sequence {seq.request_id}: a token in flight is "
                                        "needed by a step that cannot read it")
@@ -99,7 +100,7 @@ class ModelRunner:
                                                np.asarray(contexts, dtype=np.int32)]))
         tok, positions_d, pages_d, offsets_d, logits_d, fed_d = longs.split(
             [n_tok, n_tok, n_tok, n_tok, n_log, n_tok])
-        if feed is not None and any(f >= 0 for f in fed):
+        if feeds:
             assert feed.tokens is not None
             tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
         meta = AttentionMetadata(
@@ -131,7 +132,3 @@ class ModelRunner:
         else:
             step.host = step.tokens
         return step
-
-    def execute(self, batch: Batch) -> list[int | None]:
-        """Run one step to completion; the sampled token of each sequence that samples."""
-        return self.launch(batch).result()

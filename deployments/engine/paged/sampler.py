@@ -9,15 +9,10 @@ import torch
 from deployments.engine.interface import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row of float32 logits [S, vocab]; one host sync for the whole batch."""
-    return sample_on_device(logits, params, generators).tolist()
-
-
 def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams],
                      generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """`sample` without the sync: the tokens [S] (int64) stay on the logits' device."""
+    """One token per row of float32 logits [S, vocab], as int64 [S] on the logits' device
+    (no host sync: the caller copies them when it needs them)."""
     result = torch.argmax(logits, dim=-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:

@@ -32,6 +32,27 @@ def load_kv(K, V, Pages, t, valid, kvh, d, stride_kp, stride_kt, stride_kh, stri
 
 
 @triton.jit
+def attend(q, k, v, seen, m, denom, acc, scale):
+    """One online-softmax step: rows of `q` over keys `k` and values `v` where `seen`.
+    Returns the running max, denominator and (unnormalised) output."""
+    scores = tl.where(seen, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    return m_new, denom * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def finish(m, denom, acc):
+    """The normalised output and its log-sum-exp (-inf for rows that saw no key)."""
+    has = denom > 0
+    out = acc / tl.where(has, denom, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _split_kernel(
     Q, K, V, PageTable, CtxLens, MidO, MidLse,
     stride_qs, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
@@ -59,17 +80,8 @@ def _split_kernel(
         valid = t < end
         k, v = load_kv(K, V, PageTable + s * stride_pt, t, valid, kvh, d, stride_kp, stride_kt,
                        stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-    has = denom > 0
-    out = acc / tl.where(has, denom, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
+        m, denom, acc = attend(q, k, v, valid[None, :], m, denom, acc, scale)
+    out, lse = finish(m, denom, acc)
     base = s * stride_ms + heads * stride_mh + split * stride_mk
     tl.store(MidO + base[:, None] + d[None, :], out, mask=g[:, None] < G)
     tl.store(MidLse + base // D, lse, mask=g < G)

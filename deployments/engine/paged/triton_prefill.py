@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deployments.engine.paged.triton_attention import load_kv, merge_splits
+from deployments.engine.paged.triton_attention import attend, finish, load_kv, merge_splits
 
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per iteration
@@ -65,23 +65,13 @@ def _prefill_kernel(
         valid = t < end
         k, v = load_kv(K, V, PageTable + s * stride_pt, t, valid, kvh, d, stride_kp, stride_kt,
                        stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
-        scores = tl.dot(q, tl.trans(k)) * scale
         seen = valid[None, :] & (t[None, :] <= qpos[:, None])
-        scores = tl.where(seen, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+        m, denom, acc = attend(q, k, v, seen, m, denom, acc, scale)
+    out, lse = finish(m, denom, acc)
     if SPLITS == 1:
         tl.store(Out + (q0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
                  + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:  # a partial result: merged by _merge_kernel
-        has = denom > 0
-        lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
         base = (q0 + tok).to(tl.int64) * stride_mt + head * stride_mh + split * stride_mk
         tl.store(MidO + base[:, None] + d[None, :], out, mask=row_ok[:, None])
         tl.store(MidLse + base // D, lse, mask=row_ok)
