@@ -34,15 +34,27 @@ class CapacityError(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one request draws its tokens (plain values: the engine builds its device plan)."""
+
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus: the smallest set of top tokens holding this much mass
+    top_k: int = 0  # only the k most likely tokens; 0: no limit
+    min_p: float = 0.0  # only tokens at least this share of the top token's probability
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = None  # the same seed and prompt give the same tokens
+    ignore_eos: bool = False  # generate max_tokens even past end-of-sequence tokens
+    min_tokens: int = 0  # end-of-sequence tokens cannot be drawn before this many tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
             raise RequestError("max_tokens must be at least 1", param="max_tokens")
+        if self.top_k < 0:
+            raise RequestError("top_k must be 0 (off) or positive", param="top_k")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError("min_p must be in [0, 1]", param="min_p")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
 
 
 @dataclass(frozen=True)
