@@ -131,7 +131,7 @@ class HFEngine(Engine):
 
     async def stream_tokens(
         self, request: GenerationRequest, progress: RequestProgress
-    ) -> AsyncIterator[int]:
+    ) -> AsyncIterator[list[int]]:
         prompt = list(request.prompt_token_ids)
         params = request.sampling
         self._waiting += 1
@@ -159,8 +159,9 @@ class HFEngine(Engine):
                 fed = len(seen)
                 seen.append(token)
                 self.store.record(entry, seen, cache, fed)
-                yield token
-                if token in self.eos_token_ids or produced == params.max_tokens:
+                yield [token]  # one step, one token: this engine runs one request a step
+                if produced == params.max_tokens or (
+                        token in self.eos_token_ids and not params.ignore_eos):
                     return
                 feed = [token]
         finally:

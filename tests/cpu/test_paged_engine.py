@@ -66,7 +66,7 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def new_seq(engine: PagedEngine, ids: list[int]) -> Sequence:
-    seq = Sequence("t", None, list(ids), SamplingParams(1), deliver=lambda _: None)
+    seq = Sequence("t", None, list(ids), SamplingParams(1))
     seq.admitted = True
     return seq
 

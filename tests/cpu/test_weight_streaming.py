@@ -65,7 +65,7 @@ def test_streamed_layers_give_exactly_the_resident_logits(checkpoint, resident):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (12, 30, 7)]
     for eng in (streamed, whole):
-        eng.seqs = [Sequence("t", None, list(p), SamplingParams(1), deliver=lambda _: None)
+        eng.seqs = [Sequence("t", None, list(p), SamplingParams(1))
                     for p in prompts]
     a = streamed.logits_for([(s, len(s.token_ids)) for s in streamed.seqs])
     b = whole.logits_for([(s, len(s.token_ids)) for s in whole.seqs])

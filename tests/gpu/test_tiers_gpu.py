@@ -124,7 +124,7 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
         prompts = [list(range(3, 3 + n)) for n in (100, 37, 300)]
         out = []
         for eng in (streamed, whole):
-            seqs = [Sequence("t", None, p, SamplingParams(1), deliver=lambda _: None)
+            seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
             out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
         same = all(torch.equal(a, b) for a, b in zip(*out))
@@ -185,7 +185,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
         prompts = [list(range(3, 3 + n)) for n in (100, 37, 300)]
         out = []
         for eng in (grace, plain):
-            seqs = [Sequence("t", None, p, SamplingParams(1), deliver=lambda _: None)
+            seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
             out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
             eng.cache.free([p for s in seqs for p in s.pages])

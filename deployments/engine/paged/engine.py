@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import torch
 
@@ -34,7 +33,7 @@ from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.model import DecoderModel
 from deployments.engine.paged.runner import Launched, ModelRunner
 from deployments.engine.paged.scheduler import Batch, Scheduler
-from deployments.engine.paged.sequence import FINISHED, PLACEHOLDER, Sequence, Status
+from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
 from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.tier_mover import CopyMover
 from deployments.engine.paged.weight_stream import WeightStreamer
@@ -45,7 +44,7 @@ from deployments.engine.paged.weights import (
     layer_numel,
     load_state,
 )
-from deployments.engine.sampling import make_generator
+from deployments.engine.token_stream import Outbox, TokenStream
 from deployments.memory import HostAccountant, MemoryAccountant
 from deployments.memory_advice import DriverAdvisor, MemoryAdvisor
 
@@ -171,6 +170,7 @@ class PagedEngine(Engine):
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
+        self._outbox = Outbox()  # a step's tokens, handed to the event loops once per step
         self._stopping = False
         self.steps_ahead = 0  # steps launched before the previous step's tokens were read
         # (sequences, tokens, decode_only, seconds) of recent steps: benchmarks and metrics.
@@ -297,7 +297,7 @@ class PagedEngine(Engine):
                 seq.token_ids.append(PLACEHOLDER)  # not its last token: it decodes on
 
     def _resolve(self, step: Launched) -> None:
-        """Wait for a launched step's tokens and deliver them."""
+        """Wait for a launched step's tokens and deliver them: one hand-off per step."""
         try:
             tokens = step.result()  # a host sync on this step's tokens only
         except Exception as exc:
@@ -306,6 +306,7 @@ class PagedEngine(Engine):
         with self._lock:
             self._deliver(step.batch, tokens)
             self.scheduler.keep_free(self._keep_free)
+        self._outbox.flush()
 
     def _fail(self, batch: Batch, exc: Exception) -> None:
         logger.error("engine step failed", exc_info=exc)
@@ -313,9 +314,12 @@ class PagedEngine(Engine):
             for seq in batch.seqs:
                 if seq.status is not Status.FINISHED:
                     self.scheduler.finish(seq)
-                    seq.deliver(exc)
+                    if seq.stream is not None:
+                        self._outbox.end(seq.stream, exc)
+        self._outbox.flush()
 
     def _deliver(self, batch: Batch, tokens: list[int | None]) -> None:
+        """The one place a sampled token lands: in its sequence, then in its stream."""
         for seq, token in zip(batch.seqs, tokens, strict=True):
             if token is None or seq.aborted or seq.status is Status.FINISHED:
                 continue
@@ -325,10 +329,17 @@ class PagedEngine(Engine):
             else:
                 seq.token_ids.append(token)  # its last token: no step needed it
             seq.num_generated += 1
-            seq.deliver(token)
-            if token in self.eos_token_ids or seq.num_generated >= seq.sampling.max_tokens:
+            if seq.stream is not None:
+                self._outbox.put(seq.stream, token)
+            if self._ends(seq, token):
                 self.scheduler.finish(seq)
-                seq.deliver(FINISHED)
+                if seq.stream is not None:
+                    self._outbox.end(seq.stream)
+
+    def _ends(self, seq: Sequence, token: int) -> bool:
+        sampling = seq.sampling
+        return seq.num_generated >= sampling.max_tokens or (
+            token in self.eos_token_ids and not sampling.ignore_eos)
 
     # ---- event-loop side ------------------------------------------------------------------
 
@@ -342,34 +353,24 @@ class PagedEngine(Engine):
 
     async def stream_tokens(
         self, request: GenerationRequest, progress: RequestProgress
-    ) -> AsyncIterator[int]:
+    ) -> AsyncIterator[list[int]]:
         self._check_capacity(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stream = TokenStream(asyncio.get_running_loop())
         seq = Sequence(
             request_id=request.request_id, user_key=request.user_key,
-            token_ids=list(request.prompt_token_ids), sampling=request.sampling,
-            deliver=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-            generator=None if request.sampling.seed is None
-            else make_generator(request.sampling.seed, self.device),
+            token_ids=list(request.prompt_token_ids), sampling=request.sampling, stream=stream,
         )
+        if request.sampling.seed is not None:
+            seq.sample_seed = request.sampling.seed % (1 << 63)
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
-        done = False
         try:
-            while True:
-                item = await queue.get()
-                if item is FINISHED:
-                    done = True
-                    return
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
+            async for batch in stream:
                 progress.cached_tokens = seq.cached_tokens
-                yield item
+                yield batch
         finally:
-            if not done:
+            if not stream.ended:
                 with self._wake:
                     seq.aborted = True
                     self._wake.notify()

@@ -121,8 +121,10 @@ class ModelRunner:
         step = Launched(batch, rows, None)
         if not rows:
             return step
-        step.tokens = sample_on_device(logits, [batch.seqs[i].sampling for i in rows],
-                                       [batch.seqs[i].generator for i in rows])
+        seqs = [batch.seqs[i] for i in rows]
+        step.tokens = sample_on_device(logits, [s.sampling for s in seqs], [
+            None if s.sampling.seed is None else torch.Generator(logits.device).manual_seed(
+                (s.sample_seed + s.num_generated + s.in_flight) % (1 << 63)) for s in seqs])
         step.row_of = {id(batch.seqs[i]): j for j, i in enumerate(rows)}
         if step.tokens.is_cuda:
             step.host = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
