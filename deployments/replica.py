@@ -127,16 +127,19 @@ class LLMReplica:
         max_tokens = sampling.get("max_tokens") or self.args.engine.default_max_tokens
         self.engine.check_prompt(len(ids), max_tokens)
         self._check_room(len(ids))
+        max_tokens = self.engine.clamp_max_tokens(len(ids), max_tokens)
         return GenerationRequest(
             request_id=request.get("request_id") or uuid.uuid4().hex,
             user_key=user_key(user_id) if user_id else None,
             prompt_token_ids=ids,
             sampling=SamplingParams(
-                max_tokens=self.engine.clamp_max_tokens(len(ids), max_tokens),
+                max_tokens=max_tokens,
                 temperature=float(sampling.get("temperature", 1.0)),
                 top_p=float(sampling.get("top_p", 1.0)),
                 stop=tuple(sampling.get("stop") or ()),
                 seed=sampling.get("seed"),
+                ignore_eos=bool(sampling.get("ignore_eos", False)),
+                min_tokens=min(int(sampling.get("min_tokens", 0)), max_tokens),
             ),
         )
 

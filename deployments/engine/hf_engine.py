@@ -160,8 +160,7 @@ class HFEngine(Engine):
                 seen.append(token)
                 self.store.record(entry, seen, cache, fed)
                 yield [token]  # one step, one token: this engine runs one request a step
-                if produced == params.max_tokens or (
-                        token in self.eos_token_ids and not params.ignore_eos):
+                if params.finish_reason(token in self.eos_token_ids, produced):
                     return
                 feed = [token]
         finally:

@@ -56,6 +56,14 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
 
+    def finish_reason(self, is_eos: bool, count: int) -> str | None:
+        """Why a request ends with its `count`-th token, or None if it goes on: an EOS token
+        ends it ("stop") unless EOS is ignored or comes within min_tokens; max_tokens ends it
+        ("length"). The one place this rule lives; every engine asks it."""
+        if is_eos and not self.ignore_eos and count > self.min_tokens:
+            return "stop"
+        return "length" if count >= self.max_tokens else None
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -199,14 +207,14 @@ class Engine(ABC):
     def _finish_reason(self, token: int, count: int, sampling: SamplingParams,
                        detok: IncrementalDetokenizer, pieces: list[str]) -> str | None:
         """Detokenize one token into `pieces`; why the request ends with it, if it does."""
-        if token in self.eos_token_ids and not sampling.ignore_eos:
+        reason = sampling.finish_reason(token in self.eos_token_ids, count)
+        if reason == "stop":
             pieces.append(detok.flush())
-            return "stop"
+            return reason
         text, hit_stop = detok.push(token)
         pieces.append(text)
         if hit_stop:
             return "stop"
-        if count >= sampling.max_tokens:
+        if reason:
             pieces.append(detok.flush())
-            return "length"
-        return None
+        return reason

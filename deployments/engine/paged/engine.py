@@ -337,9 +337,8 @@ class PagedEngine(Engine):
                     self._outbox.end(seq.stream)
 
     def _ends(self, seq: Sequence, token: int) -> bool:
-        sampling = seq.sampling
-        return seq.num_generated >= sampling.max_tokens or (
-            token in self.eos_token_ids and not sampling.ignore_eos)
+        return seq.sampling.finish_reason(token in self.eos_token_ids,
+                                          seq.num_generated) is not None
 
     # ---- event-loop side ------------------------------------------------------------------
 
