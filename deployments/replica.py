@@ -253,6 +253,10 @@ class LLMReplica:
             "kv_bytes_by_tier": kv_bytes_by_tier(stats, snap),
             "kv_pages_total": stats.extra.get("kv_pages_total"),
             "kv_pages_free": stats.extra.get("kv_pages_free"),
+            # Engine timings (paged engine): what an HTTP run's steps cost against in-process.
+            "decode_step_ms_p50": stats.extra.get("decode_step_ms_p50"),
+            "decode_batch_p50": stats.extra.get("decode_batch_p50"),
+            "kernel_variants_compiled": stats.extra.get("kernel_variants_compiled"),
             "engine": type(self.engine).__name__,
             "model": self.engine.model_name,
             "max_model_len": self.engine.max_model_len,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
 from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.tier_mover import CopyMover
+from deployments.engine.paged.warmup import compiled_variants, warm_up
 from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import (
     allocate,
@@ -162,6 +164,7 @@ class PagedEngine(Engine):
         model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu,
                              triton_prefill=use_gpu and cfg.prefill_attention == "triton",
                              streamer=streamer)
+        warm_up(model, cfg.page_size)  # no kernel compiles on a request's path
         graphs = None
         if use_gpu and cfg.cuda_graphs and not streamed:
             graphs = DecodeGraphs(model, cfg.max_num_seqs,
@@ -176,6 +179,7 @@ class PagedEngine(Engine):
         # (sequences, tokens, decode_only, seconds) of recent steps: benchmarks and metrics.
         self.step_log: collections.deque[tuple[int, int, bool, float]] = collections.deque(
             maxlen=100_000)
+        self._decode_steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=256)
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
         logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
@@ -270,8 +274,10 @@ class PagedEngine(Engine):
             if pending is not None:
                 self._resolve(pending)
             pending = launched
-            self.step_log.append((len(batch), sum(batch.num_tokens), decode_only,
-                                  time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            self.step_log.append((len(batch), sum(batch.num_tokens), decode_only, seconds))
+            if decode_only:
+                self._decode_steps.append((len(batch), seconds))
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before the step in flight is delivered."""
@@ -400,8 +406,18 @@ class PagedEngine(Engine):
                        "kv_host_pages_free": self.cache.host_free_pages,
                        "offloaded_users": self.cache.offloaded_users,
                        "restored_users": self.cache.restored_users,
-                       "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0},
+                       "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0,
+                       "kernel_variants_compiled": compiled_variants(),
+                       **self._recent_decode_steps()},
             )
+
+    def _recent_decode_steps(self) -> dict[str, float | None]:
+        """Median time and batch of the last decode-only engine iterations."""
+        recent = list(self._decode_steps)  # one C-level copy: safe beside the engine thread
+        if not recent:
+            return {"decode_step_ms_p50": None, "decode_batch_p50": None}
+        return {"decode_step_ms_p50": statistics.median(s for _, s in recent) * 1e3,
+                "decode_batch_p50": statistics.median(n for n, _ in recent)}
 
     def logits_for(self, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
         """Run one hand-built step and return each sequence's logits for its new tokens.
