@@ -2,13 +2,17 @@
 
 import pytest
 
-from deployments.engine.builtin import build_tokenizer
+from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("builtin")
+    write_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def stream(tok, text, stop=()):
