@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine.detokenizer import IncrementalDetokenizer
+from deployments.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +178,12 @@ class Engine(ABC):
                 if token in self.eos_token_ids:
                     text, finish = detok.flush(), "stop"
                 else:
-                    text, hit_stop = detok.push(token)
-                    if hit_stop:
+                    text = detok.push([token]).text
+                    if detok.stopped:
                         finish = "stop"
                     elif count >= sampling.max_tokens:
-                        text, finish = text + detok.flush(), "length"
+                        text += detok.flush()  # a stop string may complete in the flush
+                        finish = "stop" if detok.stopped else "length"
                 yield GenerationOutput(
                     text, (token,), prompt_tokens, progress.cached_tokens, count, finish
                 )
