@@ -76,6 +76,7 @@ class _ByteStream:
         self._utf8 = utf8_stream()
         self._kept = False  # a token has been kept (decoder-less: separators go between)
         self._ends: list[int] = [0]  # text length after each id of the last feed
+        self._last = ""  # the last feed's text
 
     def feed(self, ids: Sequence[int]) -> str:
         pieces, self._ends, length = [], [0], 0
@@ -109,6 +110,8 @@ class _WindowStream:
         self._tok = tokenizer
         self._ids: list[int] = []
         self._prefix = self._read = self._released = 0
+        # The state the last feed started from (for text_through): ids, prefix, released.
+        self._before, self._prefix_text = (0, 0, 0), ""
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
