@@ -61,11 +61,11 @@ class Rows(list):
 
 def model_dir(config: dict[str, Any]) -> str:
     """A checkpoint directory without weights: config.json and a tokenizer."""
-    from deployments.engine.builtin import build_tokenizer
+    from deployments.engine.builtin_tokenizer import write_tokenizer
 
     path = tempfile.mkdtemp(prefix="bench-model-")
     Path(path, "config.json").write_text(json.dumps(config))
-    build_tokenizer().save_pretrained(path)
+    write_tokenizer(path)
     return path
 
 

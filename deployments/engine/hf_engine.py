@@ -57,7 +57,7 @@ class HFEngine(Engine):
         self.device = memory.device
         if self.device == "cpu" and args.engine.cpu_threads:
             torch.set_num_threads(args.engine.cpu_threads)
-        path = resolve_model_path(args.model.model_id)
+        path = resolve_model_path(args.model.model_id, args.model.revision)
         self.tokenizer = load_tokenizer(path, args.model)
         self.model = load_model(path, args.model, self.device)
         self.model_name = args.model.name

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine.detokenizer import IncrementalDetokenizer
+from deployments.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +211,10 @@ class Engine(ABC):
         if reason == "stop":
             pieces.append(detok.flush())
             return reason
-        text, hit_stop = detok.push(token)
-        pieces.append(text)
-        if hit_stop:
+        pieces.append(detok.push([token]).text)
+        if detok.stopped:
             return "stop"
         if reason:
-            pieces.append(detok.flush())
+            pieces.append(detok.flush())  # a stop string may complete in the flush
+            return "stop" if detok.stopped else reason
         return reason

@@ -10,7 +10,7 @@ import transformers
 
 from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams
-from deployments.engine.builtin import build_tokenizer
+from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
 from deployments.engine.paged.weights import layer_numel
@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
     path = tmp_path_factory.mktemp("six-layers")
     model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    write_tokenizer(path)
     return str(path)
 
 

@@ -72,7 +72,7 @@ PROGRAM = '''
     from deployments.platform import detect_platform
     from deployments.memory import setup_memory
     from deployments.engine import GenerationRequest, SamplingParams
-    from deployments.engine.builtin import build_tokenizer
+    from deployments.engine.builtin_tokenizer import write_tokenizer
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
@@ -104,7 +104,7 @@ PROGRAM = '''
         hf32 = getattr(transformers, model_name)(config).cuda().eval()
         path = tempfile.mkdtemp()
         hf32.save_pretrained(path)
-        build_tokenizer().save_pretrained(path)
+        write_tokenizer(path)
         hf16 = getattr(transformers, model_name).from_pretrained(
             path, dtype=torch.bfloat16).cuda().eval()
         args = AppArgs.model_validate({"model": {"model_id": path, "dtype": "bfloat16"},

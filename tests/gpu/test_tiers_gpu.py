@@ -15,7 +15,7 @@ import json, tempfile
 import torch, transformers
 from deployments.config import AppArgs
 from deployments.engine import SamplingParams
-from deployments.engine.builtin import build_tokenizer
+from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
 from deployments.memory import setup_memory
@@ -25,7 +25,7 @@ config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
     max_position_embeddings=2048, vocab_size=448, tie_word_embeddings=False)
 path = tempfile.mkdtemp()
 transformers.LlamaForCausalLM(config).save_pretrained(path)
-build_tokenizer().save_pretrained(path)
+write_tokenizer(path)
 memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
     "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
     detect_platform(), torch_allocator="native")

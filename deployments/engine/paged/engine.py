@@ -41,10 +41,9 @@ from deployments.engine.paged.warmup import compiled_variants, warm_up
 from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import (
     allocate,
-    checkpoint_items,
     init_random,
     layer_numel,
-    load_state,
+    load_checkpoint,
 )
 from deployments.engine.token_stream import Outbox, TokenStream
 from deployments.memory import HostAccountant, MemoryAccountant
@@ -56,7 +55,7 @@ logger = logging.getLogger(__name__)
 def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
     from transformers import AutoConfig
 
-    path = resolve_model_path(args.model.model_id)
+    path = resolve_model_path(args.model.model_id, args.model.revision)
     config = AutoConfig.from_pretrained(path, revision=args.model.revision,
                                         trust_remote_code=args.model.trust_remote_code)
     return path, ModelSpec.from_hf_config(config)
@@ -100,7 +99,7 @@ class PagedEngine(Engine):
             if cfg.random_weights:
                 init_random(weights, seed=0)
             else:
-                load_state(weights, self.spec, checkpoint_items(path))
+                load_checkpoint(weights, self.spec, path)
         if self._advisor:
             for index, block in enumerate(weights.blocks):
                 self._advisor.prefetch(block, "host" if index in cold else "device")
