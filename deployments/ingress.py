@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.announce import announce_when_ready
 from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
 from deployments.config import AppArgs, parse_app_args
 from deployments.errors import (
@@ -47,6 +48,7 @@ from deployments.protocol import (
     new_id,
     text_completion,
 )
+from deployments.readiness import Readiness, ReplicaCounts, deployment_counts, not_ready_error
 from deployments.streaming import (
     Events,
     chat_events,
@@ -86,6 +88,9 @@ class OpenAIIngress:
         self._max_model_len: int | None = None
         logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
                     "on" if self._keys.enabled else "off", len(self._keys))
+        self._readiness = Readiness(self._replica_counts, self._limits.retry_after_s)
+        self._announcer = asyncio.get_running_loop().create_task(announce_when_ready(
+            self._readiness, llm.app_name, self._model))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after __init__: hand this replica's settings to the HTTP gate."""
@@ -96,6 +101,10 @@ class OpenAIIngress:
         return api
 
     # ---- the shared path ------------------------------------------------------------------
+
+    async def _replica_counts(self) -> ReplicaCounts:
+        return await asyncio.to_thread(deployment_counts, self._llm.app_name,
+                                       self._llm.deployment_name)
 
     def _http_user(self, request: Request, header: str | None, body_user: str | None
                    ) -> str | None:
@@ -120,6 +129,7 @@ class OpenAIIngress:
                     ) -> tuple[dict[str, Any], Events]:
         """Start a request on a replica; return its first event and the rest of the stream."""
         arrived = time.monotonic()
+        await self._readiness.require()  # no model replica: 503 now, not a hang
         deadline = arrived + self._limits.request_timeout_s
         for attempt in range(self._limits.replica_retries + 1):
             stream = self._llm.options(stream=True).generate.remote(
@@ -225,7 +235,16 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
+        """Liveness of this ingress replica; says nothing about the model (see /ready)."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> Any:
+        """200 when at least one model replica can serve, else the 503 chats would get."""
+        verdict = await self._readiness.check()
+        if not verdict.ready:
+            return not_ready_error(verdict, self._limits.retry_after_s).response()
+        return {"status": "ready", "model": self._model, "model_replicas": verdict.running}
 
     # ---- Python API (DeploymentHandle) ----------------------------------------------------
 
