@@ -49,6 +49,7 @@ from deployments.protocol import (
     text_completion,
 )
 from deployments.readiness import Readiness, ReplicaCounts, deployment_counts, not_ready_error
+from deployments.serve_logging import wire_serve_logging
 from deployments.streaming import (
     Events,
     chat_events,
@@ -79,6 +80,7 @@ class OpenAIIngress:
     """HTTP and Python entry point; forwards work to LLMReplica through its router."""
 
     def __init__(self, llm: DeploymentHandle, args: AppArgs | dict[str, Any]) -> None:
+        wire_serve_logging()
         self._llm = llm
         self._args = parse_app_args(args)
         self._model = self._args.model.name
