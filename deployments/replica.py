@@ -29,6 +29,7 @@ import ray
 from ray import serve
 
 from deployments.config import AppArgs, parse_app_args
+from deployments.cuda_driver import require_cuda_driver
 from deployments.engine import (
     CapacityError,
     Engine,
@@ -94,6 +95,8 @@ class LLMReplica:
         self.replica_id = _replica_id()
         self.platform: PlatformInfo = detect_platform(use_gpu=self.args.replica.num_gpus > 0)
         logger.info("LLMReplica %s starting on %s", self.replica_id, self.platform.describe())
+        if self.platform.has_gpu:
+            require_cuda_driver()  # before any CUDA call: a clear error for an old driver
         engine_cls = select_engine_class(self.args)  # reads the model's config only
         self.memory: MemoryAccountant = setup_memory(
             self.args.memory, self.platform, engine_cls.torch_allocator)
