@@ -60,9 +60,11 @@ def test_wiring_is_idempotent_and_follows_serves_level():
     serve_logger, package = logging.getLogger("ray.serve"), logging.getLogger("deployments")
     saved = serve_logger.level, package.level, package.propagate, list(package.handlers)
     try:
+        wire_serve_logging()  # pytest's process is no Serve replica: left alone
+        assert not any(isinstance(h, ToServeLogger) for h in package.handlers)
         serve_logger.setLevel(logging.WARNING)
-        wire_serve_logging()
-        wire_serve_logging()
+        wire_serve_logging(anywhere=True)
+        wire_serve_logging(anywhere=True)
         assert sum(isinstance(h, ToServeLogger) for h in package.handlers) == 1
         assert package.level == logging.WARNING and not package.propagate
     finally:  # this process is pytest's, not a replica's: put its logging back
