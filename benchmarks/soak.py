@@ -157,7 +157,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: 
     retry = 0.0
     try:
         status, retry = await asyncio.wait_for(stream(), timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         stats.hung += 1
         status = -1
     except httpx.HTTPError as exc:

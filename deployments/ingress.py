@@ -140,7 +140,7 @@ class OpenAIIngress:
                 first = await asyncio.wait_for(stream.__anext__(),
                                                max(0.0, deadline - time.monotonic()))
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 stream.cancel()
                 raise APIError(504, "the request timed out before its first token",
                                "server_error", code="timeout") from None

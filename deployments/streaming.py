@@ -44,7 +44,7 @@ async def until_deadline(stream: Any, deadline: float,
             except StopAsyncIteration:
                 finished = True
                 return
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 yield _failure(504, "request timed out", "timeout")
                 return
             except Exception as exc:
