@@ -19,16 +19,17 @@ import yaml
 
 from deployments.launch import serve_target
 from deployments.local_ray import attach_env
-from tests.cpu.conftest import free_port
+from tests.cpu.conftest import SERVICE_ARGS, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "python_handle.py"
 
 
-def second_terminal(env: dict[str, str], timeout_s: float = 180) -> subprocess.CompletedProcess:
+def second_terminal(env: dict[str, str], *args: str, timeout_s: float = 180
+                    ) -> subprocess.CompletedProcess:
     """Run the handle example as a user would from another shell (not from the repo root)."""
     env = {**env, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(EXAMPLE)], env=env, cwd="/", text=True,
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], env=env, cwd="/", text=True,
                           capture_output=True, timeout=timeout_s)
 
 
@@ -36,16 +37,31 @@ def without(env: dict[str, str], *names: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in names}
 
 
-def test_the_example_attaches_by_address_with_token_auth(llm_url):
+@pytest.fixture(scope="module")
+def terminal_app(serve_url):
+    """An app of its own on the shared Ray: the example's user must not touch `llm`'s caches."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = {**SERVICE_ARGS, "replica": {**SERVICE_ARGS["replica"], "num_replicas": 1}}
+    serve.run(build_app(args), name="terminal", route_prefix="/terminal")
+    wait_healthy(f"{serve_url}/terminal")
+    yield "terminal"
+    serve.delete("terminal")
+
+
+def test_the_example_attaches_by_address_with_token_auth(terminal_app):
     import ray
 
     address = ray.get_runtime_context().gcs_address
-    result = second_terminal({**without(dict(os.environ), "RAY_ADDRESS"), **attach_env(address)})
+    env = {**without(dict(os.environ), "RAY_ADDRESS"), **attach_env(address)}
+    result = second_terminal(env, terminal_app)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'completion_tokens'" in result.stdout  # the reply's usage, printed by the example
 
 
-def test_without_token_mode_the_cluster_refuses_the_driver(llm_url):
+def test_without_token_mode_the_cluster_refuses_the_driver(serve_url):
     """Why attach_env sets RAY_AUTH_MODE: an explicit address does not turn token auth on."""
     import ray
 
