@@ -101,7 +101,6 @@ class Readiness:
         self._verdict: Verdict | None = None
         self._checked_at = float("-inf")
         self._inflight: asyncio.Task[Verdict] | None = None
-        self.on_change: Callable[[Verdict], None] = lambda verdict: None
 
     async def check(self) -> Verdict:
         """The current verdict, probing at most once per cache period."""
@@ -133,5 +132,4 @@ class Readiness:
         if previous is None or (previous.ready, previous.code) != (verdict.ready, verdict.code):
             logger.info("readiness: %s (model deployment %s: %s)", verdict.message,
                         counts.status, counts.message or "no message")
-            self.on_change(verdict)
         return verdict
