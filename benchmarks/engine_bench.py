@@ -61,11 +61,11 @@ class Rows(list):
 
 def model_dir(config: dict[str, Any]) -> str:
     """A checkpoint directory without weights: config.json and a tokenizer."""
-    from deployments.engine.builtin import build_tokenizer
+    from deployments.engine.builtin_tokenizer import write_tokenizer
 
     path = tempfile.mkdtemp(prefix="bench-model-")
     Path(path, "config.json").write_text(json.dumps(config))
-    build_tokenizer().save_pretrained(path)
+    write_tokenizer(path)
     return path
 
 
@@ -86,10 +86,10 @@ async def run_requests(engine: Any, prompts: list[list[int]], outputs: list[int]
         req = GenerationRequest(f"b{i}", users[i] if users else None, prompts[i],
                                 SamplingParams(outputs[i], temperature=0.0))
         start, count = time.perf_counter(), 0
-        async for _ in engine.stream_tokens(req, RequestProgress()):
+        async for batch in engine.stream_tokens(req, RequestProgress()):
             if count == 0:
                 first_token.append(time.perf_counter() - start)
-            count += 1
+            count += len(batch)
         return count
 
     start = time.perf_counter()
@@ -239,7 +239,7 @@ def compare_logits(ours: Any, hf: Any, rng: random.Random, vocab: int, device: s
     from deployments.engine.paged.sequence import Sequence
 
     convs = [[rng.randrange(100, vocab - 1) for _ in range(n)] for n in (300, 700, 257)]
-    seqs = [Sequence("c", None, c, SamplingParams(1), deliver=lambda _: None) for c in convs]
+    seqs = [Sequence("c", None, c, SamplingParams(1)) for c in convs]
 
     step = ours.logits_for
     step([(seqs[0], 299), (seqs[1], 600)])

@@ -161,6 +161,13 @@ class ReplicaConfig(_Section):
         1, gt=0, description="At most this many replicas on one node; null for no limit."
     )
     health_check_period_s: float = Field(10, gt=0, description="Seconds between health checks.")
+    stream_messages_per_s: float = Field(
+        4000,
+        gt=0,
+        description="Messages per second that all of one replica's streams share: with N "
+        "streams, each gets a message at most every N / this seconds, carrying every token "
+        "produced meanwhile (the first token always goes at once).",
+    )
     max_queued_requests: int = Field(
         256,
         gt=0,

@@ -51,7 +51,7 @@ from deployments.protocol import (
 from deployments.readiness import Readiness, ReplicaCounts, deployment_counts, not_ready_error
 from deployments.serve_logging import wire_serve_logging
 from deployments.streaming import (
-    Events,
+    Messages,
     chat_events,
     collect,
     completion_events,
@@ -62,6 +62,17 @@ from deployments.streaming import (
 
 logger = logging.getLogger("ray.serve")
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
+
+
+async def _prepend(events: list[dict[str, Any]], messages: Messages) -> Messages:
+    """`messages`, after a first message of `events` (when there are any)."""
+    try:
+        if events:
+            yield events
+        async for message in messages:
+            yield message
+    finally:
+        await messages.aclose()  # type: ignore[attr-defined]  (cancels the replica call)
 
 
 def _count_error(request: Request, err: APIError) -> None:
@@ -82,6 +93,9 @@ class OpenAIIngress:
     def __init__(self, llm: DeploymentHandle, args: AppArgs | dict[str, Any]) -> None:
         wire_serve_logging()
         self._llm = llm
+        # Streams come back over Serve's gRPC transport (by value): ~3-4x the messages per
+        # second of the default object-reference path (measured on 2 cores: 9-11k vs 2-3k).
+        self._streaming = llm.options(stream=True, _by_reference=False)
         self._args = parse_app_args(args)
         self._model = self._args.model.name
         self._limits = self._args.ingress
@@ -128,14 +142,14 @@ class OpenAIIngress:
                         headers={"Retry-After": str(self._limits.retry_after_s)})
 
     async def _open(self, payload: dict[str, Any], user_id: str | None, endpoint: str
-                    ) -> tuple[dict[str, Any], Events]:
-        """Start a request on a replica; return its first event and the rest of the stream."""
+                    ) -> tuple[dict[str, Any], Messages]:
+        """Start a request on a replica; return its `start` event and the rest of the stream
+        (its first message already holds the first token)."""
         arrived = time.monotonic()
         await self._readiness.require()  # no model replica: 503 now, not a hang
         deadline = arrived + self._limits.request_timeout_s
         for attempt in range(self._limits.replica_retries + 1):
-            stream = self._llm.options(stream=True).generate.remote(
-                request=payload, user_id=user_id)
+            stream = self._streaming.generate.remote(request=payload, user_id=user_id)
             try:
                 first = await asyncio.wait_for(stream.__anext__(),
                                                max(0.0, deadline - time.monotonic()))
@@ -159,8 +173,8 @@ class OpenAIIngress:
                                type(exc).__name__)
                 raise APIError(503, "no model replica could serve the request; retry",
                                "server_error", code="replica_unavailable") from exc
-        if first["event"] == "error":
-            raise error_from_event(first)
+        if first[0]["event"] == "error":
+            raise error_from_event(first[0])
         first_at = time.monotonic()
         self._metrics.request_done(endpoint, first_at - arrived, None)
 
@@ -169,7 +183,7 @@ class OpenAIIngress:
                 tpot = (time.monotonic() - first_at) / (completion_tokens - 1)
                 self._metrics.request_done(endpoint, None, tpot)
 
-        return first, until_deadline(stream, deadline, ended)
+        return first[0], _prepend(first[1:], until_deadline(stream, deadline, ended))
 
     def _chat_payload(self, req: ChatCompletionRequest) -> dict[str, Any]:
         self._check_model(req.model)
@@ -205,11 +219,11 @@ class OpenAIIngress:
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
         user = self._http_user(request, x_user_id, body.user)
-        first, events = await self._open(self._chat_payload(body), user, "chat")
+        first, messages = await self._open(self._chat_payload(body), user, "chat")
         if body.stream:
             return sse_response(first["replica_id"], chat_events(
-                self._model, events, body.include_usage, self._stream_failed))
-        text, finish, usage = await collect(first, events)
+                self._model, messages, body.include_usage, self._stream_failed))
+        text, finish, usage = await collect(first, messages)
         return JSONResponse(chat_completion(new_id("chatcmpl"), self._model, text, finish, usage),
                             headers={REPLICA_HEADER: first["replica_id"]})
 
@@ -219,11 +233,11 @@ class OpenAIIngress:
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
         user = self._http_user(request, x_user_id, body.user)
-        first, events = await self._open(self._completion_payload(body), user, "completion")
+        first, messages = await self._open(self._completion_payload(body), user, "completion")
         if body.stream:
             return sse_response(first["replica_id"], completion_events(
-                self._model, events, body.include_usage, self._stream_failed))
-        text, finish, usage = await collect(first, events)
+                self._model, messages, body.include_usage, self._stream_failed))
+        text, finish, usage = await collect(first, messages)
         return JSONResponse(text_completion(new_id("cmpl"), self._model, text, finish, usage),
                             headers={REPLICA_HEADER: first["replica_id"]})
 
@@ -271,18 +285,19 @@ class OpenAIIngress:
         return await self._counted(self._chat(req, self._handle_user(user, req.user)))
 
     async def _chat(self, req: ChatCompletionRequest, user: str | None) -> dict[str, Any]:
-        first, events = await self._open(self._chat_payload(req), user, "chat")
-        text, finish, usage = await collect(first, events)
+        first, messages = await self._open(self._chat_payload(req), user, "chat")
+        text, finish, usage = await collect(first, messages)
         return chat_completion(new_id("chatcmpl"), self._model, text, finish, usage)
 
     async def chat_stream(self, request: dict[str, Any], user: str | None = None
                           ) -> AsyncIterator[dict[str, Any]]:
         """Chat completion chunks, as the SSE stream would carry them; call with stream=True."""
         req = self._validate(ChatCompletionRequest, request)
-        _, events = await self._counted(
+        _, messages = await self._counted(
             self._open(self._chat_payload(req), self._handle_user(user, req.user), "chat"))
-        async for chunk in chat_events(self._model, events, True, self._stream_failed):
-            yield chunk
+        async for chunks in chat_events(self._model, messages, True, self._stream_failed):
+            for chunk in chunks:
+                yield chunk
 
     async def completion(self, request: dict[str, Any], user: str | None = None
                          ) -> dict[str, Any]:
@@ -291,8 +306,8 @@ class OpenAIIngress:
         return await self._counted(self._completion(req, self._handle_user(user, req.user)))
 
     async def _completion(self, req: CompletionRequest, user: str | None) -> dict[str, Any]:
-        first, events = await self._open(self._completion_payload(req), user, "completion")
-        text, finish, usage = await collect(first, events)
+        first, messages = await self._open(self._completion_payload(req), user, "completion")
+        text, finish, usage = await collect(first, messages)
         return text_completion(new_id("cmpl"), self._model, text, finish, usage)
 
     async def replicas(self) -> list[dict[str, Any]]:

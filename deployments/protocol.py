@@ -52,6 +52,12 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    # vLLM's extensions, for controlled lengths (benchmarks, tests):
+    ignore_eos: bool = Field(
+        False, description="Keep generating past end-of-sequence tokens up to max_tokens.")
+    min_tokens: int = Field(
+        0, ge=0, description="End-of-sequence tokens and stop strings count only after this "
+        "many tokens.")
 
     @field_validator("n")
     @classmethod
@@ -85,6 +91,8 @@ class _SamplingFields(_Request):
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "stop": self.stop_list(),
             "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
         }
 
     @property

@@ -4,10 +4,13 @@ The order in `__init__` is the invariant that matters on a GPU: platform detecti
 driver only), then RMM set-up (which swaps PyTorch's allocator), and only then anything that
 touches `torch.cuda` (the engine).
 
-`generate` streams plain dicts, one per event, so the ingress can map them to HTTP:
-``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens"}``, then
-``{"event": "delta", "text", "token_ids"}`` ..., then ``{"event": "end", "finish_reason",
-"usage"}``; or a single ``{"event": "error", "status", "message", "type", "param", "code"}``.
+`generate` streams messages, each a list of plain dicts (events), so the ingress can map them
+to HTTP: ``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens"}`` first, then
+``{"event": "delta", "text", "token_ids"}`` (at most one a message: every token since the last
+message), then ``{"event": "end", "finish_reason", "usage"}``; or a single ``{"event": "error",
+"status", "message", "type", "param", "code"}``. The first message goes as soon as the first
+token exists; later ones are paced (deployments/pacing.py) so the messages of all streams stay
+within what Serve's transport carries, however many users stream at once.
 
 Admission: a request whose prompt's KV cannot fit this replica even with every other user's
 cache dropped (`kv_capacity_bytes`) is refused with a 503 `insufficient_memory` error event.
@@ -34,6 +37,7 @@ from deployments.engine import (
     CapacityError,
     Engine,
     EngineStats,
+    GenerationOutput,
     GenerationRequest,
     RequestError,
     SamplingParams,
@@ -42,6 +46,7 @@ from deployments.engine import (
 from deployments.identity import user_key
 from deployments.memory import MemoryAccountant, MemorySnapshot, is_out_of_memory, setup_memory
 from deployments.metrics import ReplicaMetrics
+from deployments.pacing import StreamPacing
 from deployments.platform import PlatformInfo, detect_platform
 from deployments.protocol import usage_dict
 from deployments.serve_logging import wire_serve_logging
@@ -104,6 +109,8 @@ class LLMReplica:
         self.engine: Engine = engine_cls(self.args, self.memory)
         self.started_at = time.time()
         self.metrics = ReplicaMetrics()
+        self.pacing = StreamPacing(self.args.replica.stream_messages_per_s)
+        self._streams = 0  # requests streaming from this replica now
         logger.info(
             "LLMReplica %s ready in %.1f s: %s serving %s, context %d tokens; memory: %s",
             self.replica_id, time.perf_counter() - start, type(self.engine).__name__,
@@ -129,16 +136,19 @@ class LLMReplica:
         max_tokens = sampling.get("max_tokens") or self.args.engine.default_max_tokens
         self.engine.check_prompt(len(ids), max_tokens)
         self._check_room(len(ids))
+        max_tokens = self.engine.clamp_max_tokens(len(ids), max_tokens)
         return GenerationRequest(
             request_id=request.get("request_id") or uuid.uuid4().hex,
             user_key=user_key(user_id) if user_id else None,
             prompt_token_ids=ids,
             sampling=SamplingParams(
-                max_tokens=self.engine.clamp_max_tokens(len(ids), max_tokens),
+                max_tokens=max_tokens,
                 temperature=float(sampling.get("temperature", 1.0)),
                 top_p=float(sampling.get("top_p", 1.0)),
                 stop=tuple(sampling.get("stop") or ()),
                 seed=sampling.get("seed"),
+                ignore_eos=bool(sampling.get("ignore_eos", False)),
+                min_tokens=min(int(sampling.get("min_tokens", 0)), max_tokens),
             ),
         )
 
@@ -160,51 +170,71 @@ class LLMReplica:
 
     async def generate(
         self, *, request: dict[str, Any], user_id: str | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's events (see module docstring). Never raises for bad input."""
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream one request's messages, each a list of events (see module docstring).
+        Never raises for bad input."""
         try:
             gen_request = self._build(request, user_id)
         except Refused as exc:
-            yield self._error(503, str(exc), "server_error", code="insufficient_memory")
+            yield [self._error(503, str(exc), "server_error", code="insufficient_memory")]
             return
         except RequestError as exc:
-            yield self._error(400, str(exc), param=exc.param, code=exc.code)
+            yield [self._error(400, str(exc), param=exc.param, code=exc.code)]
             return
+        self._streams += 1
+        try:
+            async for message in self._messages(gen_request):
+                yield message
+        finally:
+            self._streams -= 1
+
+    async def _messages(self, gen_request: GenerationRequest
+                        ) -> AsyncIterator[list[dict[str, Any]]]:
+        """One message per batch of engine output: the first at once, later ones at least
+        `pacing.gap_s()` apart, so a message carries every token that arrived meanwhile."""
         outputs = self.engine.generate(gen_request)
         started = False
         try:
             # A cancel (client gone, deadline) may land inside the engine's await: engines end
             # the request there and keep its user's cache consistent (Engine.stream_tokens).
             async for out in outputs:
+                message = []
                 if not started:
                     started = True
                     self.metrics.request_started(out.prompt_tokens, out.cached_tokens)
-                    yield {
+                    message.append({
                         "event": "start", "replica_id": self.replica_id,
                         "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
-                    }
-                self.metrics.tokens_generated(len(out.token_ids))
-                if out.text or out.token_ids:
-                    yield {"event": "delta", "text": out.text, "token_ids": list(out.token_ids)}
+                    })
+                message += self._output_events(out)
+                yield message
                 if out.finish_reason:
-                    yield {
-                        "event": "end", "finish_reason": out.finish_reason,
-                        "usage": usage_dict(
-                            out.prompt_tokens, out.completion_tokens, out.cached_tokens
-                        ),
-                    }
+                    return
+                await self.pacing.wait(self._streams)  # tokens gather in the engine's stream
         except RequestError as exc:
-            yield self._error(400, str(exc), param=exc.param, code=exc.code)
+            yield [self._error(400, str(exc), param=exc.param, code=exc.code)]
         except CapacityError as exc:
-            yield self._error(503, str(exc), "server_error", code="insufficient_memory")
+            yield [self._error(503, str(exc), "server_error", code="insufficient_memory")]
         except Exception as exc:
             if is_out_of_memory(exc):
-                yield self._error(503, str(exc), "server_error", code="out_of_memory")
+                yield [self._error(503, str(exc), "server_error", code="out_of_memory")]
                 return
             logger.exception("request %s failed", gen_request.request_id)
-            yield self._error(500, f"internal error: {type(exc).__name__}", "server_error")
+            yield [self._error(500, f"internal error: {type(exc).__name__}", "server_error")]
         finally:
             await outputs.aclose()  # type: ignore[attr-defined]
+
+    def _output_events(self, out: GenerationOutput) -> list[dict[str, Any]]:
+        self.metrics.tokens_generated(len(out.token_ids))
+        events: list[dict[str, Any]] = []
+        if out.text or out.token_ids:
+            events.append({"event": "delta", "text": out.text, "token_ids": list(out.token_ids)})
+        if out.finish_reason:
+            events.append({
+                "event": "end", "finish_reason": out.finish_reason,
+                "usage": usage_dict(out.prompt_tokens, out.completion_tokens, out.cached_tokens),
+            })
+        return events
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -232,6 +262,10 @@ class LLMReplica:
             "kv_bytes_by_tier": kv_bytes_by_tier(stats, snap),
             "kv_pages_total": stats.extra.get("kv_pages_total"),
             "kv_pages_free": stats.extra.get("kv_pages_free"),
+            # Engine timings (paged engine): what an HTTP run's steps cost against in-process.
+            "decode_step_ms_p50": stats.extra.get("decode_step_ms_p50"),
+            "decode_batch_p50": stats.extra.get("decode_batch_p50"),
+            "kernel_variants_compiled": stats.extra.get("kernel_variants_compiled"),
             "engine": type(self.engine).__name__,
             "model": self.engine.model_name,
             "max_model_len": self.engine.max_model_len,

@@ -1,49 +1,38 @@
 """`builtin:tiny-llama`: a small random Llama and a byte-level BPE tokenizer, made offline.
 
-Tests and the local demo need a real transformers model without hub access. This module trains
-a byte-level BPE on a built-in text (pure Python, ties broken by pair order, so the result is
-deterministic), builds a 4-layer Llama with seeded random weights, and saves both with
-`save_pretrained` under a cache directory keyed by a hash of the recipe. Later loads go through
-`from_pretrained` like any hub model. Concurrent replicas on one node build it once (file lock).
+Tests and the local demo need a real transformers model without hub access. The tokenizer is
+trained and written without torch (builtin_tokenizer.py); a 4-layer Llama with seeded random
+weights is saved next to it with `save_pretrained`, under a cache directory keyed by a hash of
+the recipe. Later loads go through `from_pretrained` like any hub model.
+
+The directory is built in two steps, each once per node however many processes ask (file
+locks): its tokenizer files appear together (a directory renamed into place), then its weights
+(config.json and generation_config.json, then model.safetensors, each renamed into place). So
+`materialize(model_id, weights=False)` gives an ingress the tokenizer without importing torch,
+while replicas build the weights.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from deployments.engine import builtin_tokenizer as tok
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-RECIPE_VERSION = "tiny-llama-v1"
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot|>", "<|pad|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eot|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-# Role markers are learned as merges from this text, so they tokenize compactly.
-CORPUS = """
-<|system|> You are a helpful assistant running on a Grace Hopper superchip.
-<|user|> What is unified memory? <|assistant|> Unified memory lets the GPU and the CPU share
-one address space, so a model larger than the GPU's memory can still run.
-<|user|> Why does a KV cache matter? <|assistant|> The key and value cache keeps the attention
-state of every token a user has seen, so a follow-up turn only computes its new tokens.
-<|user|> How fast is NVLink-C2C? <|assistant|> It moves 900 gigabytes per second in total, 450
-in each direction, between the Grace CPU and the Hopper GPU.
-The quick brown fox jumps over the lazy dog. Large language models predict the next token.
-Serving systems batch requests from many users, route each user to the replica that holds its
-cache, and keep memory use within budget. Hello, world! How are you today? I am fine, thanks.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 16 32 64 128 256 512 1024 2048 4096 8192 65536 131072.
-def main(): print("hello") # code, too: for i in range(10): x = x + i
-"""
+BUILTIN_ID = "builtin:tiny-llama"
+RECIPE_VERSION = "tiny-llama-v2"  # v2: tokenizer files written torch-free, weights added after
+WEIGHTS_FILE = "model.safetensors"  # written last: its presence means the weights are complete
 MODEL_CONFIG = {
     "hidden_size": 128,
     "intermediate_size": 352,
@@ -51,12 +40,11 @@ MODEL_CONFIG = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 32,
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": tok.MODEL_MAX_LENGTH,
     "rms_norm_eps": 1e-5,
     "initializer_range": 0.1,
     "tie_word_embeddings": False,
 }
-NUM_MERGES = 700
 SEED = 0
 
 
@@ -70,103 +58,73 @@ def cache_root() -> Path:
 
 
 def recipe_hash() -> str:
-    recipe = json.dumps([RECIPE_VERSION, CORPUS, MODEL_CONFIG, NUM_MERGES, SEED, CHAT_TEMPLATE])
+    recipe = json.dumps([RECIPE_VERSION, tok.CORPUS, MODEL_CONFIG, tok.NUM_MERGES, SEED,
+                         tok.CHAT_TEMPLATE, tok.SPECIAL_TOKENS, tok.tokenizer_config()])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def materialize(model_id: str) -> Path:
-    """The directory holding the built-in model, building it on first use."""
-    if model_id != "builtin:tiny-llama":
-        raise ValueError(f"unknown built-in model {model_id!r}; known: builtin:tiny-llama")
+def materialize(model_id: str, weights: bool = True) -> Path:
+    """The directory holding the built-in model, building it on first use.
+
+    With `weights=False` only the tokenizer files are guaranteed (built without torch).
+    """
+    if model_id != BUILTIN_ID:
+        raise ValueError(f"unknown built-in model {model_id!r}; known: {BUILTIN_ID}")
     root = cache_root()
     target = root / f"tiny-llama-{recipe_hash()}"
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; others wait, then reuse
-        if not (target / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-            try:
-                build(tmp)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            logger.info("built %s in %s", model_id, target)
+    if not target.is_dir():  # the directory appears whole, tokenizer files and all
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / ".tokenizer.lock"):
+            if not target.is_dir():
+                _build_into(root, target, tok.write_tokenizer)
+                logger.info("built the %s tokenizer in %s", model_id, target)
+    if weights and not (target / WEIGHTS_FILE).exists():
+        with _locked(root / ".weights.lock"):
+            if not (target / WEIGHTS_FILE).exists():
+                _build_into(root, target, write_weights)
+                logger.info("built the %s weights in %s", model_id, target)
     return target
 
 
-def train_bpe(text: str, num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level BPE: (vocab, merges). Deterministic: ties go to the smallest pair."""
-    from tokenizers import pre_tokenizers
-
-    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    words = collections.Counter(piece for piece, _ in pre.pre_tokenize_str(text))
-    splits = {word: list(word) for word in words}
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
-        for word, count in words.items():
-            symbols = splits[word]
-            for pair in itertools.pairwise(symbols):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        if pairs[best] < 2:
-            break
-        merges.append(best)
-        vocab["".join(best)] = len(vocab)
-        for word in words:
-            symbols, out, i = splits[word], [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            splits[word] = out
-    return vocab, merges
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One builder per node: others wait for the lock, then find the files built."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
-def build_tokenizer():  # -> PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab, merges = train_bpe(CORPUS, NUM_MERGES)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot|>",
-        pad_token="<|pad|>",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=MODEL_CONFIG["max_position_embeddings"],
-    )
+def _build_into(root: Path, target: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` in a scratch directory, then move its output into `target` atomically:
+    the whole directory if `target` is new, else file by file with WEIGHTS_FILE last."""
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+    try:
+        build(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: (n == WEIGHTS_FILE, n)):
+            os.replace(tmp / name, target / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build(directory: Path) -> None:
-    """Write tokenizer and random-weight model to `directory`."""
+def write_weights(directory: Path) -> None:
+    """Write config.json, generation_config.json and random weights for the tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    core = tok.build_tokenizer()
+    vocab_size = (core.get_vocab_size(with_added_tokens=True) + 63) // 64 * 64
+    eos = [core.token_to_id(tok.EOS_TOKEN), core.token_to_id(tok.END_OF_TEXT)]
     config = LlamaConfig(
         vocab_size=vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end_of_text|>")],
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=core.token_to_id(tok.BOS_TOKEN),
+        eos_token_id=eos,
+        pad_token_id=core.token_to_id(tok.PAD_TOKEN),
         **MODEL_CONFIG,
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.generation_config.eos_token_id = config.eos_token_id
     model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)

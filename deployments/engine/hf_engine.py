@@ -57,7 +57,7 @@ class HFEngine(Engine):
         self.device = memory.device
         if self.device == "cpu" and args.engine.cpu_threads:
             torch.set_num_threads(args.engine.cpu_threads)
-        path = resolve_model_path(args.model.model_id)
+        path = resolve_model_path(args.model.model_id, args.model.revision)
         self.tokenizer = load_tokenizer(path, args.model)
         self.model = load_model(path, args.model, self.device)
         self.model_name = args.model.name
@@ -131,7 +131,7 @@ class HFEngine(Engine):
 
     async def stream_tokens(
         self, request: GenerationRequest, progress: RequestProgress
-    ) -> AsyncIterator[int]:
+    ) -> AsyncIterator[list[int]]:
         prompt = list(request.prompt_token_ids)
         params = request.sampling
         self._waiting += 1
@@ -159,8 +159,8 @@ class HFEngine(Engine):
                 fed = len(seen)
                 seen.append(token)
                 self.store.record(entry, seen, cache, fed)
-                yield token
-                if token in self.eos_token_ids or produced == params.max_tokens:
+                yield [token]  # one step, one token: this engine runs one request a step
+                if params.finish_reason(token in self.eos_token_ids, produced):
                     return
                 feed = [token]
         finally:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine.detokenizer import IncrementalDetokenizer
+from deployments.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0  # nucleus: the smallest set of top tokens holding this much mass
-    top_k: int = 0  # only the k most likely tokens; 0: no limit
-    min_p: float = 0.0  # only tokens at least this share of the top token's probability
     stop: tuple[str, ...] = ()
     seed: int | None = None  # the same seed and prompt give the same tokens
+    top_k: int = 0  # only the k most likely tokens; 0: no limit
+    min_p: float = 0.0  # only tokens at least this share of the top token's probability
     ignore_eos: bool = False  # generate max_tokens even past end-of-sequence tokens
     min_tokens: int = 0  # end-of-sequence tokens cannot be drawn before this many tokens
 
@@ -55,6 +55,14 @@ class SamplingParams:
             raise RequestError("min_p must be in [0, 1]", param="min_p")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
+
+    def finish_reason(self, is_eos: bool, count: int) -> str | None:
+        """Why a request ends with its `count`-th token, or None if it goes on: an EOS token
+        ends it ("stop") unless EOS is ignored or comes within min_tokens; max_tokens ends it
+        ("length"). The one place this rule lives; every engine asks it."""
+        if is_eos and not self.ignore_eos and count > self.min_tokens:
+            return "stop"
+        return "length" if count >= self.max_tokens else None
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,12 @@ class Engine(ABC):
     @abstractmethod
     def stream_tokens(
         self, request: GenerationRequest, progress: RequestProgress
-    ) -> AsyncIterator[int]:
-        """Yield sampled token ids, at most `max_tokens`, ending after an EOS token.
+    ) -> AsyncIterator[list[int]]:
+        """Yield the sampled token ids in batches (each: the tokens produced since the last
+        batch, at least one), at most `max_tokens` in all, ending after an EOS token unless the
+        request ignores EOS.
 
-        Sets `progress.cached_tokens` before the first token. Closing the iterator early
+        Sets `progress.cached_tokens` before the first batch. Closing the iterator early
         (stop string, client gone) must cancel the work and keep the user's cache consistent:
         it then holds exactly the tokens the model has seen.
         """
@@ -164,28 +174,26 @@ class Engine(ABC):
         return max(1, min(max_tokens, self.max_model_len - prompt_len))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Stream text deltas with stop strings applied; the last output has a finish_reason."""
+        """Stream text deltas with stop strings applied, one output per batch of tokens; the
+        last output has a finish_reason."""
         progress = RequestProgress()
         sampling = request.sampling
         detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         prompt_tokens = len(request.prompt_token_ids)
-        tokens = self.stream_tokens(request, progress)
+        batches = self.stream_tokens(request, progress)
         count = 0
-        finish: str | None = None
         try:
-            async for token in tokens:
-                count += 1
-                if token in self.eos_token_ids:
-                    text, finish = detok.flush(), "stop"
-                else:
-                    text, hit_stop = detok.push(token)
-                    if hit_stop:
-                        finish = "stop"
-                    elif count >= sampling.max_tokens:
-                        text, finish = text + detok.flush(), "length"
-                yield GenerationOutput(
-                    text, (token,), prompt_tokens, progress.cached_tokens, count, finish
-                )
+            async for batch in batches:
+                pieces: list[str] = []
+                taken, finish = [], None
+                for token in batch:
+                    count += 1
+                    taken.append(token)
+                    finish = self._finish_reason(token, count, sampling, detok, pieces)
+                    if finish:
+                        break
+                yield GenerationOutput("".join(pieces), tuple(taken), prompt_tokens,
+                                       progress.cached_tokens, count, finish)
                 if finish:
                     return
             # The engine ended the stream itself (EOS or length seen there).
@@ -194,4 +202,19 @@ class Engine(ABC):
                 detok.flush(), (), prompt_tokens, progress.cached_tokens, count, reason
             )
         finally:
-            await tokens.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()  # type: ignore[attr-defined]
+
+    def _finish_reason(self, token: int, count: int, sampling: SamplingParams,
+                       detok: IncrementalDetokenizer, pieces: list[str]) -> str | None:
+        """Detokenize one token into `pieces`; why the request ends with it, if it does."""
+        reason = sampling.finish_reason(token in self.eos_token_ids, count)
+        if reason == "stop":
+            pieces.append(detok.flush())
+            return reason
+        pieces.append(detok.push([token]).text)
+        if detok.stopped:
+            return "stop"
+        if reason:
+            pieces.append(detok.flush())  # a stop string may complete in the flush
+            return "stop" if detok.stopped else reason
+        return reason

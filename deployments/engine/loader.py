@@ -9,16 +9,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from deployments.config import ModelConfig
-from deployments.engine import builtin
+from deployments.model_files import resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_model_path(model_id: str) -> str:
-    """A path or hub id transformers can load (building a built-in model if needed)."""
-    if builtin.is_builtin(model_id):
-        return str(builtin.materialize(model_id))
-    return model_id
+def resolve_model_path(model_id: str, revision: str | None = None) -> str:
+    """The local directory of a hub id (downloaded or found in the hub cache), local path, or
+    built-in model, weights included; raises `ModelNotFound` saying why and what to do."""
+    return resolve_model_dir(model_id, revision, weights=True)
 
 
 def torch_dtype(name: str, device: str) -> Any:

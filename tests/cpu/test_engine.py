@@ -30,8 +30,8 @@ def chat(engine, *turns):
 
 
 async def run(engine, user, prompt, max_tokens=12, temperature=0.0, seed=None, stop=()):
-    req = GenerationRequest("r", user, prompt, SamplingParams(max_tokens, temperature, 1.0,
-                                                              tuple(stop), seed))
+    req = GenerationRequest("r", user, prompt, SamplingParams(
+        max_tokens, temperature, top_p=1.0, stop=tuple(stop), seed=seed))
     outs = [o async for o in engine.generate(req)]
     return [t for o in outs for t in o.token_ids], outs[-1]
 

@@ -70,7 +70,7 @@ def test_cold_layers_stay_in_host_memory_and_compute_the_same(checkpoint):  # no
     assert advice.preferred[advice.key(grace.pool.buffer)] == "device"
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (9, 21)]
-    seqs = {e: [Sequence("t", None, list(p), SamplingParams(1), deliver=lambda _: None)
+    seqs = {e: [Sequence("t", None, list(p), SamplingParams(1))
                 for p in prompts] for e in (grace, plain)}
     a = grace.logits_for([(s, len(s.token_ids)) for s in seqs[grace]])
     b = plain.logits_for([(s, len(s.token_ids)) for s in seqs[plain]])

@@ -39,7 +39,7 @@ class FakeStream:
     def __aiter__(self) -> FakeStream:
         return self
 
-    async def __anext__(self) -> dict:
+    async def __anext__(self) -> list[dict]:
         while self.script:
             item = self.script.pop(0)
             if isinstance(item, BaseException):
@@ -47,7 +47,7 @@ class FakeStream:
             if isinstance(item, tuple):
                 await asyncio.sleep(item[1])
                 continue
-            return item
+            return [item]  # a replica message: here, one event each
         raise StopAsyncIteration
 
     def cancel(self) -> None:

@@ -130,7 +130,7 @@ def test_steps_wait_for_moves_in_flight_instead_of_preempting():
     keep(cache, "idle", 8)  # 2 pages
     mover = SlowMover()
     sched = Scheduler(cache, max_num_seqs=8, max_batched_tokens=64, mover=mover)
-    seq = Sequence("r", None, list(range(12)), SamplingParams(4), deliver=lambda _: None)
+    seq = Sequence("r", None, list(range(12)), SamplingParams(4))
     sched.add(seq)
     assert len(sched.schedule()) == 0  # needs 3 pages; "idle" is moving down
     assert cache.draining_pages() == 2 and sched.preemptions == 0

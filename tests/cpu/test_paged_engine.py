@@ -14,7 +14,7 @@ import torch
 
 from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams, select_engine_class
-from deployments.engine.builtin import build_tokenizer
+from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
 from deployments.memory import setup_memory
@@ -44,7 +44,7 @@ def checkpoint(request, tmp_path_factory):
     model = getattr(transformers, model_name)(config).eval()
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    write_tokenizer(path)
     return str(path), model
 
 
@@ -66,7 +66,7 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def new_seq(engine: PagedEngine, ids: list[int]) -> Sequence:
-    seq = Sequence("t", None, list(ids), SamplingParams(1), deliver=lambda _: None)
+    seq = Sequence("t", None, list(ids), SamplingParams(1))
     seq.admitted = True
     return seq
 

@@ -18,7 +18,7 @@ from deployments.platform import detect_platform
 
 
 def seq(ids, user=None, max_tokens=4):
-    return Sequence("r", user, list(ids), SamplingParams(max_tokens), deliver=lambda _: None)
+    return Sequence("r", user, list(ids), SamplingParams(max_tokens))
 
 
 class TestCacheManager:

@@ -10,7 +10,7 @@ import transformers
 
 from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams
-from deployments.engine.builtin import build_tokenizer
+from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
 from deployments.engine.paged.weights import layer_numel
@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
     path = tmp_path_factory.mktemp("six-layers")
     model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    write_tokenizer(path)
     return str(path)
 
 
@@ -65,7 +65,7 @@ def test_streamed_layers_give_exactly_the_resident_logits(checkpoint, resident):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (12, 30, 7)]
     for eng in (streamed, whole):
-        eng.seqs = [Sequence("t", None, list(p), SamplingParams(1), deliver=lambda _: None)
+        eng.seqs = [Sequence("t", None, list(p), SamplingParams(1))
                     for p in prompts]
     a = streamed.logits_for([(s, len(s.token_ids)) for s in streamed.seqs])
     b = whole.logits_for([(s, len(s.token_ids)) for s in whole.seqs])

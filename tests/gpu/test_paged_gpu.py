@@ -72,7 +72,7 @@ PROGRAM = '''
     from deployments.platform import detect_platform
     from deployments.memory import setup_memory
     from deployments.engine import GenerationRequest, SamplingParams
-    from deployments.engine.builtin import build_tokenizer
+    from deployments.engine.builtin_tokenizer import write_tokenizer
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
@@ -104,7 +104,7 @@ PROGRAM = '''
         hf32 = getattr(transformers, model_name)(config).cuda().eval()
         path = tempfile.mkdtemp()
         hf32.save_pretrained(path)
-        build_tokenizer().save_pretrained(path)
+        write_tokenizer(path)
         hf16 = getattr(transformers, model_name).from_pretrained(
             path, dtype=torch.bfloat16).cuda().eval()
         args = AppArgs.model_validate({"model": {"model_id": path, "dtype": "bfloat16"},
@@ -113,7 +113,7 @@ PROGRAM = '''
         engine = PagedEngine(args, memory)
         g = torch.Generator().manual_seed(5)
         convs = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (40, 300, 77, 513)]
-        seqs = [Sequence("t", None, c, SamplingParams(1), deliver=lambda _: None) for c in convs]
+        seqs = [Sequence("t", None, c, SamplingParams(1)) for c in convs]
         step = engine.logits_for
         step([(seqs[0], 39), (seqs[1], 200), (seqs[2], 10)])
         got = step([(seqs[0], 1), (seqs[1], 100), (seqs[2], 67), (seqs[3], 513)])
@@ -128,7 +128,7 @@ PROGRAM = '''
         engine.cache.free([p for s in seqs for p in s.pages])
         # Decode through CUDA graphs (batch of 3) and eagerly: the same logits.
         eager_vs_graph = 0.0
-        trio = [Sequence("t", None, c[:50], SamplingParams(1), deliver=lambda _: None)
+        trio = [Sequence("t", None, c[:50], SamplingParams(1))
                 for c in convs[1:]]
         step([(s, 49) for s in trio])
         batch = Batch()

@@ -15,7 +15,7 @@ import json, tempfile
 import torch, transformers
 from deployments.config import AppArgs
 from deployments.engine import SamplingParams
-from deployments.engine.builtin import build_tokenizer
+from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
 from deployments.memory import setup_memory
@@ -25,7 +25,7 @@ config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
     max_position_embeddings=2048, vocab_size=448, tie_word_embeddings=False)
 path = tempfile.mkdtemp()
 transformers.LlamaForCausalLM(config).save_pretrained(path)
-build_tokenizer().save_pretrained(path)
+write_tokenizer(path)
 memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
     "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
     detect_platform(), torch_allocator="native")
@@ -124,7 +124,7 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
         prompts = [list(range(3, 3 + n)) for n in (100, 37, 300)]
         out = []
         for eng in (streamed, whole):
-            seqs = [Sequence("t", None, p, SamplingParams(1), deliver=lambda _: None)
+            seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
             out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
         same = all(torch.equal(a, b) for a, b in zip(*out))
@@ -185,7 +185,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
         prompts = [list(range(3, 3 + n)) for n in (100, 37, 300)]
         out = []
         for eng in (grace, plain):
-            seqs = [Sequence("t", None, p, SamplingParams(1), deliver=lambda _: None)
+            seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
             out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
             eng.cache.free([p for s in seqs for p in s.pages])

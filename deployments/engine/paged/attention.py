@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from deployments.engine.paged.upload import upload
 
 
 @dataclass
@@ -113,10 +116,8 @@ def _mixed_plan(meta: AttentionMetadata, device: torch.device, kv_heads: int, us
     decode_rows = [i for i, n in enumerate(meta.query_lens) if n == 1] if use_triton else []
     decode = None
     if decode_rows:
-        packed = torch.tensor([starts[i] for i in decode_rows] + decode_rows, dtype=torch.long)
-        if torch.device(device).type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
-        decode = tuple(packed.split(len(decode_rows)))
+        decode = tuple(upload([np.asarray([starts[i] for i in decode_rows]),
+                               np.asarray(decode_rows)], np.int64, torch.device(device)))
     prefill_rows = [i for i, n in enumerate(meta.query_lens) if n > 1 or not use_triton]
     prefill = None
     if triton_prefill and prefill_rows:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import torch
 
@@ -34,18 +34,18 @@ from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.model import DecoderModel
 from deployments.engine.paged.runner import Launched, ModelRunner
 from deployments.engine.paged.scheduler import Batch, Scheduler
-from deployments.engine.paged.sequence import FINISHED, PLACEHOLDER, Sequence, Status
+from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
 from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.tier_mover import CopyMover
+from deployments.engine.paged.warmup import compiled_variants, warm_up
 from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import (
     allocate,
-    checkpoint_items,
     init_random,
     layer_numel,
-    load_state,
+    load_checkpoint,
 )
-from deployments.engine.sampling import make_generator
+from deployments.engine.token_stream import Outbox, TokenStream
 from deployments.memory import HostAccountant, MemoryAccountant
 from deployments.memory_advice import DriverAdvisor, MemoryAdvisor
 
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
     from transformers import AutoConfig
 
-    path = resolve_model_path(args.model.model_id)
+    path = resolve_model_path(args.model.model_id, args.model.revision)
     config = AutoConfig.from_pretrained(path, revision=args.model.revision,
                                         trust_remote_code=args.model.trust_remote_code)
     return path, ModelSpec.from_hf_config(config)
@@ -99,7 +99,7 @@ class PagedEngine(Engine):
             if cfg.random_weights:
                 init_random(weights, seed=0)
             else:
-                load_state(weights, self.spec, checkpoint_items(path))
+                load_checkpoint(weights, self.spec, path)
         if self._advisor:
             for index, block in enumerate(weights.blocks):
                 self._advisor.prefetch(block, "host" if index in cold else "device")
@@ -163,6 +163,7 @@ class PagedEngine(Engine):
         model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu,
                              triton_prefill=use_gpu and cfg.prefill_attention == "triton",
                              streamer=streamer)
+        warm_up(model, cfg.page_size)  # no kernel compiles on a request's path
         graphs = None
         if use_gpu and cfg.cuda_graphs and not streamed:
             graphs = DecodeGraphs(model, cfg.max_num_seqs,
@@ -175,11 +176,13 @@ class PagedEngine(Engine):
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
+        self._outbox = Outbox()  # a step's tokens, handed to the event loops once per step
         self._stopping = False
         self.steps_ahead = 0  # steps launched before the previous step's tokens were read
         # (sequences, tokens, decode_only, seconds) of recent steps: benchmarks and metrics.
         self.step_log: collections.deque[tuple[int, int, bool, float]] = collections.deque(
             maxlen=100_000)
+        self._decode_steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=256)
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
         logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
@@ -274,8 +277,10 @@ class PagedEngine(Engine):
             if pending is not None:
                 self._resolve(pending)
             pending = launched
-            self.step_log.append((len(batch), sum(batch.num_tokens), decode_only,
-                                  time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            self.step_log.append((len(batch), sum(batch.num_tokens), decode_only, seconds))
+            if decode_only:
+                self._decode_steps.append((len(batch), seconds))
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before the step in flight is delivered."""
@@ -301,7 +306,7 @@ class PagedEngine(Engine):
                 seq.token_ids.append(PLACEHOLDER)  # not its last token: it decodes on
 
     def _resolve(self, step: Launched) -> None:
-        """Wait for a launched step's tokens and deliver them."""
+        """Wait for a launched step's tokens and deliver them: one hand-off per step."""
         try:
             tokens = step.result()  # a host sync on this step's tokens only
         except Exception as exc:
@@ -310,6 +315,7 @@ class PagedEngine(Engine):
         with self._lock:
             self._deliver(step.batch, tokens)
             self.scheduler.keep_free(self._keep_free)
+        self._outbox.flush()
 
     def _fail(self, batch: Batch, exc: Exception) -> None:
         logger.error("engine step failed", exc_info=exc)
@@ -317,9 +323,12 @@ class PagedEngine(Engine):
             for seq in batch.seqs:
                 if seq.status is not Status.FINISHED:
                     self.scheduler.finish(seq)
-                    seq.deliver(exc)
+                    if seq.stream is not None:
+                        self._outbox.end(seq.stream, exc)
+        self._outbox.flush()
 
     def _deliver(self, batch: Batch, tokens: list[int | None]) -> None:
+        """The one place a sampled token lands: in its sequence, then in its stream."""
         for seq, token in zip(batch.seqs, tokens, strict=True):
             if token is None or seq.aborted or seq.status is Status.FINISHED:
                 continue
@@ -329,10 +338,16 @@ class PagedEngine(Engine):
             else:
                 seq.token_ids.append(token)  # its last token: no step needed it
             seq.num_generated += 1
-            seq.deliver(token)
-            if token in self.eos_token_ids or seq.num_generated >= seq.sampling.max_tokens:
+            if seq.stream is not None:
+                self._outbox.put(seq.stream, token)
+            if self._ends(seq, token):
                 self.scheduler.finish(seq)
-                seq.deliver(FINISHED)
+                if seq.stream is not None:
+                    self._outbox.end(seq.stream)
+
+    def _ends(self, seq: Sequence, token: int) -> bool:
+        return seq.sampling.finish_reason(token in self.eos_token_ids,
+                                          seq.num_generated) is not None
 
     # ---- event-loop side ------------------------------------------------------------------
 
@@ -346,34 +361,24 @@ class PagedEngine(Engine):
 
     async def stream_tokens(
         self, request: GenerationRequest, progress: RequestProgress
-    ) -> AsyncIterator[int]:
+    ) -> AsyncIterator[list[int]]:
         self._check_capacity(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stream = TokenStream(asyncio.get_running_loop())
         seq = Sequence(
             request_id=request.request_id, user_key=request.user_key,
-            token_ids=list(request.prompt_token_ids), sampling=request.sampling,
-            deliver=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-            generator=None if request.sampling.seed is None
-            else make_generator(request.sampling.seed, self.device),
+            token_ids=list(request.prompt_token_ids), sampling=request.sampling, stream=stream,
         )
+        if request.sampling.seed is not None:
+            seq.sample_seed = request.sampling.seed % (1 << 63)
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
-        done = False
         try:
-            while True:
-                item = await queue.get()
-                if item is FINISHED:
-                    done = True
-                    return
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
+            async for batch in stream:
                 progress.cached_tokens = seq.cached_tokens
-                yield item
+                yield batch
         finally:
-            if not done:
+            if not stream.ended:
                 with self._wake:
                     seq.aborted = True
                     self._wake.notify()
@@ -404,8 +409,18 @@ class PagedEngine(Engine):
                        "kv_host_pages_free": self.cache.host_free_pages,
                        "offloaded_users": self.cache.offloaded_users,
                        "restored_users": self.cache.restored_users,
-                       "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0},
+                       "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0,
+                       "kernel_variants_compiled": compiled_variants(),
+                       **self._recent_decode_steps()},
             )
+
+    def _recent_decode_steps(self) -> dict[str, float | None]:
+        """Median time and batch of the last decode-only engine iterations."""
+        recent = list(self._decode_steps)  # one C-level copy: safe beside the engine thread
+        if not recent:
+            return {"decode_step_ms_p50": None, "decode_batch_p50": None}
+        return {"decode_step_ms_p50": statistics.median(s for _, s in recent) * 1e3,
+                "decode_batch_p50": statistics.median(n for n, _ in recent)}
 
     def logits_for(self, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
         """Run one hand-built step and return each sequence's logits for its new tokens.

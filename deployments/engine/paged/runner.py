@@ -4,7 +4,7 @@ A step is launched without waiting for it: its sampled tokens stay on the device
 their copy to pinned host memory), so the engine can schedule and launch the next step while
 this one runs. A decode row whose last token is still in flight (`PLACEHOLDER`) reads it from
 the previous step's sampled tokens on the device. Host-side inputs travel packed: one copy of
-int64 values and one of int32 values a step.
+int64 values and one of int32 values a step, each piece aligned (upload.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from deployments.engine.paged.model import DecoderModel
 from deployments.engine.paged.sampler import sample_on_device
 from deployments.engine.paged.scheduler import Batch
 from deployments.engine.paged.sequence import PLACEHOLDER
+from deployments.engine.paged.upload import upload
 
 
 @dataclass
@@ -50,14 +51,6 @@ class ModelRunner:
         self.page_size = page_size
         self.device = model.w.embed.device
         self.graphs = graphs
-
-    def _to_device(self, values: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(values)
-        if self.device.type != "cuda":
-            return host
-        # Pinned (PyTorch's caching host allocator keeps the block until the copy is done),
-        # so the copy is asynchronous and the host can go on preparing the next step.
-        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _prepare(
         self, batch: Batch, feed: Launched | None = None
@@ -91,22 +84,18 @@ class ModelRunner:
                 sampling_rows.append(i)
                 logits_index.append(count - 1)
         pos_all = np.concatenate(positions)
-        n_tok, n_log = len(tokens), len(logits_index)
-        longs = self._to_device(np.concatenate([
-            np.asarray(tokens, dtype=np.int64), pos_all, np.concatenate(write_pages),
-            pos_all % page, np.asarray(logits_index, dtype=np.int64),
-            np.asarray(fed, dtype=np.int64)]))
-        ints = self._to_device(np.concatenate([table.ravel(),
-                                               np.asarray(contexts, dtype=np.int32)]))
-        tok, positions_d, pages_d, offsets_d, logits_d, fed_d = longs.split(
-            [n_tok, n_tok, n_tok, n_tok, n_log, n_tok])
+        tok, positions_d, pages_d, offsets_d, logits_d, fed_d = upload(
+            [np.asarray(tokens), pos_all, np.concatenate(write_pages), pos_all % page,
+             np.asarray(logits_index), np.asarray(fed)], np.int64, self.device)
+        table_d, contexts_d = upload([table.ravel(), np.asarray(contexts)], np.int32,
+                                     self.device)
         if feeds:
             assert feed.tokens is not None
             tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
         meta = AttentionMetadata(
             positions=positions_d, write_pages=pages_d, write_offsets=offsets_d,
-            page_table=ints[:table.size].view(len(batch), width),
-            context_lens=ints[table.size:], query_lens=list(batch.num_tokens),
+            page_table=table_d.view(len(batch), width),
+            context_lens=contexts_d, query_lens=list(batch.num_tokens),
             context_lens_host=contexts, decode_only=batch.decode_only,
         )
         return tok, meta, sampling_rows, logits_d
@@ -121,8 +110,10 @@ class ModelRunner:
         step = Launched(batch, rows, None)
         if not rows:
             return step
-        step.tokens = sample_on_device(logits, [batch.seqs[i].sampling for i in rows],
-                                       [batch.seqs[i].generator for i in rows])
+        seqs = [batch.seqs[i] for i in rows]
+        step.tokens = sample_on_device(logits, [s.sampling for s in seqs], [
+            None if s.sampling.seed is None else torch.Generator(logits.device).manual_seed(
+                (s.sample_seed + s.num_generated + s.in_flight) % (1 << 63)) for s in seqs])
         step.row_of = {id(batch.seqs[i]): j for j, i in enumerate(rows)}
         if step.tokens.is_cuda:
             step.host = torch.empty(len(rows), dtype=torch.long, pin_memory=True)

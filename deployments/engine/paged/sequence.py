@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.engine.interface import SamplingParams
+from deployments.engine.token_stream import TokenStream
 
 
 class Status(enum.Enum):
@@ -16,7 +17,6 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-FINISHED = object()  # delivered after a sequence's last token
 # Stands in `token_ids` for a token sampled by a step still running on the device; the next
 # step reads the real token on the device, and the engine writes it here once it has it.
 PLACEHOLDER = -1
@@ -28,7 +28,7 @@ class Sequence:
     user_key: str | None
     token_ids: list[int]  # prompt, then every generated token
     sampling: SamplingParams
-    deliver: Callable[[Any], None]  # called on the engine thread: a token id, FINISHED, or error
+    stream: TokenStream | None = None  # where its tokens land (None: nobody reads them)
     prompt_len: int = 0
     num_computed: int = 0  # positions [0, num_computed) have KV in `pages`
     pages: list[int] = field(default_factory=list)
@@ -38,7 +38,9 @@ class Sequence:
     status: Status = Status.WAITING
     num_generated: int = 0
     aborted: bool = False
-    generator: Any = None  # a seeded torch.Generator, or None for the shared one
+    # Each draw's random key mixes this with the index of the token drawn: the request's seed
+    # (reproducible), else a random one.
+    sample_seed: int = field(default_factory=lambda: random.getrandbits(63))
     restore: Any = None  # the cache manager's move bringing this user's pages up, until done
 
     def __post_init__(self) -> None:

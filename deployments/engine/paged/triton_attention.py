@@ -52,7 +52,8 @@ def finish(m, denom, acc):
     return out, lse
 
 
-@triton.jit
+# The page table's width varies step by step: no specialization on its value (see upload.py).
+@triton.jit(do_not_specialize=["stride_pt"])
 def _split_kernel(
     Q, K, V, PageTable, CtxLens, MidO, MidLse,
     stride_qs, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,

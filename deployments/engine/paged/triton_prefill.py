@@ -17,17 +17,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from deployments.engine.paged.triton_attention import attend, finish, load_kv, merge_splits
+from deployments.engine.paged.upload import upload
 
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per iteration
 
 
-@triton.jit
+# The page table's width varies step by step: no specialization on its value (see upload.py).
+@triton.jit(do_not_specialize=["stride_pt"])
 def _prefill_kernel(
     Q, K, V, Out, PageTable, CtxLens, QueryStart, QueryLen, BlockSeq, BlockStart,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
@@ -130,11 +133,9 @@ def plan_prefill(query_starts: list[int], query_lens: list[int], seqs: list[int]
         splits = choose_splits(len(block_seq) * kv_heads, longest)
     rows = [t for s in seqs for t in range(query_starts[s], query_starts[s] + query_lens[s])]
     n = len(query_lens)
-    packed = torch.tensor([*query_starts[:n], *query_lens, *block_seq, *block_start, *rows],
-                          dtype=torch.int32)
-    if torch.device(device).type == "cuda":
-        packed = packed.pin_memory().to(device, non_blocking=True)
-    qs, ql, bs, bst, rw = packed.split([n, n, len(block_seq), len(block_seq), len(rows)])
+    qs, ql, bs, bst, rw = upload([np.asarray(p) for p in (
+        query_starts[:n], query_lens, block_seq, block_start, rows)], np.int32,
+        torch.device(device))
     return PrefillPlan(len(block_seq), splits, qs, ql, bs, bst, rw)
 
 

@@ -9,8 +9,10 @@ allocated where the caller's allocation scope says (the replica's RMM resource o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from deployments.engine.paged.spec import ModelSpec
 
+logger = logging.getLogger(__name__)
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -159,10 +162,10 @@ def expected_names(spec: ModelSpec) -> set[str]:
 
 
 @torch.no_grad()  # views of one layer block: autograd must not track the copies into them
-def load_state(
+def copy_tensors(
     weights: ModelWeights, spec: ModelSpec, items: Iterable[tuple[str, torch.Tensor]]
-) -> None:
-    """Copy checkpoint tensors into `weights`; raise if any expected tensor is missing."""
+) -> set[str]:
+    """Copy checkpoint tensors into `weights` (shapes checked); return the names copied."""
     loaded: set[str] = set()
     for name, tensor in items:
         target = _target(weights, spec, name)
@@ -173,23 +176,70 @@ def load_state(
                              f"{tuple(target.shape)}")
         target.copy_(tensor)
         loaded.add(name)
+    return loaded
+
+
+def check_complete(spec: ModelSpec, loaded: set[str]) -> None:
     missing = expected_names(spec) - loaded
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
 
-def checkpoint_items(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs from a directory of safetensors files, one tensor at a time."""
-    from safetensors import safe_open
+def load_state(
+    weights: ModelWeights, spec: ModelSpec, items: Iterable[tuple[str, torch.Tensor]]
+) -> None:
+    """Copy checkpoint tensors into `weights`; raise if any expected tensor is missing."""
+    check_complete(spec, copy_tensors(weights, spec, items))
 
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards its index names, or one."""
     root = Path(path)
     index = root / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
-    for file in files:
-        with safe_open(str(root / file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, f.get_tensor(name)
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        names = ["model.safetensors"]
+    files = [root / name for name in names]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {root} lacks {', '.join(missing[:3])}")
+    return files
+
+
+def shard_items(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one safetensors file, one tensor at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            yield name, f.get_tensor(name)
+
+
+def layers_loaded(spec: ModelSpec, loaded: set[str]) -> int:
+    """How many decoder layers have every tensor they need."""
+    incomplete = {int(m.group(1)) for name in expected_names(spec) - loaded
+                  if (m := LAYER.match(name)) is not None}
+    return spec.num_layers - len(incomplete)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def load_checkpoint(weights: ModelWeights, spec: ModelSpec, path: str | Path) -> None:
+    """Load a (possibly sharded) safetensors checkpoint, logging progress after each shard:
+    bytes read so far, layers complete so far, seconds since the start."""
+    files = checkpoint_files(path)
+    total = sum(f.stat().st_size for f in files)
+    start, done, loaded = time.perf_counter(), 0, set()
+    for number, file in enumerate(files, 1):
+        loaded |= copy_tensors(weights, spec, shard_items(file))
+        done += file.stat().st_size
+        logger.info("loaded shard %d/%d (%s): %s of %s, %d of %d layers, %.1f s", number,
+                    len(files), file.name, _size(done), _size(total),
+                    layers_loaded(spec, loaded), spec.num_layers, time.perf_counter() - start)
+    check_complete(spec, loaded)
 
 
 def init_random(weights: ModelWeights, seed: int = 0, std: float = 0.02) -> None:

@@ -1,0 +1,101 @@
+"""Tokens travel in batches: engine -> request (one hand-off per step), replica -> ingress (one
+message per batch, paced by load), with the same tokens and text as one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from deployments.engine import GenerationRequest, SamplingParams
+from deployments.engine.interface import RequestProgress
+from deployments.pacing import StreamPacing
+from deployments.replica import LLMReplica
+
+ARGS = {
+    "model": {"model_id": "builtin:tiny-llama", "max_model_len": 512},
+    "memory": {"cpu_memory_budget_bytes": "64MiB"},
+    "kv_cache": {"budget_bytes": "8MiB"},
+    "engine": {"cpu_threads": 1, "default_max_tokens": 24},
+}
+PROMPT = {"prompt": "Unified memory lets the GPU and the CPU share one address space."}
+
+
+@pytest.fixture(scope="module")
+def replica():
+    rep = LLMReplica(ARGS)
+    yield rep
+    asyncio.run(rep.engine.shutdown())
+
+
+def greedy(max_tokens: int = 24, **extra) -> dict:
+    return {**PROMPT, "sampling": {"max_tokens": max_tokens, "temperature": 0, **extra}}
+
+
+async def messages_of(rep: LLMReplica, request: dict) -> list[list[dict]]:
+    return [m async for m in rep.generate(request=request)]
+
+
+def text_and_tokens(messages: list[list[dict]]) -> tuple[str, list[int]]:
+    deltas = [e for m in messages for e in m if e["event"] == "delta"]
+    return "".join(e["text"] for e in deltas), [t for e in deltas for t in e["token_ids"]]
+
+
+def test_a_slow_reader_gets_several_tokens_per_batch_and_the_same_tokens(replica):
+    engine = replica.engine
+    request = GenerationRequest("r", None, engine.encode_text(PROMPT["prompt"]),
+                                SamplingParams(24, temperature=0))
+
+    async def read(delay_s: float) -> list[list[int]]:
+        batches = []
+        async for batch in engine.stream_tokens(request, RequestProgress()):
+            batches.append(batch)
+            await asyncio.sleep(delay_s)
+        return batches
+
+    eager, slow = asyncio.run(read(0)), asyncio.run(read(0.05))
+    flat = [t for b in eager for t in b]
+    assert flat == [t for b in slow for t in b] and len(flat) == 24
+    assert max(len(b) for b in slow) > 1  # tokens gathered while the reader slept
+    assert len(slow) < len(eager)
+
+
+def test_one_stream_gets_a_message_per_step_and_many_share_a_paced_budget(replica):
+    alone = asyncio.run(messages_of(replica, greedy()))
+    text, tokens = text_and_tokens(alone)
+    # One stream: the gap is far below a step, so every token is its own message.
+    assert len(alone) == len(tokens) == 24
+    assert alone[0][0]["event"] == "start" and alone[0][1]["event"] == "delta"
+    assert alone[-1][-1]["event"] == "end"
+
+    replica.pacing = StreamPacing(messages_per_s=40)  # 4 streams: a message per 100 ms each
+
+    async def four() -> list[list[list[dict]]]:
+        return await asyncio.gather(*[messages_of(replica, greedy()) for _ in range(4)])
+
+    try:
+        started = time.monotonic()
+        paced = asyncio.run(four())
+        elapsed = time.monotonic() - started
+    finally:
+        replica.pacing = StreamPacing(replica.args.replica.stream_messages_per_s)
+    for messages in paced:
+        assert text_and_tokens(messages) == (text, tokens)  # same tokens, same text
+        assert len(messages) <= elapsed / 0.1 + 2 < len(tokens)
+
+
+def test_ignore_eos_generates_max_tokens_past_an_end_token(replica):
+    engine = replica.engine
+    first = text_and_tokens(asyncio.run(messages_of(replica, greedy(8))))[1]
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = frozenset({first[2]})  # the third greedy token now ends a request
+    try:
+        stopped = asyncio.run(messages_of(replica, greedy(8)))
+        ignored = asyncio.run(messages_of(replica, greedy(8, ignore_eos=True)))
+    finally:
+        engine.eos_token_ids = saved
+    assert text_and_tokens(stopped)[1] == first[:3]
+    assert stopped[-1][-1]["finish_reason"] == "stop"
+    assert text_and_tokens(ignored)[1] == first
+    assert ignored[-1][-1]["finish_reason"] == "length"
