@@ -35,6 +35,8 @@ RUN pip install \
         "torch==2.13.0" \
         "transformers>=5.17,<6" \
         "tokenizers>=0.22" \
+        "huggingface_hub>=1.0,<3" \
+        "jinja2>=3.1.6" \
         "safetensors>=0.4" \
         "pydantic>=2.7,<3" \
         "pyyaml>=6" \

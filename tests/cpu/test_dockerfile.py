@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -39,7 +40,8 @@ def makefile_torch() -> str:
 
 
 def key(requirement: Requirement) -> tuple:
-    return requirement.name, frozenset(requirement.extras), str(requirement.specifier)
+    return (canonicalize_name(requirement.name), frozenset(requirement.extras),
+            str(requirement.specifier))
 
 
 def test_the_base_is_cuda_13_on_ubuntu():

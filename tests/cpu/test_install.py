@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -32,6 +33,7 @@ torch_index = load_script("torch_index")
 # where our code does not import it but a library we call needs it.
 IMPORTED_AS = {
     "ray": "ray", "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers",
+    "huggingface-hub": "huggingface_hub", "jinja2": "jinja2",
     "safetensors": "safetensors", "pydantic": "pydantic", "pyyaml": "yaml",
     "fastapi": "fastapi", "rmm-cu13": "rmm", "rmm-cu12": "rmm",
     "accelerate": None,  # transformers' from_pretrained(device_map=...) needs it
@@ -64,8 +66,9 @@ def test_the_pinned_torch_satisfies_pyprojects_range():
 def test_every_declared_dependency_is_used():
     sources = "\n".join(p.read_text() for p in (ROOT / "deployments").rglob("*.py"))
     for requirement in declared():
-        assert requirement.name in IMPORTED_AS, f"{requirement.name}: declared, but used where?"
-        module = IMPORTED_AS[requirement.name]
+        name = canonicalize_name(requirement.name)
+        assert name in IMPORTED_AS, f"{name}: declared, but used where?"
+        module = IMPORTED_AS[name]
         if module:
             assert re.search(rf"^\s*(import|from) {module}\b", sources, re.M), requirement.name
 
