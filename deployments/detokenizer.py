@@ -171,13 +171,15 @@ class IncrementalDetokenizer:
     `source` is a TokenDecoder or a tokenizer (its TokenDecoder is then built once and kept).
     """
 
-    def __init__(self, source: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, source: Any, stop: Sequence[str] = (), armed: bool = True) -> None:
+        """`armed=False`: stop strings do not count until `armed` is set (min_tokens)."""
         decoder = source if isinstance(source, TokenDecoder) else token_decoder(source)
         self._stream = (_ByteStream(decoder.table) if decoder.table is not None
                         else _WindowStream(decoder.tokenizer))
         self._stop = tuple(s for s in stop if s)
         self._held = ""  # decoded but held back: it may begin a stop string
         self.stopped = False
+        self.armed = armed
 
     def push(self, ids: Sequence[int]) -> Delta:
         """Add ids; return the text now safe to emit, whether a stop string completed, and
@@ -186,6 +188,9 @@ class IncrementalDetokenizer:
             return Delta("", self.stopped, 0)
         held = self._held
         buffer = held + self._stream.feed(ids)
+        if not self.armed:  # stop strings do not count yet: release it all
+            self._held = ""
+            return Delta(buffer, False, len(ids))
         cut = first_stop(buffer, self._stop)
         if cut is None:
             keep = partial_stop_suffix(buffer, self._stop)

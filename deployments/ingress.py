@@ -4,8 +4,11 @@ same operations as Python methods for DeploymentHandle callers.
 In front of every route, the `Gate` middleware checks API keys and bounds the body (gate.py).
 The ingress parses and validates requests (a client's mistake is a 4xx in OpenAI's error shape,
 never a 500), resolves the user (``X-User-Id`` header, else the body's ``user``; with auth on,
-namespaced by the caller's key), and calls LLMReplica with keyword arguments so the router can
-read ``user_id``. Every response, streamed or not, carries ``X-Replica-Id``.
+namespaced by the caller's key), tokenizes the prompt and shapes the request once (prompts.py:
+user key, exact prompt tokens, completion length fitted to the context), and calls LLMReplica
+with the token ids and that `shape=` keyword, which the router reads. Replicas stream token
+ids; the ingress turns them into text and applies stop strings (text_stream.py). Every
+response, streamed or not, carries ``X-Replica-Id``.
 
 Overload and failure: a full LLMReplica queue is a 429 with ``Retry-After``; a replica that
 dies before the first token is replaced by another (``ingress.replica_retries``); one that dies
@@ -31,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.announce import announce_when_ready
 from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
 from deployments.config import AppArgs, parse_app_args
+from deployments.detokenizer import token_decoder
 from deployments.errors import (
     REPLICA_HEADER,
     APIError,
@@ -40,6 +44,8 @@ from deployments.errors import (
 from deployments.gate import PRINCIPAL_SCOPE_KEY, Gate, GateSettings
 from deployments.identity import resolve_user_id
 from deployments.metrics import IngressMetrics
+from deployments.model_files import resolve_model_dir
+from deployments.prompts import Prepared, PromptBuilder
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -59,6 +65,8 @@ from deployments.streaming import (
     sse_response,
     until_deadline,
 )
+from deployments.text_stream import TextStream, detokenized
+from deployments.tokenizer import TextTokenizer
 
 logger = logging.getLogger("ray.serve")
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
@@ -102,6 +110,12 @@ class OpenAIIngress:
         self._keys = load_keys(self._args.auth)
         self._metrics = IngressMetrics()
         self._max_model_len: int | None = None
+        model = self._args.model
+        tokenizer = TextTokenizer.load(resolve_model_dir(model.model_id, model.revision,
+                                                         weights=False))
+        self._decoder = token_decoder(tokenizer)  # its byte table, built once
+        self._prompts = PromptBuilder(tokenizer, self._args.engine.default_max_tokens,
+                                      self._limits.max_messages)
         logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
                     "on" if self._keys.enabled else "off", len(self._keys))
         self._readiness = Readiness(self._replica_counts, self._limits.retry_after_s)
@@ -141,15 +155,35 @@ class OpenAIIngress:
                         "after the time in Retry-After", code="queue_full",
                         headers={"Retry-After": str(self._limits.retry_after_s)})
 
-    async def _open(self, payload: dict[str, Any], user_id: str | None, endpoint: str
-                    ) -> tuple[dict[str, Any], Messages]:
+    async def _context(self) -> int:
+        """The model's context in tokens, as its replicas know it (asked once)."""
+        if self._max_model_len is None:
+            try:
+                info = await asyncio.wait_for(self._llm.model_info.remote(), 30)
+            except Exception as exc:
+                logger.warning("could not fetch model info: %r", exc)
+                raise APIError(503, "no model replica could serve the request; retry",
+                               "server_error", code="replica_unavailable") from None
+            self._max_model_len = int(info["max_model_len"])
+        return self._max_model_len
+
+    async def _prepare(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
+                       ) -> Prepared:
+        self._check_model(req.model)
+        context = await self._context()
+        if isinstance(req, ChatCompletionRequest):
+            return await self._prompts.chat(req, user, context)
+        return await self._prompts.completion(req, user, context)
+
+    async def _open(self, prepared: Prepared, endpoint: str) -> tuple[dict[str, Any], Messages]:
         """Start a request on a replica; return its `start` event and the rest of the stream
-        (its first message already holds the first token)."""
+        as text (its first message already holds the first token)."""
         arrived = time.monotonic()
         await self._readiness.require()  # no model replica: 503 now, not a hang
         deadline = arrived + self._limits.request_timeout_s
         for attempt in range(self._limits.replica_retries + 1):
-            stream = self._streaming.generate.remote(request=payload, user_id=user_id)
+            stream = self._streaming.generate.remote(request=prepared.payload,
+                                                     shape=prepared.shape)
             try:
                 first = await asyncio.wait_for(stream.__anext__(),
                                                max(0.0, deadline - time.monotonic()))
@@ -173,8 +207,9 @@ class OpenAIIngress:
                                type(exc).__name__)
                 raise APIError(503, "no model replica could serve the request; retry",
                                "server_error", code="replica_unavailable") from exc
-        if first[0]["event"] == "error":
-            raise error_from_event(first[0])
+        start = first[0]
+        if start["event"] == "error":
+            raise error_from_event(start)
         first_at = time.monotonic()
         self._metrics.request_done(endpoint, first_at - arrived, None)
 
@@ -183,20 +218,33 @@ class OpenAIIngress:
                 tpot = (time.monotonic() - first_at) / (completion_tokens - 1)
                 self._metrics.request_done(endpoint, None, tpot)
 
-        return first[0], _prepend(first[1:], until_deadline(stream, deadline, ended))
+        text = TextStream(self._decoder, start, prepared.stop, prepared.min_tokens)
+        tokens = _prepend(first[1:], until_deadline(stream, deadline))
+        return start, detokenized(tokens, text, ended)
 
-    def _chat_payload(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        self._check_model(req.model)
-        if len(req.messages) > self._limits.max_messages:
-            raise APIError(400, f"messages: at most {self._limits.max_messages} messages per "
-                           f"request, got {len(req.messages)}", param="messages",
-                           code="too_many_messages")
-        return {"messages": [{"role": m.role, "content": m.text()} for m in req.messages],
-                "sampling": req.sampling(req.token_limit)}
+    async def _answer(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
+                      ) -> tuple[str, dict[str, Any]]:
+        """A whole (non-streamed) answer: the replica that served it and the OpenAI body."""
+        chat = isinstance(req, ChatCompletionRequest)
+        first, messages = await self._open(await self._prepare(req, user),
+                                           "chat" if chat else "completion")
+        text, finish, usage = await collect(first, messages)
+        body = (chat_completion(new_id("chatcmpl"), self._model, text, finish, usage) if chat
+                else text_completion(new_id("cmpl"), self._model, text, finish, usage))
+        return first["replica_id"], body
 
-    def _completion_payload(self, req: CompletionRequest) -> dict[str, Any]:
-        self._check_model(req.model)
-        return {**req.prompt_payload(), "sampling": req.sampling(req.max_tokens)}
+    async def _respond(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
+                       ) -> Any:
+        """The HTTP response: server-sent events or one JSON body."""
+        if not req.stream:
+            replica_id, body = await self._answer(req, user)
+            return JSONResponse(body, headers={REPLICA_HEADER: replica_id})
+        chat = isinstance(req, ChatCompletionRequest)
+        first, messages = await self._open(await self._prepare(req, user),
+                                           "chat" if chat else "completion")
+        chunks = chat_events if chat else completion_events
+        return sse_response(first["replica_id"], chunks(
+            self._model, messages, req.include_usage, self._stream_failed))
 
     def _stream_failed(self, reason: str) -> None:
         self._metrics.failed_streams.inc(tags={"reason": reason})
@@ -205,41 +253,25 @@ class OpenAIIngress:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        if self._max_model_len is None:
-            try:
-                info = await asyncio.wait_for(self._llm.model_info.remote(), 30)
-                self._max_model_len = info["max_model_len"]
-            except Exception as exc:  # the list is still right without it
-                logger.warning("could not fetch model info: %r", exc)
-        return model_list(self._model, self._max_model_len)
+        try:
+            context: int | None = await self._context()
+        except APIError:  # the list is still right without it
+            context = None
+        return model_list(self._model, context)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(
         self, body: ChatCompletionRequest, request: Request,
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
-        user = self._http_user(request, x_user_id, body.user)
-        first, messages = await self._open(self._chat_payload(body), user, "chat")
-        if body.stream:
-            return sse_response(first["replica_id"], chat_events(
-                self._model, messages, body.include_usage, self._stream_failed))
-        text, finish, usage = await collect(first, messages)
-        return JSONResponse(chat_completion(new_id("chatcmpl"), self._model, text, finish, usage),
-                            headers={REPLICA_HEADER: first["replica_id"]})
+        return await self._respond(body, self._http_user(request, x_user_id, body.user))
 
     @app.post("/v1/completions")
     async def completions(
         self, body: CompletionRequest, request: Request,
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
-        user = self._http_user(request, x_user_id, body.user)
-        first, messages = await self._open(self._completion_payload(body), user, "completion")
-        if body.stream:
-            return sse_response(first["replica_id"], completion_events(
-                self._model, messages, body.include_usage, self._stream_failed))
-        text, finish, usage = await collect(first, messages)
-        return JSONResponse(text_completion(new_id("cmpl"), self._model, text, finish, usage),
-                            headers={REPLICA_HEADER: first["replica_id"]})
+        return await self._respond(body, self._http_user(request, x_user_id, body.user))
 
     @app.get("/admin/replicas")
     async def admin_replicas(self) -> list[dict[str, Any]]:
@@ -282,19 +314,15 @@ class OpenAIIngress:
     async def chat(self, request: dict[str, Any], user: str | None = None) -> dict[str, Any]:
         """A chat completion, as the HTTP body would be. Raises APIError for bad input."""
         req = self._validate(ChatCompletionRequest, request)
-        return await self._counted(self._chat(req, self._handle_user(user, req.user)))
-
-    async def _chat(self, req: ChatCompletionRequest, user: str | None) -> dict[str, Any]:
-        first, messages = await self._open(self._chat_payload(req), user, "chat")
-        text, finish, usage = await collect(first, messages)
-        return chat_completion(new_id("chatcmpl"), self._model, text, finish, usage)
+        _, body = await self._counted(self._answer(req, self._handle_user(user, req.user)))
+        return body
 
     async def chat_stream(self, request: dict[str, Any], user: str | None = None
                           ) -> AsyncIterator[dict[str, Any]]:
         """Chat completion chunks, as the SSE stream would carry them; call with stream=True."""
         req = self._validate(ChatCompletionRequest, request)
-        _, messages = await self._counted(
-            self._open(self._chat_payload(req), self._handle_user(user, req.user), "chat"))
+        prepared = await self._counted(self._prepare(req, self._handle_user(user, req.user)))
+        _, messages = await self._counted(self._open(prepared, "chat"))
         async for chunks in chat_events(self._model, messages, True, self._stream_failed):
             for chunk in chunks:
                 yield chunk
@@ -303,12 +331,8 @@ class OpenAIIngress:
                          ) -> dict[str, Any]:
         """A text completion, as the HTTP body would be."""
         req = self._validate(CompletionRequest, request)
-        return await self._counted(self._completion(req, self._handle_user(user, req.user)))
-
-    async def _completion(self, req: CompletionRequest, user: str | None) -> dict[str, Any]:
-        first, messages = await self._open(self._completion_payload(req), user, "completion")
-        text, finish, usage = await collect(first, messages)
-        return text_completion(new_id("cmpl"), self._model, text, finish, usage)
+        _, body = await self._counted(self._answer(req, self._handle_user(user, req.user)))
+        return body
 
     async def replicas(self) -> list[dict[str, Any]]:
         """The same rows as GET /admin/replicas."""

@@ -6,14 +6,16 @@ touches `torch.cuda` (the engine).
 
 `generate` streams messages, each a list of plain dicts (events), so the ingress can map them
 to HTTP: ``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens"}`` first, then
-``{"event": "delta", "text", "token_ids"}`` (at most one a message: every token since the last
-message), then ``{"event": "end", "finish_reason", "usage"}``; or a single ``{"event": "error",
-"status", "message", "type", "param", "code"}``. The first message goes as soon as the first
-token exists; later ones are paced (deployments/pacing.py) so the messages of all streams stay
-within what Serve's transport carries, however many users stream at once.
+``{"event": "delta", "token_ids"}`` (at most one a message: every token since the last
+message; the ingress makes the text), then ``{"event": "end", "finish_reason", "usage"}``; or
+a single ``{"event": "error", "status", "message", "type", "param", "code"}``. The first
+message goes as soon as the first token exists; later ones are paced (deployments/pacing.py) so
+the messages of all streams stay within what Serve's transport carries, however many users
+stream at once.
 
-Admission: a request whose prompt's KV cannot fit this replica even with every other user's
-cache dropped (`kv_capacity_bytes`) is refused with a 503 `insufficient_memory` error event.
+Admission: a request whose KV (prompt and completion, `RequestShape.kv_bytes`) cannot fit this
+replica even with every other user's cache dropped (`kv_capacity_bytes`) is refused with a 503
+`insufficient_memory` error event.
 The router sends a new user to the replica with the most free unified memory, so when that one
 refuses, no replica could hold the prompt. Transient pressure (running requests holding
 memory) is the engine's to handle: it queues, evicts idle users, or preempts.
@@ -31,6 +33,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from deployments.admission import RequestShape
 from deployments.config import AppArgs, parse_app_args
 from deployments.cuda_driver import require_cuda_driver
 from deployments.engine import (
@@ -43,7 +46,6 @@ from deployments.engine import (
     SamplingParams,
     select_engine_class,
 )
-from deployments.identity import user_key
 from deployments.memory import MemoryAccountant, MemorySnapshot, is_out_of_memory, setup_memory
 from deployments.metrics import ReplicaMetrics
 from deployments.pacing import StreamPacing
@@ -119,36 +121,25 @@ class LLMReplica:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def _tokenize(self, request: dict[str, Any]) -> list[int]:
-        if "messages" in request:
-            return self.engine.encode_chat(request["messages"])
-        if "prompt_token_ids" in request:
-            ids = [int(t) for t in request["prompt_token_ids"]]
-            vocab = len(self.engine.tokenizer)
-            if any(t < 0 or t >= vocab for t in ids):
-                raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-            return ids
-        return self.engine.encode_text(request["prompt"])
-
-    def _build(self, request: dict[str, Any], user_id: str | None) -> GenerationRequest:
-        ids = self._tokenize(request)
+    def _build(self, request: dict[str, Any], shape: RequestShape) -> GenerationRequest:
+        """The engine's request from the ingress's token ids, sampling values and shape."""
+        ids = [int(t) for t in request["prompt_token_ids"]]
         sampling = request.get("sampling", {})
-        max_tokens = sampling.get("max_tokens") or self.args.engine.default_max_tokens
-        self.engine.check_prompt(len(ids), max_tokens)
-        self._check_room(len(ids))
-        max_tokens = self.engine.clamp_max_tokens(len(ids), max_tokens)
+        if len(ids) != shape.prompt_tokens or shape.kv_tokens > self.engine.max_model_len:
+            raise RequestError(f"a request of {len(ids)} tokens does not match its shape "
+                               f"{shape} for a context of {self.engine.max_model_len}")
+        self._check_room(shape)
         return GenerationRequest(
             request_id=request.get("request_id") or uuid.uuid4().hex,
-            user_key=user_key(user_id) if user_id else None,
+            user_key=shape.user_key,
             prompt_token_ids=ids,
             sampling=SamplingParams(
-                max_tokens=max_tokens,
+                max_tokens=shape.max_tokens,
                 temperature=float(sampling.get("temperature", 1.0)),
                 top_p=float(sampling.get("top_p", 1.0)),
-                stop=tuple(sampling.get("stop") or ()),
                 seed=sampling.get("seed"),
                 ignore_eos=bool(sampling.get("ignore_eos", False)),
-                min_tokens=min(int(sampling.get("min_tokens", 0)), max_tokens),
+                min_tokens=int(sampling.get("min_tokens", 0)),
             ),
         )
 
@@ -156,25 +147,27 @@ class LLMReplica:
         """An error event naming this replica (the ingress sets X-Replica-Id from it)."""
         return {**error_event(*args, **kwargs), "replica_id": self.replica_id}
 
-    def _check_room(self, prompt_tokens: int) -> None:
+    def _check_room(self, shape: RequestShape) -> None:
         stats = self.engine.stats()
-        need = (prompt_tokens + 1) * stats.kv_bytes_per_token
+        need = shape.kv_bytes(stats.kv_bytes_per_token)
         room = kv_capacity_bytes(stats, self.memory.snapshot())
         if need > room:
             raise Refused(
-                f"no replica can hold this prompt in memory: its {prompt_tokens} tokens need "
-                f"{need / 2**20:.2f} MiB of KV cache, and the replica with the most free memory "
-                f"can hold at most {max(room, 0) / 2**20:.2f} MiB even after dropping every "
-                "other user's cache; shorten the conversation"
+                f"no replica can hold this request in memory: its {shape.kv_tokens} tokens "
+                f"(prompt and completion) need {need / 2**20:.2f} MiB of KV cache, and the "
+                f"replica with the most free memory can hold at most {max(room, 0) / 2**20:.2f} "
+                "MiB even after dropping every other user's cache; shorten the conversation "
+                "or max_tokens"
             )
 
     async def generate(
-        self, *, request: dict[str, Any], user_id: str | None = None
+        self, *, request: dict[str, Any], shape: RequestShape
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """Stream one request's messages, each a list of events (see module docstring).
-        Never raises for bad input."""
+        `shape` is the ingress's (admission.py); the router read it too. Never raises for bad
+        input."""
         try:
-            gen_request = self._build(request, user_id)
+            gen_request = self._build(request, shape)
         except Refused as exc:
             yield [self._error(503, str(exc), "server_error", code="insufficient_memory")]
             return
@@ -227,8 +220,8 @@ class LLMReplica:
     def _output_events(self, out: GenerationOutput) -> list[dict[str, Any]]:
         self.metrics.tokens_generated(len(out.token_ids))
         events: list[dict[str, Any]] = []
-        if out.text or out.token_ids:
-            events.append({"event": "delta", "text": out.text, "token_ids": list(out.token_ids)})
+        if out.token_ids:
+            events.append({"event": "delta", "token_ids": list(out.token_ids)})
         if out.finish_reason:
             events.append({
                 "event": "end", "finish_reason": out.finish_reason,

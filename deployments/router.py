@@ -25,7 +25,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from deployments.identity import user_key
+from deployments.admission import RequestShape
 from deployments.placement import (
     PlacementLedger,
     PlacementPolicy,
@@ -35,27 +35,13 @@ from deployments.placement import (
 
 logger = logging.getLogger("ray.serve")
 
-CHARS_PER_TOKEN = 4  # rough for Llama-style BPE on English text; it only ranks replicas
-DEFAULT_NEW_TOKENS = 256  # generation length assumed when a request sets no max_tokens
-
-
-def estimated_prompt_tokens(request: Any) -> int:
-    """Rough token count of the payload the ingress sends a replica as `request=` (0: unknown).
-
-    Token ids count exactly; text counts as characters / CHARS_PER_TOKEN.
-    """
-    if not isinstance(request, dict):
-        return 0
-    if isinstance(request.get("prompt_token_ids"), list):
-        return len(request["prompt_token_ids"])
-    if isinstance(request.get("prompt"), str):
-        return len(request["prompt"]) // CHARS_PER_TOKEN
-    messages = request.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    chars = sum(len(m["content"]) for m in messages
-                if isinstance(m, dict) and isinstance(m.get("content"), str))
-    return chars // CHARS_PER_TOKEN
+def request_shape(pending_request: PendingRequest | None) -> RequestShape | None:
+    """The shape the ingress computed for this call (admission.py); None for calls that carry
+    none (model info, stats)."""
+    if pending_request is None:
+        return None
+    shape = pending_request.kwargs.get("shape")
+    return shape if isinstance(shape, RequestShape) else None
 
 
 class UnifiedMemoryRouter(RequestRouter):
@@ -84,30 +70,23 @@ class UnifiedMemoryRouter(RequestRouter):
 
     @staticmethod
     def _user(pending_request: PendingRequest | None) -> str | None:
-        if pending_request is None:
-            return None
-        user_id = pending_request.kwargs.get("user_id")
-        return user_key(user_id) if isinstance(user_id, str) and user_id else None
+        shape = request_shape(pending_request)
+        return shape.user_key if shape else None
 
     @staticmethod
     def _request_bytes(
         pending_request: PendingRequest | None, replicas: list[RunningReplica]
     ) -> int:
-        """Estimated KV bytes the request holds when it ends (prompt plus what it generates),
-        at the replicas' reported bytes/token."""
-        if pending_request is None:
+        """KV bytes the request holds when it ends (its prompt and all it generates, as the
+        ingress counted them), at the replicas' reported bytes/token."""
+        shape = request_shape(pending_request)
+        if shape is None:
             return 0
         per_token = max(
             (int((r.routing_stats or {}).get("kv_bytes_per_token", 0)) for r in replicas),
             default=0,
         )
-        request = pending_request.kwargs.get("request")
-        prompt = estimated_prompt_tokens(request)
-        if not prompt:
-            return 0
-        sampling = request.get("sampling") if isinstance(request, dict) else None
-        new = (sampling or {}).get("max_tokens") if isinstance(sampling, dict) else None
-        return per_token * (prompt + (new if isinstance(new, int) else DEFAULT_NEW_TOKENS))
+        return shape.kv_bytes(per_token)
 
     async def choose_replicas(
         self,

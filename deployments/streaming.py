@@ -31,11 +31,10 @@ def _failure(status: int, message: str, code: str) -> dict[str, Any]:
             "param": None, "code": code}
 
 
-async def until_deadline(stream: Any, deadline: float,
-                         on_end: Callable[[int], None]) -> Messages:
+async def until_deadline(stream: Any, deadline: float) -> Messages:
     """A replica's stream of messages, ended by an error event if it fails (the replica died)
-    or outlives `deadline` (monotonic seconds). `on_end(completion_tokens)` sees a normal end.
-    If the consumer stops early (client gone) or time runs out, the replica call is cancelled.
+    or outlives `deadline` (monotonic seconds). If the consumer stops early (client gone, a
+    stop string) or time runs out, the replica call is cancelled.
     """
     finished = False
     try:
@@ -54,9 +53,6 @@ async def until_deadline(stream: Any, deadline: float,
                 yield [_failure(503, "the model replica failed during generation; retry",
                                 "replica_failed")]
                 return
-            for event in message:
-                if event["event"] == "end":
-                    on_end(event["usage"]["completion_tokens"])
             yield message
     finally:
         if not finished:

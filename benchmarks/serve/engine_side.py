@@ -59,15 +59,21 @@ def build_engine(args: Any) -> Any:
     return engine_cls(args, memory)
 
 
-def engine_transport(engine: Any) -> Transport:
-    """Calls answered by `engine.stream_tokens`; items may be one id or a list of ids."""
+def engine_transport(engine: Any, args: Any) -> Transport:
+    """Calls answered by `engine.stream_tokens`, tokenized as the ingress tokenizes them
+    (`args`: the served app's); items may be one id or a list of ids."""
     from deployments.engine import GenerationRequest, SamplingParams
     from deployments.engine.interface import RequestProgress
     from deployments.identity import user_key
+    from deployments.model_files import resolve_model_dir
+    from deployments.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.load(resolve_model_dir(args.model.model_id, args.model.revision,
+                                                     weights=False))
 
     async def send(call: Call) -> Reply:
-        ids = (engine.encode_chat(call.messages) if call.messages is not None
-               else engine.encode_text(call.prompt))
+        ids = (tokenizer.encode_chat(call.messages) if call.messages is not None
+               else tokenizer.encode_text(call.prompt))
         sampling = SamplingParams(call.max_tokens, temperature=call.sampling.temperature,
                                   top_p=call.sampling.top_p, ignore_eos=True,
                                   min_tokens=call.max_tokens)
@@ -116,10 +122,11 @@ def decode_figures(engine: Any, since: int, step: Step, plan: Plan, bandwidth: f
             "floor_ms": round(floor * 1e3, 4), "step_over_floor": round(step_s / floor, 4)}
 
 
-async def run_phase(engine: Any, plan: Plan, stop_at: float, rows_path: Path,
+async def run_phase(engine: Any, args: Any, plan: Plan, stop_at: float, rows_path: Path,
                     bandwidth: float, visible: list[int]) -> list[dict[str, Any]]:
-    """Every step of the plan against the engine; a row per step, appended as measured."""
-    send, rows = engine_transport(engine), []
+    """Every step of the plan against the engine (built from the app's `args`); a row per
+    step, appended as measured."""
+    send, rows = engine_transport(engine, args), []
     for step in steps(plan):
         now = time.monotonic()
         if now >= stop_at:
@@ -175,7 +182,7 @@ def main() -> None:
 
     async def phase() -> list[dict[str, Any]]:
         try:
-            return await run_phase(engine, plan, opts.stop_at, opts.rows, bandwidth,
+            return await run_phase(engine, args, plan, opts.stop_at, opts.rows, bandwidth,
                                    visible_ids(model_config))
         finally:
             await engine.shutdown()

@@ -1,9 +1,9 @@
 """The engine contract: what a replica needs from whatever runs the model.
 
 An engine turns a tokenized request into a stream of sampled token ids, keeping a KV cache per
-user between requests. The shared `Engine.generate` turns those ids into text deltas, applies
-stop strings and reports usage, so every engine behaves the same at the API. Engines never
-import Ray; they are constructed as ``EngineClass(args, memory)``.
+user between requests. The shared `Engine.generate` adds counts and the finish reason, so every
+engine behaves the same at the API; text and stop strings are the ingress's (it detokenizes).
+Engines never import Ray; they are constructed as ``EngineClass(args, memory)``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from deployments.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0  # nucleus: the smallest set of top tokens holding this much mass
-    stop: tuple[str, ...] = ()
     seed: int | None = None  # the same seed and prompt give the same tokens
     top_k: int = 0  # only the k most likely tokens; 0: no limit
     min_p: float = 0.0  # only tokens at least this share of the top token's probability
@@ -82,9 +79,8 @@ class RequestProgress:
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """One step of a request: the new text and tokens since the previous output."""
+    """A batch of a request's tokens: those since the previous output."""
 
-    text: str
     token_ids: tuple[int, ...]
     prompt_tokens: int
     cached_tokens: int
@@ -144,77 +140,29 @@ class Engine(ABC):
 
     # ---- shared behaviour -----------------------------------------------------------------
 
-    def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Apply the model's chat template (with the assistant's turn opened) and tokenize."""
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
-        """Refuse prompts that cannot fit the context window (a client error)."""
-        if prompt_len == 0:
-            raise RequestError("the prompt is empty", param="prompt", code="empty_prompt")
-        if prompt_len >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {prompt_len} tokens but this model's context is "
-                f"{self.max_model_len} tokens (prompt plus at least one new token must fit)",
-                param="messages",
-                code="context_length_exceeded",
-            )
-
-    def clamp_max_tokens(self, prompt_len: int, max_tokens: int) -> int:
-        """The completion length that fits the context window after the prompt."""
-        return max(1, min(max_tokens, self.max_model_len - prompt_len))
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Stream text deltas with stop strings applied, one output per batch of tokens; the
-        last output has a finish_reason."""
+        """The request's tokens, one output per batch `stream_tokens` yields; the last output
+        has a finish_reason. What the replica streams (its text is the ingress's to make)."""
         progress = RequestProgress()
         sampling = request.sampling
-        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         prompt_tokens = len(request.prompt_token_ids)
         batches = self.stream_tokens(request, progress)
         count = 0
         try:
             async for batch in batches:
-                pieces: list[str] = []
-                taken, finish = [], None
-                for token in batch:
-                    count += 1
-                    taken.append(token)
-                    finish = self._finish_reason(token, count, sampling, detok, pieces)
+                finish = None
+                for i, token in enumerate(batch):
+                    finish = sampling.finish_reason(token in self.eos_token_ids, count + i + 1)
                     if finish:
+                        batch = batch[:i + 1]
                         break
-                yield GenerationOutput("".join(pieces), tuple(taken), prompt_tokens,
-                                       progress.cached_tokens, count, finish)
+                count += len(batch)
+                yield GenerationOutput(tuple(batch), prompt_tokens, progress.cached_tokens,
+                                       count, finish)
                 if finish:
                     return
-            # The engine ended the stream itself (EOS or length seen there).
+            # The engine ended the stream on a token this rule did not end (never, today).
             reason = "length" if count >= sampling.max_tokens else "stop"
-            yield GenerationOutput(
-                detok.flush(), (), prompt_tokens, progress.cached_tokens, count, reason
-            )
+            yield GenerationOutput((), prompt_tokens, progress.cached_tokens, count, reason)
         finally:
             await batches.aclose()  # type: ignore[attr-defined]
-
-    def _finish_reason(self, token: int, count: int, sampling: SamplingParams,
-                       detok: IncrementalDetokenizer, pieces: list[str]) -> str | None:
-        """Detokenize one token into `pieces`; why the request ends with it, if it does."""
-        reason = sampling.finish_reason(token in self.eos_token_ids, count)
-        if reason == "stop":
-            pieces.append(detok.flush())
-            return reason
-        pieces.append(detok.push([token]).text)
-        if detok.stopped:
-            return "stop"
-        if reason:
-            pieces.append(detok.flush())  # a stop string may complete in the flush
-            return "stop" if detok.stopped else reason
-        return reason

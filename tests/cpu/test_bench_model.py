@@ -115,22 +115,28 @@ def test_what_the_engine_samples_is_visible_and_encodes_back(quick_dir):
         "engine": {"random_weights": True, "max_batched_tokens": 256, "cpu_threads": 1}})
     engine = select_engine_class(args)(args, setup_memory(args.memory,
                                                           detect_platform(use_gpu=False)))
-    prompt = engine.encode_text(words(visible_ids(QUICK)[:64]))
+    from deployments.detokenizer import IncrementalDetokenizer
+    from deployments.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.load(str(quick_dir))  # as the ingress reads it
+    prompt = tokenizer.encode_text(words(visible_ids(QUICK)[:64]))
     request = GenerationRequest("t", None, prompt, SamplingParams(96, temperature=1.0, seed=3))
 
     async def generate() -> list:
         try:
-            return [out async for out in engine.generate(request)]
+            return [t async for out in engine.generate(request) for t in out.token_ids]
         finally:
             await engine.shutdown()
 
-    outputs = asyncio.run(generate())
+    ids = asyncio.run(generate())
     special = {marker_ids(QUICK)[t] for t in (BOS, EOS, UNK)}
-    ids = [t for out in outputs for t in out.token_ids]
     assert len(ids) > 16
-    for out in outputs:
-        if out.token_ids and out.token_ids[0] not in special:
-            assert len(out.text.split()) == 1  # one visible word per token
-    text = "".join(out.text for out in outputs)
+    detok, pieces = IncrementalDetokenizer(tokenizer), []
+    for token in ids:  # the ingress's text, a token at a time
+        piece = detok.push([token]).text
+        if token not in special:
+            assert len(piece.split()) == 1  # one visible word per token
+        pieces.append(piece)
+    text = "".join(pieces) + detok.flush()
     assert engine.tokenizer(text, add_special_tokens=False)["input_ids"] == [
         t for t in ids if t not in special]

@@ -164,7 +164,7 @@ def test_a_full_queue_is_429_with_retry_after_never_5xx(guarded):
 def test_a_prompt_no_replica_can_hold_is_503_saying_so(guarded):
     response = post(guarded, ask("memory " * 400))  # ~410 tokens; KV budget holds 256
     error = assert_openai_error(response, 503, "insufficient_memory")
-    assert "no replica can hold this prompt in memory" in error["message"]
+    assert "no replica can hold this request in memory" in error["message"]
     assert post(guarded, ask("short")).status_code == 200
 
 

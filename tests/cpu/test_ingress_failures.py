@@ -7,12 +7,14 @@ exercised deterministically and fast.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
+from deployments.identity import user_key
 from deployments.ingress import APIError, OpenAIIngress
 from deployments.readiness import Readiness, ReplicaCounts
 
@@ -24,7 +26,7 @@ def events(n_tokens: int = 3, delay_s: float = 0.0) -> list[Any]:
     out: list[Any] = [{"event": "start", "replica_id": "r1", "prompt_tokens": 5,
                        "cached_tokens": 0}]
     out += [("sleep", delay_s)] if delay_s else []
-    out += [{"event": "delta", "text": "a", "token_ids": [1]} for _ in range(n_tokens)]
+    out += [{"event": "delta", "token_ids": [70]} for _ in range(n_tokens)]
     out.append({"event": "end", "finish_reason": "length",
                 "usage": {"prompt_tokens": 5, "completion_tokens": n_tokens,
                           "total_tokens": 5 + n_tokens,
@@ -68,6 +70,13 @@ class FakeHandle:
     @property
     def generate(self) -> FakeHandle:
         return self
+
+    @property
+    def model_info(self) -> SimpleNamespace:
+        async def info() -> dict:
+            return {"model": MODEL, "max_model_len": 512}
+
+        return SimpleNamespace(remote=info)
 
     def remote(self, **kwargs: Any) -> FakeStream:
         self.calls.append(kwargs)
@@ -140,7 +149,7 @@ def test_a_replica_lost_before_the_first_token_is_retried_elsewhere():
     handle = FakeHandle([ActorDiedError()], [ActorDiedError()], events())
     reply = asyncio.run(ingress(handle, request_timeout_s=5).chat(REQUEST, user="u"))
     assert reply["usage"]["completion_tokens"] == 3 and len(handle.calls) == 3
-    assert all(call["user_id"] == "u" for call in handle.calls)
+    assert all(call["shape"].user_key == user_key("u") for call in handle.calls)
 
 
 def test_retries_are_bounded_then_503():

@@ -6,6 +6,7 @@ from types import SimpleNamespace as NS
 
 from ray.serve.request_router import PendingRequest
 
+from deployments.admission import RequestShape
 from deployments.identity import user_key
 from deployments.router import UnifiedMemoryRouter
 
@@ -29,8 +30,8 @@ def replica(rid, free_gb, resident=()):
 
 def choose(router, replicas, user_id):
     async def route():
-        request = PendingRequest(args=[], kwargs={"request": {}, "user_id": user_id},
-                                 metadata=None)
+        request = PendingRequest(args=[], kwargs={
+            "request": {}, "shape": RequestShape(user_key(user_id), 8, 8)}, metadata=None)
         return await router.choose_replicas(replicas, request), request
 
     ranks, request = asyncio.run(route())
@@ -63,14 +64,14 @@ def test_kwargs_from_the_serve_config_reach_the_policy():
     assert ranks == [["a"], ["b"]]  # sticky wait 0: fall back at once
 
 
-def test_prompt_size_is_estimated_from_the_replica_payload():
-    from deployments.router import estimated_prompt_tokens
+def test_the_request_footprint_is_the_ingress_shape_at_the_replicas_bytes_per_token():
+    async def figures(kwargs):
+        request = PendingRequest(args=[], kwargs=kwargs, metadata=None)
+        return (UnifiedMemoryRouter._request_bytes(request, [replica("a", 1)]),
+                UnifiedMemoryRouter._user(request))
 
-    assert estimated_prompt_tokens({"prompt_token_ids": [1, 2, 3]}) == 3
-    assert estimated_prompt_tokens({"prompt": "x" * 400}) == 100
-    messages = [{"role": "system", "content": "x" * 40}, {"role": "user", "content": "y" * 60}]
-    assert estimated_prompt_tokens({"messages": messages}) == 25
-    assert estimated_prompt_tokens(None) == estimated_prompt_tokens({"messages": "?"}) == 0
+    assert asyncio.run(figures({"shape": RequestShape("k", 300, 100)})) == (400 * 1024, "k")
+    assert asyncio.run(figures({})) == (0, None)  # model info, stats: no shape, no user
 
 
 def test_a_long_first_prompt_goes_to_the_replica_it_fills_least():
@@ -83,13 +84,12 @@ def test_a_long_first_prompt_goes_to_the_replica_it_fills_least():
     replicas = [budgeted("big", 100, 200), budgeted("small", 30, 50)]
     assert choose(make_router(), replicas, "bob")[0][0] == ["small"]
 
-    async def route(text):
+    async def route(tokens):
         request = PendingRequest(args=[], kwargs={
-            "request": {"messages": [{"role": "user", "content": text}]}, "user_id": "carol"},
-            metadata=None)
+            "shape": RequestShape(user_key("carol"), tokens, 0)}, metadata=None)
         return await make_router().choose_replicas(replicas, request)
 
-    ranks = asyncio.run(route("x" * 4 * 20_000))  # 20k tokens x 1 MB: 20 GB of KV
+    ranks = asyncio.run(route(20_000))  # 20k tokens x 1 MB: 20 GB of KV
     assert [r.replica_id.unique_id for r in ranks[0]] == ["big"]
 
 
@@ -103,9 +103,7 @@ def test_a_new_users_footprint_counts_what_it_will_generate():
 
     async def place(user):
         request = PendingRequest(args=[], kwargs={
-            "request": {"messages": [{"role": "user", "content": "hi there"}],
-                        "sampling": {"max_tokens": 4000}},
-            "user_id": user}, metadata=None)
+            "shape": RequestShape(user_key(user), 3, 4000)}, metadata=None)
         ranks = await router.choose_replicas(replicas, request)
         first = ranks[0][0]
         router._ledger.record(user_key(user), first.replica_id.unique_id,

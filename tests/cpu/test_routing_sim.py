@@ -18,6 +18,7 @@ from benchmarks.routing_sim.workload import (
     WorkloadShape,
     demand_bytes,
 )
+from deployments.admission import RequestShape
 from deployments.identity import user_key
 from deployments.router import UnifiedMemoryRouter
 
@@ -105,8 +106,8 @@ def test_the_simulated_policy_chooses_as_the_real_router_does():
     router.initialize_state()
 
     async def real(user_id):
-        request = PendingRequest(args=[], kwargs={"request": {}, "user_id": user_id},
-                                 metadata=None)
+        request = PendingRequest(args=[], kwargs={
+            "shape": RequestShape(user_key(user_id), 0, 0)}, metadata=None)
         return (await router.choose_replicas(fakes, request))[0][0].replica_id.unique_id
 
     for user_id in [f"new{n}" for n in range(30)] + ["old3", "old7"]:

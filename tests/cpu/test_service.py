@@ -169,7 +169,7 @@ BAD_REQUESTS = [
      {"model": MODEL, "messages": [{"role": "user", "content": "many words " * 600}]},
      400, "messages"),
     ("completion prompt beyond the context", "/v1/completions",
-     {"model": MODEL, "prompt": "many words " * 600}, 400, "messages"),
+     {"model": MODEL, "prompt": "many words " * 600}, 400, "prompt"),
     ("token ids outside the vocabulary", "/v1/completions",
      {"model": MODEL, "prompt": [1, 2, 10**9]}, 400, "prompt"),
 ]

@@ -14,6 +14,9 @@ PROGRAM = """
     from deployments.memory import setup_memory
     from deployments.engine.hf_engine import HFEngine
     from deployments.engine import GenerationRequest, SamplingParams
+    from deployments.model_files import resolve_model_dir
+    from deployments.tokenizer import TextTokenizer
+    tokenizer = TextTokenizer.load(resolve_model_dir("builtin:tiny-llama", weights=False))
     on_gpu = {gpu}
     args = AppArgs.model_validate({{
         "memory": {{"mode": "managed" if on_gpu else "auto"}},
@@ -25,7 +28,7 @@ PROGRAM = """
     async def conversation(user, text):
         msgs, out = [{{"role": "user", "content": text}}], []
         for turn in range(2):
-            ids = engine.encode_chat(msgs)
+            ids = tokenizer.encode_chat(msgs)
             req = GenerationRequest("r", user, ids, SamplingParams(max_tokens=12, temperature=0))
             tokens, cached = [], 0
             async for o in engine.generate(req):
@@ -35,7 +38,7 @@ PROGRAM = """
                      {{"role": "user", "content": "and more"}}]
         return out
     results = [asyncio.run(conversation(f"u{{i}}", p)) for i, p in enumerate(prompts)]
-    ids = engine.encode_chat([{{"role": "user", "content": prompts[0]}}])
+    ids = tokenizer.encode_chat([{{"role": "user", "content": prompts[0]}}])
     with torch.inference_mode():
         logits = engine.model(input_ids=torch.tensor([ids], device=engine.device)).logits[0, -1]
     print("RESULT " + json.dumps({{"results": results, "logits": logits.float().cpu().tolist()}}))

@@ -29,8 +29,11 @@ def test_model_and_kv_tensors_live_in_rmm_managed_memory():
         cuda = ctypes.CDLL("libcuda.so.1")
         managed = ctypes.c_int(0)
         status = cuda.cuPointerGetAttribute(ctypes.byref(managed), 8, ctypes.c_uint64(ptr))
+        from deployments.model_files import resolve_model_dir
+        from deployments.tokenizer import TextTokenizer
+        tokenizer = TextTokenizer.load(resolve_model_dir("builtin:tiny-llama", weights=False))
         async def go():
-            ids = engine.encode_chat([{"role": "user", "content": "hello " * 50}])
+            ids = tokenizer.encode_chat([{"role": "user", "content": "hello " * 50}])
             req = GenerationRequest("r", "u1", ids, SamplingParams(max_tokens=8, temperature=0))
             async for _ in engine.generate(req):
                 pass
