@@ -158,6 +158,7 @@ class OpenAIIngress:
     async def _context(self) -> int:
         """The model's context in tokens, as its replicas know it (asked once)."""
         if self._max_model_len is None:
+            await self._readiness.require()  # no replica to ask: 503 now, not a 30 s wait
             try:
                 info = await asyncio.wait_for(self._llm.model_info.remote(), 30)
             except Exception as exc:

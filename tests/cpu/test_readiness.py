@@ -133,7 +133,9 @@ def wait_for_status(url: str, path: str, status: int, timeout_s: float = 120) ->
     while time.monotonic() < deadline:
         try:
             response = httpx.get(f"{url}{path}", timeout=10)
-            if response.status_code == status:
+            # Until the ingress runs, Serve's proxy answers with its own (non-JSON) 404 or 503.
+            ours = response.headers.get("content-type", "").startswith("application/json")
+            if response.status_code == status and ours:
                 return response
         except httpx.HTTPError:
             pass
@@ -186,7 +188,9 @@ def test_ready_is_503_while_the_model_loads_and_200_after(slow_start_url):
     chat = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=30)
     completion = httpx.post(f"{url}/v1/completions", timeout=30,
                             json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
+    models = httpx.get(f"{url}/v1/models", timeout=30)  # listed, without the context yet
     assert time.monotonic() - started < 5  # answered, not queued behind an absent replica
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny-llama"
     assert_unavailable(chat, "model_loading")
     assert_unavailable(completion, "model_loading")
     with pytest.raises(APIError) as err:  # Python handle callers get the same 503
@@ -199,16 +203,37 @@ def test_ready_is_503_while_the_model_loads_and_200_after(slow_start_url):
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
 
 
-def test_a_crash_looping_model_is_no_replica(serve_url, tmp_path):
+def deploy_with_broken_replicas(name: str) -> str:
+    """build_app's two deployments, but every LLMReplica finds its model cache unwritable
+    (GRACE_SERVE_CACHE under /proc), so its constructor raises; the ingress, which needs only
+    the tokenizer from the usual cache, runs."""
     from ray import serve
 
-    missing = tmp_path / "no-such-model"  # every LLMReplica constructor raises
-    args = {**SERVICE_ARGS, "model": {**SERVICE_ARGS["model"], "model_id": str(missing)},
-            "replica": {**SERVICE_ARGS["replica"], "num_replicas": 1}}
-    url = f"{serve_url}/{deploy('crashloop', args)}"
+    from deployments.app import INGRESS_NAME, replica_options
+    from deployments.config import parse_app_args
+    from deployments.ingress import OpenAIIngress
+    from deployments.replica import LLMReplica
+
+    cfg = parse_app_args({**SERVICE_ARGS,
+                          "replica": {**SERVICE_ARGS["replica"], "num_replicas": 1}})
+    options = replica_options(cfg)
+    options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {
+        "env_vars": {"GRACE_SERVE_CACHE": "/proc/grace-serve-no-cache"}}}
+    replica = serve.deployment(LLMReplica).options(**options).bind(cfg)
+    ingress = serve.deployment(OpenAIIngress).options(
+        name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}).bind(replica, cfg)
+    serve.run_many([serve.RunTarget(ingress, name=name, route_prefix=f"/{name}")],
+                   wait_for_applications_running=False)
+    return name
+
+
+def test_a_crash_looping_model_is_no_replica(serve_url):
+    from ray import serve
+
+    url = f"{serve_url}/{deploy_with_broken_replicas('crashloop')}"
     try:
-        failing = wait_for_status(url, "/ready", 503, timeout_s=60)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
+        failing = wait_for_status(url, "/ready", 503, timeout_s=120)
         while failing.json()["error"]["code"] != "no_replica" and time.monotonic() < deadline:
             time.sleep(1)
             failing = httpx.get(f"{url}/ready", timeout=10)
