@@ -25,7 +25,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PRINCIPAL_SCOPE_KEY = "grace_serve.principal"
-OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# Probes (liveness, readiness) and the API's documentation need no key.
+OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                        "/redoc"})
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 

@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.announce import announce_when_ready
 from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
 from deployments.config import AppArgs, parse_app_args
 from deployments.detokenizer import token_decoder
@@ -53,6 +54,8 @@ from deployments.protocol import (
     new_id,
     text_completion,
 )
+from deployments.readiness import Readiness, ReplicaCounts, deployment_counts, not_ready_error
+from deployments.serve_logging import wire_serve_logging
 from deployments.streaming import (
     Messages,
     chat_events,
@@ -96,6 +99,7 @@ class OpenAIIngress:
     """HTTP and Python entry point; forwards work to LLMReplica through its router."""
 
     def __init__(self, llm: DeploymentHandle, args: AppArgs | dict[str, Any]) -> None:
+        wire_serve_logging()
         self._llm = llm
         # Streams come back over Serve's gRPC transport (by value): ~3-4x the messages per
         # second of the default object-reference path (measured on 2 cores: 9-11k vs 2-3k).
@@ -114,6 +118,9 @@ class OpenAIIngress:
                                       self._limits.max_messages)
         logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
                     "on" if self._keys.enabled else "off", len(self._keys))
+        self._readiness = Readiness(self._replica_counts, self._limits.retry_after_s)
+        self._announcer = asyncio.get_running_loop().create_task(announce_when_ready(
+            self._readiness, llm.app_name, self._model))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after __init__: hand this replica's settings to the HTTP gate."""
@@ -124,6 +131,10 @@ class OpenAIIngress:
         return api
 
     # ---- the shared path ------------------------------------------------------------------
+
+    async def _replica_counts(self) -> ReplicaCounts:
+        return await asyncio.to_thread(deployment_counts, self._llm.app_name,
+                                       self._llm.deployment_name)
 
     def _http_user(self, request: Request, header: str | None, body_user: str | None
                    ) -> str | None:
@@ -147,6 +158,7 @@ class OpenAIIngress:
     async def _context(self) -> int:
         """The model's context in tokens, as its replicas know it (asked once)."""
         if self._max_model_len is None:
+            await self._readiness.require()  # no replica to ask: 503 now, not a 30 s wait
             try:
                 info = await asyncio.wait_for(self._llm.model_info.remote(), 30)
             except Exception as exc:
@@ -168,6 +180,7 @@ class OpenAIIngress:
         """Start a request on a replica; return its `start` event and the rest of the stream
         as text (its first message already holds the first token)."""
         arrived = time.monotonic()
+        await self._readiness.require()  # no model replica: 503 now, not a hang
         deadline = arrived + self._limits.request_timeout_s
         for attempt in range(self._limits.replica_retries + 1):
             stream = self._streaming.generate.remote(request=prepared.payload,
@@ -271,7 +284,16 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
+        """Liveness of this ingress replica; says nothing about the model (see /ready)."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> Any:
+        """200 when at least one model replica can serve, else the 503 chats would get."""
+        verdict = await self._readiness.check()
+        if not verdict.ready:
+            return not_ready_error(verdict, self._limits.retry_after_s).response()
+        return {"status": "ready", "model": self._model, "model_replicas": verdict.running}
 
     # ---- Python API (DeploymentHandle) ----------------------------------------------------
 

@@ -64,6 +64,13 @@ class MemorySnapshot:
     free_unified_memory_bytes: int
     device_free_bytes: int | None = None
 
+    def describe(self) -> str:
+        """One log line's worth: resource, capacity, in use, free unified memory (GiB)."""
+        gib = 1 << 30
+        return (f"{self.resource} on {self.platform}, {self.capacity_bytes / gib:.2f} GiB "
+                f"capacity, {self.used_bytes / gib:.2f} GiB in use, "
+                f"{self.free_unified_memory_bytes / gib:.2f} GiB free unified memory")
+
 
 def resolve_mode(cfg: MemoryConfig, platform: PlatformInfo) -> str:
     """The effective memory mode: `auto` is managed on a GPU and off on CPU."""

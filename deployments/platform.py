@@ -105,6 +105,12 @@ class DriverProbe:
         self._check(self._lib.cuDeviceGetName(buf, 256, self._device(device)), "cuDeviceGetName")
         return buf.value.decode()
 
+    def driver_version(self) -> int:
+        """The CUDA version the driver supports, as 1000 * major + 10 * minor (13000: 13.0)."""
+        version = ctypes.c_int()
+        self._check(self._lib.cuDriverGetVersion(ctypes.byref(version)), "cuDriverGetVersion")
+        return version.value
+
     def total_memory(self, device: int) -> int:
         total = ctypes.c_size_t()
         status = self._lib.cuDeviceTotalMem_v2(ctypes.byref(total), self._device(device))

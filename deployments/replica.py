@@ -35,6 +35,7 @@ from ray import serve
 
 from deployments.admission import RequestShape
 from deployments.config import AppArgs, parse_app_args
+from deployments.cuda_driver import require_cuda_driver
 from deployments.engine import (
     CapacityError,
     Engine,
@@ -50,6 +51,7 @@ from deployments.metrics import ReplicaMetrics
 from deployments.pacing import StreamPacing
 from deployments.platform import PlatformInfo, detect_platform
 from deployments.protocol import usage_dict
+from deployments.serve_logging import wire_serve_logging
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,20 +96,27 @@ class LLMReplica:
     """A model replica holding per-user KV caches in (unified) memory."""
 
     def __init__(self, args: AppArgs | dict[str, Any]) -> None:
+        wire_serve_logging()  # the engine's INFO lines reach Serve's log and console
+        start = time.perf_counter()
         self.args = parse_app_args(args)
         self.replica_id = _replica_id()
         self.platform: PlatformInfo = detect_platform(use_gpu=self.args.replica.num_gpus > 0)
+        logger.info("LLMReplica %s starting on %s", self.replica_id, self.platform.describe())
+        if self.platform.has_gpu:
+            require_cuda_driver()  # before any CUDA call: a clear error for an old driver
         engine_cls = select_engine_class(self.args)  # reads the model's config only
         self.memory: MemoryAccountant = setup_memory(
             self.args.memory, self.platform, engine_cls.torch_allocator)
+        logger.info("memory: %s", self.memory.snapshot().describe())
         self.engine: Engine = engine_cls(self.args, self.memory)
         self.started_at = time.time()
         self.metrics = ReplicaMetrics()
         self.pacing = StreamPacing(self.args.replica.stream_messages_per_s)
         self._streams = 0  # requests streaming from this replica now
         logger.info(
-            "LLMReplica %s ready on %s: %s", self.replica_id, self.platform.describe(),
-            type(self.engine).__name__,
+            "LLMReplica %s ready in %.1f s: %s serving %s, context %d tokens; memory: %s",
+            self.replica_id, time.perf_counter() - start, type(self.engine).__name__,
+            self.engine.model_name, self.engine.max_model_len, self.memory.snapshot().describe(),
         )
 
     # ---- requests -------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Call a running grace-serve app from Python through its DeploymentHandle."""
 
+import sys
+
 from ray import serve
 
 
@@ -21,4 +23,4 @@ def main(app_name: str = "llm"):
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])  # the app's name, if not "llm"

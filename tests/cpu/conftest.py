@@ -52,15 +52,16 @@ def serve_url():
 
 
 def wait_healthy(url: str, timeout_s: float = 120) -> None:
+    """Wait until the app at `url` is ready: a model replica can serve (`/ready` is 200)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{url} did not become healthy")
+    raise TimeoutError(f"{url} did not become ready")
 
 
 @pytest.fixture(scope="session")

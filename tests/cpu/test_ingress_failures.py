@@ -16,6 +16,7 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.identity import user_key
 from deployments.ingress import APIError, OpenAIIngress
+from deployments.readiness import Readiness, ReplicaCounts
 
 MODEL = "tiny-llama"
 REQUEST = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -58,6 +59,8 @@ class FakeStream:
 class FakeHandle:
     """Each call takes the next script from `scripts`."""
 
+    app_name, deployment_name = "llm", "LLMReplica"
+
     def __init__(self, *scripts: list[Any]) -> None:
         self.scripts, self.streams, self.calls = list(scripts), [], []
 
@@ -89,11 +92,31 @@ class LocalIngress(OpenAIIngress):
         pass
 
 
-def ingress(handle: FakeHandle, **ingress_args: Any) -> OpenAIIngress:
+def controller(running: int, starting: int = 0) -> Any:
+    """Stands in for the Serve controller's view of LLMReplica (readiness.deployment_counts)."""
+    async def counts() -> ReplicaCounts:
+        return ReplicaCounts(running, starting, "HEALTHY" if running else "UPDATING", "")
+    return counts
+
+
+def ingress(handle: FakeHandle, running: int = 1, **ingress_args: Any) -> OpenAIIngress:
     args = {"ingress": {"request_timeout_s": 0.5, "retry_after_s": 3, **ingress_args}}
     obj = LocalIngress.__new__(LocalIngress)
-    asyncio.run(obj.__init__(handle, args))
+
+    async def construct() -> None:
+        await obj.__init__(handle, args)
+        obj._announcer.cancel()  # the start-up line needs Serve's controller
+    asyncio.run(construct())
+    obj._readiness = Readiness(controller(running, starting=1), retry_after_s=3)
     return obj
+
+
+def test_no_model_replica_is_503_at_once_without_calling_one():
+    handle = FakeHandle(events())
+    with pytest.raises(APIError) as err:
+        asyncio.run(ingress(handle, running=0).chat(REQUEST))
+    assert err.value.status == 503 and err.value.headers == {"Retry-After": "3"}
+    assert err.value.body["error"]["code"] == "model_loading" and handle.calls == []
 
 
 def test_a_full_replica_queue_is_429_with_retry_after():

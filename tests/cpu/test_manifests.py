@@ -210,3 +210,28 @@ def test_every_ray_pod_mounts_a_memory_backed_dev_shm(kind):
         volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
         [mount] = [m for m in ray_container(group)["volumeMounts"] if m["mountPath"] == "/dev/shm"]
         assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayCluster"])
+def test_workers_are_ready_only_while_a_model_replica_can_serve(kind):
+    """Worker readiness asks the app's /ready on the Serve port; liveness stays KubeRay's
+    (a loading model must not restart pods), and so do the head's probes (KubeRay submits the
+    Serve config only once the head pod is ready: a /ready probe there would never pass)."""
+    serve_port = yaml.safe_load(GH200_CONFIG.read_text())["http_options"]["port"]
+    spec = cluster_spec(the_one(kind))
+    for group in spec["workerGroupSpecs"]:
+        container = ray_container(group)
+        probe = container["readinessProbe"]["httpGet"]
+        assert probe == {"path": "/ready", "port": serve_port}
+        assert {"containerPort": serve_port, "name": "serve"} in container["ports"]
+        assert "livenessProbe" not in container
+    head = ray_container(spec["headGroupSpec"])
+    assert "readinessProbe" not in head and "livenessProbe" not in head
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayCluster"])
+def test_every_pod_exports_metrics_on_the_documented_port(kind):
+    spec = cluster_spec(the_one(kind))
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+        assert {"containerPort": 8080, "name": "metrics"} in ray_container(group)["ports"]

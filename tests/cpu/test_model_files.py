@@ -237,8 +237,9 @@ def test_serve_run_serves_a_hub_id_from_the_offline_cache(hub_home, tmp_path):
 
 
 def healthy(url: str) -> bool:
+    """Ready to serve: /ready (/health is only the ingress's liveness)."""
     try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 

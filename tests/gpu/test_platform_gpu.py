@@ -27,3 +27,14 @@ def test_detects_this_gpu_without_touching_torch_cuda():
         assert info["kind"] == "discrete" and not info["pageable"]
     assert info["concurrent"]
     assert not info["torch_cuda_initialized"]  # detection must leave PyTorch's allocator alone
+
+
+def test_this_machines_driver_runs_its_torch_and_rmm():
+    """The replica's driver check reads the real driver and accepts this working install."""
+    from deployments.cuda_driver import installed_needs, require_cuda_driver
+    from deployments.platform import DriverProbe
+
+    probe = DriverProbe.load()
+    assert probe is not None and probe.driver_version() >= 12000
+    assert installed_needs()  # a GPU machine has a CUDA build of PyTorch or RMM
+    require_cuda_driver(probe)

@@ -168,6 +168,10 @@ class PagedEngine(Engine):
         if use_gpu and cfg.cuda_graphs and not streamed:
             graphs = DecodeGraphs(model, cfg.max_num_seqs,
                                   self.cache.pages_for(self.max_model_len))
+        else:
+            logger.info("decode CUDA graphs off: %s", "no GPU" if not use_gpu else
+                        "engine.cuda_graphs is false" if not cfg.cuda_graphs else
+                        "weights stream from host memory")
         self.runner = ModelRunner(model, cfg.page_size, graphs)
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
