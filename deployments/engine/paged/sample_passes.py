@@ -1,0 +1,187 @@
+"""The passes of the Triton sampler (triton_sampler.py) over one row or its scratch.
+
+Every pass works on tiles of [1, BLOCK] tokens in float32 raw logits (-inf past the row's end
+and, for rows that ban them, at end-of-sequence ids) and loads the next tile before working on
+the current one, so a program keeps enough reads in flight to stream its row from L2. Per-token
+work accumulates elementwise and is reduced once at the end of a pass, except where a pass
+must walk the row in order (compaction, the draw).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG = tl.constexpr(float("-inf"))
+POS = tl.constexpr(float("inf"))
+BIG = tl.constexpr(2147483647)
+
+
+@triton.jit
+def load_tile(row_ptr, start, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK: tl.constexpr):
+    """Tokens [start, start + BLOCK) of the row as a [1, BLOCK] float32 tile, and their ids."""
+    cols = start + tl.arange(0, BLOCK)[None, :]
+    x = tl.load(row_ptr + cols, mask=cols < V, other=NEG).to(tl.float32)
+    if ban & (eos_hi >= start) & (eos_lo < start + BLOCK):  # only tiles that hold an EOS id
+        for j in range(n_eos):
+            x = tl.where(cols == tl.load(Eos + j), NEG, x)
+    return x, cols
+
+
+@triton.jit
+def scan_max(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK: tl.constexpr):
+    """The row's max and the first index holding it (torch.argmax's answer)."""
+    best = tl.full([1, BLOCK], NEG, tl.float32)
+    where = tl.zeros([1, BLOCK], tl.int32)
+    nxt, cols_n = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    for start in range(0, V, BLOCK):
+        x, cols = nxt, cols_n
+        nxt, cols_n = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        where = tl.where(x > best, cols, where)  # strict: each slot keeps its first maximum
+        best = tl.maximum(best, x)
+    top = tl.max(best)
+    return top, tl.min(tl.where(best == top, where, BIG))
+
+
+@triton.jit
+def scan_stats(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, s, BLOCK: tl.constexpr):
+    """scan_max, plus the finite tokens' count and minimum and S = sum exp2((x - max) * s).
+    Each slot keeps its own running max and sum, rescaled with one exp2 per token."""
+    best = tl.full([1, BLOCK], NEG, tl.float32)
+    where = tl.zeros([1, BLOCK], tl.int32)
+    acc = tl.zeros([1, BLOCK], tl.float32)  # sum of exp2((x - best) * s) in this slot
+    count = tl.zeros([1, BLOCK], tl.int32)
+    low = tl.full([1, BLOCK], POS, tl.float32)
+    nxt, cols_n = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    for start in range(0, V, BLOCK):
+        x, cols = nxt, cols_n
+        nxt, cols_n = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        finite = x > NEG
+        up = x > best
+        d = tl.exp2(-tl.abs(x - best) * s)  # the smaller of the two terms, relative
+        acc = tl.where(finite, tl.where(up, acc * d + 1.0, acc + d), acc)
+        where = tl.where(up, cols, where)
+        best = tl.maximum(best, x)
+        count += finite.to(tl.int32)
+        low = tl.minimum(low, tl.where(finite, x, POS))
+    top = tl.max(best)
+    arg = tl.min(tl.where(best == top, where, BIG))
+    total = tl.sum(tl.where(best > NEG, acc * tl.exp2((best - top) * s), 0.0))
+    return top, arg, tl.sum(count), tl.min(low), total
+
+
+@triton.jit
+def _accumulate(x, lanes, hi, top, s, acc, MASS: tl.constexpr):
+    """Add each token of x in [lane, hi) to each lane's ([LANES, 1]) mass (or count)."""
+    x = tl.where(x < hi, x, NEG)
+    ge = x >= lanes  # [LANES, BLOCK]: x was loaded 2-D, so broadcasting moves no data
+    if MASS:  # 0/1 times the mass: two instructions per lane and token
+        return tl.fma(tl.where(ge, 1.0, 0.0), tl.exp2((x - top) * s), acc)
+    else:
+        return acc + tl.where(ge, 1.0, 0.0)
+
+
+@triton.jit
+def count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, hi, top, s,
+              MASS: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
+    """For each lane, the mass (MASS) or the count (as float32) of the row's tokens in
+    [lane, hi). Float counts are exact: a slot adds at most V / BLOCK ones."""
+    acc = tl.zeros([LANES, BLOCK], tl.float32)
+    lanes = lanes[:, None]
+    nxt, _ = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    for start in range(0, V, BLOCK):
+        x = nxt
+        nxt, _ = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        acc = _accumulate(x, lanes, hi, top, s, acc, MASS)
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def count_scratch(ScrV, n_s, lanes, hi, top, s, MASS: tl.constexpr, BLOCK: tl.constexpr,
+                  LANES: tl.constexpr):
+    """The same over the scratch's n_s tokens (read from L2: this program wrote them)."""
+    acc = tl.zeros([LANES, BLOCK], tl.float32)
+    lanes = lanes[:, None]
+    for start in range(0, n_s, BLOCK):
+        offs = start + tl.arange(0, BLOCK)[None, :]
+        x = tl.load(ScrV + offs, mask=offs < n_s, other=NEG, cache_modifier=".cg")
+        acc = _accumulate(x, lanes, hi, top, s, acc, MASS)
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, lo, hi,
+            BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """Copy the row's tokens in [lo, hi), value and id, to the scratch in draw order (by
+    id % BLOCK, then id: each tile slot's tokens together) if they are at most CAP; returns
+    how many there are. Two passes (count per slot, then store) and one scan in between:
+    a scan per tile would cost more than both passes."""
+    tl.debug_barrier()  # every thread has finished reading the scratch's previous contents
+    per_slot = tl.zeros([1, BLOCK], tl.int32)
+    nxt, _ = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    for start in range(0, V, BLOCK):
+        x = nxt
+        nxt, _ = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        per_slot += ((x >= lo) & (x < hi)).to(tl.int32)
+    n = tl.sum(per_slot)
+    if n <= CAP:
+        pos = tl.cumsum(per_slot, 1) - per_slot  # where each slot's run starts
+        nxt, cols_n = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        for start in range(0, V, BLOCK):
+            x, cols = nxt, cols_n
+            nxt, cols_n = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi,
+                                    BLOCK)
+            keep = (x >= lo) & (x < hi)
+            tl.store(ScrV + pos, x, mask=keep)
+            tl.store(ScrI + pos, cols, mask=keep)
+            pos += keep.to(tl.int32)
+    tl.debug_barrier()  # the stores are visible to every thread of this program
+    return n
+
+
+@triton.jit
+def _pick(p, ids, carry, target):
+    """The first id (in p's order) where the running mass passes target; the last one with
+    mass when rounding leaves the sum at or below it."""
+    cum = carry + tl.cumsum(p, 1)
+    at = tl.min(tl.where((cum > target) & (p > 0), tl.arange(0, p.shape[1])[None, :], BIG))
+    last = tl.max(tl.where(p > 0, tl.arange(0, p.shape[1])[None, :], -1))
+    at = tl.where(at < BIG, at, last)
+    return tl.sum(tl.where(tl.arange(0, p.shape[1])[None, :] == at, ids, 0))
+
+
+@triton.jit
+def draw_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, t, top, s, u,
+             BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """Inverse CDF at u over the row's tokens at or above t, in draw order (by id % BLOCK,
+    then id): one pass sums each slot's mass, a scan finds the slot where the mass passes
+    u * total, and that slot's TILES (>= V / BLOCK) tokens are walked."""
+    acc = tl.zeros([1, BLOCK], tl.float32)
+    nxt, _ = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    for start in range(0, V, BLOCK):
+        x = nxt
+        nxt, _ = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        acc += tl.where(x >= t, tl.exp2((x - top) * s), 0.0)
+    target = u * tl.sum(acc)
+    slots = tl.arange(0, BLOCK)[None, :]
+    cum = tl.cumsum(acc, 1)
+    slot = tl.min(tl.where((cum > target) & (acc > 0), slots, BIG))
+    slot = tl.where(slot < BIG, slot, tl.max(tl.where(acc > 0, slots, -1)))
+    carry = tl.sum(tl.where(slots == slot, cum - acc, 0.0))
+    cols = slot + tl.arange(0, TILES)[None, :] * BLOCK
+    x = tl.load(row_ptr + cols, mask=cols < V, other=NEG).to(tl.float32)
+    if ban:
+        for j in range(n_eos):
+            x = tl.where(cols == tl.load(Eos + j), NEG, x)
+    p = tl.where(x >= t, tl.exp2((x - top) * s), 0.0)
+    return _pick(p, cols, carry, target)
+
+
+@triton.jit
+def draw_scratch(ScrV, ScrI, n_s, t, top, s, u, CAP: tl.constexpr):
+    """draw_row over the scratch, when it holds every kept token (already in draw order)."""
+    offs = tl.arange(0, CAP)[None, :]
+    x = tl.load(ScrV + offs, mask=offs < n_s, other=NEG, cache_modifier=".cg")
+    ids = tl.load(ScrI + offs, mask=offs < n_s, other=0, cache_modifier=".cg")
+    p = tl.where(x >= t, tl.exp2((x - top) * s), 0.0)
+    return _pick(p, ids, 0.0, u * tl.sum(p))
