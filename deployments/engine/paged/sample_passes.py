@@ -2,9 +2,9 @@
 
 Every pass works on tiles of [1, BLOCK] tokens in float32 raw logits (-inf past the row's end
 and, for rows that ban them, at end-of-sequence ids) and loads the next tile before working on
-the current one, so a program keeps enough reads in flight to stream its row from L2. Per-token
-work accumulates elementwise and is reduced once at the end of a pass, except where a pass
-must walk the row in order (compaction, the draw).
+the one two tiles ahead while it works on the current one, so a program keeps enough reads in
+flight to stream its row from L2. Per-token work accumulates elementwise, per tile slot (the
+token's id % BLOCK), and is reduced once at the end of a pass.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ BIG = tl.constexpr(2147483647)
 
 
 @triton.jit
-def load_tile(row_ptr, start, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK: tl.constexpr):
-    """Tokens [start, start + BLOCK) of the row as a [1, BLOCK] float32 tile, and their ids."""
-    cols = start + tl.arange(0, BLOCK)[None, :]
+def load_tile(row_ptr, start, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK: tl.constexpr,
+              step=1):
+    """Tokens [start, start + BLOCK) of the row as a [1, BLOCK] float32 tile. `step`: 1, but
+    a runtime 1 hides the ids' contiguity, so the tile gets the layout of a scatter (compact)."""
+    cols = start + tl.arange(0, BLOCK)[None, :] * step
     x = tl.load(row_ptr + cols, mask=cols < V, other=NEG).to(tl.float32)
     if ban & (eos_hi >= start) & (eos_lo < start + BLOCK):  # only tiles that hold an EOS id
         for j in range(n_eos):
             x = tl.where(cols == tl.load(Eos + j), NEG, x)
-    return x, cols
+    return x
 
 
 @triton.jit
@@ -33,11 +35,12 @@ def scan_max(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK: tl.constexpr):
     """The row's max and the first index holding it (torch.argmax's answer)."""
     best = tl.full([1, BLOCK], NEG, tl.float32)
     where = tl.zeros([1, BLOCK], tl.int32)
-    nxt, cols_n = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    a = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
     for start in range(0, V, BLOCK):
-        x, cols = nxt, cols_n
-        nxt, cols_n = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
-        where = tl.where(x > best, cols, where)  # strict: each slot keeps its first maximum
+        x, a = a, b
+        b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        where = tl.where(x > best, start + tl.arange(0, BLOCK)[None, :], where)  # first wins
         best = tl.maximum(best, x)
     top = tl.max(best)
     return top, tl.min(tl.where(best == top, where, BIG))
@@ -52,15 +55,16 @@ def scan_stats(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, s, BLOCK: tl.constex
     acc = tl.zeros([1, BLOCK], tl.float32)  # sum of exp2((x - best) * s) in this slot
     count = tl.zeros([1, BLOCK], tl.int32)
     low = tl.full([1, BLOCK], POS, tl.float32)
-    nxt, cols_n = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    a = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
     for start in range(0, V, BLOCK):
-        x, cols = nxt, cols_n
-        nxt, cols_n = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        x, a = a, b
+        b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
         finite = x > NEG
         up = x > best
-        d = tl.exp2(-tl.abs(x - best) * s)  # the smaller of the two terms, relative
+        d = tl.exp2(-tl.abs(x - best) * s)  # the smaller term relative to the larger
         acc = tl.where(finite, tl.where(up, acc * d + 1.0, acc + d), acc)
-        where = tl.where(up, cols, where)
+        where = tl.where(up, start + tl.arange(0, BLOCK)[None, :], where)
         best = tl.maximum(best, x)
         count += finite.to(tl.int32)
         low = tl.minimum(low, tl.where(finite, x, POS))
@@ -71,10 +75,10 @@ def scan_stats(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, s, BLOCK: tl.constex
 
 
 @triton.jit
-def _accumulate(x, lanes, hi, top, s, acc, MASS: tl.constexpr):
-    """Add each token of x in [lane, hi) to each lane's ([LANES, 1]) mass (or count)."""
-    x = tl.where(x < hi, x, NEG)
-    ge = x >= lanes  # [LANES, BLOCK]: x was loaded 2-D, so broadcasting moves no data
+def _accumulate(x, lanes, top, s, acc, MASS: tl.constexpr):
+    """Add each token of x [1, BLOCK] at or above each lane ([LANES, 1]) to that lane's mass
+    (MASS) or count. x was loaded 2-D, so broadcasting it over the lanes moves no data."""
+    ge = x >= lanes
     if MASS:  # 0/1 times the mass: two instructions per lane and token
         return tl.fma(tl.where(ge, 1.0, 0.0), tl.exp2((x - top) * s), acc)
     else:
@@ -82,30 +86,32 @@ def _accumulate(x, lanes, hi, top, s, acc, MASS: tl.constexpr):
 
 
 @triton.jit
-def count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, hi, top, s,
+def count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, top, s,
               MASS: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
-    """For each lane, the mass (MASS) or the count (as float32) of the row's tokens in
-    [lane, hi). Float counts are exact: a slot adds at most V / BLOCK ones."""
+    """For each lane, the mass (MASS) or the count (as float32: exact, as a slot adds at most
+    V / BLOCK ones) of the row's tokens at or above it."""
     acc = tl.zeros([LANES, BLOCK], tl.float32)
     lanes = lanes[:, None]
-    nxt, _ = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    a = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
     for start in range(0, V, BLOCK):
-        x = nxt
-        nxt, _ = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
-        acc = _accumulate(x, lanes, hi, top, s, acc, MASS)
+        x, a = a, b
+        b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        acc = _accumulate(x, lanes, top, s, acc, MASS)
     return tl.sum(acc, 1)
 
 
 @triton.jit
 def count_scratch(ScrV, n_s, lanes, hi, top, s, MASS: tl.constexpr, BLOCK: tl.constexpr,
                   LANES: tl.constexpr):
-    """The same over the scratch's n_s tokens (read from L2: this program wrote them)."""
+    """For each lane, the mass (count) of the scratch's tokens in [lane, hi) (read from L2:
+    this program wrote them)."""
     acc = tl.zeros([LANES, BLOCK], tl.float32)
     lanes = lanes[:, None]
     for start in range(0, n_s, BLOCK):
         offs = start + tl.arange(0, BLOCK)[None, :]
         x = tl.load(ScrV + offs, mask=offs < n_s, other=NEG, cache_modifier=".cg")
-        acc = _accumulate(x, lanes, hi, top, s, acc, MASS)
+        acc = _accumulate(tl.where(x < hi, x, NEG), lanes, top, s, acc, MASS)
     return tl.sum(acc, 1)
 
 
@@ -113,27 +119,29 @@ def count_scratch(ScrV, n_s, lanes, hi, top, s, MASS: tl.constexpr, BLOCK: tl.co
 def compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, lo, hi,
             BLOCK: tl.constexpr, CAP: tl.constexpr):
     """Copy the row's tokens in [lo, hi), value and id, to the scratch in draw order (by
-    id % BLOCK, then id: each tile slot's tokens together) if they are at most CAP; returns
-    how many there are. Two passes (count per slot, then store) and one scan in between:
-    a scan per tile would cost more than both passes."""
+    id % BLOCK, then id) if there are at most CAP; returns how many there are. Two passes
+    (count per slot, store) around one scan: a scan per tile would cost more than both."""
+    one = (n_eos >= 0).to(tl.int32)  # 1 unknown to the compiler (load_tile): no conversions
     tl.debug_barrier()  # every thread has finished reading the scratch's previous contents
     per_slot = tl.zeros([1, BLOCK], tl.int32)
-    nxt, _ = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    a = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
     for start in range(0, V, BLOCK):
-        x = nxt
-        nxt, _ = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        x, a = a, b
+        b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
         per_slot += ((x >= lo) & (x < hi)).to(tl.int32)
     n = tl.sum(per_slot)
     if n <= CAP:
         pos = tl.cumsum(per_slot, 1) - per_slot  # where each slot's run starts
-        nxt, cols_n = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        a = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK, one)
+        b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK, one)
         for start in range(0, V, BLOCK):
-            x, cols = nxt, cols_n
-            nxt, cols_n = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi,
-                                    BLOCK)
+            x, a = a, b
+            b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi,
+                          BLOCK, one)
             keep = (x >= lo) & (x < hi)
             tl.store(ScrV + pos, x, mask=keep)
-            tl.store(ScrI + pos, cols, mask=keep)
+            tl.store(ScrI + pos, start + tl.arange(0, BLOCK)[None, :] * one, mask=keep)
             pos += keep.to(tl.int32)
     tl.debug_barrier()  # the stores are visible to every thread of this program
     return n
@@ -141,13 +149,13 @@ def compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, lo, hi,
 
 @triton.jit
 def _pick(p, ids, carry, target):
-    """The first id (in p's order) where the running mass passes target; the last one with
-    mass when rounding leaves the sum at or below it."""
+    """The id at the first position (in p's order) where carry + the running mass passes
+    target; the last one with mass when rounding leaves the sum at or below it."""
+    at_ = tl.arange(0, p.shape[1])[None, :]
     cum = carry + tl.cumsum(p, 1)
-    at = tl.min(tl.where((cum > target) & (p > 0), tl.arange(0, p.shape[1])[None, :], BIG))
-    last = tl.max(tl.where(p > 0, tl.arange(0, p.shape[1])[None, :], -1))
-    at = tl.where(at < BIG, at, last)
-    return tl.sum(tl.where(tl.arange(0, p.shape[1])[None, :] == at, ids, 0))
+    at = tl.min(tl.where((cum > target) & (p > 0), at_, BIG))
+    at = tl.where(at < BIG, at, tl.max(tl.where(p > 0, at_, -1)))
+    return tl.sum(tl.where(at_ == at, ids, 0))
 
 
 @triton.jit
@@ -157,10 +165,11 @@ def draw_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, t, top, s, u,
     then id): one pass sums each slot's mass, a scan finds the slot where the mass passes
     u * total, and that slot's TILES (>= V / BLOCK) tokens are walked."""
     acc = tl.zeros([1, BLOCK], tl.float32)
-    nxt, _ = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    a = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+    b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
     for start in range(0, V, BLOCK):
-        x = nxt
-        nxt, _ = load_tile(row_ptr, start + BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        x, a = a, b
+        b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
         acc += tl.where(x >= t, tl.exp2((x - top) * s), 0.0)
     target = u * tl.sum(acc)
     slots = tl.arange(0, BLOCK)[None, :]
@@ -178,10 +187,30 @@ def draw_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, t, top, s, u,
 
 
 @triton.jit
-def draw_scratch(ScrV, ScrI, n_s, t, top, s, u, CAP: tl.constexpr):
-    """draw_row over the scratch, when it holds every kept token (already in draw order)."""
-    offs = tl.arange(0, CAP)[None, :]
-    x = tl.load(ScrV + offs, mask=offs < n_s, other=NEG, cache_modifier=".cg")
-    ids = tl.load(ScrI + offs, mask=offs < n_s, other=0, cache_modifier=".cg")
-    p = tl.where(x >= t, tl.exp2((x - top) * s), 0.0)
-    return _pick(p, ids, 0.0, u * tl.sum(p))
+def draw_scratch(ScrV, ScrI, n_s, t, top, s, u, BLOCK: tl.constexpr):
+    """draw_row over the scratch, when it holds every kept token (in draw order already):
+    one pass for the total, then tile by tile to the one holding the hit."""
+    acc = tl.zeros([1, BLOCK], tl.float32)
+    last = tl.full([1, BLOCK], -1, tl.int32)  # the last position with mass (for rounding)
+    for start in range(0, n_s, BLOCK):
+        offs = start + tl.arange(0, BLOCK)[None, :]
+        x = tl.load(ScrV + offs, mask=offs < n_s, other=NEG, cache_modifier=".cg")
+        acc += tl.where(x >= t, tl.exp2((x - top) * s), 0.0)
+        last = tl.where(x >= t, offs, last)
+    target = u * tl.sum(acc)
+    carry = target * 0
+    tok = n_s * 0 - 1
+    start = n_s * 0
+    while (start < n_s) & (tok < 0):
+        offs = start + tl.arange(0, BLOCK)[None, :]
+        x = tl.load(ScrV + offs, mask=offs < n_s, other=NEG, cache_modifier=".cg")
+        p = tl.where(x >= t, tl.exp2((x - top) * s), 0.0)
+        part = tl.sum(p)
+        if carry + part > target:
+            ids = tl.load(ScrI + offs, mask=offs < n_s, other=0, cache_modifier=".cg")
+            tok = _pick(p, ids, carry, target)
+        carry += part
+        start += BLOCK
+    if tok < 0:
+        tok = tl.load(ScrI + tl.max(last), cache_modifier=".cg")
+    return tok

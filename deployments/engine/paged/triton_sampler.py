@@ -48,7 +48,7 @@ from deployments.engine.paged.sampler import DRAW_BLOCK
 LOG2E = tl.constexpr(1.4426950408889634)
 BLOCK = DRAW_BLOCK  # tokens per tile of a pass (a Llama 3 row is 63 tiles)
 LANES = 8  # candidate thresholds per pass
-CAP = 4096  # scratch tokens per row
+CAP = 16384  # scratch tokens per row
 FULL_PASSES = 8  # row passes per threshold before the bracket is kept as it is
 WIDE = 1024.0  # brackets wider than this (raw logits) split on bit patterns, not linearly
 NUM_WARPS = 16
@@ -145,14 +145,13 @@ def _search(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, top, s, goa
                     covered = (s_lo <= lo) & (hi <= s_hi)
             if covered | (full < FULL_PASSES):
                 lanes = _lanes(lo, hi, base, it == 0, covered, LANES, WIDE)
-                if covered:
-                    q = count_scratch(ScrV, n_s, lanes, hi, top, s, MASS, BLOCK, LANES)
+                if covered:  # the scratch's tokens in [lane, hi), plus those at or above hi
+                    q = count_scratch(ScrV, n_s, lanes, hi, top, s, MASS, BLOCK, LANES) + q_hi
                 else:
-                    q = count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, hi, top, s,
+                    q = count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, top, s,
                                   MASS, BLOCK, LANES)
                     full += 1
                     retry = retry * 0
-                q += q_hi
                 if it == 0:  # lane 0 is lo itself
                     q_lo = tl.sum(tl.where(j == 0, q, 0.0), 0)
                     target = goal * q_lo if MASS else goal
@@ -199,7 +198,7 @@ def _filter_draw(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, row, t
             tl.maximum(f, base), s_lo, s_hi, n_s, True, BLOCK, LANES, CAP, FULL_PASSES, WIDE)
     u = tl.max(tl.rand(tl.load(Seed + row), tl.zeros([2], tl.int32)), 0)  # Philox, offset 0
     if (s_lo <= f) & (s_hi == POS):
-        tok = draw_scratch(ScrV, ScrI, n_s, f, top, s, u, CAP)
+        tok = draw_scratch(ScrV, ScrI, n_s, f, top, s, u, BLOCK)
     else:
         tok = draw_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, f, top, s, u, BLOCK, TILES)
     return tok
