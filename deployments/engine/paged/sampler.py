@@ -190,12 +190,12 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ban_logits(logits: torch.Tensor, ban_eos: torch.Tensor, eos_ids: torch.Tensor
                ) -> torch.Tensor:
-    """float32 copy of logits with -inf at eos_ids in rows that ban them."""
+    """float32 copy of logits with -inf at eos_ids in rows that ban them (ids past the
+    vocabulary are ignored, as the kernel does)."""
     x = logits.to(torch.float32, copy=True)
-    if eos_ids.numel():
-        cols = eos_ids.to(device=x.device, dtype=torch.long)
-        x[:, cols] = torch.where(ban_eos.to(x.device)[:, None] != 0, float("-inf"), x[:, cols])
-    return x
+    ids = torch.arange(x.shape[1], device=x.device)
+    hit = (ids[None, :] == eos_ids.to(x.device, torch.long)[:, None]).any(0)  # [V]
+    return torch.where((ban_eos.to(x.device)[:, None] != 0) & hit, float("-inf"), x)
 
 
 def reference_kept(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
