@@ -118,18 +118,26 @@ def count_scratch(ScrV, n_s, lanes, hi, top, s, MASS: tl.constexpr, BLOCK: tl.co
 @triton.jit
 def compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, lo, hi,
             BLOCK: tl.constexpr, CAP: tl.constexpr):
-    """Copy the row's tokens in [lo, hi), value and id, to the scratch in draw order (by
-    id % BLOCK, then id) if there are at most CAP; returns how many there are. Two passes
-    (count per slot, store) around one scan: a scan per tile would cost more than both."""
+    """Copy to the scratch, value and id in draw order (by id % BLOCK, then id), the row's
+    tokens at or above lo if there are at most CAP, else those in [lo, hi) if they fit.
+    Returns how many tokens that range holds and its upper end (+inf: all at or above lo);
+    more than CAP: nothing was stored. Two passes (count per slot, store) around one scan:
+    a scan per tile would cost more than both."""
     one = (n_eos >= 0).to(tl.int32)  # 1 unknown to the compiler (load_tile): no conversions
     tl.debug_barrier()  # every thread has finished reading the scratch's previous contents
-    per_slot = tl.zeros([1, BLOCK], tl.int32)
+    in_bracket = tl.zeros([1, BLOCK], tl.int32)
+    above = tl.zeros([1, BLOCK], tl.int32)
     a = load_tile(row_ptr, 0, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
     b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
     for start in range(0, V, BLOCK):
         x, a = a, b
         b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
-        per_slot += ((x >= lo) & (x < hi)).to(tl.int32)
+        at_lo = x >= lo
+        above += at_lo.to(tl.int32)
+        in_bracket += (at_lo & (x < hi)).to(tl.int32)
+    everything = tl.sum(above) <= CAP
+    top = tl.where(everything, POS, hi)
+    per_slot = tl.where(everything, above, in_bracket)
     n = tl.sum(per_slot)
     if n <= CAP:
         pos = tl.cumsum(per_slot, 1) - per_slot  # where each slot's run starts
@@ -139,12 +147,12 @@ def compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, lo, hi,
             x, a = a, b
             b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi,
                           BLOCK, one)
-            keep = (x >= lo) & (x < hi)
+            keep = (x >= lo) & (x < top)
             tl.store(ScrV + pos, x, mask=keep)
             tl.store(ScrI + pos, start + tl.arange(0, BLOCK)[None, :] * one, mask=keep)
             pos += keep.to(tl.int32)
     tl.debug_barrier()  # the stores are visible to every thread of this program
-    return n
+    return n, top
 
 
 @triton.jit

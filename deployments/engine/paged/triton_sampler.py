@@ -103,13 +103,13 @@ def _move(lanes, take, q, value, q_value, UP: tl.constexpr):
 
 @triton.jit
 def _fits(lo, q_lo, q_hi, top, s, MASS: tl.constexpr, CAP: tl.constexpr):
-    """Whether everything at or above lo, and whether the bracket, surely has <= CAP tokens:
-    counts are known; a mass M at or above lo holds at most M / p(lo) tokens."""
+    """Whether the bracket surely holds at most CAP tokens (then compaction is worth a try;
+    it also takes everything at or above lo if that fits): counts are known; a mass M in
+    [lo, hi) is at most M / p(lo) tokens."""
     if MASS:
-        room = CAP * 0.99 * tl.exp2((lo - top) * s)
-        return q_lo <= room, q_lo - q_hi <= room
+        return q_lo - q_hi <= CAP * 0.99 * tl.exp2((lo - top) * s)
     else:
-        return q_lo <= CAP, q_lo - q_hi <= CAP
+        return q_lo - q_hi <= CAP
 
 
 @triton.jit
@@ -133,16 +133,14 @@ def _search(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, top, s, goa
     for it in range(FULL_PASSES + 12):  # 12: bit bisection ends within 11 scratch passes
         if done == 0:
             covered = (s_lo <= lo) & (hi <= s_hi)
-            if (it > 0) & (not covered) & (retry == 0):
-                all_fit, bracket_fit = _fits(lo, q_lo, q_hi, top, s, MASS, CAP)
-                if all_fit | bracket_fit:
-                    s_lo = lo
-                    s_hi = tl.where(all_fit, POS, hi)
-                    n_s = compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, s_lo,
-                                  s_hi, BLOCK, CAP)
-                    if n_s > CAP:  # rounding beat the bound: forget the scratch
-                        s_lo, s_hi, n_s, retry = POS, NEG, n_s * 0, retry + 1
-                    covered = (s_lo <= lo) & (hi <= s_hi)
+            worth = (it > 0) & (not covered) & (retry == 0)
+            if worth & _fits(lo, q_lo, q_hi, top, s, MASS, CAP):
+                n_s, s_hi = compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI,
+                                    lo, hi, BLOCK, CAP)
+                s_lo = lo
+                if n_s > CAP:  # the bound was loose or rounding beat it
+                    s_lo, s_hi, n_s, retry = POS, NEG, n_s * 0, retry + 1
+                covered = (s_lo <= lo) & (hi <= s_hi)
             if covered | (full < FULL_PASSES):
                 lanes = _lanes(lo, hi, base, it == 0, covered, LANES, WIDE)
                 if covered:  # the scratch's tokens in [lane, hi), plus those at or above hi
