@@ -16,6 +16,8 @@ from deployments.engine.interface import SamplingParams
 from deployments.engine.paged.sampler import (
     MIN_TEMPERATURE,
     SamplingPlan,
+    _philox_word,
+    _philox_words,
     ban_logits,
     build_plan,
     draw_seed,
@@ -200,6 +202,9 @@ def test_philox_uniforms_are_uniform_and_a_function_of_the_seed():
     assert torch.equal(u, philox_uniform(seeds.flip(0)).flip(0))
     hist = torch.histc(u, bins=20, min=0, max=1).numpy()
     assert chi_square_z(hist, np.full(20, 1000.0)) < 4.5
+    # The tensor path (other devices) and the Python-int path (CPU) are the same function.
+    edge = torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, *seeds[:200].tolist()])
+    assert _philox_words(edge).tolist() == [_philox_word(int(s)) for s in edge]
 
 
 def test_plan_words_round_trip_through_device_views():

@@ -23,6 +23,7 @@ that never synchronises the host (triton_sampler.py), and elsewhere `sample_refe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -163,20 +164,44 @@ _TRITON = False  # not looked up yet
 # ---- the reference: what the kernel computes, in PyTorch ----------------------------------
 
 def philox_uniform(seed: torch.Tensor) -> torch.Tensor:
-    """float32 [R] in [0, 1): Triton's tl.rand(seed, 0) for each int64 seed, in exact integer
-    arithmetic (products split so nothing exceeds int64)."""
+    """float32 [R] in [0, 1): Triton's tl.rand(seed, 0) for each int64 seed (Philox4x32-10,
+    key = the seed's two halves, counter 0), in exact integer arithmetic on the seeds' device
+    (on the CPU with Python ints: a few microseconds a seed, against ~1 ms of tensor ops)."""
+    if seed.device.type == "cpu":
+        words = [_philox_word(int(s)) for s in seed.tolist()]
+        signed = torch.tensor(words, dtype=torch.int64)
+    else:
+        signed = _philox_words(seed.to(torch.int64))
+    magnitude = torch.where(signed < 0, -signed - 1, signed)  # as tl.rand maps it
+    return magnitude.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+_KEY_A, _KEY_B, _ROUND_A, _ROUND_B = 0x9E3779B9, 0xBB67AE85, 0xD2511F53, 0xCD9E8D57
+
+
+def _philox_word(seed: int) -> int:
+    """The first output word of Philox4x32-10 at counter 0, as a signed int32 (Python ints)."""
     m32 = 0xFFFFFFFF
-    seed = seed.to(torch.int64)
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    c0 = c1 = c2 = c3 = 0
+    for _ in range(10):
+        b, a = _ROUND_B * c2, _ROUND_A * c0
+        c0, c1, c2, c3 = (b >> 32) ^ c1 ^ k0, b & m32, (a >> 32) ^ c3 ^ k1, a & m32
+        k0, k1 = (k0 + _KEY_A) & m32, (k1 + _KEY_B) & m32
+    return c0 - (1 << 32) if c0 >= 1 << 31 else c0
+
+
+def _philox_words(seed: torch.Tensor) -> torch.Tensor:
+    """_philox_word for an int64 tensor, with products split so nothing exceeds int64."""
+    m32 = 0xFFFFFFFF
     k0, k1 = seed & m32, (seed >> 32) & m32
     c0, c1, c2, c3 = (torch.zeros_like(seed) for _ in range(4))
     for _ in range(10):
-        hi_b, lo_b = _mul32(0xCD9E8D57, c2)
-        hi_a, lo_a = _mul32(0xD2511F53, c0)
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
-    magnitude = torch.where(signed < 0, -signed - 1, signed)
-    return magnitude.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+        k0, k1 = (k0 + _KEY_A) & m32, (k1 + _KEY_B) & m32
+    return torch.where(c0 >= 2**31, c0 - 2**32, c0)
 
 
 def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,9 +249,10 @@ def reference_kept(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tens
     return base & (x >= cut)
 
 
+@functools.lru_cache(maxsize=8)
 def draw_order(vocab: int, device: torch.device | str = "cpu", block: int = DRAW_BLOCK
                ) -> torch.Tensor:
-    """Token ids in draw order: by id % block, then by id."""
+    """Token ids in draw order: by id % block, then by id (cached: the same every step)."""
     ids = torch.arange(vocab, device=device)
     return torch.argsort(ids % block * vocab + ids)
 
