@@ -269,11 +269,15 @@ def test_sampler_kernel_edge_rows():
               SamplingParams(4, temperature=2.0, min_p=0.3),
               SamplingParams(4, temperature=1.0, top_p=1e-46)]
     params += [SamplingParams(4, temperature=0.5, min_p=0.05)] * 3
-    plan = sampler.build_plan(params, [sampler.draw_seed(1, i) for i in range(9)],
-                              [False, False, False, True] + [False] * 5)
+    params += [SamplingParams(4, temperature=float("inf"), top_p=0.5),  # every p equal
+               SamplingParams(4, temperature=1e30, top_k=7, min_p=1.0)]
+    logits = torch.cat([logits, torch.randn(2, vocab) * 3])
+    logits[9, 100:] = float("-inf")
+    plan = sampler.build_plan(params, [sampler.draw_seed(1, i) for i in range(11)],
+                              [False, False, False, True] + [False] * 7)
     got = _kernel(logits, plan)
     assert torch.equal(got, _reference(logits, plan))
     assert got[0] == 0 and got[1] < 20 and got[3] != 3 and got[5] == logits[5].argmax()
-    assert (got[6:] == 40).all()
+    assert (got[6:9] == 40).all() and got[9] < 100
     assert torch.equal(_kernel(logits, plan, block=2048, cap=16384),
                        _reference(logits, plan, block=2048))

@@ -18,7 +18,13 @@ A step's rows sample by these rules, in vLLM's order (T: temperature; x: a row's
 
 `build_plan` turns SamplingParams into a SamplingPlan on the host (no device work); the runner
 uploads it with the step's other inputs and calls `sample`, which on CUDA is one Triton launch
-that never synchronises the host (triton_sampler.py), and elsewhere `sample_reference`.
+that never synchronises the host (triton_sampler.py), and elsewhere `sample_reference`:
+
+    plan = build_plan(params, [draw_seed(base, n) for base, n in keys], ban_eos)
+    ints = upload(np.concatenate([..., plan.words()]))   # the step's int32 upload
+    longs = upload(np.concatenate([..., plan.seed]))     # the step's int64 upload
+    tokens = sample(logits, *SamplingPlan.device_views(ints[a:a + 5 * R], longs[b:b + R]),
+                    eos_ids)                             # eos_ids: int32, on the device
 """
 
 from __future__ import annotations
@@ -240,7 +246,8 @@ def reference_kept(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tens
     floor = torch.maximum(floor, torch.where(minp > 0, by_minp, float("-inf")))
     base = (x > float("-inf")) & (x >= floor)
     in_sorted = (ordered > float("-inf")) & (ordered >= floor)
-    mass = torch.where(in_sorted, torch.exp2((ordered - top) * (LOG2E / temp)), 0.0)
+    mass = torch.where(in_sorted, torch.exp2((ordered - top) * (LOG2E / temp).clamp(min=1e-30)),
+                       0.0)
     cum = mass.cumsum(-1)
     before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
     stays = in_sorted & (before < top_p[:, None].float() * cum[:, -1:])
@@ -271,7 +278,7 @@ def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, top_p: tor
         return greedy
     kept = reference_kept(x, temperature, top_p, top_k, min_p)
     top = torch.where(sampled, x.amax(-1), 0.0)[:, None]
-    scale = (LOG2E / torch.where(sampled, temperature, 1.0).float())[:, None]
+    scale = (LOG2E / torch.where(sampled, temperature, 1.0).float()).clamp(min=1e-30)[:, None]
     order = draw_order(x.shape[1], x.device, order_block)
     mass = torch.where(kept, torch.exp2((x - top) * scale), 0.0)[:, order]
     cum = mass.cumsum(-1)

@@ -235,7 +235,8 @@ def _sample_kernel(L, stride, V, Temp, TopP, TopK, MinP, Seed, Ban, Eos, n_eos, 
         eos_lo = tl.minimum(eos_lo, e)
         eos_hi = tl.maximum(eos_hi, e)
     if temp >= MIN_T:  # NaN: greedy
-        s = LOG2E / temp  # exp((x - top) / T) = exp2((x - top) * s)
+        s = tl.maximum(LOG2E / temp, 1e-30)  # exp((x - top) / T) = exp2((x - top) * s);
+        # never 0 (T = inf), where -inf * s would be NaN
         tok = _sample_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV + scratch,
                           ScrI + scratch, row, temp, s, TopP, TopK, MinP, Seed, BLOCK, LANES,
                           CAP, FULL_PASSES, WIDE, TILES)
