@@ -9,13 +9,15 @@ all in raw logit units, where every filter is a threshold (p = exp((x - max) / T
 2. top_k (a count) and then top_p (a share of the mass left) are each the largest threshold c
    whose tokens at or above it still reach the goal. A bracket [lo, hi) around it shrinks by
    passes that count (or sum) the tokens at or above LANES candidate thresholds at once. As
-   soon as the bracket, or everything at or above its lower end, surely holds at most CAP
-   tokens, those are compacted in vocabulary order into a per-row scratch, where bisection on
-   the floats' bit patterns finds the threshold exactly. min_p is a closed form.
-3. the draw inverts the kept tokens' CDF, in vocabulary order, at one Philox uniform per row
-   (tl.rand(seed, 0)): on the scratch when it holds every kept token, else over the row,
-   stopping at the tile that holds the hit. One uniform per row rather than Gumbel noise per
-   token: Philox costs ~100 integer operations a number, more than all the passes together.
+   soon as the bracket surely holds at most CAP tokens, they (or, if those fit, all tokens at
+   or above its lower end) are compacted in draw order (id % BLOCK, then id) into a per-row
+   scratch, where bisection on the floats' bit patterns finds the threshold exactly. min_p is
+   a closed form.
+3. the draw inverts the kept tokens' CDF, in draw order, at one Philox uniform per row
+   (tl.rand(seed, 0)): on the scratch when it holds every kept token, else by one more pass
+   that sums each tile slot's mass, a scan to the slot holding the hit, and a walk down that
+   slot. One uniform per row rather than Gumbel noise per token: Philox costs ~100 integer
+   operations a number, more than all the passes together.
 
 Only when more than CAP tokens stay within the bracket after FULL_PASSES row passes (a mass of
 near-equal logits at the threshold) does the kernel stop short of exactness: it then keeps the
