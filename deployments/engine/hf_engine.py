@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +33,7 @@ from deployments.engine.loader import (
     load_tokenizer,
     resolve_model_path,
 )
-from deployments.engine.sampling import make_generator, sample_token
+from deployments.engine.paged.sampler import DevicePlan, build_plan, draw_seed, sample
 from deployments.engine.user_cache import UserCacheStore, UserEntry, common_prefix_len
 from deployments.memory import HostAccountant, MemoryAccountant, is_out_of_memory
 
@@ -65,6 +66,8 @@ class HFEngine(Engine):
         wanted = args.model.max_model_len or limit or 4096
         self.max_model_len = min(wanted, limit) if limit else wanted
         self.eos_token_ids = eos_ids(self.model, self.tokenizer)
+        self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.int32,
+                                 device=self.device)
         element = next(self.model.parameters()).element_size()
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element))
@@ -97,16 +100,20 @@ class HFEngine(Engine):
         except TypeError:  # older signatures
             return DynamicCache()
 
-    def _step(
-        self, feed: list[int], cache: Any, params: SamplingParams, gen: torch.Generator
-    ) -> int:
+    def _step(self, feed: list[int], cache: Any, plan: DevicePlan) -> int:
         """Feed tokens through the model (appending to `cache`); sample the next token."""
         with torch.inference_mode():
             ids = torch.tensor([feed], device=self.device)
             out = self.model(
                 input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
             )
-            return sample_token(out.logits[0, -1], params, gen)
+            return int(sample(out.logits[0, -1:].float(), *plan, self._eos)[0])
+
+    def _plan(self, params: SamplingParams, base: int, generated: int) -> DevicePlan:
+        """The one-row plan of the draw after `generated` tokens (the paged engine's rules)."""
+        plan = build_plan([params], [draw_seed(base, generated)],
+                          [generated < params.min_tokens])
+        return plan.to_device(self.device)
 
     def _run_step(self, *args: Any) -> concurrent.futures.Future[int]:
         return self._executor.submit(self._step, *args)
@@ -150,10 +157,10 @@ class HFEngine(Engine):
             seen = list(prompt)
             self.store.record(entry, seen, cache, fed)
             self.store.reserve(len(prompt) - fed + params.max_tokens)
-            gen = make_generator(params.seed, self.device)
+            base = params.seed if params.seed is not None else secrets.randbits(63)
             feed = prompt[fed:]
             for produced in range(1, params.max_tokens + 1):
-                pending = self._run_step(feed, cache, params, gen)
+                pending = self._run_step(feed, cache, self._plan(params, base, produced - 1))
                 token = await self._await_step(pending, entry)
                 pending = None
                 fed = len(seen)

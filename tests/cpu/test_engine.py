@@ -36,7 +36,7 @@ def chat(engine, *turns):
 
 async def run(engine, user, prompt, max_tokens=12, temperature=0.0, seed=None):
     req = GenerationRequest("r", user, prompt, SamplingParams(
-        max_tokens, temperature, top_p=1.0, seed=seed))
+        max_tokens, temperature=temperature, seed=seed))
     outs = [o async for o in engine.generate(req)]
     return [t for o in outs for t in o.token_ids], outs[-1]
 
@@ -109,6 +109,14 @@ def test_seeded_sampling_is_reproducible(engine):
     b, _ = asyncio.run(run(engine, None, prompt, max_tokens=16, temperature=1.0, seed=7))
     c, _ = asyncio.run(run(engine, None, prompt, max_tokens=16, temperature=1.0, seed=8))
     assert a == b and a != c
+
+
+def test_each_draw_has_its_own_key_and_eos_waits_for_min_tokens(engine):
+    params = SamplingParams(8, temperature=1.0, min_tokens=3, seed=7)
+    plans = [engine._plan(params, 7, generated) for generated in range(5)]
+    assert [int(p.ban_eos[0]) for p in plans] == [1, 1, 1, 0, 0]
+    assert len({int(p.seed[0]) for p in plans}) == 5
+    assert int(engine._plan(params, 7, 2).seed[0]) == int(plans[2].seed[0])
 
 
 def test_many_users_run_concurrently_without_blocking_the_loop(engine):

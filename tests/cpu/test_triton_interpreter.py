@@ -5,12 +5,17 @@ be set before Triton is imported); the GPU tests cover the same kernels compiled
 
     pip install triton "numpy<2"   # the interpreter's range() over loaded bounds needs numpy 1
     TRITON_INTERPRET=1 python -m pytest tests/cpu/test_triton_interpreter.py
+
+(With Triton 3.9 numpy 2 works too: python3 -m venv /work/venvs/interp && pip install
+torch==2.13.0 triton numpy pytest httpx.) The sampler's tests take ~2 minutes there.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +120,164 @@ def test_a_mixed_step_gives_every_layer_the_reference_attention():
         torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
     # Built by the first layer, reused by the second; the long histories' keys were split.
     assert meta.plans[("mixed", True, True)][2].splits > 1
+
+
+# ---- the sampler kernel (triton_sampler.py) against the reference (sampler.py) -------------
+
+def _sampler():
+    from deployments.engine.paged import sampler
+    from deployments.engine.paged.triton_sampler import triton_sample
+
+    return sampler, triton_sample
+
+
+EOS_IDS = torch.tensor([3, 17, 699], dtype=torch.int32)
+SMALL = {"block": 64, "cap": 128}  # small tiles and scratch: every path shows on short rows
+
+
+def _kernel(logits, plan, eos=EOS_IDS, **kw):
+    sampler, triton_sample = _sampler()
+    return triton_sample(logits, *plan.to_device("cpu"), eos, sampler.MIN_TEMPERATURE,
+                         **{**SMALL, **kw})
+
+
+def _reference(logits, plan, eos=EOS_IDS, block=SMALL["block"]):
+    sampler, _ = _sampler()
+    return sampler.sample_reference(logits, *plan.to_device("cpu"), eos, order_block=block)
+
+
+def _random_rows(rows, vocab, seed):
+    from tests.cpu.test_sampler import random_plan
+
+    gen = np.random.default_rng(seed)
+    scale = gen.uniform(0.3, 6.0, (rows, 1))
+    logits = torch.from_numpy(gen.normal(0, 1, (rows, vocab)) * scale).float()
+    return logits, random_plan(rows, gen)
+
+
+def _assert_inside(logits, plan, got, eos=EOS_IDS):
+    """Every sampled row's token is in the rules' kept set (or within rounding of its cut)."""
+    from tests.cpu.test_sampler import brute_kept
+
+    sampler, _ = _sampler()
+    x = sampler.ban_logits(logits, torch.from_numpy(plan.ban_eos), eos)
+    for i in np.flatnonzero(plan.temperature > 0):
+        keep, unsure = brute_kept(x[i].double().numpy(), float(plan.temperature[i]),
+                                  float(plan.top_p[i]), int(plan.top_k[i]), float(plan.min_p[i]))
+        assert keep[got[i]] or unsure[got[i]], (i, int(got[i]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampler_kernel_draws_what_the_reference_draws(seed):
+    sampler, _ = _sampler()
+    logits, plan = _random_rows(40, 700, seed)
+    got, want = _kernel(logits, plan), _reference(logits, plan)
+    greedy = torch.from_numpy(plan.temperature == 0)
+    banned = sampler.ban_logits(logits, torch.from_numpy(plan.ban_eos), EOS_IDS)
+    assert torch.equal(got[greedy], banned[greedy].argmax(-1))
+    _assert_inside(logits, plan, got)
+    assert int((got != want).sum()) <= 1  # float32 sums may tip one draw at a boundary
+
+
+def test_sampler_kernel_repeats_a_seed_at_any_batch_position():
+    sampler, _ = _sampler()
+    logits, plan = _random_rows(6, 500, 3)
+    first = _kernel(logits, plan)
+    assert torch.equal(_kernel(logits, plan), first)
+    order = [4, 0, 5, 2, 1, 3]
+    moved = sampler.SamplingPlan(*(getattr(plan, f)[order] for f in
+                                   ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")))
+    assert torch.equal(_kernel(logits[order], moved), first[order])
+    one = sampler.SamplingPlan(*(getattr(plan, f)[4:5] for f in
+                                 ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")))
+    assert _kernel(logits[4:5], one)[0] == first[4]
+
+
+def test_sampler_kernel_follows_the_distribution_on_a_small_vocab():
+    from deployments.engine.interface import SamplingParams
+    from tests.cpu.test_sampler import brute_kept, chi_square_z
+
+    sampler, _ = _sampler()
+    vocab, draws = 10, 240  # the interpreter runs ~0.25 s a row
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 1.2
+    params = SamplingParams(4, temperature=0.9, top_p=0.92, top_k=8)
+    plan = sampler.build_plan([params] * draws, [sampler.draw_seed(7, i) for i in range(draws)],
+                              [False] * draws)
+    got = _kernel(row.expand(draws, vocab).contiguous(), plan, torch.zeros(0, dtype=torch.int32))
+    keep, unsure = brute_kept(row.double().numpy(), 0.9, 0.92, 8, 0.0)
+    assert not unsure.any() and keep.sum() >= 4
+    p = np.where(keep, np.exp(row.double().numpy() / 0.9), 0.0)
+    counts = np.bincount(got.numpy(), minlength=vocab)
+    assert counts[~keep].sum() == 0
+    assert chi_square_z(counts[keep], draws * p[keep] / p.sum()) < 4.5
+
+
+def test_sampler_kernel_uniform_is_the_references_philox():
+    sampler, _ = _sampler()
+    import triton.language as tl
+
+    @triton.jit
+    def uniforms(Seed, Out):
+        i = tl.program_id(0)
+        tl.store(Out + i, tl.max(tl.rand(tl.load(Seed + i), tl.zeros([2], tl.int32)), 0))
+
+    seeds = torch.tensor([sampler.draw_seed(3, i) for i in range(64)] + [0, 1, 2**63 - 1])
+    out = torch.empty(len(seeds), dtype=torch.float32)
+    uniforms[(len(seeds),)](seeds, out)
+    assert torch.equal(out, sampler.philox_uniform(seeds))
+
+
+def test_sampler_kernel_keeps_near_ties_within_the_documented_distance():
+    """More near-equal logits at the cut than the scratch holds, after too few passes: the
+    whole bracket is kept, so also tokens just below the cut, but no further than
+    W / (7 * 9**(passes - 1)), W = T * ln(n / (1 - top_p)) bounding the first bracket."""
+    from deployments.engine.interface import SamplingParams
+    from tests.cpu.test_sampler import brute_kept
+
+    sampler, _ = _sampler()
+    vocab, rows, passes = 600, 24, 2
+    row = torch.full((vocab,), -4.0)
+    row[:400] = 1.0 + torch.arange(400) * 2e-6  # 400 distinct logits within 1e-3
+    params = SamplingParams(4, temperature=1.0, top_p=0.5)
+    plan = sampler.build_plan([params] * rows, [sampler.draw_seed(9, i) for i in range(rows)],
+                              [False] * rows)
+    got = _kernel(row.expand(rows, vocab).contiguous(), plan, cap=16, full_passes=passes)
+    keep, _ = brute_kept(row.double().numpy(), 1.0, 0.5, 0, 0.0)
+    cut = float(row[torch.from_numpy(keep)].min())
+    reach = math.log(vocab / 0.5) / (7 * 9 ** (passes - 1))
+    assert (row[got] >= cut - reach).all() and not keep[got].all()  # some came from below
+    exact = _kernel(row.expand(rows, vocab).contiguous(), plan)  # enough room: exact
+    assert keep[exact].all()
+
+
+def test_sampler_kernel_edge_rows():
+    from deployments.engine.interface import SamplingParams
+
+    sampler, _ = _sampler()
+    vocab = 300
+    logits = torch.randn(9, vocab, generator=torch.Generator().manual_seed(11)) * 3
+    logits[0] = float("-inf")  # nothing to draw: argmax's answer
+    logits[1, 20:] = float("-inf")  # top_k beyond the finite tokens
+    logits[2, :] = 0.5  # all tied: every token is kept
+    logits[3, 3] = 50.0  # an EOS id dominates but is banned
+    logits[6:] = -10.0
+    logits[6:, 50:250] = -1.8  # p / p_max = exp(-1.8 / 0.5) < min_p: only token 40 stays
+    logits[6:, 40] = 0.0
+    params = [SamplingParams(4, temperature=1.0), SamplingParams(4, temperature=1.0, top_k=100),
+              SamplingParams(4, temperature=1.0, top_p=0.3, top_k=5),
+              SamplingParams(4, temperature=1e-5, min_p=0.5),
+              SamplingParams(4, temperature=2.0, min_p=0.3),
+              SamplingParams(4, temperature=1.0, top_p=1e-46)]
+    params += [SamplingParams(4, temperature=0.5, min_p=0.05)] * 3
+    params += [SamplingParams(4, temperature=float("inf"), top_p=0.5),  # every p equal
+               SamplingParams(4, temperature=1e30, top_k=7, min_p=1.0)]
+    logits = torch.cat([logits, torch.randn(2, vocab) * 3])
+    logits[9, 100:] = float("-inf")
+    plan = sampler.build_plan(params, [sampler.draw_seed(1, i) for i in range(11)],
+                              [False, False, False, True] + [False] * 7)
+    got = _kernel(logits, plan)
+    assert torch.equal(got, _reference(logits, plan))
+    assert got[0] == 0 and got[1] < 20 and got[3] != 3 and got[5] == logits[5].argmax()
+    assert (got[6:9] == 40).all() and got[9] < 100
+    assert torch.equal(_kernel(logits, plan, block=2048, cap=16384),
+                       _reference(logits, plan, block=2048))

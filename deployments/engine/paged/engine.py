@@ -78,7 +78,7 @@ class PagedEngine(Engine):
         self.model_name = args.model.name
         self.max_model_len = min(args.model.max_model_len or self.spec.max_position,
                                  self.spec.max_position)
-        self.eos_token_ids = self._eos_ids(path)
+        self._eos_token_ids = self._eos_ids(path)
         start = time.perf_counter()
         # On a coherent Grace node every tier is managed memory placed by advice: layers beyond
         # the device budget stay in LPDDR and are read in place over NVLink-C2C (no buffers
@@ -172,7 +172,7 @@ class PagedEngine(Engine):
             logger.info("decode CUDA graphs off: %s", "no GPU" if not use_gpu else
                         "engine.cuda_graphs is false" if not cfg.cuda_graphs else
                         "weights stream from host memory")
-        self.runner = ModelRunner(model, cfg.page_size, graphs)
+        self.runner = ModelRunner(model, cfg.page_size, graphs, self._eos_token_ids)
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
@@ -188,6 +188,17 @@ class PagedEngine(Engine):
         logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
                     "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
                     cfg.page_size, self.pool.nbytes / 2**30, self.max_model_len)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
+        return self._eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: frozenset[int]) -> None:
+        """Tests and benchmarks change them; the sampler's EOS bans follow."""
+        self._eos_token_ids = frozenset(ids)
+        if hasattr(self, "runner"):
+            self.runner.set_eos(self._eos_token_ids)
 
     def _streamed_layers(self, args: AppArgs, in_place: bool = False) -> list[int]:
         """Layers beyond `model.device_weight_budget_bytes` (the last ones): streamed in
@@ -433,7 +444,7 @@ class PagedEngine(Engine):
             seq.pages += self.cache.allocate(
                 self.cache.pages_for(seq.num_computed + n) - len(seq.pages))
             batch.add(seq, n)
-        tokens, meta, _, _ = self.runner._prepare(batch)
+        tokens, meta, *_ = self.runner._prepare(batch)
         every = torch.arange(tokens.shape[0], device=tokens.device)
         logits = self.runner.model.forward(tokens, meta, every)
         out, start = [], 0

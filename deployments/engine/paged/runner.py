@@ -10,6 +10,7 @@ int64 values and one of int32 values a step, each piece aligned (upload.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ import torch
 from deployments.engine.paged.attention import AttentionMetadata
 from deployments.engine.paged.cuda_graphs import DecodeGraphs
 from deployments.engine.paged.model import DecoderModel
-from deployments.engine.paged.sampler import sample_on_device
+from deployments.engine.paged.sampler import SamplingPlan, build_plan, draw_seed, sample
 from deployments.engine.paged.scheduler import Batch
-from deployments.engine.paged.sequence import PLACEHOLDER
+from deployments.engine.paged.sequence import PLACEHOLDER, Sequence
 from deployments.engine.paged.upload import upload
 
 
@@ -45,17 +46,43 @@ class Launched:
         return out
 
 
+class StepInputs(NamedTuple):
+    """A step's device inputs: tokens, attention metadata, the batch rows that sample, the
+    logits rows they read, and their sampling plan (None when no row samples)."""
+
+    tokens: torch.Tensor
+    meta: AttentionMetadata
+    rows: list[int]
+    logits_index: torch.Tensor
+    plan: tuple[torch.Tensor, ...] | None
+
+
+def sampling_plan(seqs: list[Sequence]) -> SamplingPlan:
+    """The draws of these sequences' next tokens, from plain host values: each keyed by the
+    sequence's seed and the token's index (reproducible however batches form), EOS banned
+    while min_tokens is not reached."""
+    drawn = [s.num_generated + s.in_flight for s in seqs]  # tokens drawn before this one
+    return build_plan([s.sampling for s in seqs],
+                      [draw_seed(s.sample_seed, n) for s, n in zip(seqs, drawn, strict=True)],
+                      [n < s.sampling.min_tokens for s, n in zip(seqs, drawn, strict=True)])
+
+
 class ModelRunner:
-    def __init__(self, model: DecoderModel, page_size: int, graphs: DecodeGraphs | None) -> None:
+    def __init__(self, model: DecoderModel, page_size: int, graphs: DecodeGraphs | None,
+                 eos_token_ids: frozenset[int]) -> None:
         self.model = model
         self.page_size = page_size
         self.device = model.w.embed.device
         self.graphs = graphs
+        self.set_eos(eos_token_ids)
 
-    def _prepare(
-        self, batch: Batch, feed: Launched | None = None
-    ) -> tuple[torch.Tensor, AttentionMetadata, list[int], torch.Tensor]:
-        """Device tensors for a step: tokens, attention metadata, sampling rows, logits rows."""
+    def set_eos(self, eos_token_ids: frozenset[int]) -> None:
+        """The end-of-sequence ids a draw may be banned from (min_tokens)."""
+        self.eos_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.int32,
+                                    device=self.device)
+
+    def _prepare(self, batch: Batch, feed: Launched | None = None) -> StepInputs:
+        """A step's device inputs, in one int64 and one int32 upload."""
         page = self.page_size
         width = max(len(seq.pages) for seq in batch.seqs)
         table = np.zeros((len(batch), width), dtype=np.int32)
@@ -84,11 +111,14 @@ class ModelRunner:
                 sampling_rows.append(i)
                 logits_index.append(count - 1)
         pos_all = np.concatenate(positions)
-        tok, positions_d, pages_d, offsets_d, logits_d, fed_d = upload(
+        plan = sampling_plan([batch.seqs[i] for i in sampling_rows]) if sampling_rows else None
+        tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d = upload(
             [np.asarray(tokens), pos_all, np.concatenate(write_pages), pos_all % page,
-             np.asarray(logits_index), np.asarray(fed)], np.int64, self.device)
-        table_d, contexts_d = upload([table.ravel(), np.asarray(contexts)], np.int32,
-                                     self.device)
+             np.asarray(logits_index), np.asarray(fed),
+             plan.seed if plan else np.zeros(0)], np.int64, self.device)
+        table_d, contexts_d, words_d = upload(
+            [table.ravel(), np.asarray(contexts), plan.words() if plan else np.zeros(0)],
+            np.int32, self.device)
         if feeds:
             assert feed.tokens is not None
             tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
@@ -98,22 +128,20 @@ class ModelRunner:
             context_lens=contexts_d, query_lens=list(batch.num_tokens),
             context_lens_host=contexts, decode_only=batch.decode_only,
         )
-        return tok, meta, sampling_rows, logits_d
+        device_plan = SamplingPlan.device_views(words_d, seed_d) if plan else None
+        return StepInputs(tok, meta, sampling_rows, logits_d, device_plan)
 
     def launch(self, batch: Batch, feed: Launched | None = None) -> Launched:
         """Enqueue one step; `feed` is the step still in flight whose tokens it may read."""
-        tokens, meta, rows, logits_index = self._prepare(batch, feed)
+        tokens, meta, rows, logits_index, plan = self._prepare(batch, feed)
         if meta.decode_only and self.graphs is not None and self.graphs.fits(len(batch)):
             logits = self.graphs.run(meta, tokens)
         else:
             logits = self.model.forward(tokens, meta, logits_index)
         step = Launched(batch, rows, None)
-        if not rows:
+        if plan is None:
             return step
-        seqs = [batch.seqs[i] for i in rows]
-        step.tokens = sample_on_device(logits, [s.sampling for s in seqs], [
-            None if s.sampling.seed is None else torch.Generator(logits.device).manual_seed(
-                (s.sample_seed + s.num_generated + s.in_flight) % (1 << 63)) for s in seqs])
+        step.tokens = sample(logits, *plan, self.eos_ids)  # on the device, no host wait
         step.row_of = {id(batch.seqs[i]): j for j, i in enumerate(rows)}
         if step.tokens.is_cuda:
             step.host = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
