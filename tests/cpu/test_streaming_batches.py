@@ -112,3 +112,16 @@ def test_ignore_eos_generates_max_tokens_past_an_end_token(replica):
     assert stopped[-1][-1]["finish_reason"] == "stop"
     assert text_and_tokens(ignored)[1] == first
     assert ignored[-1][-1]["finish_reason"] == "length"
+
+
+def test_min_tokens_bans_end_tokens_until_then(replica):
+    engine = replica.engine
+    first = text_and_tokens(asyncio.run(messages_of(replica, greedy(8))))[1]
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = frozenset({first[0]})  # the greedy first token now ends a request
+    try:
+        held = asyncio.run(messages_of(replica, greedy(8, min_tokens=3)))
+    finally:
+        engine.eos_token_ids = saved
+    tokens = text_and_tokens(held)[1]
+    assert first[0] not in tokens[:3] and len(tokens) >= 4  # drawn from the rest meanwhile

@@ -163,7 +163,6 @@ class PagedEngine(Engine):
         model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu,
                              triton_prefill=use_gpu and cfg.prefill_attention == "triton",
                              streamer=streamer)
-        warm_up(model, cfg.page_size)  # no kernel compiles on a request's path
         graphs = None
         if use_gpu and cfg.cuda_graphs and not streamed:
             graphs = DecodeGraphs(model, cfg.max_num_seqs,
@@ -173,6 +172,7 @@ class PagedEngine(Engine):
                         "engine.cuda_graphs is false" if not cfg.cuda_graphs else
                         "weights stream from host memory")
         self.runner = ModelRunner(model, cfg.page_size, graphs, self._eos_token_ids)
+        warm_up(model, cfg.page_size, self.runner.eos_ids)  # no compiles on a request's path
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []

@@ -26,10 +26,11 @@ PREFILL_SPLITS = (1, 2, 4, 8, 16)  # triton_prefill.choose_splits' range
 
 
 def _jit_kernels() -> list:
-    from deployments.engine.paged import fused, triton_attention, triton_prefill
+    from deployments.engine.paged import fused, triton_attention, triton_prefill, triton_sampler
 
     kernels = [triton_attention._split_kernel, triton_attention._merge_kernel,
-               triton_prefill._prefill_kernel, triton_prefill._merge_kernel]
+               triton_prefill._prefill_kernel, triton_prefill._merge_kernel,
+               triton_sampler._sample_kernel]
     kernels += [getattr(fused, name) for name in
                 ("_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel")
                 if hasattr(fused, name)]
@@ -75,14 +76,29 @@ def _attention_variants(model: DecoderModel, page_size: int) -> None:
                           splits=splits)
 
 
-def warm_up(model: DecoderModel, page_size: int) -> None:
-    """Compile what requests will need: attention split variants, a prefill step and a mixed
-    (decode + prefill) step through the whole model. GPU only; CPU runs compile nothing."""
+def _sampler(model: DecoderModel, eos_ids: torch.Tensor) -> None:
+    """The sampler's one variant (its settings are runtime values): a greedy and a sampled row."""
+    from deployments.engine import SamplingParams
+    from deployments.engine.paged.sampler import build_plan, sample
+
+    device = model.w.embed.device
+    logits = torch.randn(2, model.spec.vocab_size, device=device)
+    plan = build_plan([SamplingParams(1, temperature=0),
+                       SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01)],
+                      [1, 2], [False, True])
+    sample(logits, *plan.to_device(device), eos_ids)
+
+
+def warm_up(model: DecoderModel, page_size: int, eos_ids: torch.Tensor) -> None:
+    """Compile what requests will need: attention split variants, the sampler, a prefill step
+    and a mixed (decode + prefill) step through the whole model. GPU only; CPU runs compile
+    nothing."""
     device = model.w.embed.device
     if device.type != "cuda":
         return
     started, before = time.perf_counter(), compiled_variants()
     _attention_variants(model, page_size)
+    _sampler(model, eos_ids)
     n = min(page_size, 16)
     for lens in ([n], [1, n]):  # a prefill chunk, then a decode row beside one
         meta = _meta(lens, device, page_size)
