@@ -73,6 +73,8 @@ class PagedEngine(Engine):
         cfg = args.engine
         path, self.spec = load_spec(args)
         self.device = memory.device
+        if self.device == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
         self.dtype = torch_dtype(args.model.dtype, self.device)
         self.tokenizer = load_tokenizer(path, args.model)
         self.model_name = args.model.name
