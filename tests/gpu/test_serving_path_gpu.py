@@ -15,7 +15,7 @@ PRELUDE = '''
     from deployments.memory import setup_memory
     from deployments.engine import GenerationRequest, SamplingParams
     from deployments.engine.interface import RequestProgress
-    from deployments.engine.builtin import build_tokenizer
+    from deployments.engine.builtin_tokenizer import write_tokenizer
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.warmup import compiled_variants
     # The Llama 3.1 8B attention shape (32 heads, 8 KV heads, head dim 128) in two layers.
@@ -26,7 +26,7 @@ PRELUDE = '''
               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
     path = tempfile.mkdtemp()
     pathlib.Path(path, "config.json").write_text(json.dumps(CONFIG))
-    build_tokenizer().save_pretrained(path)
+    write_tokenizer(path)
     args = AppArgs.model_validate({
         "model": {"model_id": path, "dtype": "bfloat16"}, "replica": {"num_gpus": 1},
         "memory": {"mode": "managed", "pool_size_bytes": "8GiB"},
