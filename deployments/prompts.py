@@ -9,6 +9,7 @@ then shapes the request once (admission.py) for the router and the replica.
 
 from __future__ import annotations
 
+import array
 import asyncio
 from dataclasses import dataclass
 from typing import Any
@@ -75,5 +76,8 @@ class PromptBuilder:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         sampling = {k: v for k, v in req.sampling(shape.max_tokens).items() if k != "stop"}
         sampling["min_tokens"] = min(sampling["min_tokens"], shape.max_tokens)
-        return Prepared({"prompt_token_ids": ids, "sampling": sampling}, shape,
+        # Token ids travel as one packed buffer: an 8k-token list of Python ints cost ~1 ms
+        # to pickle and unpickle on the way to the replica, the array a few microseconds.
+        packed = array.array("I", ids)
+        return Prepared({"prompt_token_ids": packed, "sampling": sampling}, shape,
                         tuple(req.stop_list()), sampling["min_tokens"])

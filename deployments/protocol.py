@@ -126,14 +126,6 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("echo is not supported")
         return self
 
-    def prompt_payload(self) -> dict[str, Any]:
-        """The prompt as the replica takes it: text or token ids."""
-        if isinstance(self.prompt, str):
-            return {"prompt": self.prompt}
-        if isinstance(self.prompt[0], str):
-            return {"prompt": self.prompt[0]}
-        return {"prompt_token_ids": list(self.prompt)}
-
 
 # ---- responses -----------------------------------------------------------------------------
 

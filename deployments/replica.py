@@ -54,6 +54,7 @@ from deployments.protocol import usage_dict
 from deployments.serve_logging import wire_serve_logging
 
 logger = logging.getLogger("ray.serve")
+ROOM_TTL_S = 0.05  # how old the admission figure may be (see LLMReplica._room)
 
 
 def error_event(
@@ -113,6 +114,7 @@ class LLMReplica:
         self.metrics = ReplicaMetrics()
         self.pacing = StreamPacing(self.args.replica.stream_messages_per_s)
         self._streams = 0  # requests streaming from this replica now
+        self._room_at, self._room_figures = float("-inf"), (0, 0)
         logger.info(
             "LLMReplica %s ready in %.1f s: %s serving %s, context %d tokens; memory: %s",
             self.replica_id, time.perf_counter() - start, type(self.engine).__name__,
@@ -123,7 +125,7 @@ class LLMReplica:
 
     def _build(self, request: dict[str, Any], shape: RequestShape) -> GenerationRequest:
         """The engine's request from the ingress's token ids, sampling values and shape."""
-        ids = [int(t) for t in request["prompt_token_ids"]]
+        ids = list(request["prompt_token_ids"])  # an array of uint32 (prompts.py) or a list
         sampling = request.get("sampling", {})
         if len(ids) != shape.prompt_tokens or shape.kv_tokens > self.engine.max_model_len:
             raise RequestError(f"a request of {len(ids)} tokens does not match its shape "
@@ -147,10 +149,23 @@ class LLMReplica:
         """An error event naming this replica (the ingress sets X-Replica-Id from it)."""
         return {**error_event(*args, **kwargs), "replica_id": self.replica_id}
 
+    def _room(self) -> tuple[int, int]:
+        """(most KV bytes one request may take here, KV bytes a token), at most ROOM_TTL_S
+        old: every request asks, and the engine's stats and the memory snapshot cost enough
+        (a lock, driver calls) that 128 arrivals at once each paying them delayed the last
+        one's first token by hundreds of milliseconds. A request that slips through a stale
+        figure still meets the engine's own page check."""
+        now = time.monotonic()
+        if now - self._room_at > ROOM_TTL_S:
+            stats = self.engine.stats()
+            self._room_figures = (kv_capacity_bytes(stats, self.memory.snapshot()),
+                                  stats.kv_bytes_per_token)
+            self._room_at = now
+        return self._room_figures
+
     def _check_room(self, shape: RequestShape) -> None:
-        stats = self.engine.stats()
-        need = shape.kv_bytes(stats.kv_bytes_per_token)
-        room = kv_capacity_bytes(stats, self.memory.snapshot())
+        room, per_token = self._room()
+        need = shape.kv_bytes(per_token)
         if need > room:
             raise Refused(
                 f"no replica can hold this request in memory: its {shape.kv_tokens} tokens "

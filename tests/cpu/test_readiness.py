@@ -86,8 +86,13 @@ def test_a_ready_verdict_is_reused_for_its_ttl_and_a_not_ready_one_for_less():
         await readiness.check()
         assert controller.calls == 2  # within the ready TTL
         now[0] = 1.4
-        await readiness.check()
+        controller.counts = ReplicaCounts(0, 0, "UNHEALTHY", "")
+        # Expired but ready: answered at once, refreshed in the background.
+        assert (await readiness.check()).ready
+        for _ in range(5):
+            await asyncio.sleep(0)  # the background probe runs
         assert controller.calls == 3
+        assert not (await readiness.check()).ready  # what the refresh found
 
     asyncio.run(scenario())
 

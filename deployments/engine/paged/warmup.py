@@ -11,6 +11,7 @@ through the whole model. Work runs on the pool's scratch page, which no sequence
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -25,8 +26,13 @@ DECODE_SPLITS = (1, 2, 4, 8, 16, 32)  # triton_attention.choose_splits' range
 PREFILL_SPLITS = (1, 2, 4, 8, 16)  # triton_prefill.choose_splits' range
 
 
-def _jit_kernels() -> list:
-    from deployments.engine.paged import fused, triton_attention, triton_prefill, triton_sampler
+@functools.cache
+def _jit_kernels() -> tuple:
+    """Our Triton kernels (looked up once: the stats ask every period); () without Triton."""
+    try:
+        from deployments.engine.paged import fused, triton_attention, triton_prefill, triton_sampler
+    except ImportError:
+        return ()
 
     kernels = [triton_attention._split_kernel, triton_attention._merge_kernel,
                triton_prefill._prefill_kernel, triton_prefill._merge_kernel,
@@ -34,15 +40,16 @@ def _jit_kernels() -> list:
     kernels += [getattr(fused, name) for name in
                 ("_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel")
                 if hasattr(fused, name)]
-    return kernels
+    return tuple(kernels)
 
 
 def compiled_variants() -> int | None:
     """Kernel variants Triton has compiled in this process (None where it cannot tell)."""
+    kernels = _jit_kernels()
     try:
-        return sum(len(cache[0]) for kernel in _jit_kernels()
-                   for cache in kernel.device_caches.values())
-    except (AttributeError, ImportError, IndexError, TypeError):
+        return sum(len(cache[0]) for kernel in kernels
+                   for cache in kernel.device_caches.values()) if kernels else None
+    except (AttributeError, IndexError, TypeError):
         return None
 
 
