@@ -36,7 +36,6 @@ from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
 from deployments.config import AppArgs, parse_app_args
 from deployments.detokenizer import token_decoder
 from deployments.errors import (
-    REPLICA_HEADER,
     APIError,
     install_error_handlers,
     validation_message,
@@ -62,6 +61,8 @@ from deployments.streaming import (
     collect,
     completion_events,
     error_from_event,
+    response_headers,
+    server_timing,
     sse_response,
     until_deadline,
 )
@@ -176,10 +177,12 @@ class OpenAIIngress:
             return await self._prompts.chat(req, user, context)
         return await self._prompts.completion(req, user, context)
 
-    async def _open(self, prepared: Prepared, endpoint: str) -> tuple[dict[str, Any], Messages]:
-        """Start a request on a replica; return its `start` event and the rest of the stream
-        as text (its first message already holds the first token)."""
-        arrived = time.monotonic()
+    async def _open(self, prepared: Prepared, endpoint: str, arrived: float
+                    ) -> tuple[dict[str, Any], Messages]:
+        """Start a request on a replica; return its `start` event (with the first token's
+        `server_timing`) and the rest of the stream as text (its first message already holds
+        the first token). `arrived`: when the ingress got the request (monotonic)."""
+        called = time.monotonic()
         await self._readiness.require()  # no model replica: 503 now, not a hang
         deadline = arrived + self._limits.request_timeout_s
         for attempt in range(self._limits.replica_retries + 1):
@@ -213,6 +216,8 @@ class OpenAIIngress:
             raise error_from_event(start)
         first_at = time.monotonic()
         self._metrics.request_done(endpoint, first_at - arrived, None)
+        start = {**start, "server_timing": server_timing(
+            (called - arrived) * 1e3, (first_at - called) * 1e3, start.get("replica_ms", 0.0))}
 
         def ended(completion_tokens: int) -> None:
             if completion_tokens > 1:
@@ -224,27 +229,27 @@ class OpenAIIngress:
         return start, detokenized(tokens, text, ended)
 
     async def _answer(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
-                      ) -> tuple[str, dict[str, Any]]:
-        """A whole (non-streamed) answer: the replica that served it and the OpenAI body."""
-        chat = isinstance(req, ChatCompletionRequest)
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A whole (non-streamed) answer: the replica's `start` event and the OpenAI body."""
+        chat, arrived = isinstance(req, ChatCompletionRequest), time.monotonic()
         first, messages = await self._open(await self._prepare(req, user),
-                                           "chat" if chat else "completion")
+                                           "chat" if chat else "completion", arrived)
         text, finish, usage = await collect(first, messages)
         body = (chat_completion(new_id("chatcmpl"), self._model, text, finish, usage) if chat
                 else text_completion(new_id("cmpl"), self._model, text, finish, usage))
-        return first["replica_id"], body
+        return first, body
 
     async def _respond(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
                        ) -> Any:
         """The HTTP response: server-sent events or one JSON body."""
         if not req.stream:
-            replica_id, body = await self._answer(req, user)
-            return JSONResponse(body, headers={REPLICA_HEADER: replica_id})
-        chat = isinstance(req, ChatCompletionRequest)
+            first, body = await self._answer(req, user)
+            return JSONResponse(body, headers=response_headers(first))
+        chat, arrived = isinstance(req, ChatCompletionRequest), time.monotonic()
         first, messages = await self._open(await self._prepare(req, user),
-                                           "chat" if chat else "completion")
+                                           "chat" if chat else "completion", arrived)
         chunks = chat_events if chat else completion_events
-        return sse_response(first["replica_id"], chunks(
+        return sse_response(first, chunks(
             self._model, messages, req.include_usage, self._stream_failed))
 
     def _stream_failed(self, reason: str) -> None:
@@ -322,8 +327,9 @@ class OpenAIIngress:
                           ) -> AsyncIterator[dict[str, Any]]:
         """Chat completion chunks, as the SSE stream would carry them; call with stream=True."""
         req = self._validate(ChatCompletionRequest, request)
+        arrived = time.monotonic()
         prepared = await self._counted(self._prepare(req, self._handle_user(user, req.user)))
-        _, messages = await self._counted(self._open(prepared, "chat"))
+        _, messages = await self._counted(self._open(prepared, "chat", arrived))
         async for chunks in chat_events(self._model, messages, True, self._stream_failed):
             for chunk in chunks:
                 yield chunk

@@ -5,8 +5,8 @@ driver only), then RMM set-up (which swaps PyTorch's allocator), and only then a
 touches `torch.cuda` (the engine).
 
 `generate` streams messages, each a list of plain dicts (events), so the ingress can map them
-to HTTP: ``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens"}`` first, then
-``{"event": "delta", "token_ids"}`` (at most one a message: every token since the last
+to HTTP: ``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens", "replica_ms"}``
+first, then ``{"event": "delta", "token_ids"}`` (at most one a message: every token since the last
 message; the ingress makes the text), then ``{"event": "end", "finish_reason", "usage"}``; or
 a single ``{"event": "error", "status", "message", "type", "param", "code"}``. The first
 message goes as soon as the first token exists; later ones are paced (deployments/pacing.py) so
@@ -181,6 +181,7 @@ class LLMReplica:
         """Stream one request's messages, each a list of events (see module docstring).
         `shape` is the ingress's (admission.py); the router read it too. Never raises for bad
         input."""
+        arrived = time.monotonic()
         try:
             gen_request = self._build(request, shape)
         except Refused as exc:
@@ -191,12 +192,12 @@ class LLMReplica:
             return
         self._streams += 1
         try:
-            async for message in self._messages(gen_request):
+            async for message in self._messages(gen_request, arrived):
                 yield message
         finally:
             self._streams -= 1
 
-    async def _messages(self, gen_request: GenerationRequest
+    async def _messages(self, gen_request: GenerationRequest, arrived: float
                         ) -> AsyncIterator[list[dict[str, Any]]]:
         """One message per batch of engine output: the first at once, later ones at least
         `pacing.gap_s()` apart, so a message carries every token that arrived meanwhile."""
@@ -213,6 +214,8 @@ class LLMReplica:
                     message.append({
                         "event": "start", "replica_id": self.replica_id,
                         "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
+                        # arrival to first token here: admission, the engine's queue, prefill
+                        "replica_ms": (time.monotonic() - arrived) * 1e3,
                     })
                 message += self._output_events(out)
                 yield message

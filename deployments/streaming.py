@@ -128,14 +128,26 @@ async def completion_events(model: str, messages: Messages, include_usage: bool,
         yield chunks
 
 
+TIMING_HEADER = "Server-Timing"
+
+
+def server_timing(prepare_ms: float, upstream_ms: float, replica_ms: float) -> str:
+    """The `Server-Timing` value (W3C) of a response's first token, in milliseconds: the
+    ingress's parsing, tokenizing and shaping (`prepare`), its replica call to the first
+    message (`upstream`), and the part of that spent in the replica (`replica`: admission, the
+    engine's queue, prefill); upstream - replica is the transport."""
+    return (f"prepare;dur={prepare_ms:.2f}, upstream;dur={upstream_ms:.2f}, "
+            f"replica;dur={replica_ms:.2f}")
+
+
 def sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
 
 
-def sse_response(replica_id: str, chunks: Chunks) -> StreamingResponse:
-    """Server-sent events ending with `[DONE]`, naming the replica that serves them: one write
-    per replica message."""
+def sse_response(start: Event, chunks: Chunks) -> StreamingResponse:
+    """Server-sent events ending with `[DONE]`, naming the replica that serves them (and the
+    first token's timing): one write per replica message."""
 
     async def body() -> AsyncIterator[str]:
         async for batch in chunks:
@@ -143,4 +155,12 @@ def sse_response(replica_id: str, chunks: Chunks) -> StreamingResponse:
         yield sse("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={REPLICA_HEADER: replica_id})
+                             headers=response_headers(start))
+
+
+def response_headers(start: Event) -> dict[str, str]:
+    """X-Replica-Id, and Server-Timing when the ingress timed the request."""
+    headers = {REPLICA_HEADER: start["replica_id"]}
+    if start.get("server_timing"):
+        headers[TIMING_HEADER] = start["server_timing"]
+    return headers

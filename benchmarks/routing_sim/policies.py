@@ -3,9 +3,9 @@
 - ``ours``: `deployments.placement.decide` itself, fed `ReplicaView`s built from the replicas'
   stats as of the last stats period, with one `PlacementLedger` per router process (ingress
   replica), recording placements as `UnifiedMemoryRouter.on_request_routed` does. Each
-  request reaches one of the router processes at random. The router estimates a prompt's
-  tokens from its characters; here there is no text, so the estimate is the true count times
-  a lognormal error (sigma ESTIMATE_SIGMA). Real policy code throughout.
+  request reaches one of the router processes at random. The request's KV is what the
+  ingress's `RequestShape` counts: its prompt plus its completion (max_tokens taken as the
+  reply's length). Real policy code throughout.
 - ``power_of_two``: Ray Serve's default, `PowerOfTwoChoicesRequestRouter.choose_replicas`
   (real code) picks two random replicas; Serve then probes both for their queue lengths and
   sends the request to the shorter queue. That probe is re-implemented here: the queue length
@@ -20,7 +20,6 @@ and none of Serve's backoff, ever come into play.
 
 from __future__ import annotations
 
-import math
 import random
 from abc import ABC, abstractmethod
 from types import SimpleNamespace
@@ -41,7 +40,6 @@ from benchmarks.routing_sim.workload import KV_BYTES_PER_TOKEN
 from deployments.placement import PlacementLedger, PlacementPolicy, ReplicaView, decide
 
 _DEPLOYMENT = DeploymentID(name="LLMReplica", app_name="llm")
-ESTIMATE_SIGMA = 0.3  # error of the router's characters-to-tokens estimate (lognormal)
 
 
 class RoutingPolicy(ABC):
@@ -55,17 +53,18 @@ class RoutingPolicy(ABC):
         """Take in the current replica set; if `stats_refreshed`, the replicas' stats too."""
 
     @abstractmethod
-    async def choose(self, user: str, cluster: Cluster, now: float, prompt_tokens: int) -> str:
-        """The replica this user's request (of `prompt_tokens` tokens) goes to."""
+    async def choose(self, user: str, cluster: Cluster, now: float, request_tokens: int) -> str:
+        """The replica this user's request goes to; `request_tokens`: the KV tokens it holds
+        when it ends (prompt and reply)."""
 
 
 class OursPolicy(RoutingPolicy):
     name = "ours"
     driven = ("deployments.placement.decide with ReplicaView.from_stats of each replica's "
               "stats as of the last period, and one PlacementLedger per router process "
-              "recording placements as UnifiedMemoryRouter.on_request_routed does (real code); "
-              "the prompt-size estimate the router makes from characters is re-implemented as "
-              "the true token count times a lognormal error (sigma 0.3)")
+              "recording placements as UnifiedMemoryRouter.on_request_routed does (real code), "
+              "each request's KV counted as the ingress's RequestShape counts it (prompt plus "
+              "completion)")
 
     def __init__(self, routers: int, seed: int, tolerance_fraction: float = 0.01,
                  sticky_max_wait_s: float = 30.0, placement_ttl_s: float = 30.0) -> None:
@@ -89,10 +88,9 @@ class OursPolicy(RoutingPolicy):
                 self._views[rid] = ReplicaView.from_stats(rid, None)
         self._ordered = list(self._views.values())
 
-    async def choose(self, user: str, cluster: Cluster, now: float, prompt_tokens: int) -> str:
+    async def choose(self, user: str, cluster: Cluster, now: float, request_tokens: int) -> str:
         ledger = self.ledgers[self.rng.randrange(len(self.ledgers))]
-        estimate = round(prompt_tokens * math.exp(self.rng.gauss(0.0, ESTIMATE_SIGMA)))
-        nbytes = estimate * KV_BYTES_PER_TOKEN
+        nbytes = request_tokens * KV_BYTES_PER_TOKEN
         decision = decide(user, self._ordered, ledger, self.policy, now, waited_s=0.0,
                           request_bytes=nbytes)
         chosen = decision.ranks[0][0]
@@ -169,7 +167,7 @@ class PowerOfTwoPolicy(_ServeRouterPolicy):
         super().__init__(seed)
         random.seed(seed)  # the router draws from the `random` module
 
-    async def choose(self, user: str, cluster: Cluster, now: float, prompt_tokens: int) -> str:
+    async def choose(self, user: str, cluster: Cluster, now: float, request_tokens: int) -> str:
         (pair,) = await self._ranks(user)
         return min(pair, key=lambda rid: cluster.replicas[rid].queue_len(now))
 
@@ -181,7 +179,7 @@ class ConsistentHashPolicy(_ServeRouterPolicy):
               "replica); the request goes to its first rank (no replica rejects)")
     router_cls = ConsistentHashRouter
 
-    async def choose(self, user: str, cluster: Cluster, now: float, prompt_tokens: int) -> str:
+    async def choose(self, user: str, cluster: Cluster, now: float, request_tokens: int) -> str:
         return (await self._ranks(user))[0][0]
 
 

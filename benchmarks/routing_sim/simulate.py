@@ -136,7 +136,7 @@ async def simulate(scenario: Scenario, policy_name: str,
         conv = conversations[c]
         turn = conv.turns[k]
         holders_before = set(cluster.holders.get(conv.user, ()))
-        chosen = await policy.choose(conv.user, cluster, now, turn.prompt_tokens)
+        chosen = await policy.choose(conv.user, cluster, now, turn.context_tokens)
         moves.next_request(conv.user, cluster, chosen)
         next_turn[c] = k + 1
         served = cluster.serve(chosen, conv.user, turn.context_tokens, now, turn.end)

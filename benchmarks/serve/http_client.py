@@ -11,6 +11,7 @@ word each). Imports no torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -37,6 +38,19 @@ class SSEParser:
                 out.append(b"\n".join(x[1:] if x.startswith(b" ") else x for x in lines)
                            .decode())
         return out
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """`name;dur=ms, ...` (W3C Server-Timing) as {name: ms}; unparsable parts are skipped."""
+    out = {}
+    for part in value.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, number = param.strip().partition("=")
+            if key == "dur" and name:
+                with contextlib.suppress(ValueError):
+                    out[name] = float(number)
+    return out
 
 
 def request_body(call: Call, model: str) -> dict[str, Any]:
@@ -75,6 +89,8 @@ class HTTPTransport:
         try:
             async with self._session.post(self._url + path, json=request_body(call, self._model),
                                           headers=headers) as response:
+                reply.server_timing = parse_server_timing(
+                    response.headers.get("Server-Timing", ""))
                 if response.status != 200:
                     reply.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 else:

@@ -57,6 +57,26 @@ def latency(records: list[dict[str, Any]]) -> dict[str, Any]:
                                  "max": max((max(r["chunk_n"]) for r in ok), default=None)}}
 
 
+def first_token_breakdown(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where HTTP requests' first tokens spent their time, p50/p99 in ms, from the ingress's
+    `Server-Timing` header: `prepare` (ingress: parse, tokenize, shape), `replica` (arrival
+    there to first token: admission, the engine's queue, prefill), `transport` (ingress to
+    replica and back: upstream - replica) and `proxy` (everything outside the ingress's call:
+    client to ingress and the first chunk's way back: TTFT - prepare - upstream)."""
+    timed = [r for r in records if not r["error"] and r["chunk_t"] and r.get("server_timing")]
+    if not timed:
+        return None
+    parts: dict[str, list[float]] = {"prepare": [], "replica": [], "transport": [], "proxy": []}
+    for r in timed:
+        st = {k: v / 1e3 for k, v in r["server_timing"].items()}  # seconds, as chunk_t
+        up = st.get("upstream", 0.0)
+        parts["prepare"].append(st.get("prepare", 0.0))
+        parts["replica"].append(st.get("replica", 0.0))
+        parts["transport"].append(up - st.get("replica", 0.0))
+        parts["proxy"].append(r["chunk_t"][0] - st.get("prepare", 0.0) - up)
+    return {name: _ms(values, 50, 99) for name, values in parts.items()}
+
+
 def throughput(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Completion tokens over the wall time of the records."""
     if not records:
@@ -96,6 +116,9 @@ def summarize(records: list[dict[str, Any]], kind: str, warmup: bool = False
         **throughput(measured), **latency(measured)}
     if kind in ("returning", "multi_turn"):
         row["cache"] = cache_use(measured)
+    breakdown = first_token_breakdown(measured)
+    if breakdown:
+        row["first_token_ms"] = breakdown
     return row
 
 

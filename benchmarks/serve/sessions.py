@@ -62,6 +62,7 @@ class Reply:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    server_timing: dict[str, float] = field(default_factory=dict)  # ms, from the response header
 
 
 Transport = Callable[[Call], Awaitable[Reply]]
@@ -76,7 +77,8 @@ def record(reply: Reply, call: Call, session: str, turn: int, measured: bool,
             "chunk_t": [round(t, 6) for t in reply.chunk_t], "chunk_n": reply.chunk_n,
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
-            "cached_tokens": reply.cached_tokens, "error": reply.error}
+            "cached_tokens": reply.cached_tokens, "error": reply.error,
+            "server_timing": reply.server_timing}
 
 
 def random_words(rng: random.Random, visible: list[int], n: int) -> str:

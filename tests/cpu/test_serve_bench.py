@@ -238,3 +238,17 @@ def test_headlines_are_ratios_between_the_two_sides_of_one_step():
     assert met["returning_ttft_p99_over_p50"] is False and met["multi_turn_cached_share"]
     assert set(met) | set(head["targets_not_measured"]) == set(TARGETS)
     assert head["client_kept_up_in_every_step"] is True
+
+
+def test_server_timing_parses_and_splits_the_first_token():
+    from benchmarks.serve.http_client import parse_server_timing
+    from benchmarks.serve.metrics import first_token_breakdown
+
+    timing = parse_server_timing("prepare;dur=1.50, upstream;dur=20.00, replica;dur=16.0, x;desc=a")
+    assert timing == {"prepare": 1.5, "upstream": 20.0, "replica": 16.0}
+    record = {"error": None, "chunk_t": [0.030, 0.035], "server_timing": timing}
+    parts = first_token_breakdown([record])
+    assert parts["prepare"]["p50"] == 1.5 and parts["replica"]["p50"] == 16.0
+    assert parts["transport"]["p50"] == 4.0  # upstream - replica
+    assert parts["proxy"]["p50"] == 8.5  # TTFT 30 ms - prepare - upstream
+    assert first_token_breakdown([{**record, "server_timing": {}}]) is None

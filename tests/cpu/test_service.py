@@ -239,3 +239,17 @@ def test_python_handle_reports_bad_input_as_api_error(llm_url):
     with pytest.raises(APIError) as err:
         serve.get_app_handle("llm").chat.remote({"model": MODEL, "messages": []}).result()
     assert err.value.status == 400 and err.value.body["error"]["param"] == "messages"
+
+
+def test_every_answer_says_where_its_first_token_spent_its_time(llm_url):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3}
+    plain = httpx.post(f"{llm_url}/v1/completions", json=body, timeout=60)
+    with httpx.stream("POST", f"{llm_url}/v1/completions", json={**body, "stream": True},
+                      timeout=60) as streamed:
+        streamed.read()
+    for response in (plain, streamed):
+        parts = dict(p.strip().split(";dur=") for p in response.headers["server-timing"]
+                     .split(","))
+        ms = {name: float(v) for name, v in parts.items()}
+        assert set(ms) == {"prepare", "upstream", "replica"}
+        assert 0 < ms["replica"] <= ms["upstream"] and ms["prepare"] >= 0
