@@ -4,7 +4,9 @@ message per batch, paced by load), with the same tokens and text as one at a tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -98,16 +100,23 @@ def test_one_stream_gets_a_message_per_step_and_many_share_a_paced_budget(replic
         assert len(messages) <= elapsed / 0.1 + 2 < len(tokens)
 
 
-def test_ignore_eos_generates_max_tokens_past_an_end_token(replica):
+@contextlib.contextmanager
+def end_token(replica: LLMReplica, which: int) -> Iterator[list[int]]:
+    """Make the `which`-th token of the plain greedy answer an end token meanwhile; yield that
+    answer's tokens."""
     engine = replica.engine
     first = text_and_tokens(asyncio.run(messages_of(replica, greedy(8))))[1]
-    saved = engine.eos_token_ids
-    engine.eos_token_ids = frozenset({first[2]})  # the third greedy token now ends a request
+    saved, engine.eos_token_ids = engine.eos_token_ids, frozenset({first[which]})
     try:
-        stopped = asyncio.run(messages_of(replica, greedy(8)))
-        ignored = asyncio.run(messages_of(replica, greedy(8, ignore_eos=True)))
+        yield first
     finally:
         engine.eos_token_ids = saved
+
+
+def test_ignore_eos_generates_max_tokens_past_an_end_token(replica):
+    with end_token(replica, 2) as first:  # the third greedy token now ends a request
+        stopped = asyncio.run(messages_of(replica, greedy(8)))
+        ignored = asyncio.run(messages_of(replica, greedy(8, ignore_eos=True)))
     assert text_and_tokens(stopped)[1] == first[:3]
     assert stopped[-1][-1]["finish_reason"] == "stop"
     assert text_and_tokens(ignored)[1] == first
@@ -115,13 +124,7 @@ def test_ignore_eos_generates_max_tokens_past_an_end_token(replica):
 
 
 def test_min_tokens_bans_end_tokens_until_then(replica):
-    engine = replica.engine
-    first = text_and_tokens(asyncio.run(messages_of(replica, greedy(8))))[1]
-    saved = engine.eos_token_ids
-    engine.eos_token_ids = frozenset({first[0]})  # the greedy first token now ends a request
-    try:
+    with end_token(replica, 0) as first:  # the greedy first token now ends a request
         held = asyncio.run(messages_of(replica, greedy(8, min_tokens=3)))
-    finally:
-        engine.eos_token_ids = saved
     tokens = text_and_tokens(held)[1]
     assert first[0] not in tokens[:3] and len(tokens) >= 4  # drawn from the rest meanwhile
