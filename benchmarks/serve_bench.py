@@ -48,6 +48,9 @@ MODEL_CONFIGS = {"llama-3.1-8b": LLAMA_31_8B, "quick": QUICK}
 # for stopping `serve run` and writing the results.
 IN_PROCESS_SHARE_S = {"full": 200.0, "quick": 200.0}
 RESERVE_S = 25.0
+# --via: which HTTP paths the HTTP phase measures, as (row side, path) in the order run.
+VIAS = {"direct": (("http", "direct"),), "proxy": (("http", "proxy"),),
+        "both": (("http", "direct"), ("http_proxy", "proxy"))}
 
 
 def options() -> argparse.Namespace:
@@ -59,6 +62,12 @@ def options() -> argparse.Namespace:
     parser.add_argument("--client-procs", type=int, help="default 4 (2 with --quick)")
     parser.add_argument("--budget-s", type=float, help="default 450 (600 with --quick)")
     parser.add_argument("--ready-timeout-s", type=float, default=300)
+    parser.add_argument("--via", choices=sorted(VIAS), default="direct",
+                        help="the HTTP path measured: each ingress replica's own port (Ray "
+                        "Serve direct ingress), Serve's proxy, or both (proxy rows as side "
+                        "http_proxy, beside the direct ones); default direct")
+    parser.add_argument("--steps", help="comma-separated step names to run (a fixed step's "
+                        "warm-up comes with it); default: every step")
     opts = parser.parse_args()
     opts.config = opts.config or CONFIGS / ("serve-quick.yaml" if opts.quick
                                             else "serve-llama-8b.yaml")
@@ -73,7 +82,7 @@ def in_process_phase(opts: argparse.Namespace, plan: Plan, rows_path: Path, stop
     out = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "in_process.json"
     cmd = [sys.executable, "-m", "benchmarks.serve.engine_side", "--config", str(opts.config),
            "--plan", plan.name, "--out", str(out), "--rows", str(rows_path),
-           "--stop-at", str(stop_at)]
+           "--stop-at", str(stop_at), *(["--steps", opts.steps] if opts.steps else [])]
     try:  # the last step's requests and the engine's shutdown get a grace period
         status = subprocess.run(cmd, cwd=ROOT, env=child_env(), check=False,
                                 timeout=stop_at - time.monotonic() + 180).returncode
@@ -87,71 +96,81 @@ def in_process_phase(opts: argparse.Namespace, plan: Plan, rows_path: Path, stop
                                                       if r["side"] == "in_process"]}
 
 
-def http_step(pool: ClientPool, server: Server, plan: Plan, step: Any, stop_at: float
-              ) -> dict[str, Any]:
+def http_step(pool: ClientPool, server: Server, plan: Plan, step: Any, stop_at: float,
+              side: str, via: str) -> dict[str, Any]:
     """One step through the API; its row with the client's load and the admin figures."""
     before = server.admin()
     records, load = pool.run({"step": step.to_dict(), "plan": plan.name, "stop_at": stop_at,
                               "model_config": MODEL_CONFIGS[plan.model]})
     after = server.admin()
-    return {"side": "http", **step_fields(step), **summarize(records, step.kind, step.warmup),
-            "client": load, "admin_before": before, "admin_after": after,
+    return {"side": side, "via": via, **step_fields(step),
+            **summarize(records, step.kind, step.warmup), "client": load,
+            "admin_before": before, "admin_after": after,
             "admin_change": changes(before[0], after[0]) if before and after else {}}
 
 
-def step_weights(plan: Plan, inproc_rows: list[dict[str, Any]]) -> dict[str, float]:
+def step_weights(todo: list[Any], inproc_rows: list[dict[str, Any]]) -> dict[str, float]:
     """How long each step took in-process (its plan cap where unmeasured): the HTTP phase
     shares its remaining time out in these proportions."""
     took = {r["step"]: r.get("seconds") for r in inproc_rows if not r.get("skipped")}
-    return {s.name: max(1.0, took.get(s.name) or s.cap_s) for s in steps(plan)}
+    return {s.name: max(1.0, took.get(s.name) or s.cap_s) for s in todo}
 
 
-def http_steps(pool: ClientPool, server: Server, plan: Plan, rows: list[dict[str, Any]],
-               rows_path: Path, stop_at: float, weights: dict[str, float],
-               expect: dict[str, Any]) -> None:
-    """Every step over HTTP, each given its share of the time left (by `weights`); each
-    row is added to `rows` and to `rows_path` as soon as it is measured."""
-    todo = steps(plan)
-    for i, step in enumerate(todo):
+def http_steps(pools: dict[tuple[str, str], ClientPool], server: Server, plan: Plan,
+               todo: list[Any], rows: list[dict[str, Any]], rows_path: Path, stop_at: float,
+               weights: dict[str, float], expect: dict[str, Any]) -> None:
+    """Every step over each HTTP path of `pools` ((side, via) -> clients), each run given
+    its share of the time left (by `weights`); each row is added to `rows` and to
+    `rows_path` as soon as it is measured."""
+    runs = [(step, path) for step in todo for path in pools]
+    for i, (step, (side, via)) in enumerate(runs):
         now = time.monotonic()
         if now >= stop_at:
-            rows.append({"side": "http", **step_fields(step), "skipped": "time budget"})
-            print(f"[http] {step.name}: skipped (time budget spent)", flush=True)
+            rows.append({"side": side, "via": via, **step_fields(step),
+                         "skipped": "time budget"})
+            print(f"[{side}] {step.name}: skipped (time budget spent)", flush=True)
             continue
         if step.kind == "multi_turn":
             print(describe_kv(expect), flush=True)
-        share = weights[step.name] / sum(weights[s.name] for s in todo[i:])
-        row = http_step(pool, server, plan, step, now + share * (stop_at - now))
+        share = weights[step.name] / sum(weights[s.name] for s, _ in runs[i:])
+        row = http_step(pools[side, via], server, plan, step, now + share * (stop_at - now),
+                        side, via)
         append_row(rows_path, row)
-        print(brief(row), flush=True)
+        print(f"[{via}] " + brief(row), flush=True)
         rows.append(row)
 
 
-def http_phase(opts: argparse.Namespace, plan: Plan, rows_path: Path, stop_at: float,
-               log: Path, weights: dict[str, float]) -> dict[str, Any]:
+def http_phase(opts: argparse.Namespace, plan: Plan, todo: list[Any], rows_path: Path,
+               stop_at: float, log: Path, weights: dict[str, float]) -> dict[str, Any]:
     """`serve run`, then every step over HTTP; rows, start-up time and the KV expectation.
     A failure ends the phase with what it measured (and the error)."""
     started = time.monotonic()
-    server = Server(opts.config, log)
+    paths = VIAS[opts.via]
+    server = Server(opts.config, log, direct=any(via == "direct" for _, via in paths))
     result: dict[str, Any] = {"rows": []}
+    pools: dict[tuple[str, str], ClientPool] = {}
     try:
         ready = server.wait_ready(opts.ready_timeout_s)
         result["serve_start_s"] = round(time.monotonic() - started, 1)
-        print(f"[http] `serve run` ready at {server.url} in {result['serve_start_s']} s",
+        result["urls"] = {"proxy": [server.url], "direct": server.direct_urls()}
+        print(f"[http] `serve run` ready in {result['serve_start_s']} s: {result['urls']}",
               flush=True)
+        if any(via == "direct" for _, via in paths) and not result["urls"]["direct"]:
+            raise RuntimeError("direct ingress is on but no ingress replica answers on its port")
         page_size = app_args_dict(opts.config)["engine"].get("page_size", 16)
         result["kv_expectation"] = kv_expectation(
             plan, ready[0]["kv_bytes_per_token"], page_size, ready[0]["kv_budget_bytes"])
-        pool = ClientPool(opts.client_procs, server.url, server.model, child_env())
-        try:
-            http_steps(pool, server, plan, result["rows"], rows_path, stop_at, weights,
-                       result["kv_expectation"])
-        finally:
-            pool.close()
+        for side, via in paths:
+            pools[side, via] = ClientPool(opts.client_procs, result["urls"][via],
+                                          server.model, child_env())
+        http_steps(pools, server, plan, todo, result["rows"], rows_path, stop_at, weights,
+                   result["kv_expectation"])
     except Exception as exc:  # keep the in-process rows and whatever HTTP measured
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         print(f"[http] phase failed: {result['error']}", flush=True)
     finally:
+        for pool in pools.values():
+            pool.close()
         server.stop()
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
@@ -202,7 +221,10 @@ def payload(opts: argparse.Namespace, plan: Plan, inproc: dict[str, Any],
         "floor_definition": "(weights + KV bytes read per step) / measured copy bandwidth "
                             "(bytes read + written per second); KV at the mean context",
         "definitions": " ".join(METRICS_DOC.split()),
-        "errors": errors, "notes": notes(rows), "rows": rows, "headline": headlines(rows)}
+        "errors": errors, "notes": notes(rows), "rows": rows, "headline": headlines(rows),
+        **({"headline_proxy": headlines(rows, "http_proxy")}
+           if any(r["side"] == "http_proxy" for r in rows) else {}),
+        "via": opts.via, "urls": http.get("urls")}
 
 
 def main() -> None:
@@ -220,15 +242,23 @@ def main() -> None:
     print(f"time budget {opts.budget_s:.0f} s: no in-process step starts after "
           f"{IN_PROCESS_SHARE_S[plan.name]:.0f} s, no HTTP step after "
           f"{opts.budget_s - RESERVE_S:.0f} s", flush=True)
+    try:
+        todo = steps(plan, opts.steps)
+    except ValueError as exc:
+        raise SystemExit(f"--steps: {exc}") from None
     inproc = in_process_phase(opts, plan, rows_path, started + IN_PROCESS_SHARE_S[plan.name])
     print(f"in-process phase done at {time.monotonic() - started:.0f} s", flush=True)
-    http = http_phase(opts, plan, rows_path, started + opts.budget_s - RESERVE_S, log,
-                      step_weights(plan, inproc["rows"]))
+    http = http_phase(opts, plan, todo, rows_path, started + opts.budget_s - RESERVE_S, log,
+                      step_weights(todo, inproc["rows"]))
     print(f"HTTP phase done at {time.monotonic() - started:.0f} s", flush=True)
     result = payload(opts, plan, inproc, http, time.monotonic() - started)
     path = write_result(bench, result, opts.out)
     print(table(result["rows"]))
     print(json.dumps(result["headline"], indent=2))
+    if "headline_proxy" in result:
+        print("through Serve's proxy:")
+        print(table(result["rows"], "http_proxy"))
+        print(json.dumps(result["headline_proxy"], indent=2))
     for note in result["notes"]:
         print("note:", note)
     print("wrote", path)

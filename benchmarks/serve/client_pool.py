@@ -77,11 +77,13 @@ async def worker(url: str, model: str, index: int, procs: int) -> None:
 
 
 class ClientPool:
-    """N worker processes against one server; `run` sends a step to all and merges."""
+    """N worker processes against a server's URLs (worker i sends to urls[i % len(urls)]:
+    the ingress replicas' own ports under direct ingress, else the proxy's one); `run`
+    sends a step to all and merges."""
 
-    def __init__(self, procs: int, url: str, model: str, env: dict[str, str]) -> None:
+    def __init__(self, procs: int, urls: list[str], model: str, env: dict[str, str]) -> None:
         self._procs = [subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.serve.client_pool", "--url", url,
+            [sys.executable, "-m", "benchmarks.serve.client_pool", "--url", urls[i % len(urls)],
              "--model", model, "--index", str(i), "--procs", str(procs)],
             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for i in range(procs)]

@@ -122,12 +122,13 @@ def decode_figures(engine: Any, since: int, step: Step, plan: Plan, bandwidth: f
             "floor_ms": round(floor * 1e3, 4), "step_over_floor": round(step_s / floor, 4)}
 
 
-async def run_phase(engine: Any, args: Any, plan: Plan, stop_at: float, rows_path: Path,
-                    bandwidth: float, visible: list[int]) -> list[dict[str, Any]]:
-    """Every step of the plan against the engine (built from the app's `args`); a row per
-    step, appended as measured."""
+async def run_phase(engine: Any, args: Any, todo: list[Step], plan: Plan, stop_at: float,
+                    rows_path: Path, bandwidth: float, visible: list[int]
+                    ) -> list[dict[str, Any]]:
+    """Every step of `todo` (of the plan) against the engine (built from the app's `args`);
+    a row per step, appended as measured."""
     send, rows = engine_transport(engine, args), []
-    for step in steps(plan):
+    for step in todo:
         now = time.monotonic()
         if now >= stop_at:
             rows.append({"side": "in_process", **step_fields(step), "skipped": "time budget"})
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, required=True)
     parser.add_argument("--stop-at", type=float, required=True,
                         help="monotonic time after which no step starts")
+    parser.add_argument("--steps", help="comma-separated step names (default: every step)")
     opts = parser.parse_args()
     import torch
 
@@ -182,8 +184,8 @@ def main() -> None:
 
     async def phase() -> list[dict[str, Any]]:
         try:
-            return await run_phase(engine, args, plan, opts.stop_at, opts.rows, bandwidth,
-                                   visible_ids(model_config))
+            return await run_phase(engine, args, steps(plan, opts.steps), plan, opts.stop_at,
+                                   opts.rows, bandwidth, visible_ids(model_config))
         finally:
             await engine.shutdown()
 

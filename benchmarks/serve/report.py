@@ -42,7 +42,9 @@ def brief(row: dict[str, Any]) -> str:
             + (f", decode step {row['decode_step_ms']} ms = {row['step_over_floor']}x floor"
                if "decode_step_ms" in row else "")
             + (f", client cpu {client['cpu_share_max']} lag p99 "
-               f"{client['loop_lag_p99_ms_max']} ms" if client else ""))
+               f"{client['loop_lag_p99_ms_max']} ms" if client else "")
+            + "".join(f", {part} p50 {ms['p50']} ms" for part, ms in
+                      row.get("first_token_ms", {}).items()))
 
 
 def _by_step(rows: list[dict[str, Any]], side: str) -> dict[str, dict[str, Any]]:
@@ -89,9 +91,10 @@ def _kept(http: dict, inproc: dict, out: dict[str, Any]) -> None:
             h["ttft_ms"]["p99"] / i["ttft_ms"]["p99"], 4)
 
 
-def headlines(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ratios issue 9 names, with `targets_met` for each one measured."""
-    http, inproc = _by_step(rows, "http"), _by_step(rows, "in_process")
+def headlines(rows: list[dict[str, Any]], side: str = "http") -> dict[str, Any]:
+    """The ratios issue 9 names for the HTTP rows of `side` against the in-process ones,
+    with `targets_met` for each one measured."""
+    http, inproc = _by_step(rows, side), _by_step(rows, "in_process")
     out: dict[str, Any] = {}
     _fixed(http, inproc, out)
     _kept(http, inproc, out)
@@ -111,9 +114,9 @@ def _pair(h: dict | None, i: dict | None, *path: str) -> str:
     return f"{get(h)} / {get(i)}"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of every measured step: HTTP / in-process."""
-    http, inproc = _by_step(rows, "http"), _by_step(rows, "in_process")
+def table(rows: list[dict[str, Any]], side: str = "http") -> str:
+    """A markdown table of every measured step: HTTP (rows of `side`) / in-process."""
+    http, inproc = _by_step(rows, side), _by_step(rows, "in_process")
     names = list(dict.fromkeys([*inproc, *http]))
     lines = ["| step | tok/s (HTTP / in-process) | ratio | TTFT p50 ms | TTFT p99 ms | "
              "ITL p50 ms | ITL p99 ms | tokens/chunk | cached share |",

@@ -2,12 +2,16 @@
 
 The config is copied with its HTTP port replaced by a free one on 127.0.0.1; `serve run` gets
 ``RAY_ADDRESS=local`` (a private Ray instance, never an existing cluster) and this checkout at
-the front of PYTHONPATH. It runs in its own process group, which `stop` ends (SIGTERM, then
+the front of PYTHONPATH. With `direct`, Ray Serve's direct ingress is on
+(`deployments.direct_ingress`): each OpenAIIngress replica also answers HTTP on its own port
+from a free range, found by `direct_urls` once the app is ready, so a client can skip Serve's
+proxy. It runs in its own process group, which `stop` ends (SIGTERM, then
 SIGKILL): no other process is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,6 +26,8 @@ from typing import Any
 import httpx
 import yaml
 
+from deployments.direct_ingress import direct_ingress_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,6 +35,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_range(count: int, start: int = 30000, stop: int = 31000) -> int:
+    """The first port of `count` consecutive ports in [start, stop) that are all free now."""
+    for base in range(start, stop - count, count):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports in [{start}, {stop})")
 
 
 def serve_binary() -> str:
@@ -51,9 +71,16 @@ def child_env() -> dict[str, str]:
 class Server:
     """One `serve run` of `config` (a path); `url` once started."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, direct: bool = False) -> None:
         data = yaml.safe_load(config.read_text())
         port = free_port()
+        ingress = data["applications"][0]["args"].get("ingress", {}).get("num_replicas", 1)
+        self._direct_ports = range(0)
+        env = {**child_env(), "RAY_ADDRESS": "local"}
+        if direct:  # room for a replacement replica or two beside the running ones
+            base = free_port_range(ingress + 2)
+            self._direct_ports = range(base, base + ingress + 2)
+            env.update(direct_ingress_env(self._direct_ports))
         data.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
         copy = Path(tempfile.mkdtemp(prefix="serve-bench-")) / config.name
         copy.write_text(yaml.safe_dump(data))
@@ -62,7 +89,7 @@ class Server:
         self.model = data["applications"][0]["args"]["model"]["served_model_name"]
         self.proc = subprocess.Popen(
             [serve_binary(), "run", str(copy)], cwd=ROOT,
-            env={**child_env(), "RAY_ADDRESS": "local"}, stdout=log.open("w"),
+            env=env, stdout=log.open("w"),
             stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
@@ -81,6 +108,19 @@ class Server:
                 pass
             time.sleep(1)
         raise TimeoutError(f"{self.url} not ready in {timeout_s:.0f} s:\n" + self.log_tail())
+
+    def direct_urls(self) -> list[str]:
+        """The URLs of the ingress replicas' own HTTP servers (direct ingress), each answering
+        /ready; empty without direct ingress."""
+        urls = []
+        for port in self._direct_ports:
+            url = f"http://127.0.0.1:{port}"
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    urls.append(url)
+            except httpx.HTTPError:
+                pass
+        return urls
 
     def admin(self) -> list[dict[str, Any]]:
         """GET /admin/replicas, each row's resident users given as a count."""

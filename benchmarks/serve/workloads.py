@@ -95,8 +95,25 @@ class Step:
         return cls(**data)
 
 
-def steps(plan: Plan) -> list[Step]:
-    """Every step in the order both phases run them."""
+def steps(plan: Plan, names: str | None = None) -> list[Step]:
+    """Every step in the order both phases run them; with `names` (comma-separated), only
+    the steps each names: a step's name, or its start up to a dash ("fixed-c64": both
+    samplings at 64 clients, warm-ups included)."""
+    todo = all_steps(plan)
+    if not names:
+        return todo
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+
+    def named(step: Step, name: str) -> bool:
+        return step.name == name or step.name.startswith(name + "-")
+
+    unknown = [n for n in wanted if not any(named(s, n) for s in todo)]
+    if unknown:
+        raise ValueError(f"no step named {', '.join(unknown)}")
+    return [s for s in todo if any(named(s, n) for n in wanted)]
+
+
+def all_steps(plan: Plan) -> list[Step]:
     out = []
     for c, rounds, cap in zip(plan.concurrency, plan.rounds, plan.fixed_cap_s, strict=True):
         for sampling in (SAMPLED, GREEDY):
