@@ -20,10 +20,15 @@ from deployments.replica import LLMReplica
 REPLICA_NAME = "LLMReplica"
 INGRESS_NAME = "OpenAIIngress"
 ROUTER_CLASS = "deployments.router:UnifiedMemoryRouter"
-# Serve settings for our two deployments' processes (parts of Ray Serve's documented
-# RAY_SERVE_THROUGHPUT_OPTIMIZED mode that apply per deployment): user code runs on the
-# replica's own event loop, so each streamed message skips a hop between threads.
-SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# Serve settings for our two deployments' processes (the parts of Ray Serve's documented
+# RAY_SERVE_THROUGHPUT_OPTIMIZED mode that apply per process; its direct ingress is
+# cluster-wide, see direct_ingress.py): user code runs on the replica's own event loop and
+# the ingress's handle routes on that loop too, so a request and each streamed message skip
+# a hop between threads; objects built at start-up (an engine's, a tokenizer's) are frozen
+# out of the garbage collector's scans, which would otherwise pause every thread with the GIL.
+SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+             "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1"}
 
 
 def runtime_env() -> dict[str, Any]:

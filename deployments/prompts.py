@@ -4,7 +4,8 @@ Runs in the ingress, as vLLM's API server tokenizes apart from its engine: on th
 the tokenizer would compete for the GIL with the engine thread (an 8k-token prompt costs ~6 ms
 of tokenizing). The tokenizer's batch entry points release the GIL, so tokenizing in a worker
 thread leaves the ingress's event loop serving other streams meanwhile. The exact token count
-then shapes the request once (admission.py) for the router and the replica.
+then shapes the request once (admission.py) for the router and the replica. A returning
+user's prompt is tokenized from where its previous one ended (prompt_tokens.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from deployments.admission import AdmissionError, RequestShape, shape_request
 from deployments.chat_template import ChatTemplateError
 from deployments.errors import APIError
 from deployments.identity import user_key
+from deployments.prompt_tokens import PromptTokens
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from deployments.tokenizer import TextTokenizer
 
@@ -38,6 +40,7 @@ class PromptBuilder:
     def __init__(self, tokenizer: TextTokenizer, default_max_tokens: int,
                  max_messages: int) -> None:
         self.tokenizer = tokenizer
+        self.tokens = PromptTokens(tokenizer)
         self.default_max_tokens = default_max_tokens
         self.max_messages = max_messages
 
@@ -48,7 +51,7 @@ class PromptBuilder:
                            f"got {len(req.messages)}", param="messages", code="too_many_messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+            ids = await asyncio.to_thread(self._encode_chat, user, messages)
         except ChatTemplateError as exc:
             raise APIError(400, f"messages: {exc}", param="messages",
                            code="invalid_chat") from None
@@ -64,11 +67,16 @@ class PromptBuilder:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         else:
             text = prompt if isinstance(prompt, str) else prompt[0]
-            ids = await asyncio.to_thread(self.tokenizer.encode_text, text)
+            ids = await asyncio.to_thread(self.tokens.encode, user, text, True)
         return self._prepared(req, ids, req.max_tokens, user, context, "prompt")
 
-    def _prepared(self, req: _SamplingFields, ids: list[int], max_tokens: int | None,
-                  user: str | None, context: int, param: str) -> Prepared:
+    def _encode_chat(self, user: str | None, messages: list[dict[str, Any]]) -> array.array:
+        """The rendered chat's ids (the template writes its own special tokens)."""
+        return self.tokens.encode(user, self.tokenizer.render_chat(messages), False)
+
+    def _prepared(self, req: _SamplingFields, ids: list[int] | array.array,
+                  max_tokens: int | None, user: str | None, context: int, param: str
+                  ) -> Prepared:
         try:
             shape = shape_request(user_key(user) if user else None, len(ids),
                                   max_tokens or self.default_max_tokens, context, param)
@@ -78,6 +86,6 @@ class PromptBuilder:
         sampling["min_tokens"] = min(sampling["min_tokens"], shape.max_tokens)
         # Token ids travel as one packed buffer: an 8k-token list of Python ints cost ~1 ms
         # to pickle and unpickle on the way to the replica, the array a few microseconds.
-        packed = array.array("I", ids)
+        packed = ids if isinstance(ids, array.array) else array.array("I", ids)
         return Prepared({"prompt_token_ids": packed, "sampling": sampling}, shape,
                         tuple(req.stop_list()), sampling["min_tokens"])

@@ -70,6 +70,17 @@ class TextTokenizer:
         """Token ids of `text`, with the special tokens the tokenizer adds (e.g. BOS)."""
         return self._backend.encode_batch([text], add_special_tokens=True)[0].ids
 
+    def encode_with_starts(self, text: str, add_special_tokens: bool, last: int
+                           ) -> tuple[list[int], list[int]]:
+        """Token ids of `text` and where each of the `last` tokens starts in it (character
+        offsets; a token the post-processor adds, such as BOS, starts at 0). Only those few
+        offsets are read: all of an 8k-token prompt's cost ~0.8 ms."""
+        encoding = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        ids = encoding.ids
+        starts = [(encoding.token_to_chars(i) or (0, 0))[0]
+                  for i in range(max(0, len(ids) - last), len(ids))]
+        return ids, starts
+
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                     documents: list[dict] | None = None, add_generation_prompt: bool = True,
                     **kwargs: Any) -> str:

@@ -70,3 +70,22 @@ def test_wiring_is_idempotent_and_follows_serves_level():
     finally:  # this process is pytest's, not a replica's: put its logging back
         serve_logger.level, package.level, package.propagate = saved[:3]
         package.handlers[:] = saved[3]
+
+
+def test_direct_ingress_urls_come_from_the_apps_target_groups():
+    """Under direct ingress Serve's target groups name each ingress replica's own port; the
+    proxies' groups (no app) and other apps' are not ours; a loopback proxy means loopback
+    replicas."""
+    from deployments.announce import direct_urls
+
+    details = {"target_groups": [
+        {"app_name": "", "protocol": "HTTP", "targets": [{"ip": "10.0.0.1", "port": 8000}]},
+        {"app_name": "llm", "protocol": "HTTP", "targets": [
+            {"ip": "10.0.0.2", "port": 30001}, {"ip": "10.0.0.1", "port": 30000}]},
+        {"app_name": "llm", "protocol": "gRPC", "targets": [{"ip": "10.0.0.1", "port": 40000}]},
+        {"app_name": "other", "protocol": "HTTP", "targets": [{"ip": "10.0.0.3", "port": 1}]}]}
+    assert direct_urls(details, "llm", "/") == ["http://10.0.0.1:30000/v1",
+                                                "http://10.0.0.2:30001/v1"]
+    assert direct_urls(details, "llm", "/api", "127.0.0.1") == [
+        "http://127.0.0.1:30000/api/v1", "http://127.0.0.1:30001/api/v1"]
+    assert direct_urls({"target_groups": details["target_groups"][:1]}, "llm", "/") == []
