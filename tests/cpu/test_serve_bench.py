@@ -252,3 +252,27 @@ def test_server_timing_parses_and_splits_the_first_token():
     assert parts["transport"]["p50"] == 4.0  # upstream - replica
     assert parts["proxy"]["p50"] == 8.5  # TTFT 30 ms - prepare - upstream
     assert first_token_breakdown([{**record, "server_timing": {}}]) is None
+
+
+def test_steps_are_chosen_by_name_or_by_a_names_start():
+    from benchmarks.serve.workloads import FULL, steps
+
+    every = [s.name for s in steps(FULL)]
+    assert [s.name for s in steps(FULL, "fixed-c64,returning")] == [
+        "fixed-c64-sampled-warmup", "fixed-c64-sampled", "fixed-c64-greedy-warmup",
+        "fixed-c64-greedy", "returning"]
+    assert [s.name for s in steps(FULL, "fixed-c1-greedy")] == [
+        "fixed-c1-greedy-warmup", "fixed-c1-greedy"]  # a step brings its warm-up
+    assert [s.name for s in steps(FULL, None)] == every
+    with pytest.raises(ValueError, match="fixed-c6"):
+        steps(FULL, "fixed-c6")  # a prefix only matches up to a dash: not fixed-c64
+
+
+def test_direct_ingress_env_names_the_port_range():
+    from deployments.direct_ingress import direct_ingress_env
+
+    assert direct_ingress_env(range(30500, 30506)) == {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "30500",
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "30506"}
+    with pytest.raises(ValueError):
+        direct_ingress_env(range(0))
