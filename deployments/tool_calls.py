@@ -171,9 +171,11 @@ class ToolCallStream:
                         self._held = ""
                     return out
                 body = self._held[:end]
-                self._held = self._held[end + len(HERMES_CLOSE):].lstrip()
+                self._held = self._held[end + len(HERMES_CLOSE):]
                 self._in_call = False
                 call = parse_hermes_body(body)
+                if call:
+                    self._held = self._held.lstrip()  # the newline between calls
                 out.append(self._call(call) if call else
                            ("content", HERMES_OPEN + body + HERMES_CLOSE))
                 continue
