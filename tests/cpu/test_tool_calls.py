@@ -183,6 +183,7 @@ def test_auto_answers_collected_and_streamed_agree(seed):
     answer, (content, streamed_calls, finish) = asyncio.run(
         both_ways(rendered_answer(QWEN, calls), plan, seed))
     assert answer.finish_reason == finish == "tool_calls"
+    assert answer.text.strip() == content.strip() == ""
     got = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
            for c in answer.tool_calls]
     assert got == as_reference(calls)
@@ -233,3 +234,45 @@ def test_tool_choice_none_reads_no_calls_and_a_model_without_a_format_refuses_au
     assert err.value.status == 400
     assert err.value.body["error"]["param"] == "tool_choice"
     assert err.value.body["error"]["code"] == "unsupported_parameter"
+
+
+# ---- the prompt: history turns, tools and the forced opening ------------------------------
+
+@pytest.fixture(scope="module")
+def builder(tmp_path_factory):
+    from deployments.prompts import PromptBuilder
+    from deployments.tokenizer import TextTokenizer
+    from tests.cpu.chat_models import builtin_with_template
+
+    root = builtin_with_template(tmp_path_factory.mktemp("llama") / "m", LLAMA)
+    return PromptBuilder(TextTokenizer.load(root), 8, 64, detect_parser(LLAMA))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_prompt_is_the_template_with_history_calls_and_the_forced_opening(builder, seed):
+    rng = random.Random(seed)
+    call = random_calls(rng, 1)[0]
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None, "tool_calls": [{
+                   "id": "c1", "type": "function", "function": {
+                       "name": call["name"], "arguments": json.dumps(call["arguments"])}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": rng.choice(WORDS)},
+               {"role": "user", "content": "and now?"}]
+    choice = {"type": "function", "function": {"name": "search"}}
+    prepared = asyncio.run(builder.chat(request(messages=history, tool_choice=choice), None,
+                                        4096))
+    view = [dict(m) for m in history]
+    view[1] = {**view[1], "content": "", "tool_calls": [{
+        "id": "c1", "type": "function", "function": call}]}
+    text = builder.tokenizer.render_chat(view, TOOLS) + '{"name": "search", "parameters": '
+    assert list(prepared.payload["prompt_token_ids"]) == \
+        builder.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert prepared.tools.mode == "named"
+
+
+def test_history_call_arguments_that_are_not_a_json_object_are_a_400(builder):
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{
+        "id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]
+    with pytest.raises(APIError) as err:
+        asyncio.run(builder.chat(request(messages=history), None, 4096))
+    assert err.value.status == 400 and "arguments" in err.value.body["error"]["message"]
