@@ -5,7 +5,9 @@ the tokenizer would compete for the GIL with the engine thread (an 8k-token prom
 of tokenizing). The tokenizer's batch entry points release the GIL, so tokenizing in a worker
 thread leaves the ingress's event loop serving other streams meanwhile. The exact token count
 then shapes the request once (admission.py) for the router and the replica. A returning
-user's prompt is tokenized from where its previous one ended (prompt_tokens.py).
+user's prompt is tokenized from where its previous one ended (prompt_tokens.py). A chat's
+tools and tool turns are rendered by the model's template, and a `tool_choice` that forces a
+call ends the prompt with that call's opening (tool_choice.py).
 """
 
 from __future__ import annotations

@@ -164,6 +164,11 @@ class _SamplingFields(_Request):
         }
 
     @property
+    def token_limit_param(self) -> str | None:
+        """The field the client set the completion length with (None: the server's default)."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -183,7 +188,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     @property
     def token_limit_param(self) -> str | None:
-        """The field the client set the completion length with (None: the server's default)."""
         if self.max_completion_tokens is not None:
             return "max_completion_tokens"
         return "max_tokens" if self.max_tokens is not None else None
@@ -220,7 +224,8 @@ class CompletionRequest(_SamplingFields):
 
     @property
     def token_limit_param(self) -> str | None:
-        return "max_tokens" if "max_tokens" in self.model_fields_set else None
+        explicit = "max_tokens" in self.model_fields_set and self.max_tokens is not None
+        return "max_tokens" if explicit else None  # not OpenAI's default of 16
 
     @model_validator(mode="after")
     def _single_prompt(self) -> CompletionRequest:

@@ -330,3 +330,16 @@ def test_a_model_is_found_by_its_id_and_an_unknown_id_is_an_openai_404(url):
     assert missing.status_code == 404
     error = missing.json()["error"]
     assert error["code"] == "model_not_found" and long_id not in error["message"]
+
+
+def test_only_a_length_the_client_set_is_held_to_the_context():
+    from deployments.protocol import ChatCompletionRequest, CompletionRequest
+
+    def param(cls, **body):
+        return cls.model_validate({"model": MODEL, **body}).token_limit_param
+    assert param(CompletionRequest, prompt="x") is None  # OpenAI's default 16: cut to fit
+    assert param(CompletionRequest, prompt="x", max_tokens=None) is None
+    assert param(CompletionRequest, prompt="x", max_tokens=9) == "max_tokens"
+    assert param(ChatCompletionRequest, messages=HI) is None
+    assert param(ChatCompletionRequest, messages=HI, max_tokens=9,
+                 max_completion_tokens=9) == "max_completion_tokens"
