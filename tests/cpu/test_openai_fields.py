@@ -205,6 +205,11 @@ def check_tool_choice(url, reference):
                         tool_choice=choice, max_tokens=4, temperature=0)
         assert response.status_code == 500, response.text
         assert response.json()["error"]["code"] == "tool_call_not_produced"
+    streamed = sse(url, "/v1/chat/completions", messages=HI, tools=TOOLS,
+                   tool_choice="required", max_tokens=4, temperature=0)
+    assert streamed[-1]["error"]["code"] == "tool_call_not_produced"  # after the 200
+    assert not any(c.get("choices") and c["choices"][0]["delta"].get("content")
+                   for c in streamed)  # no silent content answer either
     unknown = post(url, "/v1/chat/completions", messages=HI, tools=TOOLS,
                    tool_choice={"type": "function", "function": {"name": "nope"}})
     assert (unknown.status_code, unknown.json()["error"]["param"]) == (400, "tool_choice")
