@@ -114,7 +114,7 @@ class PromptBuilder:
         return self._prepared(req, ids, req.max_tokens, user, context, "prompt")
 
     def _encode_chat(self, user: str | None, messages: list[dict[str, Any]],
-                     tools: list[dict] | None, answer_prefix: str) -> array.array:
+                     tools: list[dict] | None = None, answer_prefix: str = "") -> array.array:
         """The rendered chat's ids (the template writes its own special tokens), then those of
         `answer_prefix`: the start of the answer, which the model continues."""
         text = self.tokenizer.render_chat(messages, tools) + answer_prefix
