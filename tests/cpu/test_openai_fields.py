@@ -348,3 +348,20 @@ def test_only_a_length_the_client_set_is_held_to_the_context():
     assert param(ChatCompletionRequest, messages=HI) is None
     assert param(ChatCompletionRequest, messages=HI, max_tokens=9,
                  max_completion_tokens=9) == "max_completion_tokens"
+
+
+def test_stream_obfuscation_is_refused_by_its_nested_name():
+    from pydantic import ValidationError
+
+    from deployments.errors import validation_error
+    from deployments.protocol import ChatCompletionRequest
+
+    body = {"model": MODEL, "messages": HI, "stream": True,
+            "stream_options": {"include_usage": True, "include_obfuscation": True}}
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest.model_validate(body)
+    error = validation_error(list(err.value.errors())).body["error"]
+    assert (error["param"], error["code"]) == ("stream_options.include_obfuscation",
+                                               "unsupported_parameter")
+    body["stream_options"]["include_obfuscation"] = False
+    assert ChatCompletionRequest.model_validate(body).include_usage
