@@ -41,6 +41,13 @@ class ModelConfig(_Section):
         None, gt=0, description="Longest conversation in tokens; defaults to the model's limit."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "none"] = Field(
+        "auto",
+        description="How tool calls are read from the model's output (vLLM's parser names): "
+        "`hermes` for `<tool_call>{...}</tool_call>` (Qwen2/2.5/3, Hermes), `llama3_json` for "
+        "Llama 3.x's `{\"name\": ..., \"parameters\": ...}`; `auto` picks from the chat "
+        "template; `none`: requests whose tool_choice is not `none` are refused.",
+    )
     device_weight_budget_bytes: ByteSize | None = Field(
         None,
         description="Most bytes of weights the paged engine keeps in device memory; the layers "

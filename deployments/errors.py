@@ -58,16 +58,30 @@ class APIError(Exception):
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """A readable message and the first offending parameter from pydantic errors."""
+    """A readable message and the first offending parameter from pydantic errors; a
+    request-level error names its parameter in its context (`ctx["param"]`)."""
     parts, first = [], None
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        ctx = err.get("ctx") or {}
         if err.get("type") == "json_invalid":
-            return f"invalid JSON body: {err.get('ctx', {}).get('error', err['msg'])}", None
+            return f"invalid JSON body: {ctx.get('error', err['msg'])}", None
+        if not loc and ctx.get("param"):
+            first = first or str(ctx["param"])
+            parts.append(err["msg"])
+            continue
         name = ".".join(loc) or "body"
         first = first or (loc[0] if loc else None)
         parts.append(f"{name}: {err['msg']}")
     return "; ".join(parts) or "invalid request", first
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """The 400 for pydantic errors: `unsupported_parameter` when a field is refused."""
+    message, param = validation_message(errors)
+    code = "unsupported_parameter" if any(
+        e.get("type") == "unsupported_parameter" for e in errors) else None
+    return APIError(400, message, param=param, code=code)
 
 
 def install_error_handlers(app: FastAPI, on_error: Callable[[Request, APIError], None]) -> None:
@@ -79,8 +93,7 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, APIError],
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(exc.errors()))
-        return send(request, APIError(400, message, param=param))
+        return send(request, validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -38,7 +38,7 @@ from deployments.detokenizer import token_decoder
 from deployments.errors import (
     APIError,
     install_error_handlers,
-    validation_message,
+    validation_error,
 )
 from deployments.gate import PRINCIPAL_SCOPE_KEY, Gate, GateSettings
 from deployments.identity import resolve_user_id
@@ -68,6 +68,8 @@ from deployments.streaming import (
 )
 from deployments.text_stream import TextStream, detokenized
 from deployments.tokenizer import TextTokenizer
+from deployments.tool_calls import ParserName, detect_parser
+from deployments.tool_choice import tool_events
 
 logger = logging.getLogger("ray.serve")
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
@@ -82,6 +84,18 @@ async def _prepend(events: list[dict[str, Any]], messages: Messages) -> Messages
             yield message
     finally:
         await messages.aclose()  # type: ignore[attr-defined]  (cancels the replica call)
+
+
+def _tool_parser(setting: str, tokenizer: TextTokenizer) -> ParserName | None:
+    """The configured tool-call format, or the one the chat template teaches (`auto`)."""
+    if setting == "none":
+        return None
+    if setting != "auto":
+        return setting  # type: ignore[return-value]  (config's Literal is the parser names)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("tool_use") or template.get("default")
+    return detect_parser(template)
 
 
 def _count_error(request: Request, err: APIError) -> None:
@@ -116,7 +130,8 @@ class OpenAIIngress:
                                                          weights=False))
         self._decoder = token_decoder(tokenizer)  # its byte table, built once
         self._prompts = PromptBuilder(tokenizer, self._args.engine.default_max_tokens,
-                                      self._limits.max_messages)
+                                      self._limits.max_messages,
+                                      _tool_parser(model.tool_call_parser, tokenizer))
         logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
                     "on" if self._keys.enabled else "off", len(self._keys))
         self._readiness = Readiness(self._replica_counts, self._limits.retry_after_s)
@@ -226,7 +241,10 @@ class OpenAIIngress:
 
         text = TextStream(self._decoder, start, prepared.stop, prepared.min_tokens)
         tokens = _prepend(first[1:], until_deadline(stream, deadline))
-        return start, detokenized(tokens, text, ended)
+        messages = detokenized(tokens, text, ended)
+        if prepared.tools is not None:
+            messages = tool_events(messages, prepared.tools)
+        return start, messages
 
     async def _answer(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -234,9 +252,13 @@ class OpenAIIngress:
         chat, arrived = isinstance(req, ChatCompletionRequest), time.monotonic()
         first, messages = await self._open(await self._prepare(req, user),
                                            "chat" if chat else "completion", arrived)
-        text, finish, usage = await collect(first, messages)
-        body = (chat_completion(new_id("chatcmpl"), self._model, text, finish, usage) if chat
-                else text_completion(new_id("cmpl"), self._model, text, finish, usage))
+        answer = await collect(first, messages)
+        if chat:
+            body = chat_completion(new_id("chatcmpl"), self._model, answer.text,
+                                   answer.finish_reason, answer.usage, answer.tool_calls)
+        else:
+            body = text_completion(new_id("cmpl"), self._model, answer.text,
+                                   answer.finish_reason, answer.usage)
         return first, body
 
     async def _respond(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
@@ -264,6 +286,14 @@ class OpenAIIngress:
         except APIError:  # the list is still right without it
             context = None
         return model_list(self._model, context)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """OpenAI's model object for the served name; 404 (not echoing the id) otherwise."""
+        if model_id != self._model:
+            raise APIError(404, f"no such model; this server serves '{self._model}'",
+                           param="model", code="model_not_found")
+        return (await self.models())["data"][0]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(
@@ -306,9 +336,8 @@ class OpenAIIngress:
         try:
             return model.model_validate(request)
         except ValidationError as exc:
-            message, param = validation_message(list(exc.errors()))
             self._metrics.reject("invalid_request_error")
-            raise APIError(400, message, param=param) from None
+            raise validation_error(list(exc.errors())) from None
 
     async def _counted(self, call: Any) -> Any:
         try:

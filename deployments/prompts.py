@@ -5,13 +5,17 @@ the tokenizer would compete for the GIL with the engine thread (an 8k-token prom
 of tokenizing). The tokenizer's batch entry points release the GIL, so tokenizing in a worker
 thread leaves the ingress's event loop serving other streams meanwhile. The exact token count
 then shapes the request once (admission.py) for the router and the replica. A returning
-user's prompt is tokenized from where its previous one ended (prompt_tokens.py).
+user's prompt is tokenized from where its previous one ended (prompt_tokens.py). A chat's
+tools and tool turns are rendered by the model's template, and a `tool_choice` that forces a
+call ends the prompt with that call's opening (tool_choice.py).
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +24,15 @@ from deployments.chat_template import ChatTemplateError
 from deployments.errors import APIError
 from deployments.identity import user_key
 from deployments.prompt_tokens import PromptTokens
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from deployments.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    _SamplingFields,
+)
 from deployments.tokenizer import TextTokenizer
+from deployments.tool_calls import ParserName
+from deployments.tool_choice import ToolPlan, plan_tools
 
 
 @dataclass(frozen=True)
@@ -32,30 +43,62 @@ class Prepared:
     shape: RequestShape
     stop: tuple[str, ...]
     min_tokens: int
+    tools: ToolPlan | None = None  # how the answer is read for tool calls (chat only)
+
+
+def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (transformers' convention): text content, and a
+    call's arguments as an object, not OpenAI's JSON text (templates write `arguments|tojson`)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.text(),
+                           "name": message.name, "tool_call_id": message.tool_call_id}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {
+                "name": call.function.name,
+                "arguments": _arguments(call.function.arguments,
+                                        f"messages.{index}.tool_calls.{j}.function.arguments")}}
+            for j, call in enumerate(message.tool_calls)]
+    return out
+
+
+def _arguments(text: str, param: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{param}: must be a JSON object as text", param="messages",
+                       code="invalid_tool_call")
+    return value
 
 
 class PromptBuilder:
     """Tokenizes and shapes requests for one model."""
 
     def __init__(self, tokenizer: TextTokenizer, default_max_tokens: int,
-                 max_messages: int) -> None:
+                 max_messages: int, tool_parser: ParserName | None = None) -> None:
         self.tokenizer = tokenizer
         self.tokens = PromptTokens(tokenizer)
         self.default_max_tokens = default_max_tokens
         self.max_messages = max_messages
+        self.tool_parser = tool_parser  # the model's tool-call format; None: it has none
 
     async def chat(self, req: ChatCompletionRequest, user: str | None, context: int
                    ) -> Prepared:
         if len(req.messages) > self.max_messages:
             raise APIError(400, f"messages: at most {self.max_messages} messages per request, "
                            f"got {len(req.messages)}", param="messages", code="too_many_messages")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        plan = plan_tools(req, self.tool_parser)
+        messages = [template_message(i, m) for i, m in enumerate(req.messages)]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
-            ids = await asyncio.to_thread(self._encode_chat, user, messages)
+            ids = await asyncio.to_thread(self._encode_chat, user, messages, tools,
+                                          plan.forced if plan else "")
         except ChatTemplateError as exc:
             raise APIError(400, f"messages: {exc}", param="messages",
                            code="invalid_chat") from None
-        return self._prepared(req, ids, req.token_limit, user, context, "messages")
+        prepared = self._prepared(req, ids, req.token_limit, user, context, "messages")
+        return dataclasses.replace(prepared, tools=plan)
 
     async def completion(self, req: CompletionRequest, user: str | None, context: int
                          ) -> Prepared:
@@ -70,16 +113,20 @@ class PromptBuilder:
             ids = await asyncio.to_thread(self.tokens.encode, user, text, True)
         return self._prepared(req, ids, req.max_tokens, user, context, "prompt")
 
-    def _encode_chat(self, user: str | None, messages: list[dict[str, Any]]) -> array.array:
-        """The rendered chat's ids (the template writes its own special tokens)."""
-        return self.tokens.encode(user, self.tokenizer.render_chat(messages), False)
+    def _encode_chat(self, user: str | None, messages: list[dict[str, Any]],
+                     tools: list[dict] | None = None, answer_prefix: str = "") -> array.array:
+        """The rendered chat's ids (the template writes its own special tokens), then those of
+        `answer_prefix`: the start of the answer, which the model continues."""
+        text = self.tokenizer.render_chat(messages, tools) + answer_prefix
+        return self.tokens.encode(user, text, False)
 
     def _prepared(self, req: _SamplingFields, ids: list[int] | array.array,
                   max_tokens: int | None, user: str | None, context: int, param: str
                   ) -> Prepared:
         try:
             shape = shape_request(user_key(user) if user else None, len(ids),
-                                  max_tokens or self.default_max_tokens, context, param)
+                                  max_tokens or self.default_max_tokens, context, param,
+                                  req.token_limit_param)
         except AdmissionError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         sampling = {k: v for k, v in req.sampling(shape.max_tokens).items() if k != "stop"}

@@ -1,18 +1,30 @@
 """OpenAI-compatible request and response models (the HTTP edge).
 
-Requests are validated here so a client's mistake becomes a 400 naming the field; unknown extra
-fields that OpenAI clients send are accepted and ignored. Imports nothing else of ours.
+Requests are validated here so a client's mistake becomes a 400 naming the field. Every field
+of OpenAI's request schemas is either honoured or refused with a 400 `unsupported_parameter`
+naming it, and so is any field OpenAI does not define (api_fields.py holds those tables).
+Imports only `api_fields`, a table of names that imports nothing.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from deployments.api_fields import Endpoint, refuse_fields
 
 MAX_STOP_SEQUENCES = 4
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+def invalid(param: str, message: str) -> PydanticCustomError:
+    """A request-level validation error that names its field (errors.py reads `param`)."""
+    return PydanticCustomError("value_error", "{param}: {reason}",
+                               {"param": param, "reason": message})
 
 
 class _Request(BaseModel):
@@ -24,10 +36,33 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    arguments: str = Field(..., description="The call's arguments: a JSON object as text.")
+
+
+class MessageToolCall(_Request):
+    """A call an earlier assistant turn made (OpenAI's `tool_calls[]` in the history)."""
+
+    id: str = Field(..., min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns only
+    tool_call_id: str | None = Field(None, max_length=256)  # tool turns: the call answered
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool messages need the tool_call_id they answer")
+        return self
 
     def text(self) -> str:
         """The message's content as one string (text parts joined)."""
@@ -42,7 +77,29 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, shown to the model as given
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str = Field(..., pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class _SamplingFields(_Request):
+    ENDPOINT: ClassVar[Endpoint]
     model: str = Field(..., min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -58,6 +115,17 @@ class _SamplingFields(_Request):
     min_tokens: int = Field(
         0, ge=0, description="End-of-sequence tokens and stop strings count only after this "
         "many tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported_fields(cls, data: Any) -> Any:
+        return refuse_fields(data, set(cls.model_fields), cls.ENDPOINT)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options", "only allowed when stream is true")
+        return self
 
     @field_validator("n")
     @classmethod
@@ -96,24 +164,68 @@ class _SamplingFields(_Request):
         }
 
     @property
+    def token_limit_param(self) -> str | None:
+        """The field the client set the completion length with (None: the server's default)."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(_SamplingFields):
+    ENDPOINT = "chat"
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = Field(True, description="False: at most one call an answer.")
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def token_limit_param(self) -> str | None:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return "max_tokens" if self.max_tokens is not None else None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice is not None and not self.tools:
+            raise invalid("tool_choice", "only allowed when tools are given")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise invalid("tools", "function names must be unique")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise invalid("tool_choice", f"names {choice.function.name!r}, which is not "
+                          "among tools")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none / auto / required / named: what the answer may or must be (OpenAI's default
+        is auto when tools are given)."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
 
 class CompletionRequest(_SamplingFields):
+    ENDPOINT = "completion"
     prompt: str | list[str] | list[int] = Field(...)
     max_tokens: int | None = Field(16, gt=0)
-    echo: bool = False
+    echo: bool = False  # true is refused (api_fields.py)
+
+    @property
+    def token_limit_param(self) -> str | None:
+        explicit = "max_tokens" in self.model_fields_set and self.max_tokens is not None
+        return "max_tokens" if explicit else None  # not OpenAI's default of 16
 
     @model_validator(mode="after")
     def _single_prompt(self) -> CompletionRequest:
@@ -122,8 +234,6 @@ class CompletionRequest(_SamplingFields):
                 raise ValueError("prompt must not be empty")
             if isinstance(self.prompt[0], str) and len(self.prompt) != 1:
                 raise ValueError("only one prompt per request is supported")
-        if self.echo:
-            raise ValueError("echo is not supported")
         return self
 
 
@@ -159,10 +269,16 @@ def _response(rid: str, kind: str, model: str, choice: dict[str, Any] | None,
 
 
 def chat_completion(
-    rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any]
+    rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A chat answer; with `tool_calls`, content is None unless the model also wrote text."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": text.strip() or None,
+                   "tool_calls": tool_calls}
     return _response(rid, "chat.completion", model, {
-        "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+        "message": message, "finish_reason": finish_reason,
     }, usage)
 
 
@@ -199,10 +315,15 @@ def error_body(
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
-def model_list(name: str, max_model_len: int | None) -> dict[str, Any]:
+def model_card(name: str, max_model_len: int | None) -> dict[str, Any]:
+    """OpenAI's model object (GET /v1/models/{id}), with vLLM's `max_model_len` when known."""
     card: dict[str, Any] = {
         "id": name, "object": "model", "created": 0, "owned_by": "grace-serve",
     }
     if max_model_len is not None:
         card["max_model_len"] = max_model_len
-    return {"object": "list", "data": [card]}
+    return card
+
+
+def model_list(name: str, max_model_len: int | None) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(name, max_model_len)]}

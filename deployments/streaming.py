@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -64,18 +65,30 @@ def error_from_event(event: dict[str, Any], replica_id: str | None = None) -> AP
                     event["code"], replica_id=replica_id or event.get("replica_id"))
 
 
-async def collect(first: Event, messages: Messages) -> tuple[str, str | None, dict]:
-    """The whole answer: text, finish reason and usage; raises APIError on an error event."""
-    text, finish, usage = [], None, {}
+@dataclass
+class Answer:
+    """A whole (collected) answer."""
+
+    text: str
+    finish_reason: str | None
+    usage: dict[str, Any]
+    tool_calls: list[dict[str, Any]]  # OpenAI-shaped, in order (tool_choice.py makes them)
+
+
+async def collect(first: Event, messages: Messages) -> Answer:
+    """The whole answer; raises APIError on an error event."""
+    text, calls, finish, usage = [], [], None, {}
     async for message in messages:
         for event in message:
             if event["event"] == "delta":
                 text.append(event["text"])
+            elif event["event"] == "tool_call":
+                calls.append(event["call"])
             elif event["event"] == "end":
                 finish, usage = event["finish_reason"], event["usage"]
             elif event["event"] == "error":
                 raise error_from_event(event, first["replica_id"])
-    return "".join(text), finish, usage
+    return Answer("".join(text), finish, usage, calls)
 
 
 Chunks = AsyncIterator[list[dict[str, Any]]]
@@ -83,14 +96,18 @@ Chunks = AsyncIterator[list[dict[str, Any]]]
 
 async def _chunks(messages: Messages, include_usage: bool, on_error: Callable[[str], None],
                   text: Callable[[str], dict], end: Callable[[str], dict],
-                  usage: Callable[[dict], dict]) -> Chunks:
-    """Each replica message as the API chunks built by `text`, `end` and `usage`; an error
-    after the first token becomes an error chunk (and is reported to `on_error`)."""
+                  usage: Callable[[dict], dict],
+                  call: Callable[[Event], list[dict]] | None = None) -> Chunks:
+    """Each replica message as the API chunks built by `text`, `end`, `usage` and `call` (for
+    `tool_call` events); an error after the first token becomes an error chunk (and is
+    reported to `on_error`)."""
     async for message in messages:
         chunks = []
         for event in message:
             if event["event"] == "delta" and event["text"]:
                 chunks.append(text(event["text"]))
+            elif event["event"] == "tool_call" and call is not None:
+                chunks.extend(call(event))
             elif event["event"] == "end":
                 chunks.append(end(event["finish_reason"]))
                 if include_usage:
@@ -112,8 +129,19 @@ async def chat_events(model: str, messages: Messages, include_usage: bool,
             messages, include_usage, on_error,
             text=lambda t: chat_chunk(rid, model, {"content": t}),
             end=lambda reason: chat_chunk(rid, model, {}, reason),
-            usage=lambda u: chat_chunk(rid, model, None, usage=u)):
+            usage=lambda u: chat_chunk(rid, model, None, usage=u),
+            call=lambda e: [chat_chunk(rid, model, delta) for delta in tool_call_deltas(e)]):
         yield chunks
+
+
+def tool_call_deltas(event: Event) -> list[dict[str, Any]]:
+    """A call as OpenAI streams it: its id, type and name with empty arguments, then the
+    arguments (here in one piece; clients concatenate the pieces they get)."""
+    call, index = event["call"], event["index"]
+    function = call["function"]
+    return [{"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                             "function": {"name": function["name"], "arguments": ""}}]},
+            {"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]}]
 
 
 async def completion_events(model: str, messages: Messages, include_usage: bool,

@@ -175,3 +175,19 @@ def random_chat(rng: random.Random, max_calls: int) -> list[dict]:
             chat.append({"role": "assistant", "content": random_text(rng)})
         chat.append({"role": "user", "content": random_text(rng)})
     return chat
+
+
+QWEN25_INSTRUCT = (TEMPLATES / "qwen25_instruct.jinja").read_text(encoding="utf-8")
+LLAMA31_INSTRUCT = (TEMPLATES / "llama31_instruct.jinja").read_text(encoding="utf-8")
+
+
+def builtin_with_template(root: Path, template: str) -> Path:
+    """The built-in model's files (weights too) in `root`, with `template` as its chat
+    template: a servable model directory whose template is a real hub model's."""
+    import shutil
+
+    from deployments.engine.builtin import BUILTIN_ID, materialize
+
+    shutil.copytree(materialize(BUILTIN_ID), root)
+    (root / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return root

@@ -20,7 +20,8 @@ MODEL = "tiny-llama"
 MIN_CASES = 1000
 EXAMPLES_PER_OPERATION = 300  # per POST operation and mode: 2 x 2 x 300 = 1,200
 OPERATIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
-              ("GET", "/v1/models"), ("GET", "/admin/replicas"), ("GET", "/health"),
+              ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
+              ("GET", "/admin/replicas"), ("GET", "/health"),
               ("GET", "/ready")]
 ARGS = {
     "model": {"model_id": "builtin:tiny-llama", "served_model_name": MODEL, "max_model_len": 256},

@@ -239,6 +239,12 @@ def test_python_handle_reports_bad_input_as_api_error(llm_url):
     with pytest.raises(APIError) as err:
         serve.get_app_handle("llm").chat.remote({"model": MODEL, "messages": []}).result()
     assert err.value.status == 400 and err.value.body["error"]["param"] == "messages"
+    with pytest.raises(APIError) as err:
+        serve.get_app_handle("llm").completion.remote(
+            {"model": MODEL, "prompt": "x", "best_of": 3}).result()
+    assert err.value.status == 400
+    assert (err.value.body["error"]["param"], err.value.body["error"]["code"]) == (
+        "best_of", "unsupported_parameter")
 
 
 def test_every_answer_says_where_its_first_token_spent_its_time(llm_url):
