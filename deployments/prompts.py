@@ -19,6 +19,7 @@ from deployments.chat_template import ChatTemplateError
 from deployments.errors import APIError
 from deployments.identity import user_key
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from deployments.token_bound import fewest_tokens, max_bytes_per_token
 from deployments.tokenizer import TextTokenizer
 
 
@@ -40,6 +41,9 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.default_max_tokens = default_max_tokens
         self.max_messages = max_messages
+        # At most this many bytes of text a token (None: no certain bound): text too long
+        # for the context even so is refused before it costs seconds of tokenizing.
+        self.bytes_per_token = max_bytes_per_token(tokenizer.backend_tokenizer)
 
     async def chat(self, req: ChatCompletionRequest, user: str | None, context: int
                    ) -> Prepared:
@@ -47,6 +51,7 @@ class PromptBuilder:
             raise APIError(400, f"messages: at most {self.max_messages} messages per request, "
                            f"got {len(req.messages)}", param="messages", code="too_many_messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self._check_length([m["content"] for m in messages], context, "messages")
         try:
             ids = await asyncio.to_thread(self.tokenizer.encode_chat, messages)
         except ChatTemplateError as exc:
@@ -64,8 +69,18 @@ class PromptBuilder:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         else:
             text = prompt if isinstance(prompt, str) else prompt[0]
+            self._check_length([text], context, "prompt")
             ids = await asyncio.to_thread(self.tokenizer.encode_text, text)
         return self._prepared(req, ids, req.max_tokens, user, context, "prompt")
+
+    def _check_length(self, texts: list[str], context: int, param: str) -> None:
+        """Refuse text that no tokenization fits in the context, before tokenizing it."""
+        size = sum(len(text.encode("utf-8")) for text in texts)
+        least = fewest_tokens(size, self.bytes_per_token)
+        if least >= context:
+            raise APIError(400, f"the prompt's text is {size} bytes: at least {least} tokens, "
+                           f"but this model's context is {context} tokens", param=param,
+                           code="context_length_exceeded")
 
     def _prepared(self, req: _SamplingFields, ids: list[int], max_tokens: int | None,
                   user: str | None, context: int, param: str) -> Prepared:

@@ -18,6 +18,25 @@ MAX_STOP_SEQUENCES = 4
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
+    @model_validator(mode="after")
+    def _utf8_text(self) -> Any:
+        """Every string must be encodable as UTF-8: JSON's `\\ud800` escapes decode to lone
+        surrogates, which no tokenizer takes (nested models check their own fields)."""
+        for name, value in self:
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str) and not _is_utf8(text):
+                    raise ValueError(f"{name}: the text is not valid Unicode (it holds a lone "
+                                     "surrogate, e.g. an unpaired \\ud800 escape)")
+        return self
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 class TextPart(_Request):
     type: Literal["text"]

@@ -120,3 +120,66 @@ def test_a_row_whose_step_fails_fails_alone_and_the_batch_keeps_its_tokens(engin
     assert normal == reference
     engine.check_integrity()
     assert engine.cache.free_pages == engine.cache.usable_pages  # nothing kept, nothing leaked
+
+
+# ---- items 3 and 4: undecodable text is a 400; text too long is refused untokenized ---------
+
+def _ingress():
+    from tests.cpu.test_ingress_failures import FakeHandle, events, ingress
+
+    handle = FakeHandle(events())
+    return handle, ingress(handle, request_timeout_s=5)
+
+
+@pytest.mark.parametrize("field", ["content", "parts", "stop", "prompt"])
+def test_a_lone_surrogate_anywhere_in_the_text_is_a_400_not_a_503(field):
+    """JSON's "\\ud800" decodes to a lone surrogate, which the tokenizer cannot take: it once
+    raised past the replica's error handling (503 replica_unavailable)."""
+    import json
+
+    bad = json.loads('"a\\ud800b"')
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
+    if field == "content":
+        chat["messages"][0]["content"] = bad
+    elif field == "parts":
+        chat["messages"][0]["content"] = [{"type": "text", "text": "x"},
+                                          {"type": "text", "text": bad}]
+    elif field == "stop":
+        chat["stop"] = ["ok", bad]
+    handle, obj = _ingress()
+    from deployments.ingress import APIError
+
+    with pytest.raises(APIError) as err:
+        if field == "prompt":
+            asyncio.run(obj.completion({"model": "tiny-llama", "prompt": bad}))
+        else:
+            asyncio.run(obj.chat(chat))
+    assert err.value.status == 400 and "surrogate" in err.value.body["error"]["message"]
+    assert handle.calls == []
+    ok = {"model": "tiny-llama", "messages": [{"role": "user", "content": "héllo 😀 한"}]}
+    assert asyncio.run(obj.chat(ok))["usage"]["completion_tokens"] == 3  # real Unicode is fine
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing():
+    """A 3.9 MiB prompt once cost seconds of tokenizing before being refused as too long for
+    the 512-token context; its bytes alone prove it cannot fit (at most 17 bytes a token for
+    this tokenizer), so it is refused at once."""
+    import time
+
+    from deployments.ingress import APIError
+
+    handle, obj = _ingress()
+    huge = [{"role": "user", "content": "ab " * 1_300_000}]
+    for body in ({"model": "tiny-llama", "prompt": "hello world, " * 300_000},
+                 {"model": "tiny-llama", "messages": huge}):
+        started = time.perf_counter()
+        with pytest.raises(APIError) as err:
+            asyncio.run(obj.completion(body) if "prompt" in body else obj.chat(body))
+        assert time.perf_counter() - started < 1.0  # tokenizing it takes ~4 s here
+        assert err.value.status == 400
+        assert err.value.body["error"]["code"] == "context_length_exceeded"
+    assert handle.calls == [] and obj._prompts.bytes_per_token == 17
+    # Just under the bound it is tokenized as usual, and the exact count decides.
+    with pytest.raises(APIError) as err:
+        asyncio.run(obj.completion({"model": "tiny-llama", "prompt": "x" * (511 * 17)}))
+    assert "tokens but this model's context is 512" in err.value.body["error"]["message"]
