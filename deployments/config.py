@@ -206,7 +206,28 @@ class IngressConfig(_Section):
         600, gt=0, description="Longest a request may run before it is cut off (504)."
     )
     max_ongoing_requests: int = Field(
-        1024, gt=0, description="HTTP requests one ingress replica handles at once."
+        1024, gt=0, description="HTTP requests Serve lets one ingress replica hold at once "
+        "(also its actor's concurrency, which health checks share)."
+    )
+    probe_slots: int = Field(
+        16, ge=1, description="Of max_ongoing_requests, slots the ingress keeps free for "
+        "health checks and probes: it answers 429 `ingress_busy` beyond the rest.",
+    )
+    max_requests_per_key: int | None = Field(
+        None, gt=0, description="With auth on, most requests one API key may have in flight "
+        "on one ingress replica (429 `key_busy` beyond); None: no cap.",
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, description="Longest a request's body may take to arrive whole (408 "
+        "`request_timeout` after), so a stalled client frees its slot.",
+    )
+    first_token_timeout_s: float = Field(
+        300, gt=0, description="Longest a request may wait for its first token, queueing "
+        "included (504 `timeout`); never more than request_timeout_s.",
+    )
+    stream_idle_timeout_s: float = Field(
+        60, gt=0, description="Longest a replica's stream may go without a message after its "
+        "first; then the request ends with an error (504 / an error chunk `stream_stalled`).",
     )
     max_queued_requests: int = Field(
         1024,
@@ -231,6 +252,18 @@ class IngressConfig(_Section):
         description="Times a request whose replica died before its first token is sent to "
         "another replica (nothing reached the client yet, so this is safe).",
     )
+
+    @model_validator(mode="after")
+    def _probe_room(self) -> IngressConfig:
+        if self.probe_slots >= self.max_ongoing_requests:
+            raise ValueError(f"probe_slots ({self.probe_slots}) must be less than "
+                             f"max_ongoing_requests ({self.max_ongoing_requests})")
+        return self
+
+    @property
+    def request_limit(self) -> int:
+        """Requests the ingress's gate admits at once (the rest of its slots are probes')."""
+        return self.max_ongoing_requests - self.probe_slots
 
 
 class AuthConfig(_Section):

@@ -1,15 +1,20 @@
-"""The HTTP gate in front of every route: API key check and request body size limit.
+"""The HTTP gate in front of every route: API keys, request slots, body size and body time.
 
 An ASGI middleware, so it acts before FastAPI reads or parses anything: a request without a
-valid key is refused (401) without its body being read, and a body over the limit is refused
+valid key is refused (401) without its body being read; one beyond the ingress's own request
+limit or its key's share (slots.py) is refused (429) at once; a body over the limit is refused
 (413) as soon as its `Content-Length` or its bytes so far exceed the limit, so no client can
-make the ingress buffer more than `max_body_bytes`. The settings live on the ASGI app's
-`state.gate` (set by the ingress once its config is known); the caller's key id is left in the
-ASGI scope under `PRINCIPAL_SCOPE_KEY` for the routes to namespace users with.
+make the ingress buffer more than `max_body_bytes`; and a body still incomplete
+`body_timeout_s` after the request began is refused (408), so a client that sends headers and
+then stalls holds its slot for that long at most. Probes (`OPEN_PATHS`) take no slot. The
+settings live on the ASGI app's `state.gate` (set by the ingress once its config is known); the
+caller's key id is left in the ASGI scope under `PRINCIPAL_SCOPE_KEY` for the routes to
+namespace users with.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +23,7 @@ from starlette.responses import JSONResponse
 
 from deployments.auth import KeyRing, bearer_token
 from deployments.protocol import error_body
+from deployments.slots import Slots
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -29,6 +35,12 @@ PRINCIPAL_SCOPE_KEY = "grace_serve.principal"
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+BUSY_MESSAGES = {
+    "ingress_busy": "the server is busy: this ingress replica runs as many requests as it "
+                    "takes; retry after the time in Retry-After",
+    "key_busy": "too many requests in flight for this API key; wait for one to finish or "
+                "retry after the time in Retry-After",
+}
 
 
 @dataclass
@@ -38,6 +50,9 @@ class GateSettings:
     keys: KeyRing = field(default_factory=KeyRing)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     on_reject: Callable[[str], None] = lambda reason: None
+    body_timeout_s: float = 30.0  # from the request's start to its body's last byte
+    slots: Slots = field(default_factory=Slots)
+    retry_after_s: int = 1
 
 
 def _route_path(scope: Scope) -> str:
@@ -66,7 +81,11 @@ class Gate:
             return
         state = getattr(scope.get("app"), "state", None)
         settings: GateSettings = getattr(state, "gate", None) or GateSettings()
-        if settings.keys.enabled and _route_path(scope) not in OPEN_PATHS:
+        if _route_path(scope) in OPEN_PATHS:
+            await self._pass(scope, receive, send, settings)
+            return
+        principal = None
+        if settings.keys.enabled:
             principal = settings.keys.match(bearer_token(_header(scope, b"authorization")))
             if principal is None:
                 settings.on_reject("invalid_api_key")
@@ -76,6 +95,20 @@ class Gate:
                               {"WWW-Authenticate": "Bearer"})
                 return
             scope[PRINCIPAL_SCOPE_KEY] = principal
+        refused = settings.slots.take(principal)
+        if refused is not None:
+            settings.on_reject(refused)
+            await _refuse(scope, receive, send, 429, refused, BUSY_MESSAGES[refused],
+                          {"Retry-After": str(settings.retry_after_s)}, "rate_limit_error")
+            return
+        try:
+            await self._pass(scope, receive, send, settings)
+        finally:
+            settings.slots.give_back(principal)
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send,
+                    settings: GateSettings) -> None:
+        """Hand the request on, its body read whole and bounded first (if it has one)."""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
@@ -87,7 +120,7 @@ class Gate:
     @staticmethod
     async def _read_body(scope: Scope, receive: Receive, send: Send,
                          settings: GateSettings) -> bytes | None:
-        """The whole body, or None after refusing it as too large."""
+        """The whole body, or None after refusing it as too large or too slow."""
         limit = settings.max_body_bytes
         declared = _header(scope, b"content-length")
         too_large = f"the request body exceeds the limit of {limit} bytes"
@@ -96,8 +129,17 @@ class Gate:
             await _refuse(scope, receive, send, 413, "request_too_large", too_large)
             return None
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                settings.on_reject("request_timeout")
+                await _refuse(scope, receive, send, 408, "request_timeout",
+                              f"the request body did not arrive within "
+                              f"{settings.body_timeout_s:g} s", {"Connection": "close"})
+                return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -126,6 +168,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, code: str,
-                  message: str, headers: dict[str, str] | None = None) -> None:
-    body = error_body(message, "invalid_request_error", None, code)
+                  message: str, headers: dict[str, str] | None = None,
+                  err_type: str = "invalid_request_error") -> None:
+    body = error_body(message, err_type, None, code)
     await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)

@@ -55,6 +55,7 @@ from deployments.protocol import (
 )
 from deployments.readiness import Readiness, ReplicaCounts, deployment_counts, not_ready_error
 from deployments.serve_logging import wire_serve_logging
+from deployments.slots import Slots
 from deployments.streaming import (
     Messages,
     chat_events,
@@ -126,8 +127,10 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after __init__: hand this replica's settings to the HTTP gate."""
         api: FastAPI = self.app  # type: ignore[attr-defined]  (set by serve.ingress)
-        api.state.gate = GateSettings(self._keys, int(self._limits.max_body_bytes),
-                                      self._metrics.reject)
+        limits = self._limits
+        api.state.gate = GateSettings(
+            self._keys, int(limits.max_body_bytes), self._metrics.reject, limits.body_timeout_s,
+            Slots(limits.request_limit, limits.max_requests_per_key), limits.retry_after_s)
         api.state.metrics = self._metrics
         return api
 
@@ -184,13 +187,15 @@ class OpenAIIngress:
         the first token). `arrived`: when the ingress got the request (monotonic)."""
         called = time.monotonic()
         await self._readiness.require()  # no model replica: 503 now, not a hang
-        deadline = arrived + self._limits.request_timeout_s
+        limits = self._limits
+        deadline = arrived + limits.request_timeout_s
+        first_by = min(deadline, arrived + limits.first_token_timeout_s)
         for attempt in range(self._limits.replica_retries + 1):
             stream = self._streaming.generate.remote(request=prepared.payload,
                                                      shape=prepared.shape)
             try:
                 first = await asyncio.wait_for(stream.__anext__(),
-                                               max(0.0, deadline - time.monotonic()))
+                                               max(0.0, first_by - time.monotonic()))
                 break
             except asyncio.TimeoutError:
                 stream.cancel()
@@ -225,7 +230,8 @@ class OpenAIIngress:
                 self._metrics.request_done(endpoint, None, tpot)
 
         text = TextStream(self._decoder, start, prepared.stop, prepared.min_tokens)
-        tokens = _prepend(first[1:], until_deadline(stream, deadline))
+        tokens = _prepend(first[1:], until_deadline(stream, deadline,
+                                                    limits.stream_idle_timeout_s))
         return start, detokenized(tokens, text, ended)
 
     async def _answer(self, req: ChatCompletionRequest | CompletionRequest, user: str | None

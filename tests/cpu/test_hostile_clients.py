@@ -12,6 +12,7 @@ import asyncio
 
 import pytest
 import torch
+from fastapi import FastAPI, Request
 
 from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams, select_engine_class
@@ -183,3 +184,159 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing():
     with pytest.raises(APIError) as err:
         asyncio.run(obj.completion({"model": "tiny-llama", "prompt": "x" * (511 * 17)}))
     assert "tokens but this model's context is 512" in err.value.body["error"]["message"]
+
+
+# ---- item 2: stalled bodies, silent replicas and one key's flood hold nobody else up --------
+
+class AsgiCall:
+    """One request into an ASGI app, its body sent up to `sent` and then (if `stall`) never
+    finished: the client that sends headers and part of a body, then nothing."""
+
+    def __init__(self, app, path: str = "/v1/echo", body: bytes = b'{"a": 1}',
+                 stall: bool = False, key: str | None = None) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if key is not None:
+            headers.append((b"authorization", f"Bearer {key}".encode()))
+        self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                      "method": "POST" if body else "GET", "path": path, "raw_path":
+                      path.encode(), "root_path": "", "query_string": b"", "headers": headers,
+                      "scheme": "http", "server": ("t", 80), "client": ("c", 1), "app": app}
+        self.app, self.body, self.stall = app, body, stall
+        self.sent: list[dict] = []
+        self._parts = [body[: len(body) // 2], body[len(body) // 2:]] if stall else [body]
+
+    async def receive(self) -> dict:
+        if self._parts:
+            part = self._parts.pop(0)
+            if self.stall and not self._parts:
+                await asyncio.Event().wait()  # the rest never comes
+            return {"type": "http.request", "body": part, "more_body": bool(self._parts)}
+        await asyncio.Event().wait()  # no disconnect either: the client just sits there
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+    async def __call__(self) -> tuple[int, dict]:
+        await self.app(self.scope, self.receive, self.send)
+        import json
+
+        status = self.sent[0]["status"]
+        body = b"".join(m.get("body", b"") for m in self.sent[1:])
+        return status, json.loads(body)
+
+
+def gate_app(**settings):
+    from deployments.auth import KeyRing
+    from deployments.gate import Gate, GateSettings
+    from deployments.slots import Slots
+
+    app = FastAPI()
+    app.add_middleware(Gate)
+    keys = settings.pop("keys", ())
+    app.state.gate = GateSettings(KeyRing(keys), 1 << 20, lambda reason: None,
+                                  settings.pop("body_timeout_s", 30.0), Slots(**settings))
+
+    @app.post("/v1/echo")
+    async def echo(request: Request) -> dict:
+        return {"size": len(await request.body())}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    return app
+
+
+def test_stalled_bodies_time_out_with_408_and_never_take_the_probes_slots():
+    """Clients that send headers and half a body, then nothing, once held an ingress slot
+    each forever, until health checks found none. Now the gate admits `limit` requests (the
+    rest 429 at once), probes still pass, and each stalled body is a 408 after its timeout."""
+    app = gate_app(limit=4, body_timeout_s=0.5)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stalled = [asyncio.create_task(AsgiCall(app, stall=True)()) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        busy = await AsgiCall(app)()  # every slot held: refused at once, in OpenAI's shape
+        probe = await asyncio.wait_for(AsgiCall(app, "/health", body=b"")(), 0.2)
+        ends = await asyncio.wait_for(asyncio.gather(*stalled), 2)
+        took = loop.time() - started
+        after = await AsgiCall(app)()  # the slots are free again
+        return busy, probe, ends, took, after
+
+    busy, probe, ends, took, after = asyncio.run(main())
+    assert busy[0] == 429 and busy[1]["error"]["code"] == "ingress_busy"
+    assert busy[1]["error"]["type"] == "rate_limit_error"
+    assert probe == (200, {"status": "ok"})
+    assert all(status == 408 and body["error"]["code"] == "request_timeout"
+               for status, body in ends) and took < 1.5
+    assert after == (200, {"size": 8})
+
+
+def test_one_key_cannot_take_every_slot():
+    app = gate_app(keys=["key-a", "key-b"], limit=10, per_key=2, body_timeout_s=0.5)
+
+    async def main():
+        mine = [asyncio.create_task(AsgiCall(app, stall=True, key="key-a")()) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        third = await AsgiCall(app, key="key-a")()
+        other = await AsgiCall(app, key="key-b")()
+        await asyncio.gather(*mine)
+        return third, other, await AsgiCall(app, key="key-a")()
+
+    third, other, later = asyncio.run(main())
+    assert third[0] == 429 and third[1]["error"]["code"] == "key_busy"
+    assert other == (200, {"size": 8}) and later == (200, {"size": 8})
+
+
+def test_the_ingress_keeps_probe_slots_below_serves_limit():
+    from deployments.config import ConfigError, parse_app_args
+
+    limits = parse_app_args({"ingress": {"max_ongoing_requests": 100, "probe_slots": 8}}).ingress
+    assert limits.request_limit == 92
+    with pytest.raises(ConfigError, match="probe_slots"):
+        parse_app_args({"ingress": {"max_ongoing_requests": 8, "probe_slots": 8}})
+    from tests.cpu.test_ingress_failures import FakeHandle, ingress
+
+    obj = ingress(FakeHandle(), max_ongoing_requests=100, probe_slots=8,
+                  max_requests_per_key=5, body_timeout_s=7)
+    gate = obj.__serve_build_asgi_app__().state.gate
+    assert (gate.slots.limit, gate.slots.per_key, gate.body_timeout_s) == (92, 5, 7)
+
+
+def test_a_silent_replica_stream_ends_with_an_error_chunk_long_before_the_deadline():
+    """A frozen replica (SIGSTOP) once left its streams silent with no error until the
+    request's deadline (600 s); now a stream with no message for stream_idle_timeout_s ends."""
+    import time
+
+    from tests.cpu.test_ingress_failures import REQUEST, FakeHandle, events, ingress
+
+    script = events(3)
+    script.insert(2, ("sleep", 5.0))  # the first token came, then nothing
+    handle = FakeHandle(script)
+    obj = ingress(handle, request_timeout_s=5, stream_idle_timeout_s=0.3)
+
+    async def run() -> list[dict]:
+        return [c async for c in obj.chat_stream(REQUEST)]
+
+    started = time.monotonic()
+    chunks = asyncio.run(run())
+    assert time.monotonic() - started < 2
+    assert chunks[-1]["error"]["code"] == "stream_stalled" and handle.streams[0].cancelled
+
+
+def test_no_first_token_within_its_own_timeout_is_a_504():
+    import time
+
+    from deployments.ingress import APIError
+    from tests.cpu.test_ingress_failures import REQUEST, FakeHandle, events, ingress
+
+    handle = FakeHandle([("sleep", 5.0), *events()])
+    obj = ingress(handle, request_timeout_s=5, first_token_timeout_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(APIError) as err:
+        asyncio.run(obj.chat(REQUEST))
+    assert time.monotonic() - started < 2
+    assert err.value.status == 504 and handle.streams[0].cancelled
