@@ -109,13 +109,12 @@ class Gate:
     async def _pass(self, scope: Scope, receive: Receive, send: Send,
                     settings: GateSettings) -> None:
         """Hand the request on, its body read whole and bounded first (if it has one)."""
-        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            await self.app(scope, receive, send)
-            return
-        body = await self._read_body(scope, receive, send, settings)
-        if body is None:
-            return
-        await self.app(scope, _replay(body, receive), send)
+        body = b""
+        if scope.get("method") not in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            body = await self._read_body(scope, receive, send, settings)
+            if body is None:
+                return
+        await _until_gone(self.app, scope, body, receive, send)
 
     @staticmethod
     async def _read_body(scope: Scope, receive: Receive, send: Send,
@@ -153,8 +152,42 @@ class Gate:
                 return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that yields the buffered body once, then the client's own messages."""
+async def _until_gone(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope,
+                      body: bytes, receive: Receive, send: Send) -> None:
+    """Run `app` on the buffered body, cancelled as soon as the client disconnects.
+
+    The gate alone reads the client's messages after the body, so a gone client cancels every
+    request, streamed or not, whatever Serve's proxy was told: it honours a client's
+    `x-request-disconnect-disabled: ?1` and would otherwise let a dropped non-streaming request
+    generate to its end. The app's own receive gets the body once, then `http.disconnect` when
+    the client goes.
+    """
+    gone = asyncio.Event()
+    task = asyncio.ensure_future(app(scope, _replay(body, gone), send))
+
+    async def watch() -> None:
+        while True:
+            try:
+                message = await receive()
+            except Exception:  # no more client messages to read: nothing to watch
+                return
+            if message["type"] == "http.disconnect":
+                gone.set()
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise  # this request itself was cancelled, not only the app
+    finally:
+        watcher.cancel()
+
+
+def _replay(body: bytes, gone: asyncio.Event) -> Receive:
+    """A receive that yields the buffered body once, then `http.disconnect` when `gone`."""
     sent = False
 
     async def replay() -> Message:
@@ -162,7 +195,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # e.g. http.disconnect, so streaming notices a gone client
+        await gone.wait()
+        return {"type": "http.disconnect"}
 
     return replay
 

@@ -340,3 +340,59 @@ def test_no_first_token_within_its_own_timeout_is_a_504():
         asyncio.run(obj.chat(REQUEST))
     assert time.monotonic() - started < 2
     assert err.value.status == 504 and handle.streams[0].cancelled
+
+
+# ---- item 5: a client that goes away cancels its request, whatever headers it sent ---------
+
+class LeavingClient(AsgiCall):
+    """Sends its whole body, then disconnects after `leave_s`; asked Serve's proxy not to
+    watch for that (`x-request-disconnect-disabled: ?1`, `x-request-timeout-seconds: 0`)."""
+
+    def __init__(self, app, path: str, leave_s: float) -> None:
+        super().__init__(app, path)
+        self.scope["headers"] += [(b"x-request-disconnect-disabled", b"?1"),
+                                  (b"x-request-timeout-seconds", b"0")]
+        self.leave_s = leave_s
+
+    async def receive(self) -> dict:
+        if self._parts:
+            return {"type": "http.request", "body": self._parts.pop(0), "more_body": False}
+        await asyncio.sleep(self.leave_s)
+        return {"type": "http.disconnect"}
+
+
+def test_a_dropped_request_is_cancelled_streamed_or_not():
+    """Serve's proxy honours a client's request to ignore its disconnect; the gate watches the
+    client itself, so a dropped non-streaming request stops as a streamed one does."""
+    from fastapi.responses import StreamingResponse
+
+    app = gate_app()
+    ended: dict[str, str] = {}
+
+    async def work(name: str) -> None:
+        try:
+            await asyncio.sleep(30)  # a long generation
+            ended[name] = "finished"
+        except asyncio.CancelledError:
+            ended[name] = "cancelled"
+            raise
+
+    @app.post("/v1/whole")
+    async def whole() -> dict:
+        await work("whole")
+        return {}
+
+    @app.post("/v1/stream")
+    async def stream() -> StreamingResponse:
+        async def body():
+            yield "data: first\n\n"
+            await work("stream")
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def main():
+        calls = [LeavingClient(app, path, 0.2) for path in ("/v1/whole", "/v1/stream")]
+        await asyncio.wait_for(asyncio.gather(*(app(c.scope, c.receive, c.send)
+                                                for c in calls)), 2)
+
+    asyncio.run(main())
+    assert ended == {"whole": "cancelled", "stream": "cancelled"}
