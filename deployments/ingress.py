@@ -151,7 +151,8 @@ class OpenAIIngress:
 
     def _check_model(self, model: str) -> None:
         if model != self._model:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+            shown = model if len(model) <= 64 else f"{model[:64]}... ({len(model)} characters)"
+            raise APIError(404, f"The model '{shown}' does not exist; this server serves "
                            f"'{self._model}'", param="model", code="model_not_found")
 
     def _busy(self) -> APIError:

@@ -10,7 +10,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
 
@@ -65,16 +72,16 @@ class _SamplingFields(_Request):
     model: str = Field(..., min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1)
+    n: StrictInt | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     # vLLM's extensions, for controlled lengths (benchmarks, tests):
     ignore_eos: bool = Field(
         False, description="Keep generating past end-of-sequence tokens up to max_tokens.")
-    min_tokens: int = Field(
+    min_tokens: StrictInt = Field(
         0, ge=0, description="End-of-sequence tokens and stop strings count only after this "
         "many tokens.")
 
@@ -121,8 +128,8 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
+    max_tokens: StrictInt | None = Field(None, gt=0)  # strict: `true` is not 1
+    max_completion_tokens: StrictInt | None = Field(None, gt=0)
 
     @property
     def token_limit(self) -> int | None:
@@ -130,8 +137,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] = Field(...)
-    max_tokens: int | None = Field(16, gt=0)
+    prompt: str | list[str] | list[StrictInt] = Field(...)
+    max_tokens: StrictInt | None = Field(16, gt=0)
     echo: bool = False
 
     @model_validator(mode="after")

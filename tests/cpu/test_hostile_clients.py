@@ -396,3 +396,76 @@ def test_a_dropped_request_is_cancelled_streamed_or_not():
 
     asyncio.run(main())
     assert ended == {"whole": "cancelled", "stream": "cancelled"}
+
+
+
+# ---- item 8: strict types, no echo of unbounded input ---------------------------------------
+
+@pytest.mark.parametrize("field, value", [("max_tokens", True), ("max_tokens", 4.0),
+                                          ("max_completion_tokens", True), ("n", True),
+                                          ("seed", 1.5), ("min_tokens", False)])
+def test_a_boolean_or_a_float_is_not_an_integer(field, value):
+    """`max_tokens: true` once counted as 1; every integer field now takes integers only."""
+    from deployments.ingress import APIError
+
+    handle, obj = _ingress()
+    with pytest.raises(APIError) as err:
+        asyncio.run(obj.chat({"model": "tiny-llama", "messages": [
+            {"role": "user", "content": "hi"}], field: value}))
+    assert err.value.status == 400 and err.value.body["error"]["param"] == field
+    with pytest.raises(APIError) as err:
+        asyncio.run(obj.completion({"model": "tiny-llama", "prompt": [5, True, 7]}))
+    assert err.value.status == 400 and handle.calls == []
+
+
+def test_an_unknown_model_is_named_in_the_404_only_in_part():
+    from deployments.ingress import APIError
+
+    _, obj = _ingress()
+    name = "m" * (1 << 20)
+    with pytest.raises(APIError) as err:
+        asyncio.run(obj.chat({"model": name, "messages": [{"role": "user", "content": "hi"}]}))
+    message = err.value.body["error"]["message"]
+    assert err.value.status == 404 and len(message) < 300 and "1048576 characters" in message
+
+
+# ---- on real Serve: the proxy's path, end to end ---------------------------------------------
+
+def running(url: str) -> int:
+    import httpx
+
+    return sum(r["running_requests"] for r in httpx.get(f"{url}/admin/replicas", timeout=10).json())
+
+
+def test_on_serve_a_dropped_plain_request_stops_generating_despite_serve_headers(llm_url):
+    """The issue's reproduction: a non-streaming request with Serve's disconnect-disabled
+    header, dropped by its client, once kept generating to its end."""
+    import time
+
+    import httpx
+
+    body = {"model": "tiny-llama", "prompt": "Unified memory", "max_tokens": 480,
+            "ignore_eos": True, "temperature": 0}
+    headers = {"x-request-disconnect-disabled": "?1", "x-request-timeout-seconds": "0"}
+    started = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{llm_url}/v1/completions", json=body, headers=headers, timeout=0.5)
+    deadline = time.monotonic() + 3
+    while running(llm_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped = time.monotonic() - started
+    assert running(llm_url) == 0
+    # The same request to its end takes longer than the cancelled one took to stop.
+    whole = time.monotonic()
+    reply = httpx.post(f"{llm_url}/v1/completions", json=body, timeout=60).json()
+    assert reply["usage"]["completion_tokens"] == 480
+    assert time.monotonic() - whole > stopped
+
+
+def test_on_serve_a_lone_surrogate_and_a_boolean_max_tokens_are_400s(llm_url):
+    import httpx
+
+    chat = ('{"model": "tiny-llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}')
+    reply = httpx.post(f"{llm_url}/v1/chat/completions", content=chat,
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 400 and "surrogate" in reply.json()["error"]["message"]
