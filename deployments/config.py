@@ -197,6 +197,15 @@ class RouterConfig(_Section):
     placement_ttl_s: float = Field(
         30.0, gt=0, description="How long a router remembers its own unconfirmed placements."
     )
+    stale_stats_s: float | None = Field(
+        None, gt=0, description="Stats older than this rank their replica after every "
+        "replica with fresh stats (a frozen replica stops reporting); None: 5 stats periods, "
+        "at least 5 s.",
+    )
+
+    @property
+    def stale_after_s(self) -> float:
+        return self.stale_stats_s or max(5.0, 5 * self.stats_period_s)
 
 
 class IngressConfig(_Section):
@@ -224,6 +233,10 @@ class IngressConfig(_Section):
     first_token_timeout_s: float = Field(
         300, gt=0, description="Longest a request may wait for its first token, queueing "
         "included (504 `timeout`); never more than request_timeout_s.",
+    )
+    admin_timeout_s: float = Field(
+        5, gt=0, description="Longest /admin/replicas waits for a replica's row; replicas "
+        "that take longer are listed as `unresponsive`.",
     )
     stream_idle_timeout_s: float = Field(
         60, gt=0, description="Longest a replica's stream may go without a message after its "

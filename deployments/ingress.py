@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.admin import UNRESPONSIVE_HEADER, replica_rows
 from deployments.announce import announce_when_ready
 from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
 from deployments.config import AppArgs, parse_app_args
@@ -287,12 +288,12 @@ class OpenAIIngress:
         return await self._respond(body, self._http_user(request, x_user_id, body.user))
 
     @app.get("/admin/replicas")
-    async def admin_replicas(self) -> list[dict[str, Any]]:
-        """One object per live replica: memory, KV bytes and resident (hashed) users."""
-        response = self._llm.broadcast("replica_info")
-        results = await response.results_async(timeout_s=10, return_exceptions=True)
-        rows = [r for r in results if isinstance(r, dict)]
-        return sorted(rows, key=lambda r: r["replica_id"])
+    async def admin_replicas(self) -> JSONResponse:
+        """One object per replica that answers: memory, KV bytes and resident (hashed)
+        users; those that do not are counted in X-Replicas-Unresponsive (admin.py)."""
+        rows, missing = await replica_rows(self._llm, "replica_info",
+                                           self._limits.admin_timeout_s)
+        return JSONResponse(rows, headers={UNRESPONSIVE_HEADER: str(missing)})
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -350,4 +351,5 @@ class OpenAIIngress:
 
     async def replicas(self) -> list[dict[str, Any]]:
         """The same rows as GET /admin/replicas."""
-        return await self.admin_replicas()
+        rows, _ = await replica_rows(self._llm, "replica_info", self._limits.admin_timeout_s)
+        return rows
