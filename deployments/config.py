@@ -292,6 +292,21 @@ class AuthConfig(_Section):
         "keys separated by commas or whitespace. May be combined with api_keys_file.",
     )
 
+    admin_keys_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable (in the ingress process) holding the "
+        "keys that may call `/admin/*` (also accepted everywhere else). With auth on and none "
+        "set, `/admin/*` answers 403 to every HTTP caller.",
+    )
+    user_key_secret_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable (in the ingress processes) holding a "
+        "secret that keys the user hashes (HMAC-SHA-256), so nobody without it can tell "
+        "whether a given user id is resident; unset: plain SHA-256.",
+    )
+
     @property
     def enabled(self) -> bool:
         """Whether a key source is configured (the keys themselves load in the ingress)."""

@@ -1,7 +1,8 @@
 """The HTTP gate in front of every route: API keys, request slots, body size and body time.
 
 An ASGI middleware, so it acts before FastAPI reads or parses anything: a request without a
-valid key is refused (401) without its body being read; one beyond the ingress's own request
+valid key is refused (401) without its body being read, and `/admin/*` without an admin
+key (403); one beyond the ingress's own request
 limit or its key's share (slots.py) is refused (429) at once; a body over the limit is refused
 (413) as soon as its `Content-Length` or its bytes so far exceed the limit, so no client can
 make the ingress buffer more than `max_body_bytes`; and a body still incomplete
@@ -35,6 +36,7 @@ PRINCIPAL_SCOPE_KEY = "grace_serve.principal"
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+ADMIN_PREFIX = "/admin/"  # with auth on, only admin keys (KeyRing.is_admin) reach these
 BUSY_MESSAGES = {
     "ingress_busy": "the server is busy: this ingress replica runs as many requests as it "
                     "takes; retry after the time in Retry-After",
@@ -95,6 +97,13 @@ class Gate:
                               {"WWW-Authenticate": "Bearer"})
                 return
             scope[PRINCIPAL_SCOPE_KEY] = principal
+            if _route_path(scope).startswith(ADMIN_PREFIX) and not settings.keys.is_admin(
+                    principal):
+                settings.on_reject("admin_key_required")
+                await _refuse(scope, receive, send, 403, "admin_key_required",
+                              "this route needs an admin key (auth.admin_keys_env)", None,
+                              "permission_error")
+                return
         refused = settings.slots.take(principal)
         if refused is not None:
             settings.on_reject(refused)

@@ -33,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.admin import UNRESPONSIVE_HEADER, replica_rows
 from deployments.announce import announce_when_ready
-from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
+from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user, user_secret
 from deployments.config import AppArgs, parse_app_args
 from deployments.detokenizer import token_decoder
 from deployments.errors import (
@@ -118,7 +118,7 @@ class OpenAIIngress:
                                                          weights=False))
         self._decoder = token_decoder(tokenizer)  # its byte table, built once
         self._prompts = PromptBuilder(tokenizer, self._args.engine.default_max_tokens,
-                                      self._limits.max_messages)
+                                      self._limits.max_messages, user_secret(self._args.auth))
         logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
                     "on" if self._keys.enabled else "off", len(self._keys))
         self._readiness = Readiness(self._replica_counts, self._limits.retry_after_s)

@@ -37,8 +37,10 @@ class PromptBuilder:
     """Tokenizes and shapes requests for one model."""
 
     def __init__(self, tokenizer: TextTokenizer, default_max_tokens: int,
-                 max_messages: int) -> None:
+                 max_messages: int, user_secret: bytes = b"") -> None:
+        """`user_secret` keys the user hashes (identity.user_key)."""
         self.tokenizer = tokenizer
+        self.user_secret = user_secret
         self.default_max_tokens = default_max_tokens
         self.max_messages = max_messages
         # At most this many bytes of text a token (None: no certain bound): text too long
@@ -85,7 +87,7 @@ class PromptBuilder:
     def _prepared(self, req: _SamplingFields, ids: list[int], max_tokens: int | None,
                   user: str | None, context: int, param: str) -> Prepared:
         try:
-            shape = shape_request(user_key(user) if user else None, len(ids),
+            shape = shape_request(user_key(user, self.user_secret) if user else None, len(ids),
                                   max_tokens or self.default_max_tokens, context, param)
         except AdmissionError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None

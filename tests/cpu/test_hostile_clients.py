@@ -485,6 +485,79 @@ def test_the_router_gets_its_staleness_limit_from_the_config():
     assert kwargs.request_router_kwargs["stale_stats_s"] == 3.0
 
 
+
+# ---- item 7: admin routes need an admin key; user hashes are keyed -------------------------
+
+def test_with_auth_on_only_an_admin_key_reads_admin_routes():
+    """Any key once read /admin/replicas: every key's users, pids and node ids."""
+    from deployments.auth import KeyRing
+
+    app = gate_app()
+    app.state.gate.keys = KeyRing(["tenant-key"], admin_keys=["admin-key"])
+
+    @app.get("/admin/replicas")
+    async def rows() -> list:
+        return [{"replica_id": "r1"}]
+
+    async def main():
+        tenant = await AsgiCall(app, "/admin/replicas", body=b"", key="tenant-key")()
+        admin = await AsgiCall(app, "/admin/replicas", body=b"", key="admin-key")()
+        echo = await AsgiCall(app, key="admin-key")()  # an admin key is a key everywhere
+        return tenant, admin, echo
+
+    tenant, admin, echo = asyncio.run(main())
+    assert tenant[0] == 403 and tenant[1]["error"]["code"] == "admin_key_required"
+    assert tenant[1]["error"]["type"] == "permission_error"
+    assert admin == (200, [{"replica_id": "r1"}]) and echo == (200, {"size": 8})
+
+
+def test_admin_keys_load_from_their_variable_and_an_empty_one_refuses_to_start():
+    from deployments.auth import key_id, load_keys
+    from deployments.config import AuthConfig, ConfigError
+
+    cfg = AuthConfig(api_keys_env="KEYS", admin_keys_env="ADMINS")
+    ring = load_keys(cfg, {"KEYS": "a b", "ADMINS": "boss"})
+    assert ring.match("boss") == key_id("boss") and ring.is_admin(key_id("boss"))
+    assert not ring.is_admin(ring.match("a")) and not ring.is_admin(None)
+    with pytest.raises(ConfigError, match="ADMINS"):
+        load_keys(cfg, {"KEYS": "a"})
+
+
+def test_user_hashes_are_keyed_by_the_deployments_secret(monkeypatch):
+    """Unkeyed SHA-256 let anyone test whether "alice" was resident; with a secret the
+    resident keys cannot be computed without it."""
+    import hashlib
+    import hmac
+
+    from deployments.identity import user_key
+    from deployments.readiness import Readiness
+    from tests.cpu.test_ingress_failures import (
+        REQUEST,
+        FakeHandle,
+        LocalIngress,
+        controller,
+        events,
+    )
+
+    secret = b"deployment-secret"
+    assert user_key("alice", secret) == hmac.new(
+        secret, b"alice", hashlib.sha256).hexdigest()[:16]
+    assert user_key("alice", secret) != user_key("alice") != user_key("alice", b"other")
+    assert user_key("alice") == hashlib.sha256(b"alice").hexdigest()[:16]  # no secret: as before
+    monkeypatch.setenv("GS_HOSTILE_SECRET", secret.decode())
+    handle = FakeHandle(events())
+    obj = LocalIngress.__new__(LocalIngress)
+
+    async def construct() -> None:
+        await obj.__init__(handle, {"ingress": {"request_timeout_s": 5},
+                                    "auth": {"user_key_secret_env": "GS_HOSTILE_SECRET"}})
+        obj._announcer.cancel()  # the start-up line needs Serve's controller
+    asyncio.run(construct())
+    obj._readiness = Readiness(controller(1), retry_after_s=3)
+    asyncio.run(obj.chat(REQUEST, user="alice"))
+    assert handle.calls[0]["shape"].user_key == user_key("alice", secret)
+
+
 # ---- on real Serve: the proxy's path, end to end ---------------------------------------------
 
 def running(url: str) -> int:
