@@ -486,6 +486,76 @@ def test_the_router_gets_its_staleness_limit_from_the_config():
 
 
 
+
+def through_proxy_middleware(messages: list[dict], headers: list | None = None):
+    """Run Serve-proxy answer `messages` through the proxy middleware; what the client gets,
+    and the request headers the proxy saw."""
+    from deployments.proxy_middleware import middlewares
+
+    seen: dict = {}
+
+    async def proxy(scope, receive, send):  # stands for Serve's proxy app
+        seen["headers"] = scope["headers"]
+        for message in messages:
+            await send(message)
+
+    (middleware,) = middlewares()
+    app = middleware.cls(proxy, *middleware.args, **middleware.kwargs)
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "headers": headers or []}
+    asyncio.run(app(scope, receive, send))
+    return sent, seen["headers"]
+
+
+@pytest.mark.parametrize("status, code", [(408, "timeout"), (429, "queue_full"),
+                                          (503, "service_unavailable")])
+def test_the_proxys_own_errors_are_openai_shaped_and_name_no_figures(status, code):
+    """Serve's proxy answered its 429 (with its queue figures) and 408 as plain text."""
+    import json
+
+    from ray.serve._private.http_util import (  # the proxy's exact answers
+        convert_object_to_asgi_messages,
+        retry_after_headers,
+    )
+
+    text = ("Request dropped due to backpressure (num_queued_requests=5, "
+            "max_queued_requests=5).")
+    sent, _ = through_proxy_middleware(convert_object_to_asgi_messages(
+        text, status_code=status, extra_headers=retry_after_headers(2)))
+    start, body = sent
+    assert start["status"] == status
+    headers = dict(start["headers"])
+    assert headers[b"content-type"] == b"application/json" and headers[b"retry-after"] == b"2"
+    error = json.loads(body["body"])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    assert "queued" not in error["message"] and int(headers[b"content-length"]) == len(
+        body["body"])
+
+
+def test_the_proxy_passes_the_ingress_answers_and_drops_serves_control_headers():
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+
+    from deployments.proxy_middleware import middlewares
+
+    assert validate_http_proxy_callback_return(middlewares())  # what Serve checks at start
+    ours = [{"type": "http.response.start", "status": 429,
+             "headers": [(b"content-type", b"application/json")]},
+            {"type": "http.response.body", "body": b'{"error": {}}', "more_body": True},
+            {"type": "http.response.body", "body": b"", "more_body": False}]
+    sent, seen = through_proxy_middleware(ours, [
+        (b"x-request-disconnect-disabled", b"?1"), (b"X-Request-Timeout-Seconds", b"0"),
+        (b"x-user-id", b"alice"), (b"x-request-id", b"abc")])
+    assert sent == ours
+    assert seen == [(b"x-user-id", b"alice"), (b"x-request-id", b"abc")]
+
+
 # ---- item 7: admin routes need an admin key; user hashes are keyed -------------------------
 
 def test_with_auth_on_only_an_admin_key_reads_admin_routes():
@@ -633,3 +703,15 @@ def test_on_serve_a_frozen_replica_is_listed_as_unresponsive_and_skipped(llm_url
         os.kill(frozen["pid"], signal.SIGCONT)
     assert httpx.get(f"{llm_url}/admin/replicas", timeout=30).headers[
         "X-Replicas-Unresponsive"] == "0"
+
+
+def test_on_serve_a_client_cannot_set_the_proxys_timeout(llm_url):
+    """`x-request-timeout-seconds: 0.001` once made Serve's proxy answer a plain-text 408 (and
+    `0` lifted its timeout); the proxy middleware drops the header before the proxy reads it."""
+    import httpx
+
+    body = {"model": "tiny-llama", "prompt": "Unified memory", "max_tokens": 8}
+    reply = httpx.post(f"{llm_url}/v1/completions", json=body, timeout=30,
+                       headers={"x-request-timeout-seconds": "0.001"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 8
