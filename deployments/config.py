@@ -222,6 +222,11 @@ class IngressConfig(_Section):
         16, ge=1, description="Of max_ongoing_requests, slots the ingress keeps free for "
         "health checks and probes: it answers 429 `ingress_busy` beyond the rest.",
     )
+    body_slots: int | None = Field(
+        None, ge=1, description="Of max_ongoing_requests, requests whose body may be arriving "
+        "at once; when full, the oldest incomplete body is answered 408 so a newer request "
+        "gets in (None: a quarter of max_ongoing_requests).",
+    )
     max_requests_per_key: int | None = Field(
         None, gt=0, description="With auth on, most requests one API key may have in flight "
         "on one ingress replica (429 `key_busy` beyond); None: no cap.",
@@ -268,15 +273,22 @@ class IngressConfig(_Section):
 
     @model_validator(mode="after")
     def _probe_room(self) -> IngressConfig:
-        if self.probe_slots >= self.max_ongoing_requests:
-            raise ValueError(f"probe_slots ({self.probe_slots}) must be less than "
-                             f"max_ongoing_requests ({self.max_ongoing_requests})")
+        if self.request_limit < 1:
+            raise ValueError(f"probe_slots ({self.probe_slots}) and body_slots "
+                             f"({self.body_limit}) leave no room in max_ongoing_requests "
+                             f"({self.max_ongoing_requests})")
         return self
 
     @property
+    def body_limit(self) -> int:
+        """Requests whose body may be arriving at once (the gate's Readers)."""
+        return self.body_slots or max(1, self.max_ongoing_requests // 4)
+
+    @property
     def request_limit(self) -> int:
-        """Requests the ingress's gate admits at once (the rest of its slots are probes')."""
-        return self.max_ongoing_requests - self.probe_slots
+        """Requests the ingress's gate runs at once, bodies whole: Serve's limit less the
+        probes' slots and the bodies still arriving, so health checks always find a slot."""
+        return self.max_ongoing_requests - self.probe_slots - self.body_limit
 
 
 class AuthConfig(_Section):

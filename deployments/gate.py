@@ -1,16 +1,16 @@
-"""The HTTP gate in front of every route: API keys, request slots, body size and body time.
+"""The HTTP gate in front of every route: API keys, body size and time, request slots.
 
 An ASGI middleware, so it acts before FastAPI reads or parses anything: a request without a
-valid key is refused (401) without its body being read, and `/admin/*` without an admin
-key (403); one beyond the ingress's own request
-limit or its key's share (slots.py) is refused (429) at once; a body over the limit is refused
-(413) as soon as its `Content-Length` or its bytes so far exceed the limit, so no client can
-make the ingress buffer more than `max_body_bytes`; and a body still incomplete
-`body_timeout_s` after the request began is refused (408), so a client that sends headers and
-then stalls holds its slot for that long at most. Probes (`OPEN_PATHS`) take no slot. The
-settings live on the ASGI app's `state.gate` (set by the ingress once its config is known); the
-caller's key id is left in the ASGI scope under `PRINCIPAL_SCOPE_KEY` for the routes to
-namespace users with.
+valid key is refused (401) without its body being read, and `/admin/*` without an admin key
+(403). A body over the limit is refused (413) as soon as its `Content-Length` or its bytes so
+far exceed the limit, so no client can make the ingress buffer more than `max_body_bytes`. A
+body still incomplete `body_timeout_s` after the request began is refused (408), as is the
+oldest incomplete body when the pool of `Readers` is full and another request arrives, so
+clients that stall cannot keep others out. With its body whole, a request beyond the ingress's
+own request limit or its key's share (slots.py) is refused (429) at once. Probes
+(`OPEN_PATHS`) take no slot. The settings live on the ASGI app's `state.gate` (set by the
+ingress once its config is known); the caller's key id is left in the ASGI scope under
+`PRINCIPAL_SCOPE_KEY` for the routes to namespace users with.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 
 from deployments.auth import KeyRing, bearer_token
 from deployments.protocol import error_body
-from deployments.slots import Slots
+from deployments.slots import Readers, Slots
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -54,6 +54,7 @@ class GateSettings:
     on_reject: Callable[[str], None] = lambda reason: None
     body_timeout_s: float = 30.0  # from the request's start to its body's last byte
     slots: Slots = field(default_factory=Slots)
+    readers: Readers = field(default_factory=Readers)
     retry_after_s: int = 1
 
 
@@ -104,6 +105,9 @@ class Gate:
                               "this route needs an admin key (auth.admin_keys_env)", None,
                               "permission_error")
                 return
+        body = await self._body(scope, receive, send, settings)
+        if body is None:
+            return
         refused = settings.slots.take(principal)
         if refused is not None:
             settings.on_reject(refused)
@@ -111,24 +115,34 @@ class Gate:
                           {"Retry-After": str(settings.retry_after_s)}, "rate_limit_error")
             return
         try:
-            await self._pass(scope, receive, send, settings)
+            await _until_gone(self.app, scope, body, receive, send)
         finally:
             settings.slots.give_back(principal)
 
     async def _pass(self, scope: Scope, receive: Receive, send: Send,
                     settings: GateSettings) -> None:
-        """Hand the request on, its body read whole and bounded first (if it has one)."""
-        body = b""
-        if scope.get("method") not in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            body = await self._read_body(scope, receive, send, settings)
-            if body is None:
-                return
-        await _until_gone(self.app, scope, body, receive, send)
+        """Hand a probe on, its body (if any) read whole first; it takes no slot."""
+        body = await self._body(scope, receive, send, settings)
+        if body is not None:
+            await _until_gone(self.app, scope, body, receive, send)
+
+    async def _body(self, scope: Scope, receive: Receive, send: Send,
+                    settings: GateSettings) -> bytes | None:
+        """The request's whole body (b"" for methods without one), read as one of the
+        `Readers`; None after refusing it."""
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return b""
+        token, pushed = settings.readers.enter()
+        try:
+            return await self._read_body(scope, receive, send, settings, pushed)
+        finally:
+            settings.readers.leave(token)
 
     @staticmethod
-    async def _read_body(scope: Scope, receive: Receive, send: Send,
-                         settings: GateSettings) -> bytes | None:
-        """The whole body, or None after refusing it as too large or too slow."""
+    async def _read_body(scope: Scope, receive: Receive, send: Send, settings: GateSettings,
+                         pushed: asyncio.Event) -> bytes | None:
+        """The whole body, or None after refusing it as too large or too slow (its time ran
+        out, or it was the oldest reader when the pool was full: `pushed`)."""
         limit = settings.max_body_bytes
         declared = _header(scope, b"content-length")
         too_large = f"the request body exceeds the limit of {limit} bytes"
@@ -140,13 +154,13 @@ class Gate:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.body_timeout_s
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            message = await _receive_unless(receive, pushed, deadline - loop.time())
+            if message is None:
                 settings.on_reject("request_timeout")
+                why = ("the server needed its slot for a newer request" if pushed.is_set()
+                       else f"not within {settings.body_timeout_s:g} s")
                 await _refuse(scope, receive, send, 408, "request_timeout",
-                              f"the request body did not arrive within "
-                              f"{settings.body_timeout_s:g} s", {"Connection": "close"})
+                              f"the request body did not arrive: {why}", {"Connection": "close"})
                 return None
             if message["type"] == "http.disconnect":
                 return None
@@ -159,6 +173,24 @@ class Gate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+async def _receive_unless(receive: Receive, pushed: asyncio.Event, timeout_s: float
+                          ) -> Message | None:
+    """The client's next message, or None if `pushed` is set or `timeout_s` passes first."""
+    if pushed.is_set():
+        return None
+    message = asyncio.ensure_future(receive())
+    stop = asyncio.ensure_future(pushed.wait())
+    try:
+        done, _ = await asyncio.wait({message, stop}, timeout=max(0.0, timeout_s),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if message in done:
+        return message.result()
+    message.cancel()
+    return None
 
 
 async def _until_gone(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope,

@@ -56,7 +56,7 @@ from deployments.protocol import (
 )
 from deployments.readiness import Readiness, ReplicaCounts, deployment_counts, not_ready_error
 from deployments.serve_logging import wire_serve_logging
-from deployments.slots import Slots
+from deployments.slots import Readers, Slots
 from deployments.streaming import (
     Messages,
     chat_events,
@@ -131,7 +131,8 @@ class OpenAIIngress:
         limits = self._limits
         api.state.gate = GateSettings(
             self._keys, int(limits.max_body_bytes), self._metrics.reject, limits.body_timeout_s,
-            Slots(limits.request_limit, limits.max_requests_per_key), limits.retry_after_s)
+            slots=Slots(limits.request_limit, limits.max_requests_per_key),
+            readers=Readers(limits.body_limit), retry_after_s=limits.retry_after_s)
         api.state.metrics = self._metrics
         return api
 

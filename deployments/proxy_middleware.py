@@ -6,8 +6,8 @@ ingress replica's queue is full (its text names the queue figures), 408 at its r
 `x-request-timeout-seconds` (a client's own timeout, or none) and `x-request-disconnect-disabled`
 (keep running after the client leaves). This middleware, run inside the proxy, removes those
 headers from every request and rewrites the proxy's plain-text errors into OpenAI's error shape
-(keeping `Retry-After`, dropping the figures). Answers from the ingress (always JSON) pass as
-they are. Install it with the proxy's environment variable (the image sets it)::
+(keeping `Retry-After`, dropping the figures, adding `X-Proxy-Error: 1`). Answers from the
+ingress (always JSON) pass as they are. Install it with the proxy's environment variable (the image sets it)::
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy_middleware:middlewares
 
@@ -39,6 +39,7 @@ PROXY_ERRORS = {
     503: ("server_error", "service_unavailable", "the service is unavailable; retry"),
 }
 KEPT_HEADERS = frozenset({b"retry-after", b"x-request-id"})
+PROXY_ERROR_HEADER = b"x-proxy-error"  # on the answers rewritten here: the ingress never saw them
 
 
 class OpenAIProxyErrors:
@@ -86,7 +87,7 @@ def _rewritten(start: Message) -> list[Message]:
     body = json.dumps(error_body(text, err_type, None, code)).encode()
     headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() in KEPT_HEADERS]
     headers += [(b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode())]
+                (b"content-length", str(len(body)).encode()), (PROXY_ERROR_HEADER, b"1")]
     return [{"type": "http.response.start", "status": status, "headers": headers},
             {"type": "http.response.body", "body": body, "more_body": False}]
 

@@ -4,12 +4,14 @@ Serve's proxy lets an ingress replica hold `max_ongoing_requests` requests, and 
 its actor's concurrency: with every slot held (by stalled bodies, say) the controller's health
 check finds none, misses its deadline, and Serve replaces the replica, dropping every stream
 on it. The gate therefore admits fewer (`limit`, a few slots below), answering the rest 429 at
-once, and caps each key (`per_key`) so one tenant cannot take every slot. Probes (/health,
-/ready) are never counted. One event loop uses an instance: no lock.
+once, and caps each key (`per_key`) so one tenant cannot take every slot. A request takes its
+slot once its body is whole; while the body arrives it is one of the `Readers`, a pool of its
+own. Probes (/health, /ready) are never counted. One event loop uses an instance: no lock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from dataclasses import dataclass, field
 
@@ -42,3 +44,35 @@ class Slots:
             self.by_key[key] -= 1
             if self.by_key[key] <= 0:
                 del self.by_key[key]
+
+
+@dataclass
+class Readers:
+    """Requests whose body is still arriving, oldest first, at most `limit` (None: no limit).
+
+    A body that arrives whole takes milliseconds; one that stalls takes until its timeout. When
+    the pool is full, a newcomer makes the oldest reader give up at once (its client gets a 408),
+    so clients that stall cannot keep out clients that send: they only push each other out.
+    """
+
+    limit: int | None = None
+    _reading: collections.OrderedDict[int, asyncio.Event] = field(
+        default_factory=collections.OrderedDict)
+    _next: int = 0
+    evicted: int = 0  # readers pushed out so far
+
+    def enter(self) -> tuple[int, asyncio.Event]:
+        """Join as the newest reader: a token for `leave` and an event set if pushed out."""
+        if self.limit is not None and len(self._reading) >= self.limit:
+            _, oldest = self._reading.popitem(last=False)
+            oldest.set()
+            self.evicted += 1
+        self._next += 1
+        self._reading[self._next] = pushed = asyncio.Event()
+        return self._next, pushed
+
+    def leave(self, token: int) -> None:
+        self._reading.pop(token, None)
+
+    def __len__(self) -> int:
+        return len(self._reading)

@@ -229,16 +229,23 @@ class AsgiCall:
 def gate_app(**settings):
     from deployments.auth import KeyRing
     from deployments.gate import Gate, GateSettings
-    from deployments.slots import Slots
+    from deployments.slots import Readers, Slots
 
     app = FastAPI()
     app.add_middleware(Gate)
     keys = settings.pop("keys", ())
+    readers = Readers(settings.pop("readers", None))
     app.state.gate = GateSettings(KeyRing(keys), 1 << 20, lambda reason: None,
-                                  settings.pop("body_timeout_s", 30.0), Slots(**settings))
+                                  settings.pop("body_timeout_s", 30.0), Slots(**settings),
+                                  readers=readers)
 
     @app.post("/v1/echo")
     async def echo(request: Request) -> dict:
+        return {"size": len(await request.body())}
+
+    @app.post("/v1/slow")
+    async def slow(request: Request) -> dict:
+        await asyncio.sleep(0.5)  # a request that holds its slot for a while
         return {"size": len(await request.body())}
 
     @app.get("/health")
@@ -248,38 +255,54 @@ def gate_app(**settings):
     return app
 
 
-def test_stalled_bodies_time_out_with_408_and_never_take_the_probes_slots():
+def test_stalled_bodies_time_out_with_408_and_never_keep_others_out():
     """Clients that send headers and half a body, then nothing, once held an ingress slot
-    each forever, until health checks found none. Now the gate admits `limit` requests (the
-    rest 429 at once), probes still pass, and each stalled body is a 408 after its timeout."""
-    app = gate_app(limit=4, body_timeout_s=0.5)
+    each forever, until health checks found none. Now a stalled body holds no request slot,
+    ends in 408 after its timeout, and when the readers' pool is full the oldest stalled one
+    makes way at once (408) for a newcomer; probes always pass."""
+    app = gate_app(readers=4, body_timeout_s=0.6)
 
     async def main():
         loop = asyncio.get_running_loop()
         started = loop.time()
-        stalled = [asyncio.create_task(AsgiCall(app, stall=True)()) for _ in range(4)]
-        await asyncio.sleep(0.1)
-        busy = await AsgiCall(app)()  # every slot held: refused at once, in OpenAI's shape
+        stalled = [asyncio.create_task(AsgiCall(app, stall=True)()) for _ in range(5)]
+        await asyncio.sleep(0.1)  # five stalled readers in a pool of four: the first is out
+        newcomer = await asyncio.wait_for(AsgiCall(app)(), 0.3)  # pushes out one more
         probe = await asyncio.wait_for(AsgiCall(app, "/health", body=b"")(), 0.2)
+        pushed_at = loop.time() - started
         ends = await asyncio.wait_for(asyncio.gather(*stalled), 2)
-        took = loop.time() - started
-        after = await AsgiCall(app)()  # the slots are free again
-        return busy, probe, ends, took, after
+        return newcomer, probe, pushed_at, ends, loop.time() - started
 
-    busy, probe, ends, took, after = asyncio.run(main())
-    assert busy[0] == 429 and busy[1]["error"]["code"] == "ingress_busy"
-    assert busy[1]["error"]["type"] == "rate_limit_error"
-    assert probe == (200, {"status": "ok"})
+    newcomer, probe, pushed_at, ends, took = asyncio.run(main())
+    assert newcomer == (200, {"size": 8}) and probe == (200, {"status": "ok"})
     assert all(status == 408 and body["error"]["code"] == "request_timeout"
-               for status, body in ends) and took < 1.5
-    assert after == (200, {"size": 8})
+               for status, body in ends)
+    messages = [body["error"]["message"] for _, body in ends]
+    assert sum("newer request" in m for m in messages) == 2  # pushed out, not timed out
+    assert pushed_at < 0.5 and took < 1.5
+
+
+def test_beyond_the_request_limit_is_429_at_once():
+    app = gate_app(limit=2)
+
+    async def main():
+        busy = [asyncio.create_task(AsgiCall(app, "/v1/slow")()) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        refused = await asyncio.wait_for(AsgiCall(app)(), 0.2)
+        probe = await asyncio.wait_for(AsgiCall(app, "/health", body=b"")(), 0.2)
+        return await asyncio.gather(*busy), refused, probe
+
+    busy, refused, probe = asyncio.run(main())
+    assert busy == [(200, {"size": 8})] * 2 and probe == (200, {"status": "ok"})
+    assert refused[0] == 429 and refused[1]["error"]["code"] == "ingress_busy"
+    assert refused[1]["error"]["type"] == "rate_limit_error"
 
 
 def test_one_key_cannot_take_every_slot():
-    app = gate_app(keys=["key-a", "key-b"], limit=10, per_key=2, body_timeout_s=0.5)
+    app = gate_app(keys=["key-a", "key-b"], limit=10, per_key=2)
 
     async def main():
-        mine = [asyncio.create_task(AsgiCall(app, stall=True, key="key-a")()) for _ in range(2)]
+        mine = [asyncio.create_task(AsgiCall(app, "/v1/slow", key="key-a")()) for _ in range(2)]
         await asyncio.sleep(0.1)
         third = await AsgiCall(app, key="key-a")()
         other = await AsgiCall(app, key="key-b")()
@@ -295,15 +318,16 @@ def test_the_ingress_keeps_probe_slots_below_serves_limit():
     from deployments.config import ConfigError, parse_app_args
 
     limits = parse_app_args({"ingress": {"max_ongoing_requests": 100, "probe_slots": 8}}).ingress
-    assert limits.request_limit == 92
+    assert (limits.body_limit, limits.request_limit) == (25, 67)  # + 8 probes: 100
     with pytest.raises(ConfigError, match="probe_slots"):
-        parse_app_args({"ingress": {"max_ongoing_requests": 8, "probe_slots": 8}})
+        parse_app_args({"ingress": {"max_ongoing_requests": 8, "probe_slots": 6}})
     from tests.cpu.test_ingress_failures import FakeHandle, ingress
 
-    obj = ingress(FakeHandle(), max_ongoing_requests=100, probe_slots=8,
+    obj = ingress(FakeHandle(), max_ongoing_requests=100, probe_slots=8, body_slots=30,
                   max_requests_per_key=5, body_timeout_s=7)
     gate = obj.__serve_build_asgi_app__().state.gate
-    assert (gate.slots.limit, gate.slots.per_key, gate.body_timeout_s) == (92, 5, 7)
+    assert (gate.slots.limit, gate.slots.per_key, gate.readers.limit, gate.body_timeout_s) == (
+        62, 5, 30, 7)
 
 
 def test_a_silent_replica_stream_ends_with_an_error_chunk_long_before_the_deadline():
@@ -533,6 +557,7 @@ def test_the_proxys_own_errors_are_openai_shaped_and_name_no_figures(status, cod
     assert start["status"] == status
     headers = dict(start["headers"])
     assert headers[b"content-type"] == b"application/json" and headers[b"retry-after"] == b"2"
+    assert headers[b"x-proxy-error"] == b"1"  # the ingress never saw this request
     error = json.loads(body["body"])["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
     assert "queued" not in error["message"] and int(headers[b"content-length"]) == len(
