@@ -7,7 +7,8 @@ ingress replica's queue is full (its text names the queue figures), 408 at its r
 (keep running after the client leaves). This middleware, run inside the proxy, removes those
 headers from every request and rewrites the proxy's plain-text errors into OpenAI's error shape
 (keeping `Retry-After`, dropping the figures, adding `X-Proxy-Error: 1`). Answers from the
-ingress (always JSON) pass as they are. Install it with the proxy's environment variable (the image sets it)::
+ingress (always JSON) pass as they are. Install it with the proxy's environment variable
+(the image sets it)::
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy_middleware:middlewares
 
