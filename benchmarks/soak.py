@@ -248,8 +248,9 @@ async def client_loop(i: int, url: str, args: argparse.Namespace, stats: Stats,
             body = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
                     "stream": True, "stream_options": {"include_usage": True}}
             if rng.random() < args.poison_fraction:
-                messages.pop()
-                await poison_request(client, url, body, rng, stats)
+                await poison_request(client, url, {**body, "messages": list(messages)}, rng,
+                                     stats)
+                messages.pop()  # the conversation goes on without the hostile turn
                 continue
             headers = {"X-User-Id": f"soak-{i}-{conversation}"} if args.sticky_users else {}
             status, text, retry = await one_request(client, url, body, headers, stats,
