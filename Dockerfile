@@ -53,10 +53,13 @@ COPY configs ./configs
 COPY examples ./examples
 # The import check needs no GPU (the build machine has none): nothing here touches CUDA.
 RUN pip install --no-deps . \
-    && python -c "import deployments.app, torch; print('torch', torch.__version__, torch.version.cuda)"
+    && python -c "import deployments.app, deployments.proxy_middleware, torch; print('torch', torch.__version__, torch.version.cuda)"
 
 # Weights downloaded from the Hugging Face Hub land here (mount a volume; the manifests do).
 ENV HF_HOME=/models/huggingface
+# Serve's proxy drops clients' control headers and answers its own errors in OpenAI's shape
+# (deployments/proxy_middleware.py).
+ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy_middleware:middlewares
 # Serve's HTTP proxy, Ray's metrics export, the dashboard, the GCS. KubeRay runs `ray start`
 # itself; by hand: docker run --gpus all -p 8000:8000 IMAGE serve run configs/<file>.yaml
 EXPOSE 8000 8080 8265 6379

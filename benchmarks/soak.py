@@ -11,9 +11,16 @@ kept, otherwise requests are anonymous and every KV byte must be free again at t
 A 429 is honoured by waiting Retry-After. Clients start no request after --duration-s; each
 request has a hard timeout (a "hung" stream if it trips). Traffic goes to 127.0.0.1 only.
 
+Hostile traffic mixes in (issue 11): --stalled-bodies N connections each send headers and
+half a body, then nothing, opening again whenever the server closes one (a 408 after
+`ingress.body_timeout_s`); --poison-fraction F of the clients' turns go out as hostile requests
+instead (a tiny temperature or top_p, which must be answered 200; a lone surrogate, a boolean
+`max_tokens`, an over-long prompt, which must be 4xx), counted apart from the well-formed ones.
+
 Writes a JSON report: requests, HTTP statuses, error chunks by code, hung streams, time to first
-token p50/p99, memory (RSS) of every process before and after, and each replica's KV state at
-the end. Exit status 0 only if there were no 5xx, no hung stream, and all KV was freed.
+token p50/p99, memory (RSS) of every process before and after, each replica's KV state at the
+end, and the hostile traffic's counts. Exit status 0 only if no well-formed request got a 5xx
+or an error chunk, no stream hung, no poison request got a 5xx, and all KV was freed.
 """
 
 from __future__ import annotations
@@ -114,6 +121,17 @@ def memory(procs: list[psutil.Process]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# Hostile turns: (name, body changes, whether a 200 is the right answer). Those answered 200
+# are well-formed (odd sampling values); the rest are the client's mistakes (a 4xx).
+POISON = (
+    ("tiny_temperature", {"temperature": 1e-40}, True),
+    ("tiny_top_p", {"temperature": 1.0, "top_p": 1e-46}, True),
+    ("lone_surrogate", {"messages": [{"role": "user", "content": "a\ud800b"}]}, False),
+    ("boolean_max_tokens", {"max_tokens": True}, False),
+    ("huge_prompt", {"messages": [{"role": "user", "content": "ab " * 1_300_000}]}, False),
+)
+
+
 class Stats:
     def __init__(self) -> None:
         self.statuses: dict[str, int] = {}
@@ -123,6 +141,53 @@ class Stats:
         self.ttft_s: list[float] = []
         self.tokens_out = 0
         self.requests = 0
+        self.poison: dict[str, dict[str, int]] = {}  # name -> status -> count
+        self.poison_wrong = 0  # a 5xx, or a 200 where a 4xx was due (or the reverse)
+        self.stalled: dict[str, int] = {"opened": 0, "answered_408": 0, "other": 0}
+
+
+async def poison_request(client: httpx.AsyncClient, url: str, base: dict, rng: random.Random,
+                         stats: Stats) -> None:
+    """One hostile turn (POISON), not streamed; counted by its name and status."""
+    name, changes, should_pass = rng.choice(POISON)
+    body = {**base, "stream": False, **changes}
+    body.pop("stream_options", None)
+    data = json.dumps(body, ensure_ascii=True)  # a surrogate travels as its \ud800 escape
+    try:
+        response = await client.post(f"{url}/v1/chat/completions", content=data,
+                                     headers={"content-type": "application/json"})
+        status = response.status_code
+    except httpx.HTTPError:
+        status = -2
+    counts = stats.poison.setdefault(name, {})
+    counts[str(status)] = counts.get(str(status), 0) + 1
+    if status >= 500 or status < 0 or (status == 200) != should_pass:
+        stats.poison_wrong += 1
+
+
+async def stalled_body(url: str, stats: Stats, stop_at: float) -> None:
+    """Headers and half a body, then nothing; again whenever the server closes it."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "y" * 400}]})
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    while time.monotonic() < stop_at:
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            await asyncio.sleep(0.5)
+            continue
+        stats.stalled["opened"] += 1
+        writer.write(head + body[: len(body) // 2].encode())
+        await writer.drain()
+        try:
+            line = await asyncio.wait_for(reader.readline(), max(0.1, stop_at - time.monotonic()))
+            key = "answered_408" if b" 408 " in line else "other"
+            if line:
+                stats.stalled[key] += 1
+        except (asyncio.TimeoutError, OSError):
+            pass
+        writer.close()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict,
@@ -182,6 +247,11 @@ async def client_loop(i: int, url: str, args: argparse.Namespace, stats: Stats,
             messages.append({"role": "user", "content": words})
             body = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
                     "stream": True, "stream_options": {"include_usage": True}}
+            if rng.random() < args.poison_fraction:
+                await poison_request(client, url, {**body, "messages": list(messages)}, rng,
+                                     stats)
+                messages.pop()  # the conversation goes on without the hostile turn
+                continue
             headers = {"X-User-Id": f"soak-{i}-{conversation}"} if args.sticky_users else {}
             status, text, retry = await one_request(client, url, body, headers, stats,
                                                     args.request_timeout_s)
@@ -197,7 +267,8 @@ async def drive(url: str, args: argparse.Namespace) -> tuple[Stats, float]:
     started = time.monotonic()
     stop_at = started + args.duration_s
     await asyncio.gather(*(client_loop(i, url, args, stats, stop_at)
-                           for i in range(args.clients)))
+                           for i in range(args.clients)),
+                         *(stalled_body(url, stats, stop_at) for _ in range(args.stalled_bodies)))
     return stats, time.monotonic() - started
 
 
@@ -244,6 +315,10 @@ def main() -> int:
     parser.add_argument("--request-timeout-s", type=float, default=120)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--sticky-users", action="store_true")
+    parser.add_argument("--stalled-bodies", type=int, default=0,
+                        help="connections that send half a body and stall")
+    parser.add_argument("--poison-fraction", type=float, default=0.0,
+                        help="share of turns sent as hostile requests instead")
     parser.add_argument("--card", default="cpu", help="what the replicas run on, for the name")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -290,11 +365,14 @@ def main() -> int:
             "kv_pages_total", "kv_pages_free", "resident_users", "evicted_users",
             "free_unified_memory_bytes")} for r in rows_after],
         "kv_all_freed": freed, "healthy_after": healthy,
+        "stalled_bodies": {"connections": args.stalled_bodies, **stats.stalled},
+        "poison": {"fraction": args.poison_fraction, "by_kind_and_status": stats.poison,
+                   "wrong_answers": stats.poison_wrong},
     }
     for r in report["replicas_after"]:
         r["resident_users"] = len(r["resident_users"] or [])
     ok = server_errors == 0 and stats.hung == 0 and freed and healthy \
-        and not stats.error_chunks
+        and not stats.error_chunks and stats.poison_wrong == 0
     report["pass"] = ok
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -52,6 +52,7 @@ def router_config(cfg: RouterConfig) -> RequestRouterConfig:
             "free_memory_tolerance_fraction": cfg.free_memory_tolerance_fraction,
             "sticky_max_wait_s": cfg.sticky_max_wait_s,
             "placement_ttl_s": cfg.placement_ttl_s,
+            "stale_stats_s": cfg.stale_after_s,
         },
         request_routing_stats_period_s=cfg.stats_period_s,
         request_routing_stats_timeout_s=max(5.0, 5 * cfg.stats_period_s),

@@ -37,8 +37,14 @@ def key_id(key: str) -> str:
 class KeyRing:
     """The accepted API keys, held only as SHA-256 digests."""
 
-    def __init__(self, keys: Iterable[str] = ()) -> None:
-        self._digests = [_digest(k) for k in dict.fromkeys(keys) if k]
+    def __init__(self, keys: Iterable[str] = (), admin_keys: Iterable[str] = ()) -> None:
+        admin = [k for k in dict.fromkeys(admin_keys) if k]
+        self._digests = [_digest(k) for k in dict.fromkeys([*keys, *admin]) if k]
+        self._admin_ids = frozenset(key_id(k) for k in admin)
+
+    def is_admin(self, principal: str | None) -> bool:
+        """Whether the key id `principal` (from `match`) is an admin key's."""
+        return principal is not None and principal in self._admin_ids
 
     @property
     def enabled(self) -> bool:
@@ -101,7 +107,24 @@ def load_keys(cfg: AuthConfig, environ: Mapping[str, str] = os.environ) -> KeyRi
                 "in the ingress process"
             )
         keys += found
-    return KeyRing(keys)
+    admin: list[str] = []
+    if cfg.admin_keys_env:
+        admin = [k for k in _SEPARATORS.split(environ.get(cfg.admin_keys_env, "")) if k]
+        if not admin:
+            raise ConfigError(f"auth.admin_keys_env: environment variable {cfg.admin_keys_env} "
+                              "is unset or empty in the ingress process")
+    return KeyRing(keys, admin)
+
+
+def user_secret(cfg: AuthConfig, environ: Mapping[str, str] = os.environ) -> bytes:
+    """The secret keying user hashes (`auth.user_key_secret_env`), or b"" when none is set."""
+    if not cfg.user_key_secret_env:
+        return b""
+    secret = environ.get(cfg.user_key_secret_env, "")
+    if not secret:
+        raise ConfigError(f"auth.user_key_secret_env: environment variable "
+                          f"{cfg.user_key_secret_env} is unset or empty in the ingress process")
+    return secret.encode("utf-8")
 
 
 def namespaced_user(principal: str | None, user: str | None) -> str | None:

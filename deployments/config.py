@@ -204,6 +204,15 @@ class RouterConfig(_Section):
     placement_ttl_s: float = Field(
         30.0, gt=0, description="How long a router remembers its own unconfirmed placements."
     )
+    stale_stats_s: float | None = Field(
+        None, gt=0, description="Stats older than this rank their replica after every "
+        "replica with fresh stats (a frozen replica stops reporting); None: 5 stats periods, "
+        "at least 5 s.",
+    )
+
+    @property
+    def stale_after_s(self) -> float:
+        return self.stale_stats_s or max(5.0, 5 * self.stats_period_s)
 
 
 class IngressConfig(_Section):
@@ -213,7 +222,37 @@ class IngressConfig(_Section):
         600, gt=0, description="Longest a request may run before it is cut off (504)."
     )
     max_ongoing_requests: int = Field(
-        1024, gt=0, description="HTTP requests one ingress replica handles at once."
+        1024, gt=0, description="HTTP requests Serve lets one ingress replica hold at once "
+        "(also its actor's concurrency, which health checks share)."
+    )
+    probe_slots: int = Field(
+        16, ge=1, description="Of max_ongoing_requests, slots the ingress keeps free for "
+        "health checks and probes: it answers 429 `ingress_busy` beyond the rest.",
+    )
+    body_slots: int | None = Field(
+        None, ge=1, description="Of max_ongoing_requests, requests whose body may be arriving "
+        "at once; when full, the oldest incomplete body is answered 408 so a newer request "
+        "gets in (None: a quarter of max_ongoing_requests).",
+    )
+    max_requests_per_key: int | None = Field(
+        None, gt=0, description="With auth on, most requests one API key may have in flight "
+        "on one ingress replica (429 `key_busy` beyond); None: no cap.",
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, description="Longest a request's body may take to arrive whole (408 "
+        "`request_timeout` after), so a stalled client frees its slot.",
+    )
+    first_token_timeout_s: float = Field(
+        300, gt=0, description="Longest a request may wait for its first token, queueing "
+        "included (504 `timeout`); never more than request_timeout_s.",
+    )
+    admin_timeout_s: float = Field(
+        5, gt=0, description="Longest /admin/replicas waits for a replica's row; replicas "
+        "that take longer are listed as `unresponsive`.",
+    )
+    stream_idle_timeout_s: float = Field(
+        60, gt=0, description="Longest a replica's stream may go without a message after its "
+        "first; then the request ends with an error (504 / an error chunk `stream_stalled`).",
     )
     max_queued_requests: int = Field(
         1024,
@@ -239,6 +278,25 @@ class IngressConfig(_Section):
         "another replica (nothing reached the client yet, so this is safe).",
     )
 
+    @model_validator(mode="after")
+    def _probe_room(self) -> IngressConfig:
+        if self.request_limit < 1:
+            raise ValueError(f"probe_slots ({self.probe_slots}) and body_slots "
+                             f"({self.body_limit}) leave no room in max_ongoing_requests "
+                             f"({self.max_ongoing_requests})")
+        return self
+
+    @property
+    def body_limit(self) -> int:
+        """Requests whose body may be arriving at once (the gate's Readers)."""
+        return self.body_slots or max(1, self.max_ongoing_requests // 4)
+
+    @property
+    def request_limit(self) -> int:
+        """Requests the ingress's gate runs at once, bodies whole: Serve's limit less the
+        probes' slots and the bodies still arriving, so health checks always find a slot."""
+        return self.max_ongoing_requests - self.probe_slots - self.body_limit
+
 
 class AuthConfig(_Section):
     api_keys_file: str | None = Field(
@@ -251,6 +309,21 @@ class AuthConfig(_Section):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of an environment variable (in the ingress process) holding API "
         "keys separated by commas or whitespace. May be combined with api_keys_file.",
+    )
+
+    admin_keys_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable (in the ingress process) holding the "
+        "keys that may call `/admin/*` (also accepted everywhere else). With auth on and none "
+        "set, `/admin/*` answers 403 to every HTTP caller.",
+    )
+    user_key_secret_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable (in the ingress processes) holding a "
+        "secret that keys the user hashes (HMAC-SHA-256), so nobody without it can tell "
+        "whether a given user id is resident; unset: plain SHA-256.",
     )
 
     @property

@@ -7,13 +7,18 @@ Imports nothing of ours and nothing heavy, so the router and ingress can use it.
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 USER_HEADER = "x-user-id"
 MAX_USER_ID_LENGTH = 256
 
 
-def user_key(user_id: str) -> str:
-    """The stable opaque key (16 hex digits of SHA-256) for a user id."""
+def user_key(user_id: str, secret: bytes = b"") -> str:
+    """The stable opaque key (16 hex digits) for a user id: SHA-256 of it, or with a `secret`
+    (the deployment's, the same in every ingress) HMAC-SHA-256, so that without the secret
+    nobody can compute a given user's key to look for it among resident users."""
+    if secret:
+        return hmac.new(secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
 
 

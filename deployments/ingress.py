@@ -31,8 +31,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.admin import UNRESPONSIVE_HEADER, replica_rows
 from deployments.announce import announce_when_ready
-from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user
+from deployments.auth import HANDLE_PRINCIPAL, load_keys, namespaced_user, user_secret
 from deployments.config import AppArgs, parse_app_args
 from deployments.detokenizer import token_decoder
 from deployments.errors import (
@@ -55,6 +56,7 @@ from deployments.protocol import (
 )
 from deployments.readiness import Readiness, ReplicaCounts, deployment_counts, not_ready_error
 from deployments.serve_logging import wire_serve_logging
+from deployments.slots import Readers, Slots
 from deployments.streaming import (
     Messages,
     chat_events,
@@ -131,7 +133,8 @@ class OpenAIIngress:
         self._decoder = token_decoder(tokenizer)  # its byte table, built once
         self._prompts = PromptBuilder(tokenizer, self._args.engine.default_max_tokens,
                                       self._limits.max_messages,
-                                      _tool_parser(model.tool_call_parser, tokenizer))
+                                      _tool_parser(model.tool_call_parser, tokenizer),
+                                      user_secret(self._args.auth))
         logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
                     "on" if self._keys.enabled else "off", len(self._keys))
         self._readiness = Readiness(self._replica_counts, self._limits.retry_after_s)
@@ -141,8 +144,11 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after __init__: hand this replica's settings to the HTTP gate."""
         api: FastAPI = self.app  # type: ignore[attr-defined]  (set by serve.ingress)
-        api.state.gate = GateSettings(self._keys, int(self._limits.max_body_bytes),
-                                      self._metrics.reject)
+        limits = self._limits
+        api.state.gate = GateSettings(
+            self._keys, int(limits.max_body_bytes), self._metrics.reject, limits.body_timeout_s,
+            slots=Slots(limits.request_limit, limits.max_requests_per_key),
+            readers=Readers(limits.body_limit), retry_after_s=limits.retry_after_s)
         api.state.metrics = self._metrics
         return api
 
@@ -163,7 +169,8 @@ class OpenAIIngress:
 
     def _check_model(self, model: str) -> None:
         if model != self._model:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+            shown = model if len(model) <= 64 else f"{model[:64]}... ({len(model)} characters)"
+            raise APIError(404, f"The model '{shown}' does not exist; this server serves "
                            f"'{self._model}'", param="model", code="model_not_found")
 
     def _busy(self) -> APIError:
@@ -199,13 +206,15 @@ class OpenAIIngress:
         the first token). `arrived`: when the ingress got the request (monotonic)."""
         called = time.monotonic()
         await self._readiness.require()  # no model replica: 503 now, not a hang
-        deadline = arrived + self._limits.request_timeout_s
+        limits = self._limits
+        deadline = arrived + limits.request_timeout_s
+        first_by = min(deadline, arrived + limits.first_token_timeout_s)
         for attempt in range(self._limits.replica_retries + 1):
             stream = self._streaming.generate.remote(request=prepared.payload,
                                                      shape=prepared.shape)
             try:
                 first = await asyncio.wait_for(stream.__anext__(),
-                                               max(0.0, deadline - time.monotonic()))
+                                               max(0.0, first_by - time.monotonic()))
                 break
             except asyncio.TimeoutError:
                 stream.cancel()
@@ -240,7 +249,8 @@ class OpenAIIngress:
                 self._metrics.request_done(endpoint, None, tpot)
 
         text = TextStream(self._decoder, start, prepared.stop, prepared.min_tokens)
-        tokens = _prepend(first[1:], until_deadline(stream, deadline))
+        tokens = _prepend(first[1:], until_deadline(stream, deadline,
+                                                    limits.stream_idle_timeout_s))
         messages = detokenized(tokens, text, ended)
         if prepared.tools is not None:
             messages = tool_events(messages, prepared.tools)
@@ -310,12 +320,12 @@ class OpenAIIngress:
         return await self._respond(body, self._http_user(request, x_user_id, body.user))
 
     @app.get("/admin/replicas")
-    async def admin_replicas(self) -> list[dict[str, Any]]:
-        """One object per live replica: memory, KV bytes and resident (hashed) users."""
-        response = self._llm.broadcast("replica_info")
-        results = await response.results_async(timeout_s=10, return_exceptions=True)
-        rows = [r for r in results if isinstance(r, dict)]
-        return sorted(rows, key=lambda r: r["replica_id"])
+    async def admin_replicas(self) -> JSONResponse:
+        """One object per replica that answers: memory, KV bytes and resident (hashed)
+        users; those that do not are counted in X-Replicas-Unresponsive (admin.py)."""
+        rows, missing = await replica_rows(self._llm, "replica_info",
+                                           self._limits.admin_timeout_s)
+        return JSONResponse(rows, headers={UNRESPONSIVE_HEADER: str(missing)})
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -372,4 +382,5 @@ class OpenAIIngress:
 
     async def replicas(self) -> list[dict[str, Any]]:
         """The same rows as GET /admin/replicas."""
-        return await self.admin_replicas()
+        rows, _ = await replica_rows(self._llm, "replica_info", self._limits.admin_timeout_s)
+        return rows

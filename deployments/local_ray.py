@@ -83,6 +83,9 @@ def start_head(ports: HeadPorts, temp_dir: str | None = None, timeout_s: float =
     ensure_auth_token()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # Serve's proxy drops clients' control headers, answers in OpenAI's shape (as the image).
+    env.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+                   "deployments.proxy_middleware:middlewares")
     fd, log_path = tempfile.mkstemp(prefix="grace-serve-ray-head-", suffix=".log")
     with os.fdopen(fd, "wb") as log:  # the head keeps writing to its own copy
         head = subprocess.Popen(head_command(ports, temp_dir), stdout=log,

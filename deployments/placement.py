@@ -21,6 +21,10 @@ stats, plus this router's own recent placements (stats lag by one period).
   the same user.
 - A request without a user has no cache to keep: all replicas form one rank and Serve picks
   the shortest queue.
+- A replica whose last stats are older than ``stale_after_s`` (a frozen or overloaded process
+  that stopped answering Serve's polls; Serve keeps its last stats however old) ranks after
+  every replica with fresh stats, in every decision: it may be gone, and a user sent there
+  would wait for it. A returning user whose home went stale is served elsewhere meanwhile.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class ReplicaView:
     resident: frozenset[str]
     new_user_bytes: int  # estimated bytes a new user adds there
     kv_budget_bytes: int = 0  # the replica's KV budget; 0: not reported
+    as_of: float | None = None  # when the replica made these stats (its time.time())
 
     @classmethod
     def from_stats(cls, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaView:
@@ -70,6 +75,7 @@ class ReplicaView:
             resident=resident,
             new_user_bytes=per_user or per_token * DEFAULT_NEW_USER_TOKENS,
             kv_budget_bytes=budget,
+            as_of=float(stats["as_of"]) if "as_of" in stats else None,
         )
 
 
@@ -116,6 +122,10 @@ class PlacementLedger:
 class PlacementPolicy:
     tolerance_fraction: float = 0.01
     sticky_max_wait_s: float = 30.0
+    stale_after_s: float = float("inf")  # stats older than this rank their replica last
+
+    def is_stale(self, view: ReplicaView, now: float) -> bool:
+        return view.as_of is not None and now - view.as_of > self.stale_after_s
 
 
 @dataclass(frozen=True)
@@ -177,13 +187,24 @@ def decide(
     `request_bytes`: estimated KV bytes of its prompt (0: unknown)."""
     if not views:
         return Decision([], "none")
+    stale = {v.replica_id for v in views if policy.is_stale(v, now)}
     if user is None:
-        return Decision([[v.replica_id for v in views]], "anonymous")
+        ranks = [[v.replica_id for v in views if v.replica_id not in stale],
+                 [v.replica_id for v in views if v.replica_id in stale]]
+        return Decision([rank for rank in ranks if rank], "anonymous")
     ledger.reconcile(views, now)
     home = find_home(user, views, ledger, now)
-    if home is not None and waited_s < policy.sticky_max_wait_s:
-        return Decision([[home]], "home")
-    ranked = rank_for_new_user(user, views, ledger, policy, now, request_bytes)
+    ranked = _stale_last(rank_for_new_user(user, views, ledger, policy, now, request_bytes),
+                         stale)
     if home is None:
         return Decision([[r] for r in ranked], "new")
+    if home in stale:  # it may be gone: fresh replicas first, home after them
+        return Decision([[r] for r in ranked if r != home] + [[home]], "home")
+    if waited_s < policy.sticky_max_wait_s:
+        return Decision([[home]], "home")
     return Decision([[home]] + [[r] for r in ranked if r != home], "home")
+
+
+def _stale_last(ranked: list[str], stale: set[str]) -> list[str]:
+    """`ranked` with the stale replicas moved to its end, each part in its order."""
+    return [r for r in ranked if r not in stale] + [r for r in ranked if r in stale]

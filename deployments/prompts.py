@@ -30,6 +30,7 @@ from deployments.protocol import (
     CompletionRequest,
     _SamplingFields,
 )
+from deployments.token_bound import fewest_tokens, max_bytes_per_token
 from deployments.tokenizer import TextTokenizer
 from deployments.tool_calls import ParserName
 from deployments.tool_choice import ToolPlan, plan_tools
@@ -76,12 +77,18 @@ class PromptBuilder:
     """Tokenizes and shapes requests for one model."""
 
     def __init__(self, tokenizer: TextTokenizer, default_max_tokens: int,
-                 max_messages: int, tool_parser: ParserName | None = None) -> None:
+                 max_messages: int, tool_parser: ParserName | None = None,
+                 user_secret: bytes = b"") -> None:
+        """`user_secret` keys the user hashes (identity.user_key)."""
         self.tokenizer = tokenizer
         self.tokens = PromptTokens(tokenizer)
+        self.user_secret = user_secret
         self.default_max_tokens = default_max_tokens
         self.max_messages = max_messages
         self.tool_parser = tool_parser  # the model's tool-call format; None: it has none
+        # At most this many bytes of text a token (None: no certain bound): text too long
+        # for the context even so is refused before it costs seconds of tokenizing.
+        self.bytes_per_token = max_bytes_per_token(tokenizer.backend_tokenizer)
 
     async def chat(self, req: ChatCompletionRequest, user: str | None, context: int
                    ) -> Prepared:
@@ -91,6 +98,7 @@ class PromptBuilder:
         plan = plan_tools(req, self.tool_parser)
         messages = [template_message(i, m) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        self._check_length([m["content"] or "" for m in messages], context, "messages")
         try:
             ids = await asyncio.to_thread(self._encode_chat, user, messages, tools,
                                           plan.forced if plan else "")
@@ -110,8 +118,18 @@ class PromptBuilder:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         else:
             text = prompt if isinstance(prompt, str) else prompt[0]
+            self._check_length([text], context, "prompt")
             ids = await asyncio.to_thread(self.tokens.encode, user, text, True)
         return self._prepared(req, ids, req.max_tokens, user, context, "prompt")
+
+    def _check_length(self, texts: list[str], context: int, param: str) -> None:
+        """Refuse text that no tokenization fits in the context, before tokenizing it."""
+        size = sum(len(text.encode("utf-8")) for text in texts)
+        least = fewest_tokens(size, self.bytes_per_token)
+        if least >= context:
+            raise APIError(400, f"the prompt's text is {size} bytes: at least {least} tokens, "
+                           f"but this model's context is {context} tokens", param=param,
+                           code="context_length_exceeded")
 
     def _encode_chat(self, user: str | None, messages: list[dict[str, Any]],
                      tools: list[dict] | None = None, answer_prefix: str = "") -> array.array:
@@ -124,9 +142,9 @@ class PromptBuilder:
                   max_tokens: int | None, user: str | None, context: int, param: str
                   ) -> Prepared:
         try:
-            shape = shape_request(user_key(user) if user else None, len(ids),
-                                  max_tokens or self.default_max_tokens, context, param,
-                                  req.token_limit_param)
+            shape = shape_request(user_key(user, self.user_secret) if user else None,
+                                  len(ids), max_tokens or self.default_max_tokens, context,
+                                  param, req.token_limit_param)
         except AdmissionError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         sampling = {k: v for k, v in req.sampling(shape.max_tokens).items() if k != "stop"}

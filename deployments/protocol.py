@@ -12,7 +12,14 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from deployments.api_fields import Endpoint, refuse_fields
@@ -29,6 +36,25 @@ def invalid(param: str, message: str) -> PydanticCustomError:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _utf8_text(self) -> Any:
+        """Every string must be encodable as UTF-8: JSON's `\\ud800` escapes decode to lone
+        surrogates, which no tokenizer takes (nested models check their own fields)."""
+        for name, value in self:
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str) and not _is_utf8(text):
+                    raise ValueError(f"{name}: the text is not valid Unicode (it holds a lone "
+                                     "surrogate, e.g. an unpaired \\ud800 escape)")
+        return self
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class TextPart(_Request):
@@ -103,16 +129,16 @@ class _SamplingFields(_Request):
     model: str = Field(..., min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1)
+    n: StrictInt | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     # vLLM's extensions, for controlled lengths (benchmarks, tests):
     ignore_eos: bool = Field(
         False, description="Keep generating past end-of-sequence tokens up to max_tokens.")
-    min_tokens: int = Field(
+    min_tokens: StrictInt = Field(
         0, ge=0, description="End-of-sequence tokens and stop strings count only after this "
         "many tokens.")
 
@@ -176,8 +202,8 @@ class _SamplingFields(_Request):
 class ChatCompletionRequest(_SamplingFields):
     ENDPOINT = "chat"
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
+    max_tokens: StrictInt | None = Field(None, gt=0)  # strict: `true` is not 1
+    max_completion_tokens: StrictInt | None = Field(None, gt=0)
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = Field(True, description="False: at most one call an answer.")
@@ -218,8 +244,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     ENDPOINT = "completion"
-    prompt: str | list[str] | list[int] = Field(...)
-    max_tokens: int | None = Field(16, gt=0)
+    prompt: str | list[str] | list[StrictInt] = Field(...)
+    max_tokens: StrictInt | None = Field(16, gt=0)
     echo: bool = False  # true is refused (api_fields.py)
 
     @property

@@ -52,9 +52,11 @@ class UnifiedMemoryRouter(RequestRouter):
         free_memory_tolerance_fraction: float = 0.01,
         sticky_max_wait_s: float = 30.0,
         placement_ttl_s: float = 30.0,
+        stale_stats_s: float = float("inf"),
         **kwargs: Any,
     ) -> None:
-        self._policy = PlacementPolicy(free_memory_tolerance_fraction, sticky_max_wait_s)
+        self._policy = PlacementPolicy(free_memory_tolerance_fraction, sticky_max_wait_s,
+                                       stale_stats_s)
         self._ledger = PlacementLedger(placement_ttl_s)
         # replica id -> (the stats object a view was built from, that view): stats arrive as
         # new objects once a period, so a view (hashing every resident user) is built once.

@@ -32,22 +32,28 @@ def _failure(status: int, message: str, code: str) -> dict[str, Any]:
             "param": None, "code": code}
 
 
-async def until_deadline(stream: Any, deadline: float) -> Messages:
-    """A replica's stream of messages, ended by an error event if it fails (the replica died)
-    or outlives `deadline` (monotonic seconds). If the consumer stops early (client gone, a
-    stop string) or time runs out, the replica call is cancelled.
+async def until_deadline(stream: Any, deadline: float, idle_s: float = float("inf")
+                         ) -> Messages:
+    """A replica's stream of messages, ended by an error event if it fails (the replica died),
+    outlives `deadline` (monotonic seconds) or sends nothing for `idle_s` seconds (a frozen
+    replica). If the consumer stops early (client gone, a stop string) or time runs out, the
+    replica call is cancelled.
     """
     finished = False
     try:
         while True:
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(stream.__anext__(),
-                                               max(0.0, deadline - time.monotonic()))
+                message = await asyncio.wait_for(stream.__anext__(), max(0.0, min(left, idle_s)))
             except StopAsyncIteration:
                 finished = True
                 return
             except asyncio.TimeoutError:
-                yield [_failure(504, "request timed out", "timeout")]
+                if idle_s < left:
+                    yield [_failure(504, f"the model replica sent nothing for {idle_s:g} s",
+                                    "stream_stalled")]
+                else:
+                    yield [_failure(504, "request timed out", "timeout")]
                 return
             except Exception as exc:
                 logger.warning("replica stream failed: %s", type(exc).__name__)

@@ -14,6 +14,11 @@ APP = "llm"
 # so every worker process inherits it.
 ENV_KEY_VAR = "GRACE_SERVE_TEST_API_KEYS"
 ENV_KEY = "gs-test-env-key-5d1e0c"
+# The guarded app's admin key and user-hash secret, read the same way.
+ADMIN_KEY_VAR, ADMIN_KEY = "GRACE_SERVE_TEST_ADMIN_KEYS", "gs-test-admin-key-77a0e4"
+SECRET_VAR, USER_SECRET = "GRACE_SERVE_TEST_USER_SECRET", "gs-test-user-secret-0c4d"
+PROXY_CALLBACK_VAR = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "deployments.proxy_middleware:middlewares"
 # Small and quick on 2 cores; short stats period so routing sees fresh numbers.
 SERVICE_ARGS = {
     "model": {"model_id": "builtin:tiny-llama", "served_model_name": "tiny-llama",
@@ -41,6 +46,10 @@ def serve_url():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ[ENV_KEY_VAR] = ENV_KEY
+    os.environ[ADMIN_KEY_VAR] = ADMIN_KEY
+    # Serve's proxy runs our middleware, as in the image (deployments/proxy_middleware.py).
+    os.environ.setdefault(PROXY_CALLBACK_VAR, PROXY_CALLBACK)
+    os.environ[SECRET_VAR] = USER_SECRET
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              # Metrics reach the node's /metrics within a second (default: 10 s).
              _system_config={"metrics_report_interval_ms": 1000})

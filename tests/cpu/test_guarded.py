@@ -16,7 +16,15 @@ import pytest
 
 from deployments.auth import key_id, namespaced_user
 from deployments.identity import user_key
-from tests.cpu.conftest import ENV_KEY, ENV_KEY_VAR, wait_healthy
+from tests.cpu.conftest import (
+    ADMIN_KEY,
+    ADMIN_KEY_VAR,
+    ENV_KEY,
+    ENV_KEY_VAR,
+    SECRET_VAR,
+    USER_SECRET,
+    wait_healthy,
+)
 
 MODEL = "tiny-llama"
 KEY_A, KEY_B = "gs-test-file-key-alpha-91c2", "gs-test-file-key-bravo-03fe"
@@ -42,7 +50,8 @@ def guarded(serve_url, tmp_path_factory):
 
     keys = tmp_path_factory.mktemp("keys") / "api-keys.txt"
     keys.write_text(f"# test keys\n{KEY_A}\n\n{KEY_B}  # second\n")
-    args = {**ARGS, "auth": {"api_keys_file": str(keys), "api_keys_env": ENV_KEY_VAR}}
+    args = {**ARGS, "auth": {"api_keys_file": str(keys), "api_keys_env": ENV_KEY_VAR,
+                             "admin_keys_env": ADMIN_KEY_VAR, "user_key_secret_env": SECRET_VAR}}
     serve.run(build_app(args), name="guarded", route_prefix="/guarded")
     url = f"{serve_url}/guarded"
     wait_healthy(url)
@@ -111,11 +120,16 @@ def test_the_same_user_under_two_keys_never_shares_a_cache(guarded):
     assert cached(post(guarded, body2, KEY_A)) == 0  # anonymous, even under A's own key
     # Alice under key A still finds her whole first turn: no one read or extended it.
     assert cached(post(guarded, body2, KEY_A, "alice")) >= first.json()["usage"]["prompt_tokens"]
+    assert_openai_error(httpx.get(f"{guarded}/admin/replicas", timeout=30, headers={
+        "Authorization": f"Bearer {KEY_A}"}), 403, "admin_key_required")
     rows = httpx.get(f"{guarded}/admin/replicas", timeout=30,
-                     headers={"Authorization": f"Bearer {KEY_A}"}).json()
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     resident = {u for r in rows for u in r["resident_users"]}
-    assert user_key(namespaced_user(key_id(KEY_A), "alice")) in resident
-    assert user_key("alice") not in resident
+    alice = namespaced_user(key_id(KEY_A), "alice")
+    # Resident users are keyed by the deployment's secret: without it, alice's plain hash
+    # (or any guess) is not among them.
+    assert user_key(alice, USER_SECRET.encode()) in resident
+    assert user_key(alice) not in resident and user_key("alice") not in resident
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(guarded):

@@ -138,8 +138,10 @@ def wait_for_status(url: str, path: str, status: int, timeout_s: float = 120) ->
     while time.monotonic() < deadline:
         try:
             response = httpx.get(f"{url}{path}", timeout=10)
-            # Until the ingress runs, Serve's proxy answers with its own (non-JSON) 404 or 503.
-            ours = response.headers.get("content-type", "").startswith("application/json")
+            # Until the ingress runs, Serve's proxy answers with its own 404 or 503 (plain
+            # text, or JSON marked X-Proxy-Error where it runs proxy_middleware).
+            ours = response.headers.get("content-type", "").startswith(
+                "application/json") and "x-proxy-error" not in response.headers
             if response.status_code == status and ours:
                 return response
         except httpx.HTTPError:

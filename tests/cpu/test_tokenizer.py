@@ -183,7 +183,9 @@ import sys
 from deployments.model_files import resolve_model_dir
 from deployments.tokenizer import TextTokenizer
 from deployments.detokenizer import IncrementalDetokenizer
+from deployments.token_bound import max_bytes_per_token
 tok = TextTokenizer.load(resolve_model_dir("builtin:tiny-llama", weights=False))
+assert max_bytes_per_token(tok.backend_tokenizer)
 ids = tok.encode_chat([{"role": "user", "content": "héllo"}])
 detok = IncrementalDetokenizer(tok, stop=["<|assistant|>"])
 text = detok.push(ids).text + detok.flush()

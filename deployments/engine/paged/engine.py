@@ -282,8 +282,11 @@ class PagedEngine(Engine):
             decode_only = batch.decode_only  # before _advance changes the sequences
             try:
                 launched = self.runner.launch(batch, feed=pending)
-            except Exception as exc:  # out of memory, a kernel error: fail this step's requests
-                self._fail(batch, exc)
+            except Exception as exc:  # a poison row, out of memory: find whom it concerns
+                if pending is not None:
+                    self._resolve(pending)  # every token in flight is known on the host now
+                    pending = None
+                self._isolate(batch, exc)
                 continue
             with self._lock:
                 self._advance(launched)
@@ -330,6 +333,30 @@ class PagedEngine(Engine):
             self.scheduler.keep_free(self._keep_free)
         self._outbox.flush()
 
+    def _isolate(self, batch: Batch, exc: Exception) -> None:
+        """After `batch` failed to launch: run each of its rows as a step of its own, so only
+        the rows that fail alone fail. Nothing of the failed launch was advanced (its rows'
+        KV writes are rewritten, identically, by their own steps), and no step is in flight,
+        so each row feeds from the host. A batch of one row simply fails."""
+        if len(batch) == 1:
+            self._fail(batch, exc)
+            return
+        logger.warning("a step of %d rows failed (%s: %s); running its rows one by one",
+                       len(batch), type(exc).__name__, exc)
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            if seq.status is not Status.RUNNING or seq.aborted:
+                continue  # ended by the tokens just delivered, or gone
+            alone = Batch()
+            alone.add(seq, n)
+            try:
+                step = self.runner.launch(alone)
+            except Exception as row_exc:
+                self._fail(alone, row_exc)
+                continue
+            with self._lock:
+                self._advance(step)
+            self._resolve(step)
+
     def _fail(self, batch: Batch, exc: Exception) -> None:
         logger.error("engine step failed", exc_info=exc)
         with self._lock:
@@ -341,22 +368,33 @@ class PagedEngine(Engine):
         self._outbox.flush()
 
     def _deliver(self, batch: Batch, tokens: list[int | None]) -> None:
-        """The one place a sampled token lands: in its sequence, then in its stream."""
+        """The one place a sampled token lands: in its sequence, then in its stream. A row
+        whose delivery fails ends with that error; the others still get their tokens."""
         for seq, token in zip(batch.seqs, tokens, strict=True):
             if token is None or seq.aborted or seq.status is Status.FINISHED:
                 continue
-            at = len(seq.token_ids) - seq.in_flight  # its oldest placeholder, if any
-            if at < len(seq.token_ids):
-                seq.token_ids[at] = token
-            else:
-                seq.token_ids.append(token)  # its last token: no step needed it
-            seq.num_generated += 1
-            if seq.stream is not None:
-                self._outbox.put(seq.stream, token)
-            if self._ends(seq, token):
+            try:
+                self._deliver_one(seq, token)
+            except Exception as exc:
+                logger.error("delivering a token failed", exc_info=exc)
                 self.scheduler.finish(seq)
                 if seq.stream is not None:
-                    self._outbox.end(seq.stream)
+                    self._outbox.end(seq.stream, exc)
+
+    def _deliver_one(self, seq: Sequence, token: int) -> None:
+        """One row's token: into its sequence, then its stream; ends it if it is the last."""
+        at = len(seq.token_ids) - seq.in_flight  # its oldest placeholder, if any
+        if at < len(seq.token_ids):
+            seq.token_ids[at] = token
+        else:
+            seq.token_ids.append(token)  # its last token: no step needed it
+        seq.num_generated += 1
+        if seq.stream is not None:
+            self._outbox.put(seq.stream, token)
+        if self._ends(seq, token):
+            self.scheduler.finish(seq)
+            if seq.stream is not None:
+                self._outbox.end(seq.stream)
 
     def _ends(self, seq: Sequence, token: int) -> bool:
         return seq.sampling.finish_reason(token in self.eos_token_ids,

@@ -117,7 +117,7 @@ def build_plan(params: Sequence[SamplingParams], seeds: Sequence[int],
     temp = np.where(temp >= MIN_TEMPERATURE, temp, 0.0).astype(np.float32)
     top_p = np.nan_to_num(np.array([p.top_p for p in params], dtype=np.float64), nan=1.0)
     min_p = np.nan_to_num(np.array([p.min_p for p in params], dtype=np.float64), nan=0.0)
-    top_k = np.clip(np.array([p.top_k for p in params], dtype=np.int64), 0, 2**31 - 1)
+    top_k = np.array([min(max(int(p.top_k), 0), 2**31 - 1) for p in params], dtype=np.int64)
     return SamplingPlan(
         temperature=temp,
         top_p=np.clip(top_p.astype(np.float32), _TINY_P, 1.0),
