@@ -19,12 +19,14 @@ from collections.abc import AsyncIterator
 import torch
 
 from deployments.config import AppArgs
+from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
     CapacityError,
     Engine,
     EngineStats,
     GenerationRequest,
     RequestProgress,
+    TokenLogprob,
 )
 from deployments.engine.loader import load_tokenizer, resolve_model_path, torch_dtype
 from deployments.engine.paged.cache_manager import CacheManager
@@ -300,6 +302,8 @@ class PagedEngine(Engine):
         sched, cache = self.scheduler, self.cache
         if self._inbox or sched.waiting or any(seq.aborted for seq in sched.running):
             return False
+        if any(seq.grammar is not None for seq in sched.running):
+            return False  # a grammar's next mask needs the token in flight on the host
         # The next schedule must find its pages free: no preemption while a step is in flight.
         need = 0
         for seq in sched.running:
@@ -325,8 +329,9 @@ class PagedEngine(Engine):
         except Exception as exc:
             self._fail(step.batch, exc)
             return
+        logprobs = step.logprobs()
         with self._lock:
-            self._deliver(step.batch, tokens)
+            self._deliver(step.batch, tokens, logprobs)
             self.scheduler.keep_free(self._keep_free)
         self._outbox.flush()
 
@@ -340,9 +345,11 @@ class PagedEngine(Engine):
                         self._outbox.end(seq.stream, exc)
         self._outbox.flush()
 
-    def _deliver(self, batch: Batch, tokens: list[int | None]) -> None:
-        """The one place a sampled token lands: in its sequence, then in its stream."""
-        for seq, token in zip(batch.seqs, tokens, strict=True):
+    def _deliver(self, batch: Batch, tokens: list[int | None],
+                 logprobs: list[TokenLogprob | None]) -> None:
+        """The one place a sampled token lands: in its sequence (and grammar), then in its
+        stream (with its logprobs)."""
+        for seq, token, logprob in zip(batch.seqs, tokens, logprobs, strict=True):
             if token is None or seq.aborted or seq.status is Status.FINISHED:
                 continue
             at = len(seq.token_ids) - seq.in_flight  # its oldest placeholder, if any
@@ -351,8 +358,10 @@ class PagedEngine(Engine):
             else:
                 seq.token_ids.append(token)  # its last token: no step needed it
             seq.num_generated += 1
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
             if seq.stream is not None:
-                self._outbox.put(seq.stream, token)
+                self._outbox.put(seq.stream, token, logprob)
             if self._ends(seq, token):
                 self.scheduler.finish(seq)
                 if seq.stream is not None:
@@ -383,6 +392,10 @@ class PagedEngine(Engine):
         )
         if request.sampling.seed is not None:
             seq.sample_seed = request.sampling.seed % (1 << 63)
+        if request.sampling.response_format is not None:  # a bad schema: RequestError, a 400
+            seq.grammar = Grammar(request.sampling.response_format, self.tokenizer,
+                                  self.spec.vocab_size, self.eos_token_ids)
+        progress.logprobs = stream.logprobs  # filled on this loop as tokens land
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
