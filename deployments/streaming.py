@@ -4,7 +4,8 @@ A replica streams messages, each a list of plain dicts (see `replica`): one `sta
 then `end` (with usage), or an `error` event. These helpers turn them into what the OpenAI API
 sends, keeping the replica's batching: one message becomes one write to the client (one SSE
 frame per chunk, all of a message's frames in one write). Pure functions of their inputs, but
-for `until_deadline`, which reads a replica stream; imports only `protocol` and `errors`.
+for `until_deadline`, which reads a replica stream; imports only `protocol`, `errors` and
+`logprob_format`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from deployments.errors import REPLICA_HEADER, APIError
+from deployments.logprob_format import LogprobFormatter
 from deployments.protocol import chat_chunk, completion_chunk, new_id
 
 logger = logging.getLogger("ray.serve")
@@ -64,33 +66,38 @@ def error_from_event(event: dict[str, Any], replica_id: str | None = None) -> AP
                     event["code"], replica_id=replica_id or event.get("replica_id"))
 
 
-async def collect(first: Event, messages: Messages) -> tuple[str, str | None, dict]:
-    """The whole answer: text, finish reason and usage; raises APIError on an error event."""
-    text, finish, usage = [], None, {}
+async def collect(first: Event, messages: Messages
+                  ) -> tuple[str, str | None, dict, list | None]:
+    """The whole answer: text, finish reason, usage and the tokens' logprob entries (None
+    when not asked for); raises APIError on an error event."""
+    text, finish, usage, entries = [], None, {}, None
     async for message in messages:
         for event in message:
             if event["event"] == "delta":
                 text.append(event["text"])
+                if "logprobs" in event:
+                    entries = (entries or []) + event["logprobs"]
             elif event["event"] == "end":
                 finish, usage = event["finish_reason"], event["usage"]
             elif event["event"] == "error":
                 raise error_from_event(event, first["replica_id"])
-    return "".join(text), finish, usage
+    return "".join(text), finish, usage, entries
 
 
 Chunks = AsyncIterator[list[dict[str, Any]]]
 
 
 async def _chunks(messages: Messages, include_usage: bool, on_error: Callable[[str], None],
-                  text: Callable[[str], dict], end: Callable[[str], dict],
+                  text: Callable[[str, list | None], dict], end: Callable[[str], dict],
                   usage: Callable[[dict], dict]) -> Chunks:
-    """Each replica message as the API chunks built by `text`, `end` and `usage`; an error
-    after the first token becomes an error chunk (and is reported to `on_error`)."""
+    """Each replica message as the API chunks built by `text` (from text and logprob
+    entries), `end` and `usage`; an error after the first token becomes an error chunk (and is
+    reported to `on_error`)."""
     async for message in messages:
         chunks = []
         for event in message:
-            if event["event"] == "delta" and event["text"]:
-                chunks.append(text(event["text"]))
+            if event["event"] == "delta" and (event["text"] or event.get("logprobs")):
+                chunks.append(text(event["text"], event.get("logprobs")))
             elif event["event"] == "end":
                 chunks.append(end(event["finish_reason"]))
                 if include_usage:
@@ -104,25 +111,41 @@ async def _chunks(messages: Messages, include_usage: bool, on_error: Callable[[s
 
 
 async def chat_events(model: str, messages: Messages, include_usage: bool,
-                      on_error: Callable[[str], None]) -> Chunks:
-    """Chat completion chunks, a list per replica message, opening with the assistant's role."""
+                      on_error: Callable[[str], None],
+                      logprobs: LogprobFormatter | None = None) -> Chunks:
+    """Chat completion chunks, a list per replica message, opening with the assistant's role;
+    each chunk's tokens' logprobs with it (formatted by `logprobs`)."""
     rid = new_id("chatcmpl")
     yield [chat_chunk(rid, model, {"role": "assistant", "content": ""})]
+
+    def text(t: str, entries: list | None) -> dict:
+        lp = logprobs.chat(entries) if logprobs is not None and entries is not None else None
+        return chat_chunk(rid, model, {"content": t}, logprobs=lp)
+
     async for chunks in _chunks(
-            messages, include_usage, on_error,
-            text=lambda t: chat_chunk(rid, model, {"content": t}),
+            messages, include_usage, on_error, text=text,
             end=lambda reason: chat_chunk(rid, model, {}, reason),
             usage=lambda u: chat_chunk(rid, model, None, usage=u)):
         yield chunks
 
 
 async def completion_events(model: str, messages: Messages, include_usage: bool,
-                            on_error: Callable[[str], None]) -> Chunks:
-    """Text completion chunks, a list per replica message."""
+                            on_error: Callable[[str], None],
+                            logprobs: LogprobFormatter | None = None) -> Chunks:
+    """Text completion chunks, a list per replica message (text_offset counts on across
+    chunks)."""
     rid = new_id("cmpl")
+    offset = 0
+
+    def text(t: str, entries: list | None) -> dict:
+        nonlocal offset
+        lp = None
+        if logprobs is not None and entries is not None:
+            lp, offset = logprobs.completion(entries, offset)
+        return completion_chunk(rid, model, t, logprobs=lp)
+
     async for chunks in _chunks(
-            messages, include_usage, on_error,
-            text=lambda t: completion_chunk(rid, model, t),
+            messages, include_usage, on_error, text=text,
             end=lambda reason: completion_chunk(rid, model, "", reason),
             usage=lambda u: completion_chunk(rid, model, None, usage=u)):
         yield chunks

@@ -53,8 +53,9 @@ class HostRules:
         p = self.penalties.reshape(3, -1)
         return bool((p[0] != 0).any() or (p[1] != 0).any() or (p[2] != 1).any())
 
-    def to_device(self, device: torch.device) -> DeviceRules:
+    def to_device(self, device: torch.device | str) -> DeviceRules:
         """Two packed uploads (pinned and asynchronous on CUDA)."""
+        device = torch.device(device)
         g, w = self.mask_words.shape
         slots, fresh, prompt, bias_i, rows = upload(
             [self.slots, self.fresh, self.prompt_index, self.bias_index, self.mask_rows],
