@@ -183,6 +183,7 @@ import sys
 from deployments.model_files import resolve_model_dir
 from deployments.tokenizer import TextTokenizer
 from deployments.detokenizer import IncrementalDetokenizer
+import deployments.logprob_format, deployments.streaming, deployments.text_stream
 tok = TextTokenizer.load(resolve_model_dir("builtin:tiny-llama", weights=False))
 ids = tok.encode_chat([{"role": "user", "content": "héllo"}])
 detok = IncrementalDetokenizer(tok, stop=["<|assistant|>"])
