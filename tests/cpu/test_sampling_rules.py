@@ -83,7 +83,7 @@ def test_logprobs_are_the_raw_distribution_of_the_reference_model(engine, refere
 def test_no_logprobs_unless_asked_and_zero_gives_only_the_drawn_token(engine):
     _, entries = generate(engine, [5, 6, 7], max_tokens=3, temperature=0.0, ignore_eos=True)
     assert entries == []
-    ids, entries = generate(engine, [5, 6, 7], max_tokens=3, temperature=0.0, logprobs=0,
+    _, entries = generate(engine, [5, 6, 7], max_tokens=3, temperature=0.0, logprobs=0,
                             ignore_eos=True)
     assert len(entries) == 3 and all(top == () for _, top in entries)
 
