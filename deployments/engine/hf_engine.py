@@ -22,6 +22,7 @@ import torch
 from deployments.config import AppArgs
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
+    ALL_SAMPLING_FEATURES,
     Engine,
     EngineStats,
     GenerationRequest,
@@ -64,6 +65,8 @@ def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 class HFEngine(Engine):
     """transformers forward passes, per-user DynamicCache, step-interleaved concurrency."""
+
+    sampling_features = ALL_SAMPLING_FEATURES  # logits_rules.py, grammar.py
 
     def __init__(self, args: AppArgs, memory: MemoryAccountant) -> None:
         self.device = memory.device

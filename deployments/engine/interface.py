@@ -80,6 +80,15 @@ class SamplingParams:
         if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
             raise RequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
 
+    def features(self) -> set[str]:
+        """The optional sampling fields this request uses (see Engine.sampling_features)."""
+        used = {"logprobs": self.logprobs is not None, "logit_bias": bool(self.logit_bias),
+                "presence_penalty": self.presence_penalty != 0,
+                "frequency_penalty": self.frequency_penalty != 0,
+                "repetition_penalty": self.repetition_penalty != 1,
+                "response_format": self.response_format is not None}
+        return {name for name, on in used.items() if on}
+
     @property
     def penalized(self) -> bool:
         """Whether a penalty needs this request's token counts."""
@@ -139,6 +148,10 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+ALL_SAMPLING_FEATURES = frozenset({"logprobs", "logit_bias", "presence_penalty",
+                                   "frequency_penalty", "repetition_penalty", "response_format"})
+
+
 class Engine(ABC):
     """Runs one model; subclasses implement `stream_tokens` and `stats`."""
 
@@ -149,6 +162,9 @@ class Engine(ABC):
     # "rmm": every PyTorch allocation goes through the replica's RMM resource; "native": only
     # weights and KV caches do (allocated in `memory.allocation_scope()`), so CUDA graphs work.
     torch_allocator: str = "rmm"
+    # The optional SamplingParams fields this engine honours (SamplingParams.features); a
+    # request using another is refused with a 400 naming it, never silently ignored.
+    sampling_features: frozenset[str] = frozenset()
 
     # ---- what an engine implements -------------------------------------------------------
 
@@ -182,6 +198,10 @@ class Engine(ABC):
         has a finish_reason. What the replica streams (its text is the ingress's to make)."""
         progress = RequestProgress()
         sampling = request.sampling
+        missing = sorted(sampling.features() - self.sampling_features)
+        if missing:
+            raise RequestError(f"{missing[0]} is not supported by {type(self).__name__}",
+                               param=missing[0], code="unsupported_parameter")
         prompt_tokens = len(request.prompt_token_ids)
         batches = self.stream_tokens(request, progress)
         count = 0

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deployments.config import AppArgs
-from deployments.engine import GenerationRequest, RequestError, SamplingParams
+from deployments.engine import Engine, GenerationRequest, RequestError, SamplingParams
 from deployments.engine.hf_engine import HFEngine
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.logits_rules import (
@@ -231,3 +231,32 @@ def test_a_schema_the_grammar_cannot_compile_is_a_request_error(engine):
     with pytest.raises(RequestError) as err:
         generate(engine, [1, 2], max_tokens=4, response_format=fmt)
     assert err.value.param == "response_format"
+
+
+class PlainEngine(Engine):
+    """An engine that declares no optional sampling features (as a custom engine_class may)."""
+
+    eos_token_ids = frozenset()
+
+    async def stream_tokens(self, request, progress):
+        yield [1]
+
+    def stats(self):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", 2), ("logit_bias", ((3, 1.0),)), ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0), ("repetition_penalty", 1.1),
+    ("response_format", '{"type": "json_object"}')])
+def test_an_engine_that_cannot_honour_a_field_refuses_it_by_name(field, value):
+    req = GenerationRequest("r", None, [1], SamplingParams(2, **{field: value}))
+    with pytest.raises(RequestError) as err:
+        asyncio.run(_outputs(PlainEngine(), req))
+    assert err.value.param == field and err.value.code == "unsupported_parameter"
+    plain = GenerationRequest("r", None, [1], SamplingParams(1))
+    assert asyncio.run(_outputs(PlainEngine(), plain))[-1].token_ids == (1,)
+
+
+async def _outputs(engine, req):
+    return [o async for o in engine.generate(req)]

@@ -21,6 +21,7 @@ import torch
 from deployments.config import AppArgs
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
+    ALL_SAMPLING_FEATURES,
     CapacityError,
     Engine,
     EngineStats,
@@ -65,6 +66,8 @@ def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
 
 class PagedEngine(Engine):
     """The fast engine for Llama-family checkpoints (see spec.SUPPORTED_ARCHITECTURES)."""
+
+    sampling_features = ALL_SAMPLING_FEATURES  # logits_rules.py, grammar.py
 
     torch_allocator = "native"  # graphs need PyTorch's pools; weights and KV go to RMM
 

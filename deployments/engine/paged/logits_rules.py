@@ -168,7 +168,8 @@ def apply_rules(logits: torch.Tensor, rules: DeviceRules, counts: TokenCounts | 
     if rules.biased:
         x.view(-1).index_add_(0, rules.bias_index, rules.bias_value)
     if rules.penalized and counts is not None:
-        x = penalize(x, counts.counts[rules.slots], counts.prompt[rules.slots],
+        x = penalize(x, counts.counts.index_select(0, rules.slots),
+                     counts.prompt.index_select(0, rules.slots),
                      rules.presence, rules.frequency, rules.repetition)
     return x
 
