@@ -142,3 +142,15 @@ def test_out_of_range_sampling_values_are_400s_naming_the_field(llm_url, field, 
 def test_completion_logprobs_above_the_limit_are_a_400(llm_url):
     response = post(llm_url, "completions", prompt="x", max_tokens=2, logprobs=21)
     assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+
+
+def test_top_k_1_and_min_p_1_make_sampling_greedy(llm_url):
+    base = {"prompt": "Unified memory is", "max_tokens": 8, "ignore_eos": True}
+    greedy = ok(post(llm_url, "completions", temperature=0, **base))["choices"][0]["text"]
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        texts = {ok(post(llm_url, "completions", temperature=1.5, seed=s, **extra,
+                         **base))["choices"][0]["text"] for s in range(3)}
+        assert texts == {greedy}, extra
+    # and without them, temperature 1.5 does draw something else
+    assert any(ok(post(llm_url, "completions", temperature=1.5, seed=s, **base))
+               ["choices"][0]["text"] != greedy for s in range(3))
