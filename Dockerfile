@@ -42,6 +42,7 @@ RUN pip install \
         "pyyaml>=6" \
         "fastapi>=0.110" \
         "accelerate>=1.0" \
+        "llguidance>=1.9,<2" \
         "rmm-cu13>=26.6"
 
 # The application: the package (import path deployments.app:build_app), the Serve configs

@@ -18,15 +18,6 @@ from pydantic_core import PydanticCustomError
 Endpoint = Literal["chat", "completion"]
 UNSUPPORTED = "unsupported_parameter"
 
-# Sampling fields that the sampler's branch implements (logprobs, penalties, logit_bias,
-# top_k, min_p, grammar-constrained response_format): accepted here as they were before this
-# check existed, so that branch's merge only moves them into the request models.
-SAMPLING_FIELDS_OWNED_ELSEWHERE = frozenset({
-    "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-    "top_k", "min_p", "repetition_penalty", "response_format",
-})
-
-
 def _absent(value: Any) -> bool:
     return value is None
 
@@ -83,7 +74,7 @@ def _refuse(param: str, message: str) -> PydanticCustomError:
 def refuse_fields(data: Any, known: set[str], endpoint: Endpoint) -> Any:
     """`data` (a request body) unchanged, or a PydanticCustomError of type
     `unsupported_parameter` (its context names the field) for the first field that is refused
-    at its value or that no model field, refusal rule or owned-elsewhere name knows."""
+    at its value or that no model field or refusal rule knows."""
     if not isinstance(data, dict):
         return data  # pydantic reports the wrong type itself
     rules = refused(endpoint)
@@ -93,7 +84,7 @@ def refuse_fields(data: Any, known: set[str], endpoint: Endpoint) -> Any:
             ok, why = rule
             if not ok(value):
                 raise _refuse(name, why)
-        elif name not in known and name not in SAMPLING_FIELDS_OWNED_ELSEWHERE:
+        elif name not in known:
             raise _refuse(str(name)[:64], "unknown parameter")
     options = data.get("stream_options")
     if isinstance(options, dict):

@@ -43,6 +43,7 @@ from deployments.errors import (
 )
 from deployments.gate import PRINCIPAL_SCOPE_KEY, Gate, GateSettings
 from deployments.identity import resolve_user_id
+from deployments.logprob_format import LogprobFormatter
 from deployments.metrics import IngressMetrics
 from deployments.model_files import resolve_model_dir
 from deployments.prompts import Prepared, PromptBuilder
@@ -131,6 +132,7 @@ class OpenAIIngress:
         tokenizer = TextTokenizer.load(resolve_model_dir(model.model_id, model.revision,
                                                          weights=False))
         self._decoder = token_decoder(tokenizer)  # its byte table, built once
+        self._logprobs = LogprobFormatter(self._decoder)
         self._prompts = PromptBuilder(tokenizer, self._args.engine.default_max_tokens,
                                       self._limits.max_messages,
                                       _tool_parser(model.tool_call_parser, tokenizer),
@@ -263,12 +265,15 @@ class OpenAIIngress:
         first, messages = await self._open(await self._prepare(req, user),
                                            "chat" if chat else "completion", arrived)
         answer = await collect(first, messages)
+        entries = answer.logprobs
         if chat:
+            lp = self._logprobs.chat(entries) if entries is not None else None
             body = chat_completion(new_id("chatcmpl"), self._model, answer.text,
-                                   answer.finish_reason, answer.usage, answer.tool_calls)
+                                   answer.finish_reason, answer.usage, answer.tool_calls, lp)
         else:
+            lp = self._logprobs.completion(entries, 0)[0] if entries is not None else None
             body = text_completion(new_id("cmpl"), self._model, answer.text,
-                                   answer.finish_reason, answer.usage)
+                                   answer.finish_reason, answer.usage, lp)
         return first, body
 
     async def _respond(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
@@ -282,7 +287,7 @@ class OpenAIIngress:
                                            "chat" if chat else "completion", arrived)
         chunks = chat_events if chat else completion_events
         return sse_response(first, chunks(
-            self._model, messages, req.include_usage, self._stream_failed))
+            self._model, messages, req.include_usage, self._stream_failed, self._logprobs))
 
     def _stream_failed(self, reason: str) -> None:
         self._metrics.failed_streams.inc(tags={"reason": reason})
@@ -369,7 +374,8 @@ class OpenAIIngress:
         arrived = time.monotonic()
         prepared = await self._counted(self._prepare(req, self._handle_user(user, req.user)))
         _, messages = await self._counted(self._open(prepared, "chat", arrived))
-        async for chunks in chat_events(self._model, messages, True, self._stream_failed):
+        async for chunks in chat_events(self._model, messages, True, self._stream_failed,
+                                        self._logprobs):
             for chunk in chunks:
                 yield chunk
 

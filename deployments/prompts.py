@@ -148,6 +148,10 @@ class PromptBuilder:
         except AdmissionError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         sampling = {k: v for k, v in req.sampling(shape.max_tokens).items() if k != "stop"}
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= token < vocab for token, _ in sampling["logit_bias"]):
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab})",
+                           param="logit_bias")
         sampling["min_tokens"] = min(sampling["min_tokens"], shape.max_tokens)
         # Token ids travel as one packed buffer: an 8k-token list of Python ints cost ~1 ms
         # to pickle and unpickle on the way to the replica, the array a few microseconds.

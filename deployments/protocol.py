@@ -8,6 +8,7 @@ Imports only `api_fields`, a table of names that imports nothing.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, ClassVar, Literal
@@ -32,6 +33,7 @@ def invalid(param: str, message: str) -> PydanticCustomError:
     """A request-level validation error that names its field (errors.py reads `param`)."""
     return PydanticCustomError("value_error", "{param}: {reason}",
                                {"param": param, "reason": message})
+MAX_LOGPROBS = 20  # top logprobs a token may ask for (OpenAI's and vLLM's limit)
 
 
 class _Request(BaseModel):
@@ -124,6 +126,35 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
+class JsonSchemaSpec(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+    def constraint(self) -> str | None:
+        """What the engine constrains output by (JSON text), or None for free text."""
+        if self.type == "text":
+            return None
+        out: dict[str, Any] = {"type": self.type}
+        if self.json_schema is not None:
+            out["json_schema"] = {"schema": self.json_schema.schema_}
+        return json.dumps(out)
+
+
 class _SamplingFields(_Request):
     ENDPOINT: ClassVar[Endpoint]
     model: str = Field(..., min_length=1)
@@ -141,6 +172,25 @@ class _SamplingFields(_Request):
     min_tokens: StrictInt = Field(
         0, ge=0, description="End-of-sequence tokens and stop strings count only after this "
         "many tokens.")
+    # Logit rules, applied to the sampled rows on the GPU (engine/paged/logits_rules.py):
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="vLLM's extension: seen tokens' logits divided by this.")
+    top_k: int | None = Field(None, ge=-1, description="vLLM's extension; 0 or -1: off.")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM's extension.")
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"logit_bias keys are token ids; got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100]; got {value}")
+        return bias
 
     @model_validator(mode="before")
     @classmethod
@@ -187,7 +237,21 @@ class _SamplingFields(_Request):
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
+            "logprobs": self.logprob_count(),
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": (1.0 if self.repetition_penalty is None
+                                   else self.repetition_penalty),
+            "logit_bias": [[int(k), v] for k, v in (self.logit_bias or {}).items()],
+            "top_k": max(0, self.top_k or 0),
+            "min_p": self.min_p or 0.0,
+            "response_format": self.response_format.constraint() if self.response_format
+            else None,
         }
+
+    def logprob_count(self) -> int | None:
+        """How many top logprobs each token carries (0: only its own); None: no logprobs."""
+        return None
 
     @property
     def token_limit_param(self) -> str | None:
@@ -207,6 +271,17 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = Field(True, description="False: at most one call an answer.")
+    logprobs: bool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -247,11 +322,15 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[StrictInt] = Field(...)
     max_tokens: StrictInt | None = Field(16, gt=0)
     echo: bool = False  # true is refused (api_fields.py)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @property
     def token_limit_param(self) -> str | None:
         explicit = "max_tokens" in self.model_fields_set and self.max_tokens is not None
         return "max_tokens" if explicit else None  # not OpenAI's default of 16
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _single_prompt(self) -> CompletionRequest:
@@ -281,13 +360,14 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
 
 def _response(rid: str, kind: str, model: str, choice: dict[str, Any] | None,
               usage: dict[str, Any] | None) -> dict[str, Any]:
-    """OpenAI's envelope around at most one choice (index 0); None gives no choices."""
+    """OpenAI's envelope around at most one choice (index 0); None gives no choices. A
+    choice without `logprobs` gets null there."""
     out: dict[str, Any] = {
         "id": rid,
         "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [] if choice is None else [{"index": 0, **choice, "logprobs": None}],
+        "choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}],
     }
     if usage is not None:
         out["usage"] = usage
@@ -297,6 +377,7 @@ def _response(rid: str, kind: str, model: str, choice: dict[str, Any] | None,
 def chat_completion(
     rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
     tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A chat answer; with `tool_calls`, content is None unless the model also wrote text."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -304,32 +385,35 @@ def chat_completion(
         message = {"role": "assistant", "content": text.strip() or None,
                    "tool_calls": tool_calls}
     return _response(rid, "chat.completion", model, {
-        "message": message, "finish_reason": finish_reason,
+        "message": message, "finish_reason": finish_reason, "logprobs": logprobs,
     }, usage)
 
 
 def chat_chunk(
     rid: str, model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
-    usage: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A streamed chat chunk; `delta=None` gives the usage-only chunk (no choices)."""
-    choice = None if delta is None else {"delta": delta, "finish_reason": finish_reason}
+    choice = None if delta is None else {"delta": delta, "finish_reason": finish_reason,
+                                         "logprobs": logprobs}
     return _response(rid, "chat.completion.chunk", model, choice, usage)
 
 
 def text_completion(
-    rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any]
+    rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return _response(rid, "text_completion", model,
-                     {"text": text, "finish_reason": finish_reason}, usage)
+                     {"text": text, "finish_reason": finish_reason, "logprobs": logprobs}, usage)
 
 
 def completion_chunk(
     rid: str, model: str, text: str | None, finish_reason: str | None = None,
-    usage: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A streamed completion chunk; `text=None` gives the usage-only chunk (no choices)."""
-    choice = None if text is None else {"text": text, "finish_reason": finish_reason}
+    choice = None if text is None else {"text": text, "finish_reason": finish_reason,
+                                        "logprobs": logprobs}
     return _response(rid, "text_completion", model, choice, usage)
 
 

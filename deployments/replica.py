@@ -6,7 +6,8 @@ touches `torch.cuda` (the engine).
 
 `generate` streams messages, each a list of plain dicts (events), so the ingress can map them
 to HTTP: ``{"event": "start", "replica_id", "prompt_tokens", "cached_tokens", "replica_ms"}``
-first, then ``{"event": "delta", "token_ids"}`` (at most one a message: every token since the last
+first, then ``{"event": "delta", "token_ids"}`` (with ``"logprobs"`` when asked: per token
+``[logprob, [[id, logprob], ...]]``; at most one delta a message: every token since the last
 message; the ingress makes the text), then ``{"event": "end", "finish_reason", "usage"}``; or
 a single ``{"event": "error", "status", "message", "type", "param", "code"}``. The first
 message goes as soon as the first token exists; later ones are paced (deployments/pacing.py) so
@@ -142,6 +143,14 @@ class LLMReplica:
                 seed=sampling.get("seed"),
                 ignore_eos=bool(sampling.get("ignore_eos", False)),
                 min_tokens=int(sampling.get("min_tokens", 0)),
+                top_k=int(sampling.get("top_k", 0)),
+                min_p=float(sampling.get("min_p", 0.0)),
+                logprobs=sampling.get("logprobs"),
+                presence_penalty=float(sampling.get("presence_penalty", 0.0)),
+                frequency_penalty=float(sampling.get("frequency_penalty", 0.0)),
+                repetition_penalty=float(sampling.get("repetition_penalty", 1.0)),
+                logit_bias=tuple((int(t), float(b)) for t, b in sampling.get("logit_bias", ())),
+                response_format=sampling.get("response_format"),
             ),
         )
 
@@ -239,7 +248,10 @@ class LLMReplica:
         self.metrics.tokens_generated(len(out.token_ids))
         events: list[dict[str, Any]] = []
         if out.token_ids:
-            events.append({"event": "delta", "token_ids": list(out.token_ids)})
+            delta: dict[str, Any] = {"event": "delta", "token_ids": list(out.token_ids)}
+            if out.logprobs is not None:  # per token: [logprob, [[id, logprob], ...]]
+                delta["logprobs"] = [[lp, [list(t) for t in top]] for lp, top in out.logprobs]
+            events.append(delta)
         if out.finish_reason:
             events.append({
                 "event": "end", "finish_reason": out.finish_reason,

@@ -4,7 +4,8 @@ A replica streams messages, each a list of plain dicts (see `replica`): one `sta
 then `end` (with usage), or an `error` event. These helpers turn them into what the OpenAI API
 sends, keeping the replica's batching: one message becomes one write to the client (one SSE
 frame per chunk, all of a message's frames in one write). Pure functions of their inputs, but
-for `until_deadline`, which reads a replica stream; imports only `protocol` and `errors`.
+for `until_deadline`, which reads a replica stream; imports only `protocol`, `errors` and
+`logprob_format`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from deployments.errors import REPLICA_HEADER, APIError
+from deployments.logprob_format import LogprobFormatter
 from deployments.protocol import chat_chunk, completion_chunk, new_id
 
 logger = logging.getLogger("ray.serve")
@@ -79,39 +81,43 @@ class Answer:
     finish_reason: str | None
     usage: dict[str, Any]
     tool_calls: list[dict[str, Any]]  # OpenAI-shaped, in order (tool_choice.py makes them)
+    logprobs: list | None = None  # the tokens' logprob entries; None when not asked for
 
 
 async def collect(first: Event, messages: Messages) -> Answer:
     """The whole answer; raises APIError on an error event."""
-    text, calls, finish, usage = [], [], None, {}
+    text, calls, finish, usage, entries = [], [], None, {}, None
     async for message in messages:
         for event in message:
             if event["event"] == "delta":
                 text.append(event["text"])
+                if "logprobs" in event:
+                    entries = (entries or []) + event["logprobs"]
             elif event["event"] == "tool_call":
                 calls.append(event["call"])
             elif event["event"] == "end":
                 finish, usage = event["finish_reason"], event["usage"]
             elif event["event"] == "error":
                 raise error_from_event(event, first["replica_id"])
-    return Answer("".join(text), finish, usage, calls)
+    return Answer("".join(text), finish, usage, calls, entries)
 
 
 Chunks = AsyncIterator[list[dict[str, Any]]]
 
 
 async def _chunks(messages: Messages, include_usage: bool, on_error: Callable[[str], None],
-                  text: Callable[[str], dict], end: Callable[[str], dict],
+                  text: Callable[[str, list | None], dict], end: Callable[[str], dict],
                   usage: Callable[[dict], dict],
                   call: Callable[[Event], list[dict]] | None = None) -> Chunks:
-    """Each replica message as the API chunks built by `text`, `end`, `usage` and `call` (for
-    `tool_call` events); an error after the first token becomes an error chunk (and is
+    """Each replica message as the API chunks built by `text` (from text and logprob
+    entries), `end`, `usage` and `call` (for `tool_call` events); an error after the first
+    token becomes an error chunk (and is
     reported to `on_error`)."""
     async for message in messages:
         chunks = []
         for event in message:
-            if event["event"] == "delta" and event["text"]:
-                chunks.append(text(event["text"]))
+            if event["event"] == "delta" and (event["text"] or event.get("logprobs")):
+                chunks.append(text(event["text"], event.get("logprobs")))
             elif event["event"] == "tool_call" and call is not None:
                 chunks.extend(call(event))
             elif event["event"] == "end":
@@ -127,13 +133,19 @@ async def _chunks(messages: Messages, include_usage: bool, on_error: Callable[[s
 
 
 async def chat_events(model: str, messages: Messages, include_usage: bool,
-                      on_error: Callable[[str], None]) -> Chunks:
-    """Chat completion chunks, a list per replica message, opening with the assistant's role."""
+                      on_error: Callable[[str], None],
+                      logprobs: LogprobFormatter | None = None) -> Chunks:
+    """Chat completion chunks, a list per replica message, opening with the assistant's role;
+    each chunk's tokens' logprobs with it (formatted by `logprobs`)."""
     rid = new_id("chatcmpl")
     yield [chat_chunk(rid, model, {"role": "assistant", "content": ""})]
+
+    def text(t: str, entries: list | None) -> dict:
+        lp = logprobs.chat(entries) if logprobs is not None and entries is not None else None
+        return chat_chunk(rid, model, {"content": t}, logprobs=lp)
+
     async for chunks in _chunks(
-            messages, include_usage, on_error,
-            text=lambda t: chat_chunk(rid, model, {"content": t}),
+            messages, include_usage, on_error, text=text,
             end=lambda reason: chat_chunk(rid, model, {}, reason),
             usage=lambda u: chat_chunk(rid, model, None, usage=u),
             call=lambda e: [chat_chunk(rid, model, delta) for delta in tool_call_deltas(e)]):
@@ -151,12 +163,22 @@ def tool_call_deltas(event: Event) -> list[dict[str, Any]]:
 
 
 async def completion_events(model: str, messages: Messages, include_usage: bool,
-                            on_error: Callable[[str], None]) -> Chunks:
-    """Text completion chunks, a list per replica message."""
+                            on_error: Callable[[str], None],
+                            logprobs: LogprobFormatter | None = None) -> Chunks:
+    """Text completion chunks, a list per replica message (text_offset counts on across
+    chunks)."""
     rid = new_id("cmpl")
+    offset = 0
+
+    def text(t: str, entries: list | None) -> dict:
+        nonlocal offset
+        lp = None
+        if logprobs is not None and entries is not None:
+            lp, offset = logprobs.completion(entries, offset)
+        return completion_chunk(rid, model, t, logprobs=lp)
+
     async for chunks in _chunks(
-            messages, include_usage, on_error,
-            text=lambda t: completion_chunk(rid, model, t),
+            messages, include_usage, on_error, text=text,
             end=lambda reason: completion_chunk(rid, model, "", reason),
             usage=lambda u: completion_chunk(rid, model, None, usage=u)):
         yield chunks

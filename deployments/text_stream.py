@@ -2,10 +2,12 @@
 
 Replica messages carry token ids (see replica.py). Here each `delta` event gains the text its
 ids add, a message at a time (one detokenizer push per message, however many tokens it holds),
-so the rest of the API path (streaming.py) sees text. Stop strings end a request here: the text
-stops just before the stop string, an `end` event with finish_reason "stop" and the usage of the
-tokens used follows, and the stream ends, which cancels the replica's call (the engine then ends
-the request and keeps its user's cache consistent). Stop strings count only once `min_tokens`
+so the rest of the API path (streaming.py) sees text; with logprobs, a delta carries
+`[id, logprob, top]` for each token it used (logprob_format.py makes OpenAI's shapes). Stop
+strings end a request here: the text stops just before the stop string, an `end` event with
+finish_reason "stop" and the usage of the tokens used follows, and the stream ends, which
+cancels the replica's call (the engine then ends the request and keeps its user's cache
+consistent). Stop strings count only once `min_tokens`
 tokens have come, as vLLM counts them.
 """
 
@@ -55,8 +57,14 @@ class TextStream:
                 break
             kind = event["event"]
             if kind == "delta":
+                before = self.count
                 text = self._push(event["token_ids"])
-                if text:
+                logprobs = event.get("logprobs")
+                if logprobs is not None:  # those of the tokens used: [id, logprob, top]
+                    used = zip(event["token_ids"], logprobs[:self.count - before], strict=False)
+                    entries = [[tid, lp, top] for tid, (lp, top) in used]
+                    out.append({"event": "delta", "text": text, "logprobs": entries})
+                elif text:
                     out.append({"event": "delta", "text": text})
                 if self.detok.stopped:
                     out.append(self._end("stop", None))

@@ -20,12 +20,15 @@ from typing import Any
 import torch
 
 from deployments.config import AppArgs
+from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
+    ALL_SAMPLING_FEATURES,
     Engine,
     EngineStats,
     GenerationRequest,
     RequestProgress,
     SamplingParams,
+    TokenLogprob,
 )
 from deployments.engine.loader import (
     kv_bytes_per_token,
@@ -33,7 +36,16 @@ from deployments.engine.loader import (
     load_tokenizer,
     resolve_model_path,
 )
-from deployments.engine.paged.sampler import DevicePlan, build_plan, draw_seed, sample
+from deployments.engine.paged.logits_rules import (
+    DeviceRules,
+    TokenCounts,
+    build_rules,
+    draw,
+    host_entries,
+    needs_rules,
+    raw_logprobs,
+)
+from deployments.engine.paged.sampler import DevicePlan, build_plan, draw_seed
 from deployments.engine.user_cache import UserCacheStore, UserEntry, common_prefix_len
 from deployments.memory import HostAccountant, MemoryAccountant, is_out_of_memory
 
@@ -54,6 +66,8 @@ def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 class HFEngine(Engine):
     """transformers forward passes, per-user DynamicCache, step-interleaved concurrency."""
 
+    sampling_features = ALL_SAMPLING_FEATURES  # logits_rules.py, grammar.py
+
     def __init__(self, args: AppArgs, memory: MemoryAccountant) -> None:
         self.device = memory.device
         if self.device == "cpu" and args.engine.cpu_threads:
@@ -66,6 +80,8 @@ class HFEngine(Engine):
         wanted = args.model.max_model_len or limit or 4096
         self.max_model_len = min(wanted, limit) if limit else wanted
         self.eos_token_ids = eos_ids(self.model, self.tokenizer)
+        self.vocab = self.model.config.get_text_config().vocab_size
+        self.counts: TokenCounts | None = None  # made when a request first needs penalties
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.int32,
                                  device=self.device)
         element = next(self.model.parameters()).element_size()
@@ -100,14 +116,32 @@ class HFEngine(Engine):
         except TypeError:  # older signatures
             return DynamicCache()
 
-    def _step(self, feed: list[int], cache: Any, plan: DevicePlan) -> int:
-        """Feed tokens through the model (appending to `cache`); sample the next token."""
+    def _step(self, feed: list[int], cache: Any, plan: DevicePlan, rules: DeviceRules | None,
+              logprobs: int | None) -> tuple[int, TokenLogprob | None]:
+        """Feed tokens through the model (appending to `cache`); sample the next token by the
+        paged engine's rules (logits_rules.draw), with its raw logprobs when asked."""
         with torch.inference_mode():
             ids = torch.tensor([feed], device=self.device)
             out = self.model(
                 input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
             )
-            return int(sample(out.logits[0, -1:].float(), *plan, self._eos)[0])
+            logits = out.logits[0, -1:].float()
+            token = draw(logits, plan, rules, self.counts, self._eos)
+            entry = None
+            if logprobs is not None:
+                lp = raw_logprobs(logits, token, logprobs)
+                entry = host_entries(*(t.tolist() for t in lp), [logprobs])[0]
+            return int(token[0]), entry
+
+    def _rules(self, params: SamplingParams, slot: int, prompt: list[int] | None,
+               grammar: Grammar | None) -> DeviceRules | None:
+        """The one-row logit rules of a draw; `prompt` on the request's first draw."""
+        if not needs_rules(params):
+            return None
+        fresh = [(slot, prompt)] if slot and prompt is not None else []
+        masks = [(0, grammar.mask_words())] if grammar is not None else []
+        return build_rules([params], [slot], fresh, self.vocab, masks).to_device(
+            torch.device(self.device))
 
     def _plan(self, params: SamplingParams, base: int, generated: int) -> DevicePlan:
         """The one-row plan of the draw after `generated` tokens (the paged engine's rules)."""
@@ -115,7 +149,7 @@ class HFEngine(Engine):
                           [generated < params.min_tokens])
         return plan.to_device(self.device)
 
-    def _run_step(self, *args: Any) -> concurrent.futures.Future[int]:
+    def _run_step(self, *args: Any) -> concurrent.futures.Future[tuple[int, Any]]:
         return self._executor.submit(self._step, *args)
 
     # ---- request flow ---------------------------------------------------------------------
@@ -146,6 +180,19 @@ class HFEngine(Engine):
             await self._slots.acquire()
         finally:
             self._waiting -= 1
+        grammar = None
+        if params.response_format is not None:
+            try:  # a bad schema: RequestError, a 400
+                grammar = Grammar(params.response_format, self.tokenizer, self.vocab,
+                                  self.eos_token_ids)
+            except BaseException:
+                self._slots.release()
+                raise
+        slot = 0
+        if params.penalized:
+            if self.counts is None:
+                self.counts = TokenCounts(self.vocab, torch.device(self.device))
+            slot = self.counts.assign()
         entry = self.store.acquire(request.user_key)
         seen: list[int] = []
         fed = 0  # tokens of `seen` whose KV is in the cache
@@ -160,20 +207,29 @@ class HFEngine(Engine):
             base = params.seed if params.seed is not None else secrets.randbits(63)
             feed = prompt[fed:]
             for produced in range(1, params.max_tokens + 1):
-                pending = self._run_step(feed, cache, self._plan(params, base, produced - 1))
-                token = await self._await_step(pending, entry)
+                rules = self._rules(params, slot, prompt if produced == 1 else None, grammar)
+                pending = self._run_step(feed, cache, self._plan(params, base, produced - 1),
+                                         rules, params.logprobs)
+                token, logprob = await self._await_step(pending, entry)
                 pending = None
                 fed = len(seen)
                 seen.append(token)
                 self.store.record(entry, seen, cache, fed)
+                if grammar is not None:
+                    grammar.accept(token)
+                if logprob is not None:
+                    progress.logprobs.append(logprob)
                 yield [token]  # one step, one token: this engine runs one request a step
                 if params.finish_reason(token in self.eos_token_ids, produced):
                     return
                 feed = [token]
         finally:
+            if slot:
+                self.counts.release(slot)  # type: ignore[union-attr]  (steps run in order)
             self._finish(entry, seen, cache, fed, pending)
 
-    async def _await_step(self, step: concurrent.futures.Future[int], entry: UserEntry) -> int:
+    async def _await_step(self, step: concurrent.futures.Future[tuple[int, Any]],
+                          entry: UserEntry) -> tuple[int, Any]:
         try:
             return await asyncio.wrap_future(step)
         except Exception as exc:

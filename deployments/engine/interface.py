@@ -26,6 +26,11 @@ class RequestError(ValueError):
         self.code = code
 
 
+MAX_LOGPROBS = 20  # most top logprobs a token may ask for (OpenAI's and vLLM's default)
+# A token's logprob and the most likely tokens' (id, logprob), most likely first.
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
+
 class CapacityError(RuntimeError):
     """The replica cannot hold this request's KV even when empty; becomes a 503."""
 
@@ -42,6 +47,19 @@ class SamplingParams:
     min_p: float = 0.0  # only tokens at least this share of the top token's probability
     ignore_eos: bool = False  # generate max_tokens even past end-of-sequence tokens
     min_tokens: int = 0  # end-of-sequence tokens cannot be drawn before this many tokens
+    # Logprobs of the raw model distribution (log_softmax of the logits, before any rule
+    # below, as vLLM's default `raw_logprobs`): None: none; k >= 0: the drawn token's, and the
+    # k most likely tokens'.
+    logprobs: int | None = None
+    # Rules on the logits before temperature, in vLLM's order: logit_bias, then repetition
+    # (on prompt and output tokens), frequency and presence penalties (on output tokens).
+    presence_penalty: float = 0.0  # minus this for every token already generated
+    frequency_penalty: float = 0.0  # minus this times how often a token was generated
+    repetition_penalty: float = 1.0  # seen tokens' logits divided (>0) or multiplied (<0) by it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # JSON the output must match: {"type": "json_object"} or {"type": "json_schema",
+    # "json_schema": {"schema": ...}} as OpenAI's response_format (as text); None: free text.
+    response_format: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -52,6 +70,30 @@ class SamplingParams:
             raise RequestError("min_p must be in [0, 1]", param="min_p")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2]", param=name)
+        if not self.repetition_penalty > 0:
+            raise RequestError("repetition_penalty must be > 0", param="repetition_penalty")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise RequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
+
+    def features(self) -> set[str]:
+        """The optional sampling fields this request uses (see Engine.sampling_features)."""
+        used = {"logprobs": self.logprobs is not None, "logit_bias": bool(self.logit_bias),
+                "presence_penalty": self.presence_penalty != 0,
+                "frequency_penalty": self.frequency_penalty != 0,
+                "repetition_penalty": self.repetition_penalty != 1,
+                "response_format": self.response_format is not None}
+        return {name for name, on in used.items() if on}
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty needs this request's token counts."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
 
     def finish_reason(self, is_eos: bool, count: int) -> str | None:
         """Why a request ends with its `count`-th token, or None if it goes on: an EOS token
@@ -75,6 +117,9 @@ class RequestProgress:
     """What an engine reports about a request besides its tokens."""
 
     cached_tokens: int = 0  # prompt tokens served from the user's kept KV cache
+    # One entry per token yielded so far, in order, when the request asks for logprobs:
+    # an engine appends a token's entry before yielding the token.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,6 +131,7 @@ class GenerationOutput:
     cached_tokens: int
     completion_tokens: int
     finish_reason: str | None  # "stop" or "length" on the last output, else None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked for
 
 
 @dataclass(frozen=True)
@@ -102,6 +148,10 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+ALL_SAMPLING_FEATURES = frozenset({"logprobs", "logit_bias", "presence_penalty",
+                                   "frequency_penalty", "repetition_penalty", "response_format"})
+
+
 class Engine(ABC):
     """Runs one model; subclasses implement `stream_tokens` and `stats`."""
 
@@ -112,6 +162,9 @@ class Engine(ABC):
     # "rmm": every PyTorch allocation goes through the replica's RMM resource; "native": only
     # weights and KV caches do (allocated in `memory.allocation_scope()`), so CUDA graphs work.
     torch_allocator: str = "rmm"
+    # The optional SamplingParams fields this engine honours (SamplingParams.features); a
+    # request using another is refused with a 400 naming it, never silently ignored.
+    sampling_features: frozenset[str] = frozenset()
 
     # ---- what an engine implements -------------------------------------------------------
 
@@ -145,6 +198,10 @@ class Engine(ABC):
         has a finish_reason. What the replica streams (its text is the ingress's to make)."""
         progress = RequestProgress()
         sampling = request.sampling
+        missing = sorted(sampling.features() - self.sampling_features)
+        if missing:
+            raise RequestError(f"{missing[0]} is not supported by {type(self).__name__}",
+                               param=missing[0], code="unsupported_parameter")
         prompt_tokens = len(request.prompt_token_ids)
         batches = self.stream_tokens(request, progress)
         count = 0
@@ -156,9 +213,12 @@ class Engine(ABC):
                     if finish:
                         batch = batch[:i + 1]
                         break
+                logprobs = None
+                if sampling.logprobs is not None:
+                    logprobs = tuple(progress.logprobs[count:count + len(batch)])
                 count += len(batch)
                 yield GenerationOutput(tuple(batch), prompt_tokens, progress.cached_tokens,
-                                       count, finish)
+                                       count, finish, logprobs)
                 if finish:
                     return
             # The engine ended the stream on a token this rule did not end (never, today).

@@ -25,6 +25,7 @@ class TokenStream:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._tokens: list[int] = []
+        self.logprobs: list[Any] = []  # the logprob entry of every token landed, when given
         self._ended = False
         self._error: BaseException | None = None
         self._wake = asyncio.Event()
@@ -34,8 +35,10 @@ class TokenStream:
         """Whether the engine has ended this stream (read on the loop)."""
         return self._ended
 
-    def _land(self, tokens: list[int], end: bool, error: BaseException | None) -> None:
+    def _land(self, tokens: list[int], logprobs: list[Any], end: bool,
+              error: BaseException | None) -> None:
         self._tokens.extend(tokens)
+        self.logprobs.extend(logprobs)
         if end:
             self._ended, self._error = True, error
         self._wake.set()
@@ -57,21 +60,25 @@ class Outbox:
     """What one engine step delivers, grouped per event loop (engine thread only)."""
 
     def __init__(self) -> None:
-        # stream -> [tokens, ended, error]; dicts keep insertion order, so streams land in the
-        # order the step produced them.
+        # stream -> [tokens, logprobs, ended, error]; dicts keep insertion order, so streams
+        # land in the order the step produced them.
         self._pending: dict[TokenStream, list[Any]] = {}
 
-    def put(self, stream: TokenStream, token: int) -> None:
-        self._entry(stream)[0].append(token)
+    def put(self, stream: TokenStream, token: int, logprob: Any = None) -> None:
+        """A token, and its logprob entry when the request asks for logprobs."""
+        entry = self._entry(stream)
+        entry[0].append(token)
+        if logprob is not None:
+            entry[1].append(logprob)
 
     def end(self, stream: TokenStream, error: BaseException | None = None) -> None:
         entry = self._entry(stream)
-        entry[1], entry[2] = True, error
+        entry[2], entry[3] = True, error
 
     def _entry(self, stream: TokenStream) -> list[Any]:
         entry = self._pending.get(stream)
         if entry is None:
-            entry = self._pending[stream] = [[], False, None]
+            entry = self._pending[stream] = [[], [], False, None]
         return entry
 
     def flush(self) -> None:
@@ -86,5 +93,5 @@ class Outbox:
 
 
 def _land_all(items: list[tuple[TokenStream, list[Any]]]) -> None:
-    for stream, (tokens, end, error) in items:
-        stream._land(tokens, end, error)
+    for stream, (tokens, logprobs, end, error) in items:
+        stream._land(tokens, logprobs, end, error)

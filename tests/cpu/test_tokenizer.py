@@ -183,6 +183,7 @@ import sys
 from deployments.model_files import resolve_model_dir
 from deployments.tokenizer import TextTokenizer
 from deployments.detokenizer import IncrementalDetokenizer
+import deployments.logprob_format, deployments.streaming, deployments.text_stream
 from deployments.token_bound import max_bytes_per_token
 tok = TextTokenizer.load(resolve_model_dir("builtin:tiny-llama", weights=False))
 assert max_bytes_per_token(tok.backend_tokenizer)

@@ -19,12 +19,15 @@ from collections.abc import AsyncIterator
 import torch
 
 from deployments.config import AppArgs
+from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
+    ALL_SAMPLING_FEATURES,
     CapacityError,
     Engine,
     EngineStats,
     GenerationRequest,
     RequestProgress,
+    TokenLogprob,
 )
 from deployments.engine.loader import load_tokenizer, resolve_model_path, torch_dtype
 from deployments.engine.paged.cache_manager import CacheManager
@@ -63,6 +66,8 @@ def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
 
 class PagedEngine(Engine):
     """The fast engine for Llama-family checkpoints (see spec.SUPPORTED_ARCHITECTURES)."""
+
+    sampling_features = ALL_SAMPLING_FEATURES  # logits_rules.py, grammar.py
 
     torch_allocator = "native"  # graphs need PyTorch's pools; weights and KV go to RMM
 
@@ -303,6 +308,8 @@ class PagedEngine(Engine):
         sched, cache = self.scheduler, self.cache
         if self._inbox or sched.waiting or any(seq.aborted for seq in sched.running):
             return False
+        if any(seq.grammar is not None for seq in sched.running):
+            return False  # a grammar's next mask needs the token in flight on the host
         # The next schedule must find its pages free: no preemption while a step is in flight.
         need = 0
         for seq in sched.running:
@@ -328,8 +335,9 @@ class PagedEngine(Engine):
         except Exception as exc:
             self._fail(step.batch, exc)
             return
+        logprobs = step.logprobs()
         with self._lock:
-            self._deliver(step.batch, tokens)
+            self._deliver(step.batch, tokens, logprobs)
             self.scheduler.keep_free(self._keep_free)
         self._outbox.flush()
 
@@ -367,30 +375,35 @@ class PagedEngine(Engine):
                         self._outbox.end(seq.stream, exc)
         self._outbox.flush()
 
-    def _deliver(self, batch: Batch, tokens: list[int | None]) -> None:
-        """The one place a sampled token lands: in its sequence, then in its stream. A row
-        whose delivery fails ends with that error; the others still get their tokens."""
-        for seq, token in zip(batch.seqs, tokens, strict=True):
+    def _deliver(self, batch: Batch, tokens: list[int | None],
+                 logprobs: list[TokenLogprob | None]) -> None:
+        """The one place a sampled token lands: in its sequence (and grammar), then in its
+        stream (with its logprobs). A row whose delivery fails ends with that error; the
+        others still get their tokens."""
+        for seq, token, logprob in zip(batch.seqs, tokens, logprobs, strict=True):
             if token is None or seq.aborted or seq.status is Status.FINISHED:
                 continue
             try:
-                self._deliver_one(seq, token)
+                self._deliver_one(seq, token, logprob)
             except Exception as exc:
                 logger.error("delivering a token failed", exc_info=exc)
                 self.scheduler.finish(seq)
                 if seq.stream is not None:
                     self._outbox.end(seq.stream, exc)
 
-    def _deliver_one(self, seq: Sequence, token: int) -> None:
-        """One row's token: into its sequence, then its stream; ends it if it is the last."""
+    def _deliver_one(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        """One row's token: into its sequence and grammar, then its stream; ends it if it is
+        the last."""
         at = len(seq.token_ids) - seq.in_flight  # its oldest placeholder, if any
         if at < len(seq.token_ids):
             seq.token_ids[at] = token
         else:
             seq.token_ids.append(token)  # its last token: no step needed it
         seq.num_generated += 1
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         if seq.stream is not None:
-            self._outbox.put(seq.stream, token)
+            self._outbox.put(seq.stream, token, logprob)
         if self._ends(seq, token):
             self.scheduler.finish(seq)
             if seq.stream is not None:
@@ -421,6 +434,10 @@ class PagedEngine(Engine):
         )
         if request.sampling.seed is not None:
             seq.sample_seed = request.sampling.seed % (1 << 63)
+        if request.sampling.response_format is not None:  # a bad schema: RequestError, a 400
+            seq.grammar = Grammar(request.sampling.response_format, self.tokenizer,
+                                  self.spec.vocab_size, self.eos_token_ids)
+        progress.logprobs = stream.logprobs  # filled on this loop as tokens land
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()

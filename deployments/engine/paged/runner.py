@@ -4,7 +4,10 @@ A step is launched without waiting for it: its sampled tokens stay on the device
 their copy to pinned host memory), so the engine can schedule and launch the next step while
 this one runs. A decode row whose last token is still in flight (`PLACEHOLDER`) reads it from
 the previous step's sampled tokens on the device. Host-side inputs travel packed: one copy of
-int64 values and one of int32 values a step, each piece aligned (upload.py).
+int64 values and one of int32 values a step, each piece aligned (upload.py); steps whose rows
+use logit rules (penalties, logit_bias, a grammar: logits_rules.py) upload those in one more
+pair. Logprobs, when a row asks, are computed from the raw logits on the device and copied to
+pinned host memory with the tokens.
 """
 
 from __future__ import annotations
@@ -15,12 +18,23 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from deployments.engine.interface import TokenLogprob
 from deployments.engine.paged.attention import AttentionMetadata
 from deployments.engine.paged.cuda_graphs import DecodeGraphs
+from deployments.engine.paged.logits_rules import (
+    DeviceRules,
+    HostRules,
+    TokenCounts,
+    build_rules,
+    draw,
+    host_entries,
+    needs_rules,
+    raw_logprobs,
+)
 from deployments.engine.paged.model import DecoderModel
-from deployments.engine.paged.sampler import SamplingPlan, build_plan, draw_seed, sample
+from deployments.engine.paged.sampler import SamplingPlan, build_plan, draw_seed
 from deployments.engine.paged.scheduler import Batch
-from deployments.engine.paged.sequence import PLACEHOLDER, Sequence
+from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
 from deployments.engine.paged.upload import upload
 
 
@@ -34,6 +48,10 @@ class Launched:
     host: torch.Tensor | None = None  # the same, copied into (pinned) host memory
     event: torch.cuda.Event | None = None  # fires when `host` holds them
     row_of: dict[int, int] = field(default_factory=dict)  # id(seq) -> index in `tokens`
+    # (chosen [R], top values [R, k], top ids [R, k]) in (pinned) host memory, and each
+    # sampling row's k (None: no logprobs); only when some row asks.
+    logprobs_host: tuple[torch.Tensor, ...] | None = None
+    logprobs_wanted: list[int | None] = field(default_factory=list)
 
     def result(self) -> list[int | None]:
         """Each batch row's sampled token (None where it samples nothing); waits for the step."""
@@ -43,6 +61,16 @@ class Launched:
         out: list[int | None] = [None] * len(self.batch)
         for i, token in zip(self.rows, drawn, strict=True):
             out[i] = token
+        return out
+
+    def logprobs(self) -> list[TokenLogprob | None]:
+        """Each batch row's logprob entry (None where it asks none); call after `result`."""
+        out: list[TokenLogprob | None] = [None] * len(self.batch)
+        if self.logprobs_host is not None:
+            chosen, values, ids = (t.tolist() for t in self.logprobs_host)
+            for i, entry in zip(self.rows, host_entries(chosen, values, ids,
+                                                        self.logprobs_wanted), strict=True):
+                out[i] = entry
         return out
 
 
@@ -55,6 +83,7 @@ class StepInputs(NamedTuple):
     rows: list[int]
     logits_index: torch.Tensor
     plan: tuple[torch.Tensor, ...] | None
+    rules: DeviceRules | None = None  # logit rules of the sampling rows, when any has some
 
 
 def sampling_plan(seqs: list[Sequence]) -> SamplingPlan:
@@ -74,12 +103,39 @@ class ModelRunner:
         self.page_size = page_size
         self.device = model.w.embed.device
         self.graphs = graphs
+        self.vocab = model.spec.vocab_size
+        self.counts: TokenCounts | None = None  # made when a request first needs penalties
+        self._counted: list[Sequence] = []  # sequences holding a TokenCounts slot
         self.set_eos(eos_token_ids)
 
     def set_eos(self, eos_token_ids: frozenset[int]) -> None:
         """The end-of-sequence ids a draw may be banned from (min_tokens)."""
         self.eos_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.int32,
                                     device=self.device)
+
+    def _rules(self, seqs: list[Sequence]) -> HostRules | None:
+        """The sampling rows' logit rules (None when no row has any): TokenCounts slots for
+        penalized sequences (a fresh one resets its counts and marks its prompt), and the
+        grammar masks, which need each sequence's last token on the host (the engine does not
+        run ahead while a grammar runs)."""
+        if self._counted:  # finished sequences give their slots back
+            for seq in [s for s in self._counted if s.status is Status.FINISHED]:
+                self.counts.release(seq.counts_slot)  # type: ignore[union-attr]
+                seq.counts_slot = 0
+                self._counted.remove(seq)
+        if not any(needs_rules(s.sampling) for s in seqs):
+            return None
+        fresh = []
+        for seq in seqs:
+            if seq.sampling.penalized and not seq.counts_slot:
+                if self.counts is None:
+                    self.counts = TokenCounts(self.vocab, self.device)
+                seq.counts_slot = self.counts.assign()
+                self._counted.append(seq)
+                fresh.append((seq.counts_slot, seq.token_ids[:seq.prompt_len]))
+        masks = [(r, s.grammar.mask_words()) for r, s in enumerate(seqs) if s.grammar]
+        return build_rules([s.sampling for s in seqs], [s.counts_slot for s in seqs], fresh,
+                           self.vocab, masks)
 
     def _prepare(self, batch: Batch, feed: Launched | None = None) -> StepInputs:
         """A step's device inputs, in one int64 and one int32 upload."""
@@ -111,7 +167,9 @@ class ModelRunner:
                 sampling_rows.append(i)
                 logits_index.append(count - 1)
         pos_all = np.concatenate(positions)
-        plan = sampling_plan([batch.seqs[i] for i in sampling_rows]) if sampling_rows else None
+        sampling_seqs = [batch.seqs[i] for i in sampling_rows]
+        plan = sampling_plan(sampling_seqs) if sampling_rows else None
+        rules = self._rules(sampling_seqs) if sampling_rows else None
         tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d = upload(
             [np.asarray(tokens), pos_all, np.concatenate(write_pages), pos_all % page,
              np.asarray(logits_index), np.asarray(fed),
@@ -129,11 +187,12 @@ class ModelRunner:
             context_lens_host=contexts, decode_only=batch.decode_only,
         )
         device_plan = SamplingPlan.device_views(words_d, seed_d) if plan else None
-        return StepInputs(tok, meta, sampling_rows, logits_d, device_plan)
+        device_rules = rules.to_device(self.device) if rules is not None else None
+        return StepInputs(tok, meta, sampling_rows, logits_d, device_plan, device_rules)
 
     def launch(self, batch: Batch, feed: Launched | None = None) -> Launched:
         """Enqueue one step; `feed` is the step still in flight whose tokens it may read."""
-        tokens, meta, rows, logits_index, plan = self._prepare(batch, feed)
+        tokens, meta, rows, logits_index, plan, rules = self._prepare(batch, feed)
         if meta.decode_only and self.graphs is not None and self.graphs.fits(len(batch)):
             logits = self.graphs.run(meta, tokens)
         else:
@@ -141,13 +200,31 @@ class ModelRunner:
         step = Launched(batch, rows, None)
         if plan is None:
             return step
-        step.tokens = sample(logits, *plan, self.eos_ids)  # on the device, no host wait
+        step.tokens = self._draw(logits, plan, rules)  # on the device, no host wait
         step.row_of = {id(batch.seqs[i]): j for j, i in enumerate(rows)}
+        wanted = [batch.seqs[i].sampling.logprobs for i in rows]
+        lp = None
+        if any(k is not None for k in wanted):
+            lp = raw_logprobs(logits, step.tokens, max(k or 0 for k in wanted))
+            step.logprobs_wanted = wanted
         if step.tokens.is_cuda:
-            step.host = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
-            step.host.copy_(step.tokens, non_blocking=True)
+            step.host = _to_pinned(step.tokens)
+            if lp is not None:
+                step.logprobs_host = tuple(_to_pinned(t) for t in lp)
             step.event = torch.cuda.Event()
             step.event.record()
         else:
             step.host = step.tokens
+            step.logprobs_host = lp
         return step
+
+    def _draw(self, logits: torch.Tensor, plan: tuple[torch.Tensor, ...],
+              rules: DeviceRules | None) -> torch.Tensor:
+        return draw(logits, plan, rules, self.counts, self.eos_ids)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy of a device tensor into pinned host memory."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
