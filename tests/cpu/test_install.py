@@ -35,7 +35,7 @@ IMPORTED_AS = {
     "ray": "ray", "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers",
     "huggingface-hub": "huggingface_hub", "jinja2": "jinja2",
     "safetensors": "safetensors", "pydantic": "pydantic", "pyyaml": "yaml",
-    "fastapi": "fastapi", "rmm-cu13": "rmm", "rmm-cu12": "rmm",
+    "fastapi": "fastapi", "rmm-cu13": "rmm", "rmm-cu12": "rmm", "llguidance": "llguidance",
     "accelerate": None,  # transformers' from_pretrained(device_map=...) needs it
 }
 
