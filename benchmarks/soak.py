@@ -43,6 +43,8 @@ import httpx
 import psutil
 import yaml
 
+from deployments.proxy_middleware import PROXY_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("unified", "memory", "grace", "hopper", "cache", "token", "route", "replica", "stream",
          "latency", "page", "budget", "model", "user", "turn", "answer", "prefill", "decode")
@@ -68,7 +70,7 @@ def start_server(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
     data.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
     tmp = Path(tempfile.mkdtemp(prefix="soak-")) / config.name
     tmp.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**PROXY_ENV, **os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
     serve_bin = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_bin), "run", str(tmp)], cwd=ROOT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,

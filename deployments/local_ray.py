@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.proxy_middleware import PROXY_ENV
+
 STARTED_MARKER = "Ray runtime started"
 TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 
@@ -84,8 +86,8 @@ def start_head(ports: HeadPorts, temp_dir: str | None = None, timeout_s: float =
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     # Serve's proxy drops clients' control headers, answers in OpenAI's shape (as the image).
-    env.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
-                   "deployments.proxy_middleware:middlewares")
+    for name, value in PROXY_ENV.items():
+        env.setdefault(name, value)
     fd, log_path = tempfile.mkstemp(prefix="grace-serve-ray-head-", suffix=".log")
     with os.fdopen(fd, "wb") as log:  # the head keeps writing to its own copy
         head = subprocess.Popen(head_command(ports, temp_dir), stdout=log,

@@ -27,6 +27,7 @@ import httpx
 import yaml
 
 from deployments.direct_ingress import direct_ingress_env
+from deployments.proxy_middleware import PROXY_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +77,7 @@ class Server:
         port = free_port()
         ingress = data["applications"][0]["args"].get("ingress", {}).get("num_replicas", 1)
         self._direct_ports = range(0)
-        env = {**child_env(), "RAY_ADDRESS": "local"}
+        env = {**PROXY_ENV, **child_env(), "RAY_ADDRESS": "local"}  # the proxy as shipped
         if direct:  # room for a replacement replica or two beside the running ones
             base = free_port_range(ingress + 2)
             self._direct_ports = range(base, base + ingress + 2)

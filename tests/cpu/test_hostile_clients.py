@@ -740,3 +740,72 @@ def test_on_serve_a_client_cannot_set_the_proxys_timeout(llm_url):
                        headers={"x-request-timeout-seconds": "0.001"})
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 8
+
+
+def test_the_proxy_reads_a_body_whole_before_the_request_goes_on():
+    """Chunks arrive as one body; what the client sends after it (a disconnect) still comes."""
+    from deployments.proxy_middleware import buffered
+
+    incoming = [{"type": "http.request", "body": b"ab", "more_body": True},
+                {"type": "http.request", "body": b"cd", "more_body": True},
+                {"type": "http.request", "body": b"e", "more_body": False},
+                {"type": "http.disconnect"}]
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def main():
+        again = await buffered(receive, 1.0, 1 << 20)
+        return [await again(), await again()]
+
+    assert asyncio.run(main()) == [{"type": "http.request", "body": b"abcde", "more_body": False},
+                                   {"type": "http.disconnect"}]
+
+
+def test_a_body_past_the_buffer_limit_streams_on_in_order():
+    from deployments.proxy_middleware import buffered
+
+    chunks = [{"type": "http.request", "body": bytes([i]) * 10, "more_body": i < 4}
+              for i in range(5)]
+    incoming = list(chunks)
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def main():
+        again = await buffered(receive, 1.0, 15)
+        return [await again() for _ in range(5)]
+
+    assert asyncio.run(main()) == chunks
+
+
+def test_a_stalled_body_gets_an_openai_408_from_the_proxy_and_never_goes_on(monkeypatch):
+    """Half a body, then nothing: answered in the proxy; the app (Serve's proxy, then the
+    ingress) never sees the request."""
+    import json
+
+    from deployments import proxy_middleware
+
+    monkeypatch.setattr(proxy_middleware, "BODY_TIMEOUT_S", 0.2)
+    reached = []
+
+    async def proxy(scope, receive, send):
+        reached.append(scope)
+
+    app = proxy_middleware.OpenAIProxyErrors(proxy)
+    sent: list[dict] = []
+    first = [{"type": "http.request", "body": b'{"model": ', "more_body": True}]
+
+    async def receive():
+        if first:
+            return first.pop()
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app({"type": "http", "headers": []}, receive, send), 5))
+    assert not reached
+    start, body = sent
+    assert start["status"] == 408 and dict(start["headers"])[b"x-proxy-error"] == b"1"
+    assert json.loads(body["body"])["error"]["code"] == "body_timeout"
