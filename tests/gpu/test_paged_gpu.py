@@ -135,7 +135,7 @@ PROGRAM = '''
         for s in trio:
             s.pages += engine.cache.allocate(engine.cache.pages_for(50) - len(s.pages))
             batch.add(s, 1)
-        tokens, meta, _, index, _ = engine.runner._prepare(batch)  # the graph path, by hand
+        tokens, meta, _, index, *_ = engine.runner._prepare(batch)  # the graph path, by hand
         graph_logits = engine.runner.graphs.run(meta, tokens).clone()
         eager = engine.runner.model.forward(tokens, meta, index)
         eager_vs_graph = (graph_logits - eager).abs().max().item()
