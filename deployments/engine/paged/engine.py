@@ -43,6 +43,7 @@ from deployments.engine.paged.tier_mover import CopyMover
 from deployments.engine.paged.warmup import compiled_variants, warm_up
 from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import (
+    ModelWeights,
     allocate,
     init_random,
     layer_numel,
@@ -86,7 +87,6 @@ class PagedEngine(Engine):
         self.max_model_len = min(args.model.max_model_len or self.spec.max_position,
                                  self.spec.max_position)
         self._eos_token_ids = self._eos_ids(path)
-        start = time.perf_counter()
         # On a coherent Grace node every tier is managed memory placed by advice: layers beyond
         # the device budget stay in LPDDR and are read in place over NVLink-C2C (no buffers
         # to stream through); elsewhere they live in pinned host memory and stream in.
@@ -94,6 +94,22 @@ class PagedEngine(Engine):
         if grace and advisor is None and memory.managed:
             advisor = DriverAdvisor()
         self._advisor = advisor if grace else None
+        self._pool_bytes = 0
+        self._untrack = []  # memory figures this engine reports; dropped at shutdown
+        weights, streamed = self._load_weights(args, memory, path)
+        self._build_kv(args, memory)
+        self.runner = self._build_runner(args, memory, weights, streamed)
+        warm_up(self.runner.model, cfg.page_size, self.runner.eos_ids)  # no compiles later
+        self._start_loop()
+        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
+                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
+                    cfg.page_size, self.pool.nbytes / 2**30, self.max_model_len)
+
+    def _load_weights(self, args: AppArgs, memory: MemoryAccountant, path: str
+                      ) -> tuple[ModelWeights, list[int]]:
+        """The weights, allocated and filled, placed by advice on Grace; and the layers that
+        stream from pinned host memory (none on Grace: cold layers are read in place)."""
+        start = time.perf_counter()
         streamed = self._streamed_layers(args, in_place=self._advisor is not None)
         cold = frozenset(streamed) if self._advisor else frozenset()
         if self._advisor:
@@ -103,7 +119,7 @@ class PagedEngine(Engine):
             if self._advisor:  # before the first touch, so pages start where they belong
                 for index, block in enumerate(weights.blocks):
                     self._advisor.prefer(block, "host" if index in cold else "device")
-            if cfg.random_weights:
+            if args.engine.random_weights:
                 init_random(weights, seed=0)
             else:
                 load_checkpoint(weights, self.spec, path)
@@ -116,12 +132,16 @@ class PagedEngine(Engine):
                             sum(weights.blocks[i].nbytes for i in cold) / 1e9)
         self.weights_bytes = weights.nbytes
         logger.info("weights: %.2f GB in %.1f s", weights.nbytes / 1e9, time.perf_counter() - start)
-        page_bytes = KVPool.page_bytes(self.spec, cfg.page_size, self.dtype)
-        self.page_bytes = page_bytes
-        self._pool_bytes = 0
-        self._untrack = []  # memory figures this engine reports; dropped at shutdown
         if isinstance(memory, HostAccountant):  # on a GPU, RMM counts these bytes itself
             self._untrack.append(memory.track_usage(lambda: self.weights_bytes + self._pool_bytes))
+        return weights, streamed
+
+    def _build_kv(self, args: AppArgs, memory: MemoryAccountant) -> None:
+        """The KV page pool from the budget, its cache manager, the host tier (managed and
+        advised on Grace, pinned elsewhere) with its mover, and the scheduler over them."""
+        cfg = args.engine
+        page_bytes = KVPool.page_bytes(self.spec, cfg.page_size, self.dtype)
+        self.page_bytes = page_bytes
         budget = args.kv_cache.budget_bytes
         free = max(0, memory.snapshot().free_unified_memory_bytes)
         budget = int(budget if budget is not None else args.kv_cache.budget_fraction * free)
@@ -131,34 +151,43 @@ class PagedEngine(Engine):
         if self._advisor:
             self._advisor.prefer(self.pool.buffer, "device")
         host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
+        self.host_tier_kind: str | None = None
         self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages)
         # Empty pages are free unified memory: the router places new users by them.
         self._untrack.append(memory.track_spare(lambda: self.cache.free_pages * self.page_bytes))
-        mover = None
-        self.host_tier_kind = None
-        if host_pages and self._advisor:
-            # Grace: the host tier is managed memory of the replica's own resource (already in
-            # its capacity), advised to LPDDR; its empty pages are free unified memory.
+        host_pool = self._host_tier(memory, host_pages) if host_pages else None
+        self.mover = CopyMover(self.pool, host_pool) if host_pool is not None else None
+        self._pool_bytes = self.pool.nbytes + (
+            host_pool.nbytes if host_pool is not None and self._advisor else 0)
+        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens,
+                                   self.mover)
+        # Keep a step's worth of device pages free by moving idle users down ahead of need.
+        self._keep_free = min(self.cache.usable_pages // 4, self.cache.pages_for(
+            cfg.max_batched_tokens) + cfg.max_num_seqs // 4)
+
+    def _host_tier(self, memory: MemoryAccountant, host_pages: int) -> HostKVPool:
+        """The host KV tier: on Grace, managed memory of the replica's own resource (already
+        in its capacity) advised to LPDDR, whose empty pages are free unified memory;
+        elsewhere pinned host memory, a tier of its own."""
+        if self._advisor:
             with memory.allocation_scope():
                 host_pool = HostKVPool(self.pool, host_pages, managed=True)
             self._advisor.prefer(host_pool.buffer, "host")
             self.host_tier_kind = "managed memory advised to the host"
             self._untrack.append(memory.track_spare(
                 lambda: self.cache.host_free_pages * self.page_bytes))
-        elif host_pages:
-            host_pool = HostKVPool(self.pool, host_pages)
-            self.host_tier_kind = "pinned host memory"
-            self._untrack.append(memory.track_tier(
-                host_pool.nbytes, lambda: self.cache.host_used_pages() * self.page_bytes))
-        if host_pages:
-            mover = CopyMover(self.pool, host_pool)
-        self._pool_bytes = self.pool.nbytes + (
-            host_pool.nbytes if host_pages and self._advisor else 0)
-        self.mover = mover
-        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens, mover)
-        # Keep a step's worth of device pages free by moving idle users down ahead of need.
-        self._keep_free = min(self.cache.usable_pages // 4, self.cache.pages_for(
-            cfg.max_batched_tokens) + cfg.max_num_seqs // 4)
+            return host_pool
+        host_pool = HostKVPool(self.pool, host_pages)
+        self.host_tier_kind = "pinned host memory"
+        self._untrack.append(memory.track_tier(
+            host_pool.nbytes, lambda: self.cache.host_used_pages() * self.page_bytes))
+        return host_pool
+
+    def _build_runner(self, args: AppArgs, memory: MemoryAccountant, weights: ModelWeights,
+                      streamed: list[int]) -> ModelRunner:
+        """The model over the weights and KV pool (with its weight streamer when layers
+        stream), its decode CUDA graphs where they can run, and the runner around both."""
+        cfg = args.engine
         use_gpu = self.device.startswith("cuda")
         streamer = None
         if streamed:
@@ -178,8 +207,10 @@ class PagedEngine(Engine):
             logger.info("decode CUDA graphs off: %s", "no GPU" if not use_gpu else
                         "engine.cuda_graphs is false" if not cfg.cuda_graphs else
                         "weights stream from host memory")
-        self.runner = ModelRunner(model, cfg.page_size, graphs, self._eos_token_ids)
-        warm_up(model, cfg.page_size, self.runner.eos_ids)  # no compiles on a request's path
+        return ModelRunner(model, cfg.page_size, graphs, self._eos_token_ids)
+
+    def _start_loop(self) -> None:
+        """The step loop's state and its thread."""
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
@@ -192,9 +223,6 @@ class PagedEngine(Engine):
         self._decode_steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=256)
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
-        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
-                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
-                    cfg.page_size, self.pool.nbytes / 2**30, self.max_model_len)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
