@@ -28,6 +28,7 @@ class RequestShape:
     user_key: str | None  # identity.user_key of its user; None: its cache is not kept
     prompt_tokens: int
     max_tokens: int  # the completion length, already fitted to the context
+    tenant: str = ""  # the caller's API key id (auth.tenant_of); "" with auth off
 
     @property
     def kv_tokens(self) -> int:
@@ -39,7 +40,8 @@ class RequestShape:
 
 
 def shape_request(user_key: str | None, prompt_tokens: int, max_tokens: int, context: int,
-                  param: str, limit_param: str | None = None) -> RequestShape:
+                  param: str, limit_param: str | None = None, tenant: str = ""
+                  ) -> RequestShape:
     """The shape of a request whose prompt (`param`: the field holding it) has
     `prompt_tokens` tokens, asking for up to `max_tokens` more, on a model of `context`
     tokens. A length the client set (`limit_param` names its field) that does not fit after
@@ -57,4 +59,5 @@ def shape_request(user_key: str | None, prompt_tokens: int, max_tokens: int, con
             f"plus {limit_param}={max_tokens} make {prompt_tokens + max_tokens}; lower "
             f"{limit_param} to at most {context - prompt_tokens}", limit_param,
             "context_length_exceeded")
-    return RequestShape(user_key, prompt_tokens, max(1, min(max_tokens, context - prompt_tokens)))
+    return RequestShape(user_key, prompt_tokens,
+                        max(1, min(max_tokens, context - prompt_tokens)), tenant)

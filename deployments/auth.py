@@ -127,6 +127,9 @@ def user_secret(cfg: AuthConfig, environ: Mapping[str, str] = os.environ) -> byt
     return secret.encode("utf-8")
 
 
+_NAMESPACE = "\x1f"  # cannot occur in a key id
+
+
 def namespaced_user(principal: str | None, user: str | None) -> str | None:
     """The user id the rest of the service sees: `user` scoped to its caller's key.
 
@@ -136,4 +139,11 @@ def namespaced_user(principal: str | None, user: str | None) -> str | None:
     """
     if user is None or principal is None:
         return user
-    return f"{principal}\x1f{user}"
+    return f"{principal}{_NAMESPACE}{user}"
+
+
+def tenant_of(user: str | None) -> str:
+    """The key id a `namespaced_user` id belongs to: its tenant ("" with auth off)."""
+    if user is None or _NAMESPACE not in user:
+        return ""
+    return user.split(_NAMESPACE, 1)[0]

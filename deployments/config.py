@@ -112,6 +112,16 @@ class KVCacheConfig(_Section):
         "pages run short, and come back when they return, so more users keep their caches "
         "before any is dropped. 0 disables it.",
     )
+    key_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="With API keys on: the fraction of each replica's KV memory (device pool "
+        "plus host tier) that each key's kept caches hold against other keys. A key holding "
+        "no more than this never loses a user's cache to another key's requests; beyond it, "
+        "its least recently used users go first as usual. Keep it at most 1 / (number of keys) "
+        "for every key's share to hold at once. Unset: one least-recently-used order for all.",
+    )
 
 
 class EngineConfig(_Section):
@@ -346,6 +356,11 @@ class AppArgs(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> AppArgs:
+        if self.kv_cache.key_share is not None and not self.auth.enabled:
+            raise ValueError(
+                "kv_cache.key_share is set but auth is off: shares are per API key (set "
+                "auth.api_keys_file or auth.api_keys_env, or unset kv_cache.key_share)"
+            )
         if self.memory.mode in ("managed", "device") and self.replica.num_gpus == 0:
             raise ValueError(
                 f"memory.mode is {self.memory.mode!r} but replica.num_gpus is 0: a GPU memory "

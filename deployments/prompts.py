@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.admission import AdmissionError, RequestShape, shape_request
+from deployments.auth import tenant_of
 from deployments.chat_template import ChatTemplateError
 from deployments.errors import APIError
 from deployments.identity import user_key
@@ -144,7 +145,7 @@ class PromptBuilder:
         try:
             shape = shape_request(user_key(user, self.user_secret) if user else None,
                                   len(ids), max_tokens or self.default_max_tokens, context,
-                                  param, req.token_limit_param)
+                                  param, req.token_limit_param, tenant_of(user))
         except AdmissionError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         sampling = {k: v for k, v in req.sampling(shape.max_tokens).items() if k != "stop"}

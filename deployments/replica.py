@@ -135,6 +135,7 @@ class LLMReplica:
         return GenerationRequest(
             request_id=request.get("request_id") or uuid.uuid4().hex,
             user_key=shape.user_key,
+            tenant=shape.tenant,
             prompt_token_ids=ids,
             sampling=SamplingParams(
                 max_tokens=shape.max_tokens,
@@ -282,6 +283,7 @@ class LLMReplica:
             "waiting_requests": stats.waiting_requests,
             "evicted_users": stats.evicted_users,
             "preempted_requests": int(stats.extra.get("preempted_requests", 0)),
+            "kv_share_overrides": int(stats.extra.get("kv_share_overrides", 0)),
             "kv_bytes_by_tier": kv_bytes_by_tier(stats, snap),
             "kv_pages_total": stats.extra.get("kv_pages_total"),
             "kv_pages_free": stats.extra.get("kv_pages_free"),

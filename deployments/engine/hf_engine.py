@@ -30,6 +30,7 @@ from deployments.engine.interface import (
     SamplingParams,
     TokenLogprob,
 )
+from deployments.engine.kv_shares import KVShares
 from deployments.engine.loader import (
     kv_bytes_per_token,
     load_model,
@@ -86,7 +87,8 @@ class HFEngine(Engine):
                                  device=self.device)
         element = next(self.model.parameters()).element_size()
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element))
+        self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element),
+                                    shares=KVShares(args.kv_cache.key_share))
         self._untrack = []  # memory figures this engine reports; dropped at shutdown
         if isinstance(memory, HostAccountant):
             self._untrack.append(
@@ -193,7 +195,7 @@ class HFEngine(Engine):
             if self.counts is None:
                 self.counts = TokenCounts(self.vocab, torch.device(self.device))
             slot = self.counts.assign()
-        entry = self.store.acquire(request.user_key)
+        entry = self.store.acquire(request.user_key, request.tenant)
         seen: list[int] = []
         fed = 0  # tokens of `seen` whose KV is in the cache
         pending: concurrent.futures.Future[int] | None = None
@@ -203,7 +205,7 @@ class HFEngine(Engine):
             progress.cached_tokens = fed
             seen = list(prompt)
             self.store.record(entry, seen, cache, fed)
-            self.store.reserve(len(prompt) - fed + params.max_tokens)
+            self.store.reserve(len(prompt) - fed + params.max_tokens, request.tenant)
             base = params.seed if params.seed is not None else secrets.randbits(63)
             feed = prompt[fed:]
             for produced in range(1, params.max_tokens + 1):
@@ -236,7 +238,7 @@ class HFEngine(Engine):
             if not is_out_of_memory(exc):
                 raise
             # Out of memory mid-request: drop idle users' caches and tell the client.
-            dropped = self.store.evict_to(0)
+            dropped = self.store.evict_to(0, ignore_shares=True)
             logger.warning("out of memory; dropped %d idle users' caches", len(dropped))
             raise MemoryError("the replica ran out of memory for this request") from exc
 

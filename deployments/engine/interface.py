@@ -110,6 +110,7 @@ class GenerationRequest:
     user_key: str | None  # opaque user key (identity.user_key); None: cache not kept
     prompt_token_ids: Sequence[int]
     sampling: SamplingParams
+    tenant: str = ""  # the API key's id (auth.tenant_of): whose KV share the user draws on
 
 
 @dataclass

@@ -9,7 +9,8 @@ Contract:
 - ``entry.kv_tokens <= len(entry.token_ids)``: KV exists for a prefix of the recorded tokens;
   the last sampled token is recorded but gets its KV in the next request's prefill.
 - ``total_bytes`` equals the sum over entries (resident and anonymous running) of their bytes.
-- ``evict_to(budget)`` only drops idle entries; evicting down to the current total is a no-op.
+- ``evict_to(budget, requester)`` only drops idle entries, and of those only the ones `shares`
+  lets `requester`'s tenant drop; evicting down to the current total is a no-op.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from deployments.engine.kv_shares import KVShares, held_by_tenant
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -38,15 +41,18 @@ class UserEntry:
     kv_tokens: int = 0
     running: bool = False
     last_used: float = 0.0
+    tenant: str = ""  # the API key's id the user belongs to (kv_shares)
 
 
 class UserCacheStore:
     """Who holds which KV cache, how many bytes that is, and who goes when memory is short."""
 
     def __init__(
-        self, budget_bytes: int, bytes_per_token: int, clock: Callable[[], float] = time.monotonic
+        self, budget_bytes: int, bytes_per_token: int, clock: Callable[[], float] = time.monotonic,
+        shares: KVShares | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
+        self.shares = shares or KVShares()
         self.bytes_per_token = bytes_per_token
         self._clock = clock
         self._users: OrderedDict[str, UserEntry] = OrderedDict()  # least recently used first
@@ -75,19 +81,19 @@ class UserCacheStore:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def acquire(self, key: str | None) -> UserEntry:
+    def acquire(self, key: str | None, tenant: str = "") -> UserEntry:
         """Pin the user's entry (creating it) for one running request.
 
         A user already running a request, or an anonymous request, gets a private entry that
         is discarded at release: two requests never share one cache.
         """
         if key is not None and not self.is_busy(key):
-            entry = self._users.pop(key, None) or UserEntry(key)
+            entry = self._users.pop(key, None) or UserEntry(key, tenant=tenant)
             self._users[key] = entry  # most recently used
             entry.running = True
             entry.last_used = self._clock()
             return entry
-        entry = UserEntry(None, running=True, last_used=self._clock())
+        entry = UserEntry(None, running=True, last_used=self._clock(), tenant=tenant)
         self._anonymous.add(entry)
         return entry
 
@@ -106,23 +112,30 @@ class UserCacheStore:
             entry.kv = None
         else:
             self._users.move_to_end(entry.key)  # most recently used
-        return self.evict_to(self.budget_bytes)
+        return self.evict_to(self.budget_bytes, entry.tenant)
 
-    def reserve(self, new_tokens: int) -> list[str]:
+    def reserve(self, new_tokens: int, requester: str = "") -> list[str]:
         """Drop idle users so `new_tokens` more tokens of KV fit the budget, if possible."""
-        return self.evict_to(self.budget_bytes - new_tokens * self.bytes_per_token)
+        return self.evict_to(self.budget_bytes - new_tokens * self.bytes_per_token, requester)
 
-    def evict_to(self, target_bytes: int) -> list[str]:
-        """Drop least recently used idle users until the total is at most `target_bytes`."""
+    def evict_to(self, target_bytes: int, requester: str | None = "",
+                 ignore_shares: bool = False) -> list[str]:
+        """Drop least recently used idle users until the total is at most `target_bytes`,
+        those the shares let `requester`'s tenant drop (all with `ignore_shares`)."""
         evicted: list[str] = []
         total = self.total_bytes
+        check = self.shares.enabled and not ignore_shares
+        held = held_by_tenant((e.tenant, self.entry_bytes(e))
+                              for e in self._users.values() if not e.running) if check else {}
         for key in list(self._users):
             if total <= target_bytes:
                 break
             entry = self._users[key]
-            if entry.running:
+            if entry.running or (check and not self.shares.may_evict(
+                    entry.tenant, requester, held, self.budget_bytes)):
                 continue
             total -= self.entry_bytes(entry)
+            held[entry.tenant] = held.get(entry.tenant, 0) - self.entry_bytes(entry)
             self.drop(key)
             evicted.append(key)
         self.evicted_users += len(evicted)

@@ -17,18 +17,20 @@ Contract:
   admitted sequence, or the source of a move down; every host page likewise: the host free
   list, one idle user, or the source of a move up;
 - ``can_allocate(n)`` is true iff ``allocate(n)`` succeeds; ``allocate`` never evicts;
-- ``evict_lru_idle()`` drops the least recently used idle user holding device pages, or returns
-  None; users whose request is running are never evicted or moved;
+- ``evict_lru_idle(requester)`` drops the least recently used idle user holding device pages
+  that `shares` lets `requester`'s tenant drop, or returns None; host-tier drops follow the
+  same rule; users whose request is running are never evicted or moved;
 - ``check_integrity(running)`` raises AssertionError when any of this does not hold.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.engine.kv_shares import KVShares, held_by_tenant
 from deployments.engine.user_cache import common_prefix_len
 
 
@@ -42,6 +44,7 @@ class UserKV:
     pages: list[int] = field(default_factory=list)  # device tier
     host_pages: list[int] = field(default_factory=list)  # host tier
     busy: bool = False  # a running sequence holds this user's pages
+    tenant: str = ""  # the API key's id the user belongs to (kv_shares)
 
 
 @dataclass(eq=False)
@@ -67,8 +70,9 @@ class Reuse:
 
 class CacheManager:
     def __init__(self, num_pages: int, page_size: int, reserved: int = 0,
-                 host_pages: int = 0) -> None:
-        """Pages [0, reserved) are never handed out (page 0: scratch for padding rows)."""
+                 host_pages: int = 0, shares: KVShares | None = None) -> None:
+        """Pages [0, reserved) are never handed out (page 0: scratch for padding rows);
+        `shares` says whose idle users a tenant's request may drop (default: anyone's)."""
         self.num_pages = num_pages
         self.page_size = page_size
         self.reserved = reserved
@@ -77,7 +81,9 @@ class CacheManager:
         self._host_free: list[int] = list(range(host_pages - 1, -1, -1))
         self._users: OrderedDict[str, UserKV] = OrderedDict()  # least recently used first
         self.moves: list[Move] = []  # in flight
+        self.shares = shares or KVShares()
         self.evicted_users = 0
+        self.share_overrides = 0  # drops the shares forbade, made so a request could run
         self.offloaded_users = 0
         self.restored_users = 0
 
@@ -134,7 +140,7 @@ class CacheManager:
         return max(0, min(common_prefix_len(user.token_ids, prompt), user.kv_len,
                           len(prompt) - 1))
 
-    def checkout(self, key: str | None, prompt: Sequence[int]) -> Reuse:
+    def checkout(self, key: str | None, prompt: Sequence[int], tenant: str = "") -> Reuse:
         """Hand a new request of `key` its kept pages, trimmed to what its prompt reuses.
 
         A host-resident cache comes back into freshly allocated device pages (the caller makes
@@ -147,7 +153,7 @@ class CacheManager:
         if user is not None and user.busy:
             return Reuse([], 0, private=True)
         if user is None:
-            user = self._users[key] = UserKV(key)
+            user = self._users[key] = UserKV(key, tenant=tenant)
         self._users.move_to_end(key)
         tokens = self._reusable(user, prompt)
         keep = self.pages_for(tokens)
@@ -178,13 +184,39 @@ class CacheManager:
         user.token_ids, user.kv_len, user.pages, user.busy = token_ids, kv_len, pages[:keep], False
         self._users.move_to_end(key)
 
-    def evict_lru_idle(self) -> str | None:
-        """Drop the least recently used idle user holding device pages; None if there is none."""
-        for key, user in self._users.items():
-            if not user.busy and user.pages:
-                self._drop(key)
-                return key
-        return None
+    def evict_lru_idle(self, requester: str | None = "", override: bool = False) -> str | None:
+        """Drop the least recently used idle user holding device pages that `requester`'s
+        tenant may drop (`override`: any, counted in `share_overrides`); None if none."""
+        keys = self._victims(lambda u: len(u.pages), 1, requester)
+        if keys is None and override:
+            keys = self._victims(lambda u: len(u.pages), 1, None, ignore_shares=True)
+            self.share_overrides += keys is not None
+        if keys is None:
+            return None
+        self._drop(keys[0])
+        return keys[0]
+
+    def _victims(self, pages_of: Callable[[UserKV], int], need: int, requester: str | None,
+                 ignore_shares: bool = False) -> list[str] | None:
+        """Idle users, least recently used first, whose drops free at least `need` of the
+        pages `pages_of` counts, each one the shares let `requester` drop once the earlier
+        ones are gone; None when no such choice frees enough."""
+        check = self.shares.enabled and not ignore_shares
+        held = held_by_tenant((u.tenant, len(u.pages) + len(u.host_pages))
+                              for u in self._users.values() if not u.busy) if check else {}
+        total = self.usable_pages + self.host_pages_total
+        keys: list[str] = []
+        for user in self._users.values():
+            if need <= 0:
+                break
+            if user.busy or not pages_of(user):
+                continue
+            if check and not self.shares.may_evict(user.tenant, requester, held, total):
+                continue
+            keys.append(user.key)
+            need -= pages_of(user)
+            held[user.tenant] = held.get(user.tenant, 0) - len(user.pages) - len(user.host_pages)
+        return keys if need <= 0 else None
 
     def _drop(self, key: str) -> None:
         user = self._users.pop(key)
@@ -194,18 +226,22 @@ class CacheManager:
 
     # ---- the host tier ----------------------------------------------------------------------
 
-    def start_offload(self) -> Move | None:
+    def start_offload(self, requester: str | None = "") -> Move | None:
         """Move the least recently used idle device-resident user down to host pages.
 
-        Drops least recently used host-resident users when the host tier is full. None when
-        there is no host tier, no idle user on the device, or its cache exceeds the host tier.
+        Drops least recently used host-resident users when the host tier is full, those the
+        shares let `requester`'s tenant drop. None when there is no host tier, no idle user on
+        the device, its cache exceeds the host tier, or the host tier cannot make room.
         """
         user = next((u for u in self._users.values() if not u.busy and u.pages), None)
         if user is None or len(user.pages) > self.host_pages_total:
             return None
-        while len(self._host_free) < len(user.pages):
-            victim = next(k for k, u in self._users.items() if not u.busy and u.host_pages)
-            self._drop(victim)
+        short = len(user.pages) - len(self._host_free)
+        victims = self._victims(lambda u: len(u.host_pages), short, requester)
+        if victims is None:
+            return None
+        for key in victims:
+            self._drop(key)
         dst = [self._host_free.pop() for _ in range(len(user.pages))]
         move = Move(user.key, user.pages, dst, down=True)
         user.pages, user.host_pages = [], dst

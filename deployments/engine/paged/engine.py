@@ -29,6 +29,7 @@ from deployments.engine.interface import (
     RequestProgress,
     TokenLogprob,
 )
+from deployments.engine.kv_shares import KVShares
 from deployments.engine.loader import load_tokenizer, resolve_model_path, torch_dtype
 from deployments.engine.paged.cache_manager import CacheManager
 from deployments.engine.paged.cuda_graphs import DecodeGraphs
@@ -152,7 +153,8 @@ class PagedEngine(Engine):
             self._advisor.prefer(self.pool.buffer, "device")
         host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
         self.host_tier_kind: str | None = None
-        self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages)
+        self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages,
+                                  shares=KVShares(args.kv_cache.key_share))
         # Empty pages are free unified memory: the router places new users by them.
         self._untrack.append(memory.track_spare(lambda: self.cache.free_pages * self.page_bytes))
         host_pool = self._host_tier(memory, host_pages) if host_pages else None
@@ -459,6 +461,7 @@ class PagedEngine(Engine):
         seq = Sequence(
             request_id=request.request_id, user_key=request.user_key,
             token_ids=list(request.prompt_token_ids), sampling=request.sampling, stream=stream,
+            tenant=request.tenant,
         )
         if request.sampling.seed is not None:
             seq.sample_seed = request.sampling.seed % (1 << 63)
@@ -496,6 +499,7 @@ class PagedEngine(Engine):
                        "kv_pages_free": self.cache.free_pages,
                        "kv_page_size": self.cache.page_size,
                        "preempted_requests": self.scheduler.preemptions,
+                       "kv_share_overrides": self.cache.share_overrides,
                        "steps_launched_ahead": self.steps_ahead,
                        "kv_bytes_by_tier": {"device": used * self.page_bytes,
                                             **({"host": host_used * self.page_bytes}

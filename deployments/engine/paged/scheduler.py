@@ -18,6 +18,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from deployments.engine.kv_shares import BACKGROUND
 from deployments.engine.paged.cache_manager import CacheManager, Move
 from deployments.engine.paged.sequence import Sequence, Status
 
@@ -123,7 +124,7 @@ class Scheduler:
             room = self._make_room(restore, seq, set(), may_preempt=False)
             if room is not Room.OK:
                 return room
-        reuse = self.cache.checkout(seq.user_key, seq.token_ids)
+        reuse = self.cache.checkout(seq.user_key, seq.token_ids, seq.tenant)
         seq.pages, seq.num_computed = reuse.pages, reuse.tokens
         seq.cached_tokens, seq.private, seq.admitted = reuse.tokens, reuse.private, True
         if reuse.restore is not None:
@@ -147,7 +148,12 @@ class Scheduler:
         while not self.cache.can_allocate(need):
             if self.cache.free_pages + self.cache.draining_pages() >= need:
                 return Room.WAIT
-            if self._offload_one() or self.cache.evict_lru_idle() is not None:
+            if self._offload_one(seq.tenant) or self.cache.evict_lru_idle(seq.tenant) is not None:
+                continue
+            # With nothing else running to free pages, the shares yield rather than leave
+            # `seq` waiting forever (only possible when the shares add up to more than 1).
+            alone = all(s is seq for s in self.running) and not self.cache.moves
+            if alone and self.cache.evict_lru_idle(seq.tenant, override=True) is not None:
                 continue
             victim = next((s for s in reversed(self.running)
                            if s is not seq and id(s) not in scheduled), None)
@@ -156,10 +162,10 @@ class Scheduler:
             self.preempt(victim)
         return Room.OK
 
-    def _offload_one(self) -> bool:
+    def _offload_one(self, requester: str | None) -> bool:
         if self.mover is None:
             return False
-        move = self.cache.start_offload()
+        move = self.cache.start_offload(requester)
         if move is None:
             return False
         self.mover.launch(move)
@@ -181,7 +187,7 @@ class Scheduler:
         """Between steps: move idle users down until `pages` device pages are free or freeing."""
         while (self.mover is not None
                and self.cache.free_pages + self.cache.draining_pages() < pages
-               and self._offload_one()):
+               and self._offload_one(BACKGROUND)):
             pass
 
     def preempt(self, seq: Sequence) -> None:

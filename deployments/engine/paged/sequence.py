@@ -44,6 +44,7 @@ class Sequence:
     restore: Any = None  # the cache manager's move bringing this user's pages up, until done
     counts_slot: int = 0  # its row of the runner's TokenCounts (0: none; penalties only)
     grammar: Any = None  # its response_format constraint (engine.grammar.Grammar), if any
+    tenant: str = ""  # the API key's id its user belongs to (engine.kv_shares)
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
