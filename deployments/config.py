@@ -241,8 +241,9 @@ class IngressConfig(_Section):
     )
     body_slots: int | None = Field(
         None, ge=1, description="Of max_ongoing_requests, requests whose body may be arriving "
-        "at once; when full, the oldest incomplete body is answered 408 so a newer request "
-        "gets in (None: a quarter of max_ongoing_requests).",
+        "at once; when full, the oldest incomplete body (if 1 s old or more) is answered 408 so "
+        "a newer request gets in, else the newer one gets 429 bodies_busy (None: a quarter of "
+        "max_ongoing_requests).",
     )
     max_requests_per_key: int | None = Field(
         None, gt=0, description="With auth on, most requests one API key may have in flight "

@@ -5,9 +5,11 @@ valid key is refused (401) without its body being read, and `/admin/*` without a
 (403). A body over the limit is refused (413) as soon as its `Content-Length` or its bytes so
 far exceed the limit, so no client can make the ingress buffer more than `max_body_bytes`. A
 body still incomplete `body_timeout_s` after the request began is refused (408), as is the
-oldest incomplete body when the pool of `Readers` is full and another request arrives, so
-clients that stall cannot keep others out. With its body whole, a request beyond the ingress's
-own request limit or its key's share (slots.py) is refused (429) at once. Probes
+oldest incomplete body when the pool of `Readers` is full and another request arrives (once
+that body is a second old; before, the newcomer gets a 429), so clients that stall cannot keep
+others out and a burst of honest ones does not push itself out. With its body whole, a
+request beyond the ingress's own request limit or its key's share (slots.py) is refused (429)
+at once. Probes
 (`OPEN_PATHS`) take no slot. The settings live on the ASGI app's `state.gate` (set by the
 ingress once its config is known); the caller's key id is left in the ASGI scope under
 `PRINCIPAL_SCOPE_KEY` for the routes to namespace users with.
@@ -42,6 +44,8 @@ BUSY_MESSAGES = {
                     "takes; retry after the time in Retry-After",
     "key_busy": "too many requests in flight for this API key; wait for one to finish or "
                 "retry after the time in Retry-After",
+    "bodies_busy": "the server is busy: too many request bodies are arriving at once; retry "
+                   "after the time in Retry-After",
 }
 
 
@@ -132,7 +136,13 @@ class Gate:
         `Readers`; None after refusing it."""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
             return b""
-        token, pushed = settings.readers.enter()
+        entered = settings.readers.enter()
+        if entered is None:
+            settings.on_reject("bodies_busy")
+            await _refuse(scope, receive, send, 429, "bodies_busy", BUSY_MESSAGES["bodies_busy"],
+                          {"Retry-After": str(settings.retry_after_s)}, "rate_limit_error")
+            return None
+        token, pushed = entered
         try:
             return await self._read_body(scope, receive, send, settings, pushed)
         finally:

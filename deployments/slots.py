@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -46,29 +48,45 @@ class Slots:
                 del self.by_key[key]
 
 
+READER_GRACE_S = 1.0  # a whole body takes milliseconds: one still arriving after this stalls
+
+
 @dataclass
 class Readers:
     """Requests whose body is still arriving, oldest first, at most `limit` (None: no limit).
 
     A body that arrives whole takes milliseconds; one that stalls takes until its timeout. When
-    the pool is full, a newcomer makes the oldest reader give up at once (its client gets a 408),
-    so clients that stall cannot keep out clients that send: they only push each other out.
+    the pool is full, a newcomer makes the oldest reader give up at once (its client gets a 408)
+    if that one has been reading for `grace_s` or more, so clients that stall cannot keep out
+    clients that send: they only push each other out. If even the oldest is younger, the pool is
+    full of bodies still in their first second (a burst, not a stall): the newcomer is refused
+    instead (a 429 to retry), so a burst of honest clients never pushes itself out.
     """
 
     limit: int | None = None
-    _reading: collections.OrderedDict[int, asyncio.Event] = field(
+    grace_s: float = READER_GRACE_S
+    clock: Callable[[], float] = time.monotonic
+    _reading: collections.OrderedDict[int, tuple[float, asyncio.Event]] = field(
         default_factory=collections.OrderedDict)
     _next: int = 0
     evicted: int = 0  # readers pushed out so far
+    refused: int = 0  # newcomers refused while every reader was within its grace
 
-    def enter(self) -> tuple[int, asyncio.Event]:
-        """Join as the newest reader: a token for `leave` and an event set if pushed out."""
+    def enter(self) -> tuple[int, asyncio.Event] | None:
+        """Join as the newest reader: a token for `leave` and an event set if pushed out;
+        None when the pool is full and no reader is old enough to push out."""
+        now = self.clock()
         if self.limit is not None and len(self._reading) >= self.limit:
-            _, oldest = self._reading.popitem(last=False)
+            since, oldest = next(iter(self._reading.values()))
+            if now - since < self.grace_s:
+                self.refused += 1
+                return None
+            self._reading.popitem(last=False)
             oldest.set()
             self.evicted += 1
         self._next += 1
-        self._reading[self._next] = pushed = asyncio.Event()
+        pushed = asyncio.Event()
+        self._reading[self._next] = (now, pushed)
         return self._next, pushed
 
     def leave(self, token: int) -> None:

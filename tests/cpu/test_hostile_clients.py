@@ -234,7 +234,7 @@ def gate_app(**settings):
     app = FastAPI()
     app.add_middleware(Gate)
     keys = settings.pop("keys", ())
-    readers = Readers(settings.pop("readers", None))
+    readers = Readers(settings.pop("readers", None), settings.pop("reader_grace_s", 0.0))
     app.state.gate = GateSettings(KeyRing(keys), 1 << 20, lambda reason: None,
                                   settings.pop("body_timeout_s", 30.0), Slots(**settings),
                                   readers=readers)
@@ -280,6 +280,46 @@ def test_stalled_bodies_time_out_with_408_and_never_keep_others_out():
     messages = [body["error"]["message"] for _, body in ends]
     assert sum("newer request" in m for m in messages) == 2  # pushed out, not timed out
     assert pushed_at < 0.5 and took < 1.5
+
+
+class SlowBody(AsgiCall):
+    """An honest client on a slow link: half its body, then the rest `gap_s` later."""
+
+    def __init__(self, app, gap_s: float) -> None:
+        super().__init__(app)
+        self.gap_s = gap_s
+        self._parts = [self.body[:4], self.body[4:]]
+
+    async def receive(self) -> dict:
+        if len(self._parts) == 1:
+            await asyncio.sleep(self.gap_s)
+        return await super().receive()
+
+
+def test_a_burst_of_honest_bodies_is_never_pushed_out_and_stalled_ones_still_are():
+    """With "the newcomer pushes out the oldest reader" alone, a burst of honest clients
+    larger than the readers' pool pushed each other out (408s for bodies in their first
+    milliseconds). Readers younger than their grace are kept: the newcomer gets a 429 to
+    retry; a reader older than its grace is still pushed out by a newcomer."""
+    app = gate_app(readers=2, reader_grace_s=0.4, body_timeout_s=5)
+
+    async def main():
+        burst = [asyncio.create_task(SlowBody(app, 0.2)()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        newcomer = await asyncio.wait_for(AsgiCall(app)(), 0.2)  # the pool is all young
+        done = await asyncio.gather(*burst)
+        stalled = [asyncio.create_task(AsgiCall(app, stall=True)()) for _ in range(2)]
+        await asyncio.sleep(0.5)  # both past their grace now
+        late = await asyncio.wait_for(AsgiCall(app)(), 0.3)  # pushes out the oldest
+        for task in stalled:
+            task.cancel()
+        return done, newcomer, late, stalled[0].done() and stalled[0].result()
+
+    done, newcomer, late, first = asyncio.run(main())
+    assert done == [(200, {"size": 8})] * 2
+    assert newcomer[0] == 429 and newcomer[1]["error"]["code"] == "bodies_busy"
+    assert late == (200, {"size": 8})
+    assert first[0] == 408 and "newer request" in first[1]["error"]["message"]
 
 
 def test_beyond_the_request_limit_is_429_at_once():
