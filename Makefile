@@ -21,7 +21,7 @@ RAY_PORT       ?= 6379
 DASHBOARD_PORT ?= 8265
 METRICS_PORT   ?= 8080
 
-.PHONY: run test lint gpu-test bundle clean
+.PHONY: run test lint check-aarch64 gpu-test bundle clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(HAS_GPU),--system-site-packages) $(VENV)
@@ -52,6 +52,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check deployments tests benchmarks examples scripts
 	$(BIN)/ruff format --check deployments tests benchmarks examples scripts
+
+# What a GH200 / GB200 node would install (manylinux aarch64, CPython 3.11): resolved, wheels
+# only, not installed (scripts/check_wheels.py).
+check-aarch64: $(STAMP)
+	$(BIN)/python scripts/check_wheels.py --arch aarch64 --python $(MIN_PYTHON) --torch $(TORCH_VERSION)
 
 # On the GPU machine (see shared/gpu/README.md): source .devbundle/activate.sh && make gpu-test
 gpu-test:
