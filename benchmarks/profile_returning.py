@@ -53,15 +53,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def returns(engine: Any, args: Any, visible: list[int], count: int, history: int,
-                  seed: int = 0) -> list[dict[str, Any]]:
-    """`count` returns of one user; each record: TTFT and the steps logged before it."""
+                  seed: int = 0, think_s: float = 0.1, profiler: Any = None
+                  ) -> list[dict[str, Any]]:
+    """`count` returns of one user; each record: TTFT and the steps logged before it.
+    A `profiler` (started and stopped here) covers the returns, not the history's prefill."""
     send, rng = engine_transport(engine, args), random.Random(seed)
     prompt, out, text = random_words(rng, visible, history), [], ""
     for turn in range(count + 1):
         if turn:
             prompt = f"{prompt} {text} {random_words(rng, visible, rng.randint(40, 90))}"
+        if turn == 1 and profiler is not None:
+            profiler.start()
         since = len(engine.step_log)
-        reply = await send(Call(16, SAMPLED, prompt=prompt, user="returning-user"))
+        reply = await send(Call(16, SAMPLED, prompt=prompt, user=f"returning-{seed}"))
         text = reply.text
         ttft = reply.chunk_t[0] if reply.chunk_t else None
         steps = list(engine.step_log)[since:]
@@ -79,19 +83,21 @@ async def returns(engine: Any, args: Any, visible: list[int], count: int, histor
                         "cached_tokens": reply.cached_tokens,
                         "steps_to_first_token": before,
                         "outside_steps_ms": round(ttft * 1e3 - elapsed * 1e3, 3)})
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(think_s)
+    if profiler is not None:
+        profiler.stop()
     return out
 
 
 def profiled(engine: Any, args: Any, visible: list[int], history: int) -> dict[str, Any]:
-    """Host ops and device kernels by total time over three returns."""
+    """Host ops and device kernels by total time over three returns (not the history)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
                                      else [])
-    with profile(activities=acts) as prof:
-        asyncio.run(returns(engine, args, visible, 3, history, seed=1))
+    prof = profile(activities=acts)
+    asyncio.run(returns(engine, args, visible, 3, history, seed=1, profiler=prof))
     table = prof.key_averages()
     host = sorted(table, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
     device = sorted(table, key=lambda e: getattr(e, "self_device_time_total", 0),
@@ -101,6 +107,54 @@ def profiled(engine: Any, args: Any, visible: list[int], history: int) -> dict[s
             "device_self_ms": [{"kernel": e.key, "count": e.count,
                                 "ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 3)}
                                for e in device]}
+
+
+def python_profile(engine: Any, args: Any, visible: list[int], history: int
+                   ) -> list[dict[str, Any]]:
+    """cProfile of the engine thread's prefill launches over 10 returns: the Python functions
+    by cumulative time (prefill is eager: its host work is what the step waits for)."""
+    import cProfile
+    import pstats
+
+    prof, runner = cProfile.Profile(), engine.runner
+    launch, schedule = runner.launch, engine.scheduler.schedule
+
+    def profiled_launch(batch: Any, *a: Any, **k: Any) -> Any:
+        if batch.decode_only:
+            return launch(batch, *a, **k)
+        prof.enable()
+        try:
+            return launch(batch, *a, **k)
+        finally:
+            prof.disable()
+
+    def profiled_schedule() -> Any:
+        prof.enable()
+        try:
+            return schedule()
+        finally:
+            prof.disable()
+
+    runner.launch, engine.scheduler.schedule = profiled_launch, profiled_schedule
+    try:
+        asyncio.run(returns(engine, args, visible, 10, history, seed=3))
+    finally:
+        runner.launch, engine.scheduler.schedule = launch, schedule
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}:{name}", "calls": calls,
+                     "tottime_ms": round(tottime * 1e3, 3), "cumtime_ms": round(cumtime * 1e3, 3)})
+    return sorted(rows, key=lambda r: r["cumtime_ms"], reverse=True)[:40]
+
+
+def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
+    ttfts = [r["ttft_ms"] for r in records]
+    prefill = [r["steps_to_first_token"][-1]["ms"] for r in records]
+    return {"returns": len(records), "ttft_ms_p50": statistics.median(ttfts),
+            "ttft_ms_p99": percentile(ttfts, 0.99),
+            "prefill_step_ms_p50": statistics.median(prefill),
+            "prefill_step_ms_max": max(prefill)}
 
 
 def main() -> None:
@@ -119,23 +173,25 @@ def main() -> None:
     gc.callbacks.append(clock)
     try:
         records = asyncio.run(returns(engine, args, visible, opts.returns, history))
+        # The same returns with no pause between them: does an idle card slow the next one?
+        busy = asyncio.run(returns(engine, args, visible, opts.returns, history, seed=2,
+                                   think_s=0.0))
         prof = profiled(engine, args, visible, history)
+        prof["python_prefill_host"] = python_profile(engine, args, visible, history)
     finally:
         gc.callbacks.remove(clock)
         asyncio.run(engine.shutdown())
-    ttfts = [r["ttft_ms"] for r in records]
-    slow = sorted(records, key=lambda r: r["ttft_ms"], reverse=True)[:5]
-    summary = {"returns": len(records), "ttft_ms_p50": statistics.median(ttfts),
-               "ttft_ms_p99": percentile(ttfts, 0.99),
+    summary = {"think_0.1s": summary_of(records), "think_0s": summary_of(busy),
                "gc_pauses": len(clock.pauses),
                "gc_pause_ms_max": round(max((s for _, s in clock.pauses), default=0) * 1e3, 3),
                "gc_gen2_pauses": sum(g == 2 for g, _ in clock.pauses)}
+    slow = sorted(records, key=lambda r: r["ttft_ms"], reverse=True)[:5]
     print(json.dumps(summary), flush=True)
     for r in slow:
         print(json.dumps(r), flush=True)
     path = write_result("profile-returning", {"config": str(config), "summary": summary,
-                                              "slowest": slow, "returns": records, **prof},
-                        opts.out)
+                                              "slowest": slow, "returns": records,
+                                              "returns_no_pause": busy, **prof}, opts.out)
     print(f"wrote {path}")
 
 
