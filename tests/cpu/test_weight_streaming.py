@@ -51,7 +51,7 @@ def budget_for(resident_layers: int) -> int:
 
 
 def _spec():
-    from deployments.engine.paged.spec import ModelSpec
+    from deployments.model_spec import ModelSpec
 
     return ModelSpec.from_hf_config(transformers.LlamaConfig(
         **CONFIG, architectures=["LlamaForCausalLM"]))

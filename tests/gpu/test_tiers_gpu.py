@@ -38,7 +38,7 @@ def test_pages_round_trip_through_pinned_host_memory_asynchronously():
     from deployments.engine.paged.cache_manager import Move
     from deployments.engine.paged.host_pool import HostKVPool
     from deployments.engine.paged.kv_pool import KVPool
-    from deployments.engine.paged.spec import ModelSpec
+    from deployments.model_spec import ModelSpec
 
     spec = ModelSpec("llama", 1000, 512, 1024, 4, 8, 2, 64, 1e-5, 4096, False, False, False,
                      False, None)
@@ -115,7 +115,7 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
                           "device_weight_budget_bytes": budget},
                 "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
                 "kv_cache": {"budget_bytes": "64MiB"}}), memory)
-        from deployments.engine.paged.spec import ModelSpec
+        from deployments.model_spec import ModelSpec
         from deployments.engine.paged.weights import layer_numel
         layer = layer_numel(ModelSpec.from_hf_config(transformers.AutoConfig.from_pretrained(
             path))) * 2
@@ -158,7 +158,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
                 "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
                 "kv_cache": {"budget_bytes": 40 * page, "host_tier_bytes": host_pages * page}}),
                 memory)
-        from deployments.engine.paged.spec import ModelSpec
+        from deployments.model_spec import ModelSpec
         from deployments.engine.paged.weights import layer_numel
         layer = layer_numel(ModelSpec.from_hf_config(config)) * 2
         grace = make(448 * 512 * 2 * 2 + 512 * 2 + 3 * layer, 400, True)  # 3 resident

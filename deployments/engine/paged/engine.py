@@ -38,7 +38,7 @@ from deployments.engine.paged.model import DecoderModel
 from deployments.engine.paged.runner import Launched, ModelRunner
 from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
-from deployments.engine.paged.spec import ModelSpec
+from deployments.model_spec import ModelSpec
 from deployments.engine.paged.tier_mover import CopyMover
 from deployments.engine.paged.warmup import compiled_variants, warm_up
 from deployments.engine.paged.weight_stream import WeightStreamer

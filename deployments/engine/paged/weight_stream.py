@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from deployments.engine.paged.spec import ModelSpec
+from deployments.model_spec import ModelSpec
 from deployments.engine.paged.weights import LayerWeights, ModelWeights, layer_views
 
 
