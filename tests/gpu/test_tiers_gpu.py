@@ -18,6 +18,7 @@ from deployments.engine import SamplingParams
 from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
+from deployments.engine.paged.testing import logits_for
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
 config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
@@ -126,7 +127,7 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
         for eng in (streamed, whole):
             seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
-            out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
+            out.append(logits_for(eng, [(s, len(s.token_ids)) for s in seqs]))
         same = all(torch.equal(a, b) for a, b in zip(*out))
         on_host = streamed.runner.model.w.blocks[-1].is_pinned()
         print("RESULT " + json.dumps({"same": same, "streamed": len(
@@ -187,7 +188,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
         for eng in (grace, plain):
             seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
-            out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
+            out.append(logits_for(eng, [(s, len(s.token_ids)) for s in seqs]))
             eng.cache.free([p for s in seqs for p in s.pages])
         same_logits = all(torch.equal(a, b) for a, b in zip(*out))
         async def turn(eng, user, prompt):
