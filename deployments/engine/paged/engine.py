@@ -100,20 +100,17 @@ class PagedEngine(Engine):
         weights = load_weights(self.layout, self.spec, args, memory, advisor, path)
         self.weights_bytes = weights.nbytes
         kv = build_kv(self.layout, self.spec, args, memory, advisor)
-        self.pool, self.cache, self.mover, self._host_pool = kv.pool, kv.cache, kv.mover, \
-            kv.host_pool
+        self.pool, self.cache, self.mover, self._host_pool = (kv.pool, kv.cache, kv.mover,
+                                                              kv.host_pool)
         self.runner = build_runner(self.layout, self.spec, args, memory, weights, kv,
                                    self._eos_token_ids)
         self.scheduler = Scheduler(self.cache, args.engine.max_num_seqs,
                                    args.engine.max_batched_tokens, self.mover)
         warm_up(self.runner.model, self.layout.page_size, self.runner.eos_ids)  # no compiles
         self._start_loop()
-        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
-                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
-                    self.layout.page_size, self.pool.nbytes / 2**30, self.max_model_len)
 
     def _start_loop(self) -> None:
-        """The step loop's state and its thread."""
+        """The step loop's state and its thread; the engine is ready once it runs."""
         self._keep_free = self.layout.keep_free_pages  # moved down ahead of need each step
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
@@ -124,6 +121,9 @@ class PagedEngine(Engine):
         self._steps = StepTimes()  # recent step timings: stats, and testing.step_log
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
+        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
+                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
+                    self.layout.page_size, self.pool.nbytes / 2**30, self.max_model_len)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
