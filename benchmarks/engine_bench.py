@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import statistics
@@ -29,6 +30,7 @@ import torch
 from benchmarks.common import RESULTS, copy_bandwidth, write_result
 from benchmarks.hf_peer import build_hf, hf_continuous_batching, hf_decode_step, hf_ttft
 from benchmarks.ours import build_ours
+from deployments.engine.paged.testing import logits_for, step_log
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -104,7 +106,7 @@ async def run_requests(engine: Any, prompts: list[list[int]], outputs: list[int]
 
 
 def decode_steps(engine: Any, batch: int, since: int) -> list[float]:
-    return [s for (n, _, decode, s) in list(engine.step_log)[since:] if decode and n == batch]
+    return [s for (n, _, decode, s) in list(step_log(engine))[since:] if decode and n == batch]
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def main() -> None:
         (b, "sampled", SAMPLED) for b in (1, 64)]  # at temperature 1.0 / top_p 0.95 too
     for batch, name, sampling in runs:
         new_tokens = 128 if batch in (1, 64) else 64
-        since = len(ours.step_log)
+        since = len(step_log(ours))
         result = asyncio.run(run_requests(ours, random_prompts(rng, batch, context, vocab),
                                           [new_tokens] * batch, sampling=sampling))
         step = statistics.median(decode_steps(ours, batch, since))
@@ -248,7 +250,7 @@ def compare_logits(ours: Any, hf: Any, rng: random.Random, vocab: int, device: s
     convs = [[rng.randrange(100, vocab - 1) for _ in range(n)] for n in (300, 700, 257)]
     seqs = [Sequence("c", None, c, SamplingParams(1)) for c in convs]
 
-    step = ours.logits_for
+    step = functools.partial(logits_for, ours)
     step([(seqs[0], 299), (seqs[1], 600)])
     got = step([(seqs[0], 1), (seqs[1], 100), (seqs[2], 257)])
     def hf_logits() -> list[torch.Tensor]:

@@ -33,6 +33,7 @@ from benchmarks.engine_bench import (
     run_requests,
 )
 from benchmarks.ours import build_ours
+from deployments.engine.paged.testing import step_log
 
 
 def replay_ms(engine: Any, batch: int, repeat: int = 50) -> float | None:
@@ -88,11 +89,11 @@ def returning_user(engine: Any, rng: random.Random, vocab: int, history: int, ne
         hist = random_prompts(rng, 1, history, vocab)[0]
         asyncio.run(run_requests(engine, [hist], [1], users=[f"back{u}"]))
         follow = hist + random_prompts(rng, 1, new, vocab)[0]
-        since = len(engine.step_log)
+        since = len(step_log(engine))
         if u < 2:
             ttft.append(asyncio.run(run_requests(engine, [follow], [1],
                                                  users=[f"back{u}"]))["ttft_s"][0])
-            steps += [s for (_, tokens, _, s) in list(engine.step_log)[since:] if tokens == new]
+            steps += [s for (_, tokens, _, s) in list(step_log(engine))[since:] if tokens == new]
             continue
         activities = [ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -126,7 +127,7 @@ def main() -> None:
     kv_per_token = engine.page_bytes // engine.cache.page_size
     rows = []
     for batch in (1, 64):
-        since = len(engine.step_log)
+        since = len(step_log(engine))
         prompts = random_prompts(rng, batch, 512, vocab)
         asyncio.run(run_requests(engine, prompts, [128] * batch))
         step = statistics.median(decode_steps(engine, batch, since)) * 1e3

@@ -29,6 +29,7 @@ from benchmarks.common import RESULTS, write_result
 from benchmarks.engine_bench import LLAMA_31_8B, QUICK
 from benchmarks.serve.engine_side import app_args, build_engine, engine_transport
 from benchmarks.serve.sessions import SAMPLED, Call, random_words
+from deployments.engine.paged.testing import step_log
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -64,11 +65,11 @@ async def returns(engine: Any, args: Any, visible: list[int], count: int, histor
             prompt = f"{prompt} {text} {random_words(rng, visible, rng.randint(40, 90))}"
         if turn == 1 and profiler is not None:
             profiler.start()
-        since = len(engine.step_log)
+        since = len(step_log(engine))
         reply = await send(Call(16, SAMPLED, prompt=prompt, user=f"returning-{seed}"))
         text = reply.text
         ttft = reply.chunk_t[0] if reply.chunk_t else None
-        steps = list(engine.step_log)[since:]
+        steps = list(step_log(engine))[since:]
         if turn and ttft is not None:
             # Steps launched up to the first token: its prefill and what ran before it.
             before, elapsed = [], 0.0

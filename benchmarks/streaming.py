@@ -19,6 +19,7 @@ import torch
 from benchmarks.engine_bench import LLAMA_31_8B, model_dir, run_requests
 from benchmarks.hf_peer import build_hf, hf_decode_step
 from benchmarks.ours import build_ours, release
+from deployments.engine.paged.testing import step_log
 
 # The Llama 3.2 3B architecture: the 8B's family, smaller, tied embeddings, rope factor 32.
 LLAMA_32_3B = {**LLAMA_31_8B, "hidden_size": 3072, "intermediate_size": 8192,
@@ -46,9 +47,9 @@ def streaming_rows(quick: bool, limit: int, pinned_bw: float | None, device_bw: 
     streamed = streamer.bytes_per_pass if streamer else 0
     total = ours.runner.model.w.nbytes
     prompt = [[(7 * i) % (config["vocab_size"] - 200) + 100 for i in range(512)]]
-    since = len(ours.step_log)
+    since = len(step_log(ours))
     asyncio.run(run_requests(ours, prompt, [32]))
-    steps = [s for (n, _, decode, s) in list(ours.step_log)[since:] if decode and n == 1]
+    steps = [s for (n, _, decode, s) in list(step_log(ours))[since:] if decode and n == 1]
     step = statistics.median(steps)
     floor = streamed / pinned_bw + (total - streamed) / device_bw if pinned_bw else None
     rows = [{"impl": "ours", "workload": "streamed_weights_decode", "batch": 1,

@@ -12,6 +12,10 @@ Free unified memory, per platform (bytes):
   already excludes the pool, so it is ``limit - rmm_in_use`` alone.
 - **cpu**: ``cpu_memory_budget_bytes - (weights + KV bytes)``, as the engine reports them.
 
+An accountant reads only its allocator (`reading()`); what the engine holds comes from the
+engine's stats, and `capacity.replica_memory` combines the two (`snapshot()` here is the
+allocator's view alone, as before an engine exists).
+
 `setup_memory` must run before anything touches `torch.cuda`: it swaps PyTorch's allocator for
 RMM's. The limits come from `capacity` (the node memory model the capacity planner uses too).
 Imports only `config` and `capacity` of ours; rmm and torch are imported lazily, on GPU replicas
@@ -27,7 +31,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from deployments.capacity import NodeMemory, coherent_ceiling_bytes, host_budget_bytes
+from deployments.capacity import (
+    AllocatorReading,
+    EngineMemory,
+    MemorySnapshot,
+    NodeMemory,
+    coherent_ceiling_bytes,
+    host_budget_bytes,
+    memory_snapshot,
+)
 from deployments.config import GiB, MemoryConfig
 
 if TYPE_CHECKING:
@@ -35,7 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ResourceKind = Literal["managed", "device", "torch", "host"]
 
 
 class OversubscriptionError(RuntimeError):
@@ -51,25 +62,6 @@ class GpuMemoryPlan:
     pool: bool
     initial_pool_bytes: int | None
     reason: str
-
-
-@dataclass(frozen=True)
-class MemorySnapshot:
-    """One reading of a replica's memory (bytes)."""
-
-    platform: str
-    resource: ResourceKind
-    capacity_bytes: int
-    used_bytes: int
-    free_unified_memory_bytes: int
-    device_free_bytes: int | None = None
-
-    def describe(self) -> str:
-        """One log line's worth: resource, capacity, in use, free unified memory (GiB)."""
-        gib = 1 << 30
-        return (f"{self.resource} on {self.platform}, {self.capacity_bytes / gib:.2f} GiB "
-                f"capacity, {self.used_bytes / gib:.2f} GiB in use, "
-                f"{self.free_unified_memory_bytes / gib:.2f} GiB free unified memory")
 
 
 def resolve_mode(cfg: MemoryConfig, platform: PlatformInfo) -> str:
@@ -125,70 +117,25 @@ def plan_gpu_memory(
     return GpuMemoryPlan(resource, limit, cfg.pool, initial, reason)
 
 
-def _tracked_in(entries: list[Any], entry: Any) -> Callable[[], None]:
-    """Append `entry`; return a function that removes it (idempotent)."""
-    entries.append(entry)
-
-    def untrack() -> None:
-        for i, e in enumerate(entries):
-            if e is entry:
-                del entries[i]
-                return
-
-    return untrack
-
-
 class MemoryAccountant(ABC):
-    """Reports a replica's memory; the single source of the router's free-memory figure.
-
-    Engines report what an allocator cannot see: `track_usage` (bytes they hold that no
-    allocator counts, on CPU) and `track_spare` (bytes allocated but free for new KV, such as
-    a preallocated pool's empty pages: free unified memory counts them as free). Each
-    `track_*` returns a function that stops the tracking: an engine calls it when it shuts
-    down, so its figures stop counting and the accountant no longer keeps it alive.
-    """
+    """Reads a replica's allocator: the allocator's half of the router's free-memory figure
+    (the engine's half is in its stats; `capacity.replica_memory` joins them)."""
 
     device: str  # torch device string the engine should use
     platform: PlatformInfo | None = None  # the node this replica runs on, where known
     managed: bool = False  # allocations in `allocation_scope()` are CUDA managed memory
-
-    def __init__(self) -> None:
-        self._usage: list[Callable[[], int]] = []
-        self._spare: list[Callable[[], int]] = []
-        self._tiers: list[tuple[int, Callable[[], int]]] = []
-
-    def track_usage(self, usage_bytes: Callable[[], int]) -> Callable[[], None]:
-        return _tracked_in(self._usage, usage_bytes)
-
-    def track_spare(self, spare_bytes: Callable[[], int]) -> Callable[[], None]:
-        return _tracked_in(self._spare, spare_bytes)
-
-    def track_tier(self, capacity_bytes: int, used_bytes: Callable[[], int]
-                   ) -> Callable[[], None]:
-        """Memory outside the replica's resource that holds KV (a host tier): its capacity and
-        use count in the snapshot, so free unified memory covers every tier."""
-        return _tracked_in(self._tiers, (capacity_bytes, used_bytes))
-
-    def _tracked(self) -> tuple[int, int]:
-        return sum(fn() for fn in self._usage), sum(fn() for fn in self._spare)
-
-    def _with_tiers(self, snap: MemorySnapshot) -> MemorySnapshot:
-        if not self._tiers:
-            return snap
-        capacity = sum(c for c, _ in self._tiers)
-        used = sum(fn() for _, fn in self._tiers)
-        return MemorySnapshot(
-            snap.platform, snap.resource, snap.capacity_bytes + capacity, snap.used_bytes + used,
-            snap.free_unified_memory_bytes + capacity - used, snap.device_free_bytes,
-        )
 
     def allocation_scope(self) -> contextlib.AbstractContextManager[None]:
         """Allocate weights and KV caches inside this so they land in the replica's resource."""
         return contextlib.nullcontext()
 
     @abstractmethod
+    def reading(self) -> AllocatorReading:
+        """What the allocator counts now: capacity, use, the card's free memory."""
+
     def snapshot(self) -> MemorySnapshot:
-        """Current capacity, use and free unified memory."""
+        """The allocator's view alone (no engine's figures): before an engine allocates."""
+        return memory_snapshot(self.reading(), EngineMemory())
 
 
 class HostAccountant(MemoryAccountant):
@@ -197,14 +144,10 @@ class HostAccountant(MemoryAccountant):
     device = "cpu"
 
     def __init__(self, budget_bytes: int) -> None:
-        super().__init__()
         self._budget = budget_bytes
 
-    def snapshot(self) -> MemorySnapshot:
-        usage, spare = self._tracked()
-        used = usage - spare
-        return self._with_tiers(
-            MemorySnapshot("cpu", "host", self._budget, used, self._budget - used))
+    def reading(self) -> AllocatorReading:
+        return AllocatorReading("cpu", "host", self._budget, 0, counts_engine=False)
 
 
 class RmmAccountant(MemoryAccountant):
@@ -221,7 +164,6 @@ class RmmAccountant(MemoryAccountant):
         self, platform: PlatformInfo, plan: GpuMemoryPlan, stats_mr: Any,
         device_free: Callable[[], int] | None = None, global_allocator: bool = True,
     ) -> None:
-        super().__init__()
         self.platform = platform
         self._plan = plan
         self._stats_mr = stats_mr
@@ -259,17 +201,13 @@ class RmmAccountant(MemoryAccountant):
         # memory_reserved counts the RMM-backed pool's segments as well: subtract them.
         return max(0, int(torch.cuda.memory_reserved()) - int(self.rmm_statistics().current_bytes))
 
-    def snapshot(self) -> MemorySnapshot:
-        _, spare = self._tracked()
-        used = int(self.rmm_statistics().current_bytes) + self._native_bytes() - spare
-        free_dev = self._device_free()
-        free = self._plan.limit_bytes - used
-        if self.platform.kind == "discrete" and not self._plan.pool:
-            free = min(free, int(free_dev) + spare)
-        return self._with_tiers(MemorySnapshot(
-            self.platform.kind, self._plan.resource, self._plan.limit_bytes, used, free,
-            int(free_dev),
-        ))
+    def reading(self) -> AllocatorReading:
+        used = int(self.rmm_statistics().current_bytes) + self._native_bytes()
+        return AllocatorReading(
+            self.platform.kind, self._plan.resource, self._plan.limit_bytes, used,
+            int(self._device_free()),
+            device_bound=self.platform.kind == "discrete" and not self._plan.pool,
+        )
 
 
 def _rmm_device_free() -> int:
@@ -284,20 +222,16 @@ class TorchAccountant(MemoryAccountant):
     device = "cuda"
 
     def __init__(self, platform: PlatformInfo, headroom_bytes: int) -> None:
-        super().__init__()
         self.platform = platform
         self._capacity = max(0, platform.device_total_bytes - headroom_bytes)
 
-    def snapshot(self) -> MemorySnapshot:
+    def reading(self) -> AllocatorReading:
         import torch
 
-        _, spare = self._tracked()
-        used = int(torch.cuda.memory_reserved()) - spare
         free_dev, _ = torch.cuda.mem_get_info()
-        free = min(self._capacity - used, int(free_dev) + spare)
-        return self._with_tiers(MemorySnapshot(
-            self.platform.kind, "torch", self._capacity, used, free, int(free_dev)
-        ))
+        return AllocatorReading(self.platform.kind, "torch", self._capacity,
+                                int(torch.cuda.memory_reserved()), int(free_dev),
+                                device_bound=True)
 
 
 def setup_memory(

@@ -15,8 +15,9 @@ the messages of all streams stay within what Serve's transport carries, however 
 stream at once.
 
 Admission: a request whose KV (prompt and completion, `RequestShape.kv_bytes`) cannot fit this
-replica even with every other user's cache dropped (`kv_capacity_bytes`) is refused with a 503
-`insufficient_memory` error event.
+replica even with every other user's cache dropped (`capacity.kv_capacity_bytes`) is refused
+with a 503 `insufficient_memory` error event. Admission and the routing report read the same
+figures: `capacity.replica_memory` of the allocator's reading and the engine's stats.
 The router sends a new user to the replica with the most free unified memory, so when that one
 refuses, no replica could hold the prompt. Transient pressure (running requests holding
 memory) is the engine's to handle: it queues, evicts idle users, or preempts.
@@ -35,6 +36,7 @@ import ray
 from ray import serve
 
 from deployments.admission import RequestShape
+from deployments.capacity import ReplicaMemory, replica_memory
 from deployments.config import AppArgs, parse_app_args
 from deployments.cuda_driver import require_cuda_driver
 from deployments.engine import (
@@ -47,7 +49,7 @@ from deployments.engine import (
     SamplingParams,
     select_engine_class,
 )
-from deployments.memory import MemoryAccountant, MemorySnapshot, is_out_of_memory, setup_memory
+from deployments.memory import MemoryAccountant, is_out_of_memory, setup_memory
 from deployments.metrics import ReplicaMetrics
 from deployments.pacing import StreamPacing
 from deployments.platform import PlatformInfo, detect_platform
@@ -66,21 +68,6 @@ def error_event(
         "event": "error", "status": status, "message": message, "type": err_type,
         "param": param, "code": code,
     }
-
-
-def kv_capacity_bytes(stats: EngineStats, snap: MemorySnapshot) -> int:
-    """Most KV bytes this replica could hold for one request with every other cache dropped:
-    the KV budget, or less when free unified memory plus today's KV bytes is smaller."""
-    return min(stats.kv_budget_bytes, snap.free_unified_memory_bytes + stats.kv_cache_bytes)
-
-
-def kv_bytes_by_tier(stats: EngineStats, snap: MemorySnapshot) -> dict[str, int]:
-    """KV bytes per memory tier: the engine's own split if it reports one, else all bytes in
-    the replica's memory resource (`host` on CPU, `managed` for RMM unified memory, ...)."""
-    tiers = stats.extra.get("kv_bytes_by_tier")
-    if isinstance(tiers, dict) and tiers:
-        return {str(k): int(v) for k, v in tiers.items()}
-    return {snap.resource: stats.kv_cache_bytes}
 
 
 def _replica_id() -> str:
@@ -119,7 +106,8 @@ class LLMReplica:
         logger.info(
             "LLMReplica %s ready in %.1f s: %s serving %s, context %d tokens; memory: %s",
             self.replica_id, time.perf_counter() - start, type(self.engine).__name__,
-            self.engine.model_name, self.engine.max_model_len, self.memory.snapshot().describe(),
+            self.engine.model_name, self.engine.max_model_len,
+            self._memory(self.engine.stats()).snapshot.describe(),
         )
 
     # ---- requests -------------------------------------------------------------------------
@@ -168,10 +156,14 @@ class LLMReplica:
         now = time.monotonic()
         if now - self._room_at > ROOM_TTL_S:
             stats = self.engine.stats()
-            self._room_figures = (kv_capacity_bytes(stats, self.memory.snapshot()),
+            self._room_figures = (self._memory(stats).kv_capacity_bytes,
                                   stats.kv_bytes_per_token)
             self._room_at = now
         return self._room_figures
+
+    def _memory(self, stats: EngineStats) -> ReplicaMemory:
+        """This replica's memory figures: its allocator's reading with the engine's stats."""
+        return replica_memory(self.memory.reading(), stats)
 
     def _check_room(self, shape: RequestShape) -> None:
         room, per_token = self._room()
@@ -263,8 +255,9 @@ class LLMReplica:
     # ---- reporting ------------------------------------------------------------------------
 
     def _report(self) -> dict[str, Any]:
-        snap = self.memory.snapshot()
         stats = self.engine.stats()
+        figures = self._memory(stats)
+        snap = figures.snapshot
         return {
             "replica_id": self.replica_id,
             "platform": self.platform.kind,
@@ -284,7 +277,7 @@ class LLMReplica:
             "evicted_users": stats.evicted_users,
             "preempted_requests": int(stats.extra.get("preempted_requests", 0)),
             "kv_share_overrides": int(stats.extra.get("kv_share_overrides", 0)),
-            "kv_bytes_by_tier": kv_bytes_by_tier(stats, snap),
+            "kv_bytes_by_tier": figures.kv_bytes_by_tier,
             "kv_pages_total": stats.extra.get("kv_pages_total"),
             "kv_pages_free": stats.extra.get("kv_pages_free"),
             # Engine timings (paged engine): what an HTTP run's steps cost against in-process.

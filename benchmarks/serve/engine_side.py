@@ -37,6 +37,7 @@ from benchmarks.serve.workloads import (
     sessions_for,
     steps,
 )
+from deployments.engine.paged.testing import step_log
 
 
 def app_args(config_path: Path) -> Any:
@@ -110,7 +111,7 @@ def decode_figures(engine: Any, since: int, step: Step, plan: Plan, bandwidth: f
                    ) -> dict[str, Any]:
     """Median decode-only step at the step's batch size, and its floor: (weights + KV bytes
     read per step) / copy bandwidth, KV at the mean context (engine_bench's definition)."""
-    log = list(getattr(engine, "step_log", []))[since:]
+    log = list(step_log(engine))[since:]
     times = [s for (n, _, decode, s) in log if decode and n == step.concurrency]
     if not times or not hasattr(engine, "weights_bytes"):
         return {"decode_steps": len(times)}
@@ -136,7 +137,7 @@ async def run_phase(engine: Any, args: Any, todo: list[Step], plan: Plan, stop_a
             continue
         if step.kind == "multi_turn":
             print(describe_kv(kv_expect(engine, plan)), flush=True)
-        before, since = engine_figures(engine), len(getattr(engine, "step_log", ()))
+        before, since = engine_figures(engine), len(step_log(engine))
         records = await run_sessions(sessions_for(step, plan), send, visible,
                                      min(stop_at, now + step.cap_s))
         row = {"side": "in_process", **step_fields(step),

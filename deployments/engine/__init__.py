@@ -52,7 +52,7 @@ def select_engine_class(args: AppArgs) -> type[Engine]:
     if args.engine.engine_class != "auto":
         return load_engine_class(args.engine.engine_class)
     from deployments.engine.paged.engine import load_spec
-    from deployments.engine.paged.spec import UnsupportedModel
+    from deployments.model_spec import UnsupportedModel
 
     try:
         load_spec(args)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from deployments.capacity import EngineMemory, memory_snapshot
 from deployments.config import AppArgs
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
@@ -48,7 +49,8 @@ from deployments.engine.paged.logits_rules import (
 )
 from deployments.engine.paged.sampler import DevicePlan, build_plan, draw_seed
 from deployments.engine.user_cache import UserCacheStore, UserEntry, common_prefix_len
-from deployments.memory import HostAccountant, MemoryAccountant, is_out_of_memory
+from deployments.layout import kv_budget_bytes
+from deployments.memory import MemoryAccountant, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +91,10 @@ class HFEngine(Engine):
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element),
                                     shares=KVShares(args.kv_cache.key_share))
-        self._untrack = []  # memory figures this engine reports; dropped at shutdown
-        if isinstance(memory, HostAccountant):
-            self._untrack.append(
-                memory.track_usage(lambda: self.weights_bytes + self.store.total_bytes))
-        free = max(0, memory.snapshot().free_unified_memory_bytes)
-        budget = args.kv_cache.budget_bytes
-        self.store.budget_bytes = int(budget if budget is not None else
-                                      args.kv_cache.budget_fraction * free)
+        # The model is loaded: free memory now is what the KV budget's share is taken of.
+        free = memory_snapshot(memory.reading(), self._memory()).free_unified_memory_bytes
+        self.store.budget_bytes = kv_budget_bytes(
+            args.kv_cache.budget_bytes, args.kv_cache.budget_fraction, free)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf-model")
@@ -278,7 +276,12 @@ class HFEngine(Engine):
             running_requests=self.store.running_count(),
             waiting_requests=self._waiting,
             evicted_users=self.store.evicted_users,
+            memory=self._memory(),
         )
+
+    def _memory(self) -> EngineMemory:
+        """What this engine holds: the model and its users' caches."""
+        return EngineMemory(held_bytes=self.weights_bytes + self.store.total_bytes)
 
     def check_health(self) -> None:
         if self._executor._shutdown:
@@ -286,5 +289,3 @@ class HFEngine(Engine):
 
     async def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for untrack in self._untrack:
-            untrack()

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.capacity import EngineMemory
+
 logger = logging.getLogger(__name__)
 
 
@@ -147,6 +149,8 @@ class EngineStats:
     waiting_requests: int
     evicted_users: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the engine holds, for the replica's free-memory figure (capacity.replica_memory).
+    memory: EngineMemory = field(default_factory=EngineMemory)
 
 
 ALL_SAMPLING_FEATURES = frozenset({"logprobs", "logit_bias", "presence_penalty",

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from deployments.engine.paged.spec import ModelSpec, UnsupportedModel
+from deployments.model_spec import ModelSpec, UnsupportedModel
 
 
 class ModelError(ValueError):

@@ -10,6 +10,7 @@ and migration):
    experts, then idle ones (input embedding table, vision encoder). Whatever is left over
    does not fit: on a discrete GPU nothing spills to host memory.
 3. Users' KV caches take the room left, HBM first. Users that fit = that room // one user's KV.
+   The replica's KV budget is `layout.kv_budget_bytes` of that room, as the engines size it.
 
 Decode-step floor = sum over tiers of (bytes the step reads from the tier / the tier's
 bandwidth). The GPU reads host memory over the link, so a host tier's bandwidth is the lower
@@ -23,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deployments.capacity import DEFAULT_HEADROOM_BYTES, NodeMemory
+from deployments.layout import kv_budget_bytes
 from deployments.plan.models import ModelFootprint
 from deployments.plan.nodes import NodeSpec
 
@@ -140,8 +142,7 @@ def plan(model: ModelFootprint, node: NodeSpec, context_tokens: int, *, dtype: s
         unplaced += left
     kv_room = room if unplaced == 0 else dict.fromkeys(TIERS, 0)
     kv_per_user = model.kv_bytes(context_tokens, dtype_bytes)
-    budget = kv_budget if kv_budget is not None else int(
-        kv_budget_fraction * sum(kv_room.values()))
+    budget = kv_budget_bytes(kv_budget, kv_budget_fraction, sum(kv_room.values()))  # as the engines
     fit = sum(kv_room.values()) // kv_per_user if unplaced == 0 else 0
     kept = min(fit, budget // kv_per_user)  # what the replica keeps before evicting
     n = users if users is not None else max(1, kept)

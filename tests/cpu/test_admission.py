@@ -1,8 +1,8 @@
 """The replica's memory admission figures, without Ray or a model."""
 
+from deployments.capacity import kv_bytes_by_tier, kv_capacity_bytes
 from deployments.engine import EngineStats
 from deployments.memory import MemorySnapshot
-from deployments.replica import kv_bytes_by_tier, kv_capacity_bytes
 
 MiB = 1 << 20
 

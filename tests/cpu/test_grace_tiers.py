@@ -14,10 +14,12 @@ import dataclasses
 
 import torch
 
+from deployments.capacity import replica_memory
 from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
+from deployments.engine.paged.testing import logits_for
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
 from tests.cpu.test_weight_streaming import CONFIG, budget_for, checkpoint  # noqa: F401
@@ -72,8 +74,8 @@ def test_cold_layers_stay_in_host_memory_and_compute_the_same(checkpoint):  # no
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (9, 21)]
     seqs = {e: [Sequence("t", None, list(p), SamplingParams(1))
                 for p in prompts] for e in (grace, plain)}
-    a = grace.logits_for([(s, len(s.token_ids)) for s in seqs[grace]])
-    b = plain.logits_for([(s, len(s.token_ids)) for s in seqs[plain]])
+    a = logits_for(grace, [(s, len(s.token_ids)) for s in seqs[grace]])
+    b = logits_for(plain, [(s, len(s.token_ids)) for s in seqs[plain]])
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
@@ -89,7 +91,7 @@ def test_the_host_kv_tier_is_advised_managed_memory_counted_once(checkpoint):  #
     host = eng.mover.host.buffer
     assert advice.preferred[advice.key(host)] == "host" and not host.is_pinned()
     assert eng.stats().extra["kv_host_tier"] == "managed memory advised to the host"
-    free_before = memory.snapshot().free_unified_memory_bytes
+    free_before = replica_memory(memory.reading(), eng.stats()).snapshot.free_unified_memory_bytes
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 400, (30,), generator=g).tolist() for _ in range(10)]
     firsts = [asyncio.run(turn(eng, f"u{i}", p)) for i, p in enumerate(prompts)]
@@ -99,5 +101,6 @@ def test_the_host_kv_tier_is_advised_managed_memory_counted_once(checkpoint):  #
     assert eng.cache.restored_users >= 1
     # Host-tier pages are inside the replica's memory resource: used pages count once.
     held = (eng.cache.usable_pages - eng.cache.free_pages) + eng.cache.host_used_pages()
-    assert free_before - memory.snapshot().free_unified_memory_bytes == held * eng.page_bytes
+    free_after = replica_memory(memory.reading(), eng.stats()).snapshot.free_unified_memory_bytes
+    assert free_before - free_after == held * eng.page_bytes
     eng.check_integrity()

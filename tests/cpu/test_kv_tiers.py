@@ -10,6 +10,7 @@ import weakref
 import pytest
 import torch
 
+from deployments.capacity import replica_memory
 from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams
 from deployments.engine.paged.cache_manager import CacheManager
@@ -212,13 +213,13 @@ def test_free_unified_memory_counts_the_host_tier():
     memory = setup_memory(args.memory, detect_platform(use_gpu=False))
     before = memory.snapshot()
     eng = PagedEngine(args, memory)
-    snap = memory.snapshot()
+    snap = replica_memory(memory.reading(), eng.stats()).snapshot
     assert snap.capacity_bytes == before.capacity_bytes + 120 * PAGE_BYTES
     assert eng.stats().kv_budget_bytes == (40 + 120) * PAGE_BYTES
     for i, prompt in enumerate(conversations(3, 30)):  # fill the device, spill to the host
         asyncio.run(turn(eng, f"f{i}", prompt))
     assert eng.cache.host_used_pages() > 0
-    after = memory.snapshot()
+    after = replica_memory(memory.reading(), eng.stats()).snapshot
     held = (eng.cache.usable_pages - eng.cache.free_pages + eng.cache.host_used_pages())
     assert snap.free_unified_memory_bytes - after.free_unified_memory_bytes == held * PAGE_BYTES
 

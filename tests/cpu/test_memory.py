@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from deployments.capacity import EngineMemory, memory_snapshot
 from deployments.config import GiB, MemoryConfig
 from deployments.memory import (
     GpuMemoryPlan,
@@ -107,16 +108,17 @@ class TestFreeUnifiedMemory:
 
     def test_cpu_counts_down_from_the_budget(self):
         acc = HostAccountant(budget_bytes=1000)
-        used = {"weights": 300, "kv": 0}
-        acc.track_usage(lambda: used["weights"] + used["kv"])
-        assert acc.snapshot().free_unified_memory_bytes == 700
-        used["kv"] = 200
-        assert acc.snapshot().free_unified_memory_bytes == 500
-        untrack_spare = acc.track_spare(lambda: 50)  # e.g. empty pages of a preallocated pool
-        assert acc.snapshot().free_unified_memory_bytes == 550
-        untrack_spare()  # its engine shut down: those pages no longer exist
-        untrack_spare()  # a second call changes nothing
-        assert acc.snapshot().free_unified_memory_bytes == 500
+
+        def free(held, spare=0):  # what the engine reports it holds, in its stats
+            snap = memory_snapshot(acc.reading(), EngineMemory(held, spare))
+            return snap.free_unified_memory_bytes
+
+        assert free(300) == 700  # weights
+        assert free(300 + 200) == 500  # and KV
+        assert free(500, spare=50) == 550  # e.g. empty pages of a preallocated pool
+        assert free(500) == 500  # the pool's engine shut down: those pages no longer exist
+        # No engine at all: the allocator alone counts nothing on CPU.
+        assert acc.snapshot().free_unified_memory_bytes == 1000
 
 
 def test_cpu_setup_needs_no_gpu_libraries():

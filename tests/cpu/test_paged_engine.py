@@ -17,6 +17,7 @@ from deployments.engine import GenerationRequest, SamplingParams, select_engine_
 from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
+from deployments.engine.paged.testing import logits_for
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
 
@@ -73,7 +74,7 @@ def new_seq(engine: PagedEngine, ids: list[int]) -> Sequence:
 
 def step(engine: PagedEngine, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
     """Run one hand-built mixed batch; return each sequence's logits for its new tokens."""
-    return engine.logits_for(plan)
+    return logits_for(engine, plan)
 
 
 def test_mixed_batch_of_histories_and_chunks_matches_hf_forward(checkpoint):

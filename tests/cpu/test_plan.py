@@ -72,7 +72,7 @@ def test_model_spec_counts_parameters_as_transformers_does(model_type, arch, ext
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from deployments.engine.paged.spec import ModelSpec
+    from deployments.model_spec import ModelSpec
 
     config = AutoConfig.for_model(
         model_type, architectures=[arch], hidden_size=256, intermediate_size=512,

@@ -13,6 +13,7 @@ from deployments.engine import GenerationRequest, SamplingParams
 from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
+from deployments.engine.paged.testing import logits_for
 from deployments.engine.paged.weights import layer_numel
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
@@ -51,7 +52,7 @@ def budget_for(resident_layers: int) -> int:
 
 
 def _spec():
-    from deployments.engine.paged.spec import ModelSpec
+    from deployments.model_spec import ModelSpec
 
     return ModelSpec.from_hf_config(transformers.LlamaConfig(
         **CONFIG, architectures=["LlamaForCausalLM"]))
@@ -67,8 +68,8 @@ def test_streamed_layers_give_exactly_the_resident_logits(checkpoint, resident):
     for eng in (streamed, whole):
         eng.seqs = [Sequence("t", None, list(p), SamplingParams(1))
                     for p in prompts]
-    a = streamed.logits_for([(s, len(s.token_ids)) for s in streamed.seqs])
-    b = whole.logits_for([(s, len(s.token_ids)) for s in whole.seqs])
+    a = logits_for(streamed, [(s, len(s.token_ids)) for s in streamed.seqs])
+    b = logits_for(whole, [(s, len(s.token_ids)) for s in whole.seqs])
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 

@@ -66,7 +66,7 @@ def test_kernels_address_pages_beyond_two_to_the_31_elements():
 
 
 PROGRAM = '''
-    import asyncio, json, tempfile
+    import asyncio, functools, json, tempfile
     import torch, transformers
     from deployments.config import AppArgs
     from deployments.platform import detect_platform
@@ -76,6 +76,7 @@ PROGRAM = '''
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
+    from deployments.engine.paged.testing import logits_for
     SMALL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                  vocab_size=448, tie_word_embeddings=False)
@@ -114,7 +115,7 @@ PROGRAM = '''
         g = torch.Generator().manual_seed(5)
         convs = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (40, 300, 77, 513)]
         seqs = [Sequence("t", None, c, SamplingParams(1)) for c in convs]
-        step = engine.logits_for
+        step = functools.partial(logits_for, engine)
         step([(seqs[0], 39), (seqs[1], 200), (seqs[2], 10)])
         got = step([(seqs[0], 1), (seqs[1], 100), (seqs[2], 67), (seqs[3], 513)])
         ours_err, hf_err = 0.0, 0.0

@@ -18,6 +18,7 @@ from deployments.engine import SamplingParams
 from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
+from deployments.engine.paged.testing import logits_for
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
 config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
@@ -38,7 +39,7 @@ def test_pages_round_trip_through_pinned_host_memory_asynchronously():
     from deployments.engine.paged.cache_manager import Move
     from deployments.engine.paged.host_pool import HostKVPool
     from deployments.engine.paged.kv_pool import KVPool
-    from deployments.engine.paged.spec import ModelSpec
+    from deployments.model_spec import ModelSpec
 
     spec = ModelSpec("llama", 1000, 512, 1024, 4, 8, 2, 64, 1e-5, 4096, False, False, False,
                      False, None)
@@ -115,7 +116,7 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
                           "device_weight_budget_bytes": budget},
                 "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
                 "kv_cache": {"budget_bytes": "64MiB"}}), memory)
-        from deployments.engine.paged.spec import ModelSpec
+        from deployments.model_spec import ModelSpec
         from deployments.engine.paged.weights import layer_numel
         layer = layer_numel(ModelSpec.from_hf_config(transformers.AutoConfig.from_pretrained(
             path))) * 2
@@ -126,7 +127,7 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
         for eng in (streamed, whole):
             seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
-            out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
+            out.append(logits_for(eng, [(s, len(s.token_ids)) for s in seqs]))
         same = all(torch.equal(a, b) for a, b in zip(*out))
         on_host = streamed.runner.model.w.blocks[-1].is_pinned()
         print("RESULT " + json.dumps({"same": same, "streamed": len(
@@ -158,7 +159,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
                 "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
                 "kv_cache": {"budget_bytes": 40 * page, "host_tier_bytes": host_pages * page}}),
                 memory)
-        from deployments.engine.paged.spec import ModelSpec
+        from deployments.model_spec import ModelSpec
         from deployments.engine.paged.weights import layer_numel
         layer = layer_numel(ModelSpec.from_hf_config(config)) * 2
         grace = make(448 * 512 * 2 * 2 + 512 * 2 + 3 * layer, 400, True)  # 3 resident
@@ -187,7 +188,7 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
         for eng in (grace, plain):
             seqs = [Sequence("t", None, p, SamplingParams(1))
                     for p in prompts]
-            out.append(eng.logits_for([(s, len(s.token_ids)) for s in seqs]))
+            out.append(logits_for(eng, [(s, len(s.token_ids)) for s in seqs]))
             eng.cache.free([p for s in seqs for p in s.pages])
         same_logits = all(torch.equal(a, b) for a, b in zip(*out))
         async def turn(eng, user, prompt):

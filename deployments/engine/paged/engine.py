@@ -9,15 +9,15 @@ memory resource (RMM managed memory on a GPU), kept between requests and reused 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 
+from deployments.capacity import EngineMemory
 from deployments.config import AppArgs
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
@@ -29,30 +29,18 @@ from deployments.engine.interface import (
     RequestProgress,
     TokenLogprob,
 )
-from deployments.engine.kv_shares import KVShares
-from deployments.engine.loader import load_tokenizer, resolve_model_path, torch_dtype
-from deployments.engine.paged.cache_manager import CacheManager
-from deployments.engine.paged.cuda_graphs import DecodeGraphs
-from deployments.engine.paged.host_pool import HostKVPool
-from deployments.engine.paged.kv_pool import KVPool
-from deployments.engine.paged.model import DecoderModel
-from deployments.engine.paged.runner import Launched, ModelRunner
+from deployments.engine.loader import load_tokenizer, resolve_model_path
+from deployments.engine.paged.build import build_kv, build_runner, load_weights, torch_dtype
+from deployments.engine.paged.runner import Launched
 from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
-from deployments.engine.paged.spec import ModelSpec
-from deployments.engine.paged.tier_mover import CopyMover
+from deployments.engine.paged.step_times import StepTimes
 from deployments.engine.paged.warmup import compiled_variants, warm_up
-from deployments.engine.paged.weight_stream import WeightStreamer
-from deployments.engine.paged.weights import (
-    ModelWeights,
-    allocate,
-    init_random,
-    layer_numel,
-    load_checkpoint,
-)
 from deployments.engine.token_stream import Outbox, TokenStream
-from deployments.memory import HostAccountant, MemoryAccountant
+from deployments.layout import plan_layout
+from deployments.memory import MemoryAccountant
 from deployments.memory_advice import DriverAdvisor, MemoryAdvisor
+from deployments.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +54,26 @@ def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
     return path, ModelSpec.from_hf_config(config)
 
 
+def eos_ids(path: str, spec: ModelSpec, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids: the checkpoint's generation config, its model config, the
+    tokenizer's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    eos = spec.hf_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
 class PagedEngine(Engine):
-    """The fast engine for Llama-family checkpoints (see spec.SUPPORTED_ARCHITECTURES)."""
+    """The fast engine for Llama-family checkpoints (see model_spec.SUPPORTED_ARCHITECTURES)."""
 
     sampling_features = ALL_SAMPLING_FEATURES  # logits_rules.py, grammar.py
 
@@ -75,156 +81,49 @@ class PagedEngine(Engine):
 
     def __init__(self, args: AppArgs, memory: MemoryAccountant,
                  advisor: MemoryAdvisor | None = None) -> None:
-        """`advisor` places managed memory on a coherent node (default: the CUDA driver's
+        """Plan the layout (deployments/layout.py), then allocate from it (build.py).
+        `advisor` places managed memory on a coherent node (default: the CUDA driver's
         advice when the platform is Grace and memory is managed)."""
-        cfg = args.engine
         path, self.spec = load_spec(args)
-        self.device = memory.device
-        if self.device == "cpu" and cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
-        self.dtype = torch_dtype(args.model.dtype, self.device)
+        self.device, self.model_name = memory.device, args.model.name
+        if self.device == "cpu" and args.engine.cpu_threads:
+            torch.set_num_threads(args.engine.cpu_threads)
         self.tokenizer = load_tokenizer(path, args.model)
-        self.model_name = args.model.name
-        self.max_model_len = min(args.model.max_model_len or self.spec.max_position,
-                                 self.spec.max_position)
-        self._eos_token_ids = self._eos_ids(path)
-        # On a coherent Grace node every tier is managed memory placed by advice: layers beyond
-        # the device budget stay in LPDDR and are read in place over NVLink-C2C (no buffers
-        # to stream through); elsewhere they live in pinned host memory and stream in.
-        grace = memory.platform is not None and memory.platform.kind == "grace"
-        if grace and advisor is None and memory.managed:
-            advisor = DriverAdvisor()
-        self._advisor = advisor if grace else None
-        self._pool_bytes = 0
-        self._untrack = []  # memory figures this engine reports; dropped at shutdown
-        weights, streamed = self._load_weights(args, memory, path)
-        self._build_kv(args, memory)
-        self.runner = self._build_runner(args, memory, weights, streamed)
-        warm_up(self.runner.model, cfg.page_size, self.runner.eos_ids)  # no compiles later
-        self._start_loop()
-        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
-                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
-                    cfg.page_size, self.pool.nbytes / 2**30, self.max_model_len)
-
-    def _load_weights(self, args: AppArgs, memory: MemoryAccountant, path: str
-                      ) -> tuple[ModelWeights, list[int]]:
-        """The weights, allocated and filled, placed by advice on Grace; and the layers that
-        stream from pinned host memory (none on Grace: cold layers are read in place)."""
-        start = time.perf_counter()
-        streamed = self._streamed_layers(args, in_place=self._advisor is not None)
-        cold = frozenset(streamed) if self._advisor else frozenset()
-        if self._advisor:
-            streamed = []
-        with memory.allocation_scope():
-            weights = allocate(self.spec, self.dtype, self.device, frozenset(streamed))
-            if self._advisor:  # before the first touch, so pages start where they belong
-                for index, block in enumerate(weights.blocks):
-                    self._advisor.prefer(block, "host" if index in cold else "device")
-            if args.engine.random_weights:
-                init_random(weights, seed=0)
-            else:
-                load_checkpoint(weights, self.spec, path)
-        if self._advisor:
-            for index, block in enumerate(weights.blocks):
-                self._advisor.prefetch(block, "host" if index in cold else "device")
-            if cold:
-                logger.info("keeping %d of %d layers (%.2f GB) in host memory, read in place "
-                            "over the coherent link", len(cold), self.spec.num_layers,
-                            sum(weights.blocks[i].nbytes for i in cold) / 1e9)
+        self._eos_token_ids = eos_ids(path, self.spec, self.tokenizer)
+        self.layout = plan_layout(  # before a byte is allocated: the snapshot is all free
+            self.spec, args, memory.platform, memory.snapshot().free_unified_memory_bytes,
+            device=self.device, managed=memory.managed or advisor is not None)
+        self.dtype, self.max_model_len = torch_dtype(self.layout), self.layout.max_model_len
+        self.page_bytes, self.host_tier_kind = self.layout.page_bytes, self.layout.host_tier
+        # Grace: every tier is managed memory placed by advice; elsewhere none is advised.
+        advisor = (advisor or DriverAdvisor()) if self.layout.advise else None
+        weights = load_weights(self.layout, self.spec, args, memory, advisor, path)
         self.weights_bytes = weights.nbytes
-        logger.info("weights: %.2f GB in %.1f s", weights.nbytes / 1e9, time.perf_counter() - start)
-        if isinstance(memory, HostAccountant):  # on a GPU, RMM counts these bytes itself
-            self._untrack.append(memory.track_usage(lambda: self.weights_bytes + self._pool_bytes))
-        return weights, streamed
-
-    def _build_kv(self, args: AppArgs, memory: MemoryAccountant) -> None:
-        """The KV page pool from the budget, its cache manager, the host tier (managed and
-        advised on Grace, pinned elsewhere) with its mover, and the scheduler over them."""
-        cfg = args.engine
-        page_bytes = KVPool.page_bytes(self.spec, cfg.page_size, self.dtype)
-        self.page_bytes = page_bytes
-        budget = args.kv_cache.budget_bytes
-        free = max(0, memory.snapshot().free_unified_memory_bytes)
-        budget = int(budget if budget is not None else args.kv_cache.budget_fraction * free)
-        num_pages = max(2, budget // page_bytes) + 1  # +1: the scratch page
-        with memory.allocation_scope():
-            self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device)
-        if self._advisor:
-            self._advisor.prefer(self.pool.buffer, "device")
-        host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
-        self.host_tier_kind: str | None = None
-        self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages,
-                                  shares=KVShares(args.kv_cache.key_share))
-        # Empty pages are free unified memory: the router places new users by them.
-        self._untrack.append(memory.track_spare(lambda: self.cache.free_pages * self.page_bytes))
-        host_pool = self._host_tier(memory, host_pages) if host_pages else None
-        self.mover = CopyMover(self.pool, host_pool) if host_pool is not None else None
-        self._pool_bytes = self.pool.nbytes + (
-            host_pool.nbytes if host_pool is not None and self._advisor else 0)
-        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_batched_tokens,
-                                   self.mover)
-        # Keep a step's worth of device pages free by moving idle users down ahead of need.
-        self._keep_free = min(self.cache.usable_pages // 4, self.cache.pages_for(
-            cfg.max_batched_tokens) + cfg.max_num_seqs // 4)
-
-    def _host_tier(self, memory: MemoryAccountant, host_pages: int) -> HostKVPool:
-        """The host KV tier: on Grace, managed memory of the replica's own resource (already
-        in its capacity) advised to LPDDR, whose empty pages are free unified memory;
-        elsewhere pinned host memory, a tier of its own."""
-        if self._advisor:
-            with memory.allocation_scope():
-                host_pool = HostKVPool(self.pool, host_pages, managed=True)
-            self._advisor.prefer(host_pool.buffer, "host")
-            self.host_tier_kind = "managed memory advised to the host"
-            self._untrack.append(memory.track_spare(
-                lambda: self.cache.host_free_pages * self.page_bytes))
-            return host_pool
-        host_pool = HostKVPool(self.pool, host_pages)
-        self.host_tier_kind = "pinned host memory"
-        self._untrack.append(memory.track_tier(
-            host_pool.nbytes, lambda: self.cache.host_used_pages() * self.page_bytes))
-        return host_pool
-
-    def _build_runner(self, args: AppArgs, memory: MemoryAccountant, weights: ModelWeights,
-                      streamed: list[int]) -> ModelRunner:
-        """The model over the weights and KV pool (with its weight streamer when layers
-        stream), its decode CUDA graphs where they can run, and the runner around both."""
-        cfg = args.engine
-        use_gpu = self.device.startswith("cuda")
-        streamer = None
-        if streamed:
-            with memory.allocation_scope():
-                streamer = WeightStreamer(weights, self.spec, streamed)
-            logger.info("streaming %d of %d layers (%.2f GB a pass) from pinned host memory; "
-                        "decode steps run without CUDA graphs", len(streamed),
-                        self.spec.num_layers, streamer.bytes_per_pass / 1e9)
-        model = DecoderModel(self.spec, weights, self.pool, self.max_model_len, use_triton=use_gpu,
-                             triton_prefill=use_gpu and cfg.prefill_attention == "triton",
-                             streamer=streamer)
-        graphs = None
-        if use_gpu and cfg.cuda_graphs and not streamed:
-            graphs = DecodeGraphs(model, cfg.max_num_seqs,
-                                  self.cache.pages_for(self.max_model_len))
-        else:
-            logger.info("decode CUDA graphs off: %s", "no GPU" if not use_gpu else
-                        "engine.cuda_graphs is false" if not cfg.cuda_graphs else
-                        "weights stream from host memory")
-        return ModelRunner(model, cfg.page_size, graphs, self._eos_token_ids)
+        kv = build_kv(self.layout, self.spec, args, memory, advisor)
+        self.pool, self.cache, self.mover, self._host_pool = (kv.pool, kv.cache, kv.mover,
+                                                              kv.host_pool)
+        self.runner = build_runner(self.layout, self.spec, args, memory, weights, kv,
+                                   self._eos_token_ids)
+        self.scheduler = Scheduler(self.cache, args.engine.max_num_seqs,
+                                   args.engine.max_batched_tokens, self.mover)
+        warm_up(self.runner.model, self.layout.page_size, self.runner.eos_ids)  # no compiles
+        self._start_loop()
 
     def _start_loop(self) -> None:
-        """The step loop's state and its thread."""
+        """The step loop's state and its thread; the engine is ready once it runs."""
+        self._keep_free = self.layout.keep_free_pages  # moved down ahead of need each step
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
         self._outbox = Outbox()  # a step's tokens, handed to the event loops once per step
         self._stopping = False
         self.steps_ahead = 0  # steps launched before the previous step's tokens were read
-        # (sequences, tokens, decode_only, seconds) of recent steps: benchmarks and metrics.
-        self.step_log: collections.deque[tuple[int, int, bool, float]] = collections.deque(
-            maxlen=100_000)
-        self._decode_steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=256)
+        self._steps = StepTimes()  # recent step timings: stats, and testing.step_log
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
+        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
+                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
+                    self.layout.page_size, self.pool.nbytes / 2**30, self.max_model_len)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
@@ -236,43 +135,6 @@ class PagedEngine(Engine):
         self._eos_token_ids = frozenset(ids)
         if hasattr(self, "runner"):
             self.runner.set_eos(self._eos_token_ids)
-
-    def _streamed_layers(self, args: AppArgs, in_place: bool = False) -> list[int]:
-        """Layers beyond `model.device_weight_budget_bytes` (the last ones): streamed in
-        through 3 device buffers, or with `in_place` read where they are (no buffers)."""
-        budget = args.model.device_weight_budget_bytes
-        if budget is None:
-            return []
-        size = torch.empty((), dtype=self.dtype).element_size()
-        spec = self.spec
-        layer = layer_numel(spec) * size
-        fixed = (spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
-                 + spec.hidden_size) * size
-        slots = 0 if in_place else min(3, spec.num_layers)
-        resident = max(0, (int(budget) - fixed - slots * layer) // layer)
-        if resident >= spec.num_layers:
-            return []
-        if int(budget) < fixed + slots * layer:
-            raise ValueError(
-                f"model.device_weight_budget_bytes {int(budget) / 1e9:.2f} GB is less than the "
-                f"embeddings and {slots} layer buffers need ({(fixed + slots * layer) / 1e9:.2f} "
-                "GB)")
-        return list(range(resident, spec.num_layers))
-
-    def _eos_ids(self, path: str) -> frozenset[int]:
-        from transformers import GenerationConfig
-
-        ids: set[int] = set()
-        try:
-            eos = GenerationConfig.from_pretrained(path).eos_token_id
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        except OSError:
-            pass
-        eos = self.spec.hf_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return frozenset(ids)
 
     # ---- engine thread --------------------------------------------------------------------
 
@@ -329,9 +191,7 @@ class PagedEngine(Engine):
                 self._resolve(pending)
             pending = launched
             seconds = time.perf_counter() - started
-            self.step_log.append((len(batch), sum(batch.num_tokens), decode_only, seconds))
-            if decode_only:
-                self._decode_steps.append((len(batch), seconds))
+            self._steps.record(len(batch), sum(batch.num_tokens), decode_only, seconds)
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before the step in flight is delivered."""
@@ -484,64 +344,49 @@ class PagedEngine(Engine):
 
     def stats(self) -> EngineStats:
         with self._lock:
-            used = self.cache.usable_pages - self.cache.free_pages
-            host_used = self.cache.host_used_pages()
+            cache, page = self.cache, self.page_bytes
+            used = cache.usable_pages - cache.free_pages
             return EngineStats(
-                kv_cache_bytes=(used + host_used) * self.page_bytes,
-                kv_budget_bytes=(self.cache.usable_pages + self.cache.host_pages_total)
-                * self.page_bytes,
-                kv_bytes_per_token=self.page_bytes // self.cache.page_size,
-                resident_users=self.cache.users(),
+                kv_cache_bytes=(used + cache.host_used_pages()) * page,
+                kv_budget_bytes=self.layout.kv_capacity_bytes,
+                kv_bytes_per_token=self.layout.kv_bytes_per_token,
+                resident_users=cache.users(),
                 running_requests=len(self.scheduler.running),
                 waiting_requests=len(self.scheduler.waiting) + len(self._inbox),
-                evicted_users=self.cache.evicted_users,
-                extra={"kv_pages_total": self.cache.usable_pages,
-                       "kv_pages_free": self.cache.free_pages,
-                       "kv_page_size": self.cache.page_size,
+                evicted_users=cache.evicted_users,
+                extra={**self._kv_extra(used), **self._steps.recent_decode(),
                        "preempted_requests": self.scheduler.preemptions,
                        "kv_share_overrides": self.cache.share_overrides,
                        "steps_launched_ahead": self.steps_ahead,
-                       "kv_bytes_by_tier": {"device": used * self.page_bytes,
-                                            **({"host": host_used * self.page_bytes}
-                                               if self.cache.host_pages_total else {})},
-                       "kv_host_pages_total": self.cache.host_pages_total,
-                       "kv_host_tier": self.host_tier_kind,
-                       "kv_host_pages_free": self.cache.host_free_pages,
-                       "offloaded_users": self.cache.offloaded_users,
-                       "restored_users": self.cache.restored_users,
-                       "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0,
-                       "kernel_variants_compiled": compiled_variants(),
-                       **self._recent_decode_steps()},
+                       "kernel_variants_compiled": compiled_variants()},
+                memory=self._memory(),
             )
 
-    def _recent_decode_steps(self) -> dict[str, float | None]:
-        """Median time and batch of the last decode-only engine iterations."""
-        recent = list(self._decode_steps)  # one C-level copy: safe beside the engine thread
-        if not recent:
-            return {"decode_step_ms_p50": None, "decode_batch_p50": None}
-        return {"decode_step_ms_p50": statistics.median(s for _, s in recent) * 1e3,
-                "decode_batch_p50": statistics.median(n for n, _ in recent)}
+    def _kv_extra(self, used: int) -> dict[str, Any]:
+        """The KV pages and tiers, for the routing report and metrics (under the lock)."""
+        cache, page = self.cache, self.page_bytes
+        return {"kv_pages_total": cache.usable_pages, "kv_pages_free": cache.free_pages,
+                "kv_page_size": cache.page_size,
+                "kv_bytes_by_tier": {"device": used * page, **(
+                    {"host": cache.host_used_pages() * page} if cache.host_pages_total else {})},
+                "kv_host_pages_total": cache.host_pages_total,
+                "kv_host_tier": self.host_tier_kind,
+                "kv_host_pages_free": cache.host_free_pages,
+                "offloaded_users": cache.offloaded_users,
+                "restored_users": cache.restored_users,
+                "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0}
 
-    def logits_for(self, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
-        """Run one hand-built step and return each sequence's logits for its new tokens.
-
-        Each (sequence, n) feeds its next n tokens; pages are allocated as needed. For tests
-        and benchmarks comparing logits with a reference; call only while no request runs.
-        """
-        batch = Batch()
-        for seq, n in plan:
-            seq.pages += self.cache.allocate(
-                self.cache.pages_for(seq.num_computed + n) - len(seq.pages))
-            batch.add(seq, n)
-        tokens, meta, *_ = self.runner._prepare(batch)
-        every = torch.arange(tokens.shape[0], device=tokens.device)
-        logits = self.runner.model.forward(tokens, meta, every)
-        out, start = [], 0
-        for seq, n in plan:
-            out.append(logits[start:start + n])
-            start += n
-            seq.num_computed += n
-        return out
+    def _memory(self) -> EngineMemory:
+        """What this engine holds (under the lock). Empty pages are free unified memory: the
+        router places new users by them. A host tier in the replica's resource (Grace) is
+        held there; a pinned one is a tier of its own."""
+        cache, page = self.cache, self.page_bytes
+        host = self._host_pool.nbytes if self._host_pool is not None else 0
+        if self.layout.advise:
+            return EngineMemory(self.weights_bytes + self.pool.nbytes + host,
+                                (cache.free_pages + cache.host_free_pages) * page)
+        return EngineMemory(self.weights_bytes + self.pool.nbytes, cache.free_pages * page,
+                            host, cache.host_used_pages() * page if host else 0)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if pages leaked or are shared (tests call this)."""
@@ -557,5 +402,3 @@ class PagedEngine(Engine):
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=10)
-        for untrack in self._untrack:
-            untrack()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from deployments.engine.paged.spec import ModelSpec
+from deployments.model_spec import ModelSpec
 
 
 class KVPool:

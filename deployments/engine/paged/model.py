@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from deployments.engine.paged.attention import AttentionMetadata, paged_attention
 from deployments.engine.paged.fused import add_rms_norm, rms_norm_ref, rope_store, silu_mul
 from deployments.engine.paged.kv_pool import KVPool
-from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import ModelWeights
+from deployments.model_spec import ModelSpec
 
 
 def rope_tables(spec: ModelSpec, length: int, dtype: torch.dtype, device: torch.device | str

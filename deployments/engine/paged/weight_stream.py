@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from deployments.engine.paged.spec import ModelSpec
 from deployments.engine.paged.weights import LayerWeights, ModelWeights, layer_views
+from deployments.model_spec import ModelSpec
 
 
 class WeightStreamer:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deployments.engine.paged.spec import ModelSpec
+from deployments.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -2,6 +2,9 @@
 
 Llama 3.x (with its rope scaling), Mistral, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k
 norms) share one decoder layout; anything else stays on the generic engine.
+
+Below both `engine/` and `plan/` (the planner counts dense checkpoints through it, and
+`layout` sizes weights and KV from it): imports nothing of ours, nor torch.
 """
 
 from __future__ import annotations
@@ -50,15 +53,22 @@ class ModelSpec:
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.kv_size * dtype_size
 
-    def num_parameters(self) -> int:
-        """Parameters of the checkpoint: embeddings, layers, final norm, LM head unless tied."""
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer (the elements of its contiguous weight block)."""
         h = self.hidden_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         attn += (self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
         attn += 2 * self.head_dim * self.qk_norm  # Qwen3's per-head q/k RMSNorm weights
-        layer = attn + 3 * h * self.intermediate_size + 2 * h  # gate/up/down + two RMSNorms
-        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return embeddings + self.num_layers * layer + h
+        return attn + 3 * h * self.intermediate_size + 2 * h  # gate/up/down + two RMSNorms
+
+    def outer_parameters(self) -> int:
+        """Parameters outside the layers: embeddings, LM head unless tied, final norm."""
+        h = self.hidden_size
+        return self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
+
+    def num_parameters(self) -> int:
+        """Parameters of the checkpoint: embeddings, layers, final norm, LM head unless tied."""
+        return self.outer_parameters() + self.num_layers * self.layer_parameters()
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
