@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from deployments.advice_check import AdviceCheck
 from deployments.config import AppArgs
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
@@ -71,6 +72,9 @@ class PagedEngine(Engine):
     sampling_features = ALL_SAMPLING_FEATURES  # logits_rules.py, grammar.py
 
     torch_allocator = "native"  # graphs need PyTorch's pools; weights and KV go to RMM
+    # Advised ranges sit alone in whole 2 MiB blocks (memory_advice.isolated_empty); False
+    # only to reproduce the packed layout in diagnostics (scripts/advice_diagnosis.py).
+    isolate_advised_ranges = True
 
     def __init__(self, args: AppArgs, memory: MemoryAccountant,
                  advisor: MemoryAdvisor | None = None) -> None:
@@ -94,12 +98,18 @@ class PagedEngine(Engine):
         if grace and advisor is None and memory.managed:
             advisor = DriverAdvisor()
         self._advisor = advisor if grace else None
+        self._isolate = self._advisor is not None and self.isolate_advised_ranges
+        # Where the driver says each advised range lives, read back after each build phase.
+        self.advice = (AdviceCheck(advisor) if self._advisor is not None
+                       and hasattr(advisor, "read") else None)
         self._pool_bytes = 0
         self._untrack = []  # memory figures this engine reports; dropped at shutdown
         weights, streamed = self._load_weights(args, memory, path)
         self._build_kv(args, memory)
         self.runner = self._build_runner(args, memory, weights, streamed)
+        self._check_advice("runner built")
         warm_up(self.runner.model, cfg.page_size, self.runner.eos_ids)  # no compiles later
+        self._check_advice("warmed up")
         self._start_loop()
         logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
                     "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
@@ -115,17 +125,21 @@ class PagedEngine(Engine):
         if self._advisor:
             streamed = []
         with memory.allocation_scope():
-            weights = allocate(self.spec, self.dtype, self.device, frozenset(streamed))
+            weights = allocate(self.spec, self.dtype, self.device, frozenset(streamed),
+                               isolate=self._isolate)
             if self._advisor:  # before the first touch, so pages start where they belong
                 for index, block in enumerate(weights.blocks):
-                    self._advisor.prefer(block, "host" if index in cold else "device")
+                    self._prefer(f"layer {index}", block, "host" if index in cold else "device")
+                self._check_advice("layer blocks advised")
             if args.engine.random_weights:
                 init_random(weights, seed=0)
             else:
                 load_checkpoint(weights, self.spec, path)
         if self._advisor:
+            self._check_advice("weights loaded")
             for index, block in enumerate(weights.blocks):
-                self._advisor.prefetch(block, "host" if index in cold else "device")
+                self._prefetch(f"layer {index}", block, "host" if index in cold else "device")
+            self._check_advice("layer blocks prefetched")
             if cold:
                 logger.info("keeping %d of %d layers (%.2f GB) in host memory, read in place "
                             "over the coherent link", len(cold), self.spec.num_layers,
@@ -147,9 +161,12 @@ class PagedEngine(Engine):
         budget = int(budget if budget is not None else args.kv_cache.budget_fraction * free)
         num_pages = max(2, budget // page_bytes) + 1  # +1: the scratch page
         with memory.allocation_scope():
-            self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device)
+            self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device,
+                               isolate=self._isolate)
         if self._advisor:
-            self._advisor.prefer(self.pool.buffer, "device")
+            self._prefer("device KV pool", self.pool.buffer, "device")
+            self._prefetch("device KV pool", self.pool.buffer, "device")
+            self._check_advice("device KV pool advised")
         host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
         self.host_tier_kind: str | None = None
         self.cache = CacheManager(num_pages, cfg.page_size, reserved=1, host_pages=host_pages)
@@ -171,8 +188,11 @@ class PagedEngine(Engine):
         elsewhere pinned host memory, a tier of its own."""
         if self._advisor:
             with memory.allocation_scope():
-                host_pool = HostKVPool(self.pool, host_pages, managed=True)
-            self._advisor.prefer(host_pool.buffer, "host")
+                host_pool = HostKVPool(self.pool, host_pages, managed=True,
+                                       isolate=self._isolate)
+            self._prefer("host KV tier", host_pool.buffer, "host")
+            self._prefetch("host KV tier", host_pool.buffer, "host")
+            self._check_advice("host KV tier advised")
             self.host_tier_kind = "managed memory advised to the host"
             self._untrack.append(memory.track_spare(
                 lambda: self.cache.host_free_pages * self.page_bytes))
@@ -182,6 +202,26 @@ class PagedEngine(Engine):
         self._untrack.append(memory.track_tier(
             host_pool.nbytes, lambda: self.cache.host_used_pages() * self.page_bytes))
         return host_pool
+
+    def _prefer(self, name: str, tensor: torch.Tensor, where: str) -> None:
+        """Advise `tensor` (called `name` in read-backs) to live at `where`."""
+        self._advisor.prefer(tensor, where)
+        if self.advice is not None:
+            self.advice.place(name, tensor, where)
+
+    def _prefetch(self, name: str, tensor: torch.Tensor, where: str) -> None:
+        self._advisor.prefetch(tensor, where)
+        if self.advice is not None:
+            self.advice.prefetched(name)
+
+    def _check_advice(self, phase: str) -> None:
+        """Read every advised range back (where the advisor can); log the ones that moved."""
+        if self.advice is None:
+            return
+        for wrong in self.advice.check(phase):
+            logger.warning("after %s, %s (advised to the %s) reads preferred %d, last prefetched "
+                           "%d: %s", phase, wrong["name"], wrong["where"], wrong["preferred"],
+                           wrong["prefetched"], wrong["runs"])
 
     def _build_runner(self, args: AppArgs, memory: MemoryAccountant, weights: ModelWeights,
                       streamed: list[int]) -> ModelRunner:
