@@ -139,6 +139,11 @@ class UmCounters:
     def flush(self) -> None:
         self._call("cuptiActivityFlushAll", 1)  # 1: CUPTI_ACTIVITY_FLAG_FLUSH_FORCED
 
+    def stop(self) -> None:
+        """Stop collecting and take the last records (before the process's CUDA teardown)."""
+        self.flush()
+        self._lib.cuptiActivityDisable(KIND_UNIFIED_MEMORY_COUNTER)
+
     def between(self, t0: int, t1: int) -> list[Record]:
         """Records that started in [t0, t1] (flushes first)."""
         self.flush()
