@@ -98,7 +98,7 @@ class PagedEngine(Engine):
         if grace and advisor is None and memory.managed:
             advisor = DriverAdvisor()
         self._advisor = advisor if grace else None
-        self._isolate = self._advisor is not None and self.isolate_advised_ranges
+        self._isolate_advised = self._advisor is not None and self.isolate_advised_ranges
         # Where the driver says each advised range lives, read back after each build phase.
         self.advice = (AdviceCheck(advisor) if self._advisor is not None
                        and hasattr(advisor, "read") else None)
@@ -126,7 +126,7 @@ class PagedEngine(Engine):
             streamed = []
         with memory.allocation_scope():
             weights = allocate(self.spec, self.dtype, self.device, frozenset(streamed),
-                               isolate=self._isolate)
+                               isolate=self._isolate_advised)
             if self._advisor:  # before the first touch, so pages start where they belong
                 for index, block in enumerate(weights.blocks):
                     self._prefer(f"layer {index}", block, "host" if index in cold else "device")
@@ -162,7 +162,7 @@ class PagedEngine(Engine):
         num_pages = max(2, budget // page_bytes) + 1  # +1: the scratch page
         with memory.allocation_scope():
             self.pool = KVPool(self.spec, num_pages, cfg.page_size, self.dtype, self.device,
-                               isolate=self._isolate)
+                               isolate=self._isolate_advised)
         if self._advisor:
             self._prefer("device KV pool", self.pool.buffer, "device")
             self._prefetch("device KV pool", self.pool.buffer, "device")
@@ -189,7 +189,7 @@ class PagedEngine(Engine):
         if self._advisor:
             with memory.allocation_scope():
                 host_pool = HostKVPool(self.pool, host_pages, managed=True,
-                                       isolate=self._isolate)
+                                       isolate=self._isolate_advised)
             self._prefer("host KV tier", host_pool.buffer, "host")
             self._prefetch("host KV tier", host_pool.buffer, "host")
             self._check_advice("host KV tier advised")
