@@ -21,13 +21,14 @@ from deployments.engine.paged.cuda_graphs import DecodeGraphs
 from deployments.engine.paged.host_pool import HostKVPool
 from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.model import DecoderModel
+from deployments.engine.paged.placer import Placer
 from deployments.engine.paged.runner import ModelRunner
 from deployments.engine.paged.tier_mover import CopyMover
+from deployments.engine.paged.warmup import warm_up
 from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import ModelWeights, allocate, init_random, load_checkpoint
 from deployments.layout import Layout
 from deployments.memory import MemoryAccountant
-from deployments.memory_advice import MemoryAdvisor
 from deployments.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -48,24 +49,28 @@ def torch_dtype(layout: Layout) -> torch.dtype:
 
 
 def load_weights(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccountant,
-                 advisor: MemoryAdvisor | None, path: str) -> ModelWeights:
+                 placer: Placer | None, path: str) -> ModelWeights:
     """The weights, allocated and filled: streamed layers in pinned host memory, cold ones
     advised to the host (Grace), the rest on the device."""
     start = time.perf_counter()
     cold = frozenset(layout.cold_layers)
     with memory.allocation_scope():
         weights = allocate(spec, torch_dtype(layout), layout.device,
-                           frozenset(layout.streamed_layers))
-        if advisor:  # before the first touch, so pages start where they belong
+                           frozenset(layout.streamed_layers),
+                           isolate=placer is not None and placer.isolate)
+        if placer:  # before the first touch, so pages start where they belong
             for index, block in enumerate(weights.blocks):
-                advisor.prefer(block, "host" if index in cold else "device")
+                placer.prefer(f"layer {index}", block, "host" if index in cold else "device")
+            placer.phase("layer blocks advised")
         if args.engine.random_weights:
             init_random(weights, seed=0)
         else:
             load_checkpoint(weights, spec, path)
-    if advisor:
+    if placer:
+        placer.phase("weights loaded")
         for index, block in enumerate(weights.blocks):
-            advisor.prefetch(block, "host" if index in cold else "device")
+            placer.prefetch(f"layer {index}", block, "host" if index in cold else "device")
+        placer.phase("layer blocks prefetched")
         if cold:
             logger.info("keeping %d of %d layers (%.2f GB) in host memory, read in place "
                         "over the coherent link", len(cold), spec.num_layers,
@@ -75,21 +80,26 @@ def load_weights(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryA
 
 
 def build_kv(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccountant,
-             advisor: MemoryAdvisor | None) -> KVParts:
+             placer: Placer | None) -> KVParts:
     """The device pool, its cache manager, and the host tier (managed and advised to the
     host on Grace, pinned elsewhere) with the mover between them."""
+    isolate = placer is not None and placer.isolate
     with memory.allocation_scope():
         pool = KVPool(spec, layout.num_pages, layout.page_size, torch_dtype(layout),
-                      layout.device)
-    if advisor:
-        advisor.prefer(pool.buffer, "device")
+                      layout.device, isolate=isolate)
+    if placer:
+        placer.prefer("device KV pool", pool.buffer, "device")
+        placer.prefetch("device KV pool", pool.buffer, "device")
+        placer.phase("device KV pool advised")
     cache = CacheManager(layout.num_pages, layout.page_size, reserved=1,
                          host_pages=layout.host_pages, shares=KVShares(args.kv_cache.key_share))
     host_pool = None
-    if layout.host_pages and advisor:  # in the replica's own resource, already in its limit
+    if layout.host_pages and placer:  # in the replica's own resource, already in its limit
         with memory.allocation_scope():
-            host_pool = HostKVPool(pool, layout.host_pages, managed=True)
-        advisor.prefer(host_pool.buffer, "host")
+            host_pool = HostKVPool(pool, layout.host_pages, managed=True, isolate=isolate)
+        placer.prefer("host KV tier", host_pool.buffer, "host")
+        placer.prefetch("host KV tier", host_pool.buffer, "host")
+        placer.phase("host KV tier advised")
     elif layout.host_pages:
         host_pool = HostKVPool(pool, layout.host_pages)  # a tier of its own
     mover = CopyMover(pool, host_pool) if host_pool is not None else None
@@ -97,7 +107,8 @@ def build_kv(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccou
 
 
 def build_runner(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccountant,
-                 weights: ModelWeights, kv: KVParts, eos_ids: frozenset[int]) -> ModelRunner:
+                 weights: ModelWeights, kv: KVParts, eos_ids: frozenset[int],
+                 placer: Placer | None = None) -> ModelRunner:
     """The model over the weights and KV pool (with its weight streamer when layers
     stream), its decode CUDA graphs where the layout allows them, and the runner."""
     use_gpu = layout.device.startswith("cuda")
@@ -117,4 +128,13 @@ def build_runner(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryA
                               layout.pages_for(layout.max_model_len))
     else:
         logger.info("decode CUDA graphs off: %s", layout.graphs_off_reason)
+    if placer:
+        placer.phase("runner built")
     return ModelRunner(model, layout.page_size, graphs, eos_ids)
+
+
+def warm(runner: ModelRunner, layout: Layout, placer: Placer | None) -> None:
+    """Compile every kernel variant requests can hit (warmup.py), then read advice back."""
+    warm_up(runner.model, layout.page_size, runner.eos_ids)
+    if placer:
+        placer.phase("warmed up")

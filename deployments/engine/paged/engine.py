@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from deployments.advice_check import AdviceCheck
 from deployments.capacity import EngineMemory
 from deployments.config import AppArgs
 from deployments.engine.grammar import Grammar
@@ -30,12 +31,19 @@ from deployments.engine.interface import (
     TokenLogprob,
 )
 from deployments.engine.loader import load_tokenizer, resolve_model_path
-from deployments.engine.paged.build import build_kv, build_runner, load_weights, torch_dtype
+from deployments.engine.paged.build import (
+    build_kv,
+    build_runner,
+    load_weights,
+    torch_dtype,
+    warm,
+)
+from deployments.engine.paged.placer import Placer
 from deployments.engine.paged.runner import Launched
 from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
 from deployments.engine.paged.step_times import StepTimes
-from deployments.engine.paged.warmup import compiled_variants, warm_up
+from deployments.engine.paged.warmup import compiled_variants
 from deployments.engine.token_stream import Outbox, TokenStream
 from deployments.layout import plan_layout
 from deployments.memory import MemoryAccountant
@@ -78,12 +86,14 @@ class PagedEngine(Engine):
     sampling_features = ALL_SAMPLING_FEATURES  # logits_rules.py, grammar.py
 
     torch_allocator = "native"  # graphs need PyTorch's pools; weights and KV go to RMM
+    # Advised ranges sit alone in whole 2 MiB blocks (memory_advice.isolated_empty); False
+    # only to reproduce the packed layout in diagnostics (scripts/advice_diagnosis.py).
+    isolate_advised_ranges = True
 
     def __init__(self, args: AppArgs, memory: MemoryAccountant,
                  advisor: MemoryAdvisor | None = None) -> None:
-        """Plan the layout (deployments/layout.py), then allocate from it (build.py).
-        `advisor` places managed memory on a coherent node (default: the CUDA driver's
-        advice when the platform is Grace and memory is managed)."""
+        """Plan the layout (deployments/layout.py), then allocate from it (build.py); on
+        Grace, `advisor` places managed memory (default: the CUDA driver's advice)."""
         path, self.spec = load_spec(args)
         self.device, self.model_name = memory.device, args.model.name
         if self.device == "cpu" and args.engine.cpu_threads:
@@ -95,19 +105,24 @@ class PagedEngine(Engine):
             device=self.device, managed=memory.managed or advisor is not None)
         self.dtype, self.max_model_len = torch_dtype(self.layout), self.layout.max_model_len
         self.page_bytes, self.host_tier_kind = self.layout.page_bytes, self.layout.host_tier
-        # Grace: every tier is managed memory placed by advice; elsewhere none is advised.
-        advisor = (advisor or DriverAdvisor()) if self.layout.advise else None
-        weights = load_weights(self.layout, self.spec, args, memory, advisor, path)
+        advisor = (advisor or DriverAdvisor()) if self.layout.advise else None  # Grace only
+        self._placer = placer = Placer.of(advisor, self.isolate_advised_ranges)
+        weights = load_weights(self.layout, self.spec, args, memory, placer, path)
         self.weights_bytes = weights.nbytes
-        kv = build_kv(self.layout, self.spec, args, memory, advisor)
+        kv = build_kv(self.layout, self.spec, args, memory, placer)
         self.pool, self.cache, self.mover, self._host_pool = (kv.pool, kv.cache, kv.mover,
                                                               kv.host_pool)
         self.runner = build_runner(self.layout, self.spec, args, memory, weights, kv,
-                                   self._eos_token_ids)
+                                   self._eos_token_ids, placer)
         self.scheduler = Scheduler(self.cache, args.engine.max_num_seqs,
                                    args.engine.max_batched_tokens, self.mover)
-        warm_up(self.runner.model, self.layout.page_size, self.runner.eos_ids)  # no compiles
+        warm(self.runner, self.layout, placer)  # every kernel compiled: none on requests
         self._start_loop()
+
+    @property
+    def advice(self) -> AdviceCheck | None:
+        """Where the driver says each advised range lives, read back by build phase (Grace)."""
+        return self._placer.check if self._placer else None
 
     def _start_loop(self) -> None:
         """The step loop's state and its thread; the engine is ready once it runs."""

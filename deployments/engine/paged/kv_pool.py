@@ -9,25 +9,30 @@ owns a page (that is `CacheManager`'s job).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from deployments.memory_advice import isolated_empty
 from deployments.model_spec import ModelSpec
 
 
 class KVPool:
     def __init__(
         self, spec: ModelSpec, num_pages: int, page_size: int, dtype: torch.dtype,
-        device: str | torch.device,
+        device: str | torch.device, isolate: bool = False,
     ) -> None:
+        """`isolate`: the pool sits alone in whole 2 MiB blocks (for advice on managed memory)."""
         if num_pages <= 0:
             raise ValueError("the KV pool needs at least one page")
         self.spec = spec
         self.num_pages = num_pages
         self.page_size = page_size
-        self.buffer = torch.zeros(
-            num_pages, 2, spec.num_layers, page_size, spec.num_kv_heads, spec.head_dim,
-            dtype=dtype, device=device,
-        )
+        shape = (num_pages, 2, spec.num_layers, page_size, spec.num_kv_heads, spec.head_dim)
+        if isolate:
+            self.buffer = isolated_empty(math.prod(shape), dtype, device).view(shape).zero_()
+        else:
+            self.buffer = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype) -> int:

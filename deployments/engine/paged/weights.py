@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from deployments.memory_advice import isolated_empty
 from deployments.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -96,15 +97,20 @@ def layer_views(block: torch.Tensor, spec: ModelSpec) -> LayerWeights:
 
 
 def allocate(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
-             host_layers: frozenset[int] = frozenset()) -> ModelWeights:
-    """Allocate the model; layers in `host_layers` go to pinned host memory (streamed)."""
+             host_layers: frozenset[int] = frozenset(), isolate: bool = False) -> ModelWeights:
+    """Allocate the model; layers in `host_layers` go to pinned host memory (streamed). With
+    `isolate` each layer block sits alone in whole 2 MiB blocks (advised one by one)."""
     def empty(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device=device)
+
+    def block() -> torch.Tensor:
+        return isolated_empty(layer_numel(spec), dtype, device) if isolate else empty(
+            layer_numel(spec))
 
     pin = torch.device(device).type == "cuda"
     blocks = [
         torch.empty(layer_numel(spec), dtype=dtype, pin_memory=pin) if index in host_layers
-        else empty(layer_numel(spec))
+        else block()
         for index in range(spec.num_layers)
     ]
     h = spec.hidden_size
