@@ -199,7 +199,8 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
         grace.check_integrity()
         wrong = grace.advice.check("after generation")
         print("RESULT " + json.dumps({"advice": grace.advice.report(), "wrong": wrong,
-            "mismatches": grace._placer.advisor.mismatches, "where": where, "prefetched": prefetched,
+            "mismatches": grace._placer.advisor.mismatches, "where": where,
+            "prefetched": prefetched,
             "host_pool": host_pool, "device_pool": device_pool, "cpu": CU_DEVICE_CPU,
             "streamer": grace.runner.model.streamer is not None, "same_logits": same_logits,
             "same": same, "offloaded": grace.cache.offloaded_users,

@@ -41,7 +41,7 @@ from deployments.engine.paged.build import (
 from deployments.engine.paged.placer import Placer
 from deployments.engine.paged.runner import Launched
 from deployments.engine.paged.scheduler import Batch, Scheduler
-from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
+from deployments.engine.paged.sequence import Sequence, Status
 from deployments.engine.paged.step_times import StepTimes
 from deployments.engine.paged.warmup import compiled_variants
 from deployments.engine.token_stream import Outbox, TokenStream
@@ -51,6 +51,10 @@ from deployments.memory_advice import DriverAdvisor, MemoryAdvisor
 from deployments.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+
+# While tier copies are in flight and nothing can run until one is done, the engine thread
+# looks again this often (a device copy signals nothing to the host).
+MOVE_POLL_S = 0.001
 
 
 def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
@@ -130,6 +134,7 @@ class PagedEngine(Engine):
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
+        self._kicked = False  # a request arrived or was aborted since the loop last looked
         self._outbox = Outbox()  # a step's tokens, handed to the event loops once per step
         self._stopping = False
         self.steps_ahead = 0  # steps launched before the previous step's tokens were read
@@ -154,59 +159,71 @@ class PagedEngine(Engine):
     # ---- engine thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
-        """One step an iteration, each launched before the previous one's tokens are read.
+        """One step an iteration, each launched before the previous one's results land.
 
         While step k runs on the device, the host schedules and launches step k+1 (its decode
-        rows read step k's tokens on the device), then delivers step k's tokens: the GPU never
-        waits for the host's scheduling and bookkeeping. The engine runs ahead only while
-        nothing needs the host's view to be exact: no new or aborted request, and pages to
-        spare for every running sequence; otherwise it first delivers the step in flight.
+        rows read step k's tokens on the device), then lands step k's results
+        (`_postprocess`, the one place they land): the GPU never waits for the host's
+        scheduling and bookkeeping. The engine runs ahead only while nothing needs the host's
+        view to be exact: no new or aborted request, and pages to spare for every running
+        sequence; otherwise that iteration launches nothing and only lands step k.
         """
-        pending: Launched | None = None
-        while True:
-            with self._wake:
-                while pending is None and not (
-                        self._stopping or self._inbox or self.scheduler.has_work()):
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                ahead = pending is not None and self._may_run_ahead()
-                self.steps_ahead += ahead
-            if pending is not None and not ahead:
-                self._resolve(pending)
-                pending = None
+        last: Launched | None = None
+        stalled = False  # the last schedule found nothing it could run
+        while self._wait_for_work(last is not None, stalled):
+            started = time.perf_counter()  # an iteration: schedule, launch, land the last
+            step, failed = None, None
             with self._lock:
-                started = time.perf_counter()  # a step: schedule, launch, deliver the last
-                for seq in self._inbox:
-                    self.scheduler.add(seq)
-                self._inbox.clear()
-                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-                    if seq.aborted:
-                        self.scheduler.finish(seq)
-                batch = self.scheduler.schedule()
-            if not batch:
-                if pending is not None:
-                    self._resolve(pending)
-                    pending = None
-                else:
-                    time.sleep(0.001)  # waiting for pages that only a finishing request frees
-                continue
-            decode_only = batch.decode_only  # before _advance changes the sequences
-            try:
-                launched = self.runner.launch(batch, feed=pending)
-            except Exception as exc:  # a poison row, out of memory: find whom it concerns
-                if pending is not None:
-                    self._resolve(pending)  # every token in flight is known on the host now
-                    pending = None
-                self._isolate(batch, exc)
-                continue
-            with self._lock:
-                self._advance(launched)
-            if pending is not None:
-                self._resolve(pending)
-            pending = launched
-            seconds = time.perf_counter() - started
-            self._steps.record(len(batch), sum(batch.num_tokens), decode_only, seconds)
+                ahead = last is not None and self._may_run_ahead()
+            if last is None or ahead:
+                step, failed = self._launch_next(feed=last)
+                self.steps_ahead += ahead and step is not None
+            stalled = last is None and step is None and failed is None
+            if last is not None:
+                self._postprocess(last)
+            if failed is not None:  # every token in flight is known on the host now
+                self._isolate(*failed)
+            if step is not None:
+                self._log_step(step.batch, time.perf_counter() - started)
+            last = step
+
+    def _log_step(self, batch: Batch, seconds: float) -> None:
+        self._steps.record(len(batch), sum(batch.num_tokens), batch.decode_only, seconds)
+
+    def _wait_for_work(self, in_flight: bool, stalled: bool) -> bool:
+        """Block until there is something to do; False when the engine stops. With nothing in
+        flight, wait on the inbox's condition (a request, an abort, shutdown), polling only
+        while a stalled schedule waits for tier copies."""
+        with self._wake:
+            while not (self._stopping or in_flight or self._kicked) and (
+                    stalled or not self.scheduler.has_work()):
+                timeout = MOVE_POLL_S if stalled and self.cache.moves else None
+                if not self._wake.wait(timeout) and timeout is not None:
+                    break  # a copy may be done: schedule again
+            self._kicked = False
+            return not self._stopping
+
+    def _launch_next(self, feed: Launched | None
+                     ) -> tuple[Launched | None, tuple[Batch, Exception] | None]:
+        """Take the inbox and aborts, schedule, launch and advance the next step: the step (None
+        when nothing could be scheduled) or the batch that failed to launch, with its error."""
+        with self._lock:
+            for seq in self._inbox:
+                self.scheduler.add(seq)
+            self._inbox.clear()
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                if seq.aborted:
+                    self.scheduler.finish(seq)
+            batch = self.scheduler.schedule()
+        if not batch:
+            return None, None
+        try:
+            launched = self.runner.launch(batch, feed=feed)
+        except Exception as exc:  # a poison row, out of memory: find whom it concerns
+            return None, (batch, exc)
+        with self._lock:
+            self.scheduler.advance(batch)
+        return launched, None
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before the step in flight is delivered."""
@@ -222,19 +239,9 @@ class PagedEngine(Engine):
             need += max(0, cache.pages_for(seq.num_computed + n) - len(seq.pages))
         return cache.can_allocate(need)
 
-    def _advance(self, step: Launched) -> None:
-        """Right after launch: the batch's tokens count as computed; a sampled token that a
-        next step may need is held by a placeholder until it arrives."""
-        batch = step.batch
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            seq.num_computed += n
-        for i in step.rows:
-            seq = batch.seqs[i]
-            if seq.num_generated + seq.in_flight + 1 < seq.sampling.max_tokens:
-                seq.token_ids.append(PLACEHOLDER)  # not its last token: it decodes on
-
-    def _resolve(self, step: Launched) -> None:
-        """Wait for a launched step's tokens and deliver them: one hand-off per step."""
+    def _postprocess(self, step: Launched) -> None:
+        """Where a launched step's results land: wait for its tokens, deliver them (one
+        hand-off to the event loops per step), then keep pages free."""
         try:
             tokens = step.result()  # a host sync on this step's tokens only
         except Exception as exc:
@@ -267,8 +274,8 @@ class PagedEngine(Engine):
                 self._fail(alone, row_exc)
                 continue
             with self._lock:
-                self._advance(step)
-            self._resolve(step)
+                self.scheduler.advance(alone)
+            self._postprocess(step)
 
     def _fail(self, batch: Batch, exc: Exception) -> None:
         logger.error("engine step failed", exc_info=exc)
@@ -299,12 +306,7 @@ class PagedEngine(Engine):
     def _deliver_one(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """One row's token: into its sequence and grammar, then its stream; ends it if it is
         the last."""
-        at = len(seq.token_ids) - seq.in_flight  # its oldest placeholder, if any
-        if at < len(seq.token_ids):
-            seq.token_ids[at] = token
-        else:
-            seq.token_ids.append(token)  # its last token: no step needed it
-        seq.num_generated += 1
+        seq.land(token)
         if seq.grammar is not None:
             seq.grammar.accept(token)
         if seq.stream is not None:
@@ -346,6 +348,7 @@ class PagedEngine(Engine):
         progress.logprobs = stream.logprobs  # filled on this loop as tokens land
         with self._wake:
             self._inbox.append(seq)
+            self._kicked = True
             self._wake.notify()
         try:
             async for batch in stream:
@@ -355,6 +358,7 @@ class PagedEngine(Engine):
             if not stream.ended:
                 with self._wake:
                     seq.aborted = True
+                    self._kicked = True
                     self._wake.notify()
 
     def stats(self) -> EngineStats:

@@ -2,8 +2,10 @@
 
 A step is launched without waiting for it: its sampled tokens stay on the device (and start
 their copy to pinned host memory), so the engine can schedule and launch the next step while
-this one runs. A decode row whose last token is still in flight (`PLACEHOLDER`) reads it from
-the previous step's sampled tokens on the device. Host-side inputs travel packed: one copy of
+this one runs. A decode row whose token is still in flight (`Sequence.in_flight`: not yet in
+its `token_ids`) reads it from the previous step's sampled tokens on the device. Each
+sequence's pages live in a persistent device page table (page_table.py) that a step only adds
+its new pages to. Host-side inputs travel packed: one copy of
 int64 values and one of int32 values a step, each piece aligned (upload.py); steps whose rows
 use logit rules (penalties, logit_bias, a grammar: logits_rules.py) upload those in one more
 pair. Logprobs, when a row asks, are computed from the raw logits on the device and copied to
@@ -32,9 +34,10 @@ from deployments.engine.paged.logits_rules import (
     raw_logprobs,
 )
 from deployments.engine.paged.model import DecoderModel
+from deployments.engine.paged.page_table import PageTable
 from deployments.engine.paged.sampler import SamplingPlan, build_plan, draw_seed
 from deployments.engine.paged.scheduler import Batch
-from deployments.engine.paged.sequence import PLACEHOLDER, Sequence, Status
+from deployments.engine.paged.sequence import Sequence, Status
 from deployments.engine.paged.upload import upload
 
 
@@ -104,6 +107,8 @@ class ModelRunner:
         self.device = model.w.embed.device
         self.graphs = graphs
         self.vocab = model.spec.vocab_size
+        max_len = model.cos.shape[0]  # rope positions: the longest sequence the model runs
+        self.table = PageTable(-(-max_len // page_size), self.device)
         self.counts: TokenCounts | None = None  # made when a request first needs penalties
         self._counted: list[Sequence] = []  # sequences holding a TokenCounts slot
         self.set_eos(eos_token_ids)
@@ -141,48 +146,50 @@ class ModelRunner:
         """A step's device inputs, in one int64 and one int32 upload."""
         page = self.page_size
         width = max(len(seq.pages) for seq in batch.seqs)
-        table = np.zeros((len(batch), width), dtype=np.int32)
-        tokens, positions, contexts, sampling_rows, logits_index = [], [], [], [], []
-        write_pages, fed, count, feeds = [], [], 0, False
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
-            start = seq.num_computed
-            pages = np.asarray(seq.pages, dtype=np.int64)
-            table[i, :len(pages)] = pages
+        tokens, positions, write_pages, fed, sampling_rows, logits_index = [], [], [], [], [], []
+        count, feeds = 0, False
+        for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_tokens,
+                                                strict=True)):
             pos = np.arange(start, start + n, dtype=np.int64)
             positions.append(pos)
-            write_pages.append(pages[pos // page])
+            first = start // page
+            write_pages.append(np.asarray(seq.pages[first:-(-(start + n) // page)],
+                                          dtype=np.int64)[pos // page - first])
             chunk = seq.token_ids[start:start + n]
-            if chunk[-1] == PLACEHOLDER:  # sampled by the step in flight: read on the device
+            if len(chunk) < n:  # sampled by the step in flight: read on the device
                 feeds = True
                 if n != 1 or feed is None or id(seq) not in feed.row_of:
                     raise RuntimeError(f"sequence {seq.request_id}: a token in flight is "
                                        "needed by a step that cannot read it")
                 fed.append(feed.row_of[id(seq)])
+                chunk = [0]
             else:
                 fed += [-1] * n
             tokens += chunk
-            contexts.append(start + n)
             count += n
-            if batch.samples(i):
+            if batch.sampling[i]:
                 sampling_rows.append(i)
                 logits_index.append(count - 1)
+        contexts = [start + n for start, n in zip(batch.starts, batch.num_tokens, strict=True)]
+        slots, cleared, writes = self.table.plan([seq.pages for seq in batch.seqs])
         pos_all = np.concatenate(positions)
         sampling_seqs = [batch.seqs[i] for i in sampling_rows]
         plan = sampling_plan(sampling_seqs) if sampling_rows else None
         rules = self._rules(sampling_seqs) if sampling_rows else None
-        tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d = upload(
+        tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d, slots_d, cleared_d = upload(
             [np.asarray(tokens), pos_all, np.concatenate(write_pages), pos_all % page,
-             np.asarray(logits_index), np.asarray(fed),
-             plan.seed if plan else np.zeros(0)], np.int64, self.device)
-        table_d, contexts_d, words_d = upload(
-            [table.ravel(), np.asarray(contexts), plan.words() if plan else np.zeros(0)],
+             np.asarray(logits_index), np.asarray(fed), plan.seed if plan else np.zeros(0),
+             np.asarray(slots), np.asarray(cleared)], np.int64, self.device)
+        writes_d, contexts_d, words_d = upload(
+            [writes, np.asarray(contexts), plan.words() if plan else np.zeros(0)],
             np.int32, self.device)
+        self.table.apply(cleared_d, writes_d)
         if feeds:
             assert feed.tokens is not None
             tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
         meta = AttentionMetadata(
             positions=positions_d, write_pages=pages_d, write_offsets=offsets_d,
-            page_table=table_d.view(len(batch), width),
+            page_table=self.table.rows(slots_d, width),
             context_lens=contexts_d, query_lens=list(batch.num_tokens),
             context_lens_host=contexts, decode_only=batch.decode_only,
         )

@@ -25,23 +25,31 @@ from deployments.engine.paged.sequence import Sequence, Status
 
 @dataclass
 class Batch:
-    """One step's work, in order: sequence i feeds `num_tokens[i]` tokens."""
+    """One step's work, in order: sequence i feeds `num_tokens[i]` tokens from position
+    `starts[i]`, and samples a new token when `sampling[i]`.
+
+    Frozen at `add`: these facts keep their meaning after the sequences move on (once the
+    step is launched, its sequences count its tokens as computed).
+    """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    sampling: list[bool] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
         self.num_tokens.append(n)
+        self.starts.append(seq.num_computed)
+        self.sampling.append(seq.num_computed + n == seq.num_tokens)
 
     def samples(self, i: int) -> bool:
         """Whether sequence i's chunk reaches its last token, so a new token is sampled."""
-        return self.seqs[i].num_computed + self.num_tokens[i] == len(self.seqs[i].token_ids)
+        return self.sampling[i]
 
     @property
     def decode_only(self) -> bool:
-        return all(n == 1 for n in self.num_tokens) and all(
-            self.samples(i) for i in range(len(self.seqs)))
+        return all(n == 1 for n in self.num_tokens) and all(self.sampling)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -200,6 +208,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def advance(self, batch: Batch) -> None:
+        """Right after `batch` is launched: its tokens count as computed, and each token it
+        samples that a next step feeds counts in flight until it lands."""
+        for seq, n, samples in zip(batch.seqs, batch.num_tokens, batch.sampling, strict=True):
+            seq.num_computed += n
+            if samples and seq.num_generated + seq.in_flight + 1 < seq.sampling.max_tokens:
+                seq.in_flight += 1  # not its last token: it decodes on
+
     # ---- endings --------------------------------------------------------------------------
 
     def finish(self, seq: Sequence) -> None:
@@ -209,7 +225,7 @@ class Scheduler:
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
-        seq.drop_placeholders()
+        seq.in_flight = 0  # tokens still in flight are never needed now
         if not seq.admitted:
             return
         if seq.restore is not None:  # its pages are being written: let the copy finish

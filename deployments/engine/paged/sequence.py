@@ -17,11 +17,6 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-# Stands in `token_ids` for a token sampled by a step still running on the device; the next
-# step reads the real token on the device, and the engine writes it here once it has it.
-PLACEHOLDER = -1
-
-
 @dataclass(eq=False)
 class Sequence:
     request_id: str
@@ -45,28 +40,31 @@ class Sequence:
     counts_slot: int = 0  # its row of the runner's TokenCounts (0: none; penalties only)
     grammar: Any = None  # its response_format constraint (engine.grammar.Grammar), if any
     tenant: str = ""  # the API key's id its user belongs to (engine.kv_shares)
+    # Tokens sampled by a step still running on the device that a next step feeds: they count
+    # in the sequence's length but are not in `token_ids` yet (the next step reads them on
+    # the device; each lands at the end of `token_ids` when the host has it).
+    in_flight: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
 
     @property
+    def num_tokens(self) -> int:
+        """Its length: every token known on the host and those still in flight."""
+        return len(self.token_ids) + self.in_flight
+
+    @property
     def to_compute(self) -> int:
         """Tokens still to feed before the next token can be sampled."""
-        return len(self.token_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def is_decoding(self) -> bool:
         return self.to_compute == 1
 
-    @property
-    def in_flight(self) -> int:
-        """Tokens sampled by steps still running, not yet known on the host."""
-        n = 0
-        while n < len(self.token_ids) and self.token_ids[-1 - n] == PLACEHOLDER:
-            n += 1
-        return n
-
-    def drop_placeholders(self) -> None:
-        """Forget tokens still in flight (the sequence ended before they were needed)."""
-        while self.token_ids and self.token_ids[-1] == PLACEHOLDER:
-            self.token_ids.pop()
+    def land(self, token: int) -> None:
+        """A sampled token reached the host: it takes the place of the oldest in flight (or,
+        the last token of all, which no step feeds, simply ends the sequence's tokens)."""
+        self.token_ids.append(token)
+        self.in_flight = max(0, self.in_flight - 1)
+        self.num_generated += 1
