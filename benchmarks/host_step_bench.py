@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, card_name, git_commit
 from benchmarks.engine_bench import model_dir
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -90,10 +90,16 @@ async def measure(engine, users: int, history: int, steps: int) -> dict:
             "host_ms_per_step": (end - start) / max(n, 1) * 1e3}
 
 
-def card() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    return torch.cuda.get_device_name().replace(" ", "-")
+def append_row(row: dict) -> Path:
+    """Add `row` to benchmarks/results/host-step-<card>.json: the results contract's card and
+    commit (the latest row's) at the top, every row measured so far below."""
+    out = RESULTS / f"host-step-{row['card']}.json"
+    old = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    rows = old if isinstance(old, list) else old["rows"]  # a list: the first format
+    out.write_text(json.dumps({"bench": "host-step", "card": row["card"],
+                               "git_commit": row["commit"], "date": time.strftime("%Y-%m-%d"),
+                               "rows": [*rows, row]}, indent=1) + "\n")
+    return out
 
 
 def main() -> None:
@@ -109,14 +115,10 @@ def main() -> None:
         row = asyncio.run(measure(engine, opts.users, opts.history, opts.steps))
     finally:
         asyncio.run(engine.shutdown())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    row = {"commit": commit, "card": card(), "label": opts.label, **row}
+    row = {"commit": git_commit()[:7], "card": card_name(), "label": opts.label, **row}
     print(json.dumps(row))
     if not opts.no_write:
-        out = Path(__file__).parent / "results" / f"host-step-{card()}.json"
-        rows = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps([*rows, row], indent=1) + "\n")
+        print(f"wrote {append_row(row)}")
 
 
 if __name__ == "__main__":

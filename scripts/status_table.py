@@ -39,7 +39,8 @@ FEATURES = (
             ("test_rmm_memory",), ()),
     Feature("Paged engine: Triton kernels, CUDA graphs, run-ahead", (
         "test_paged_engine.py", "test_triton_interpreter.py"), (
-        "test_generation_gpu", "test_paged_gpu"), ("engine", "profile-decode")),
+        "test_generation_gpu", "test_paged_gpu"), (
+        "engine", "engine-refactor-check", "host-step", "profile-decode", "profile-returning")),
     Feature("Sampler and sampling rules", ("test_sampler.py", "test_sampling_rules.py"), (
         "test_sampler_gpu", "test_sampling_rules_gpu"), ("sampler",)),
     Feature("Host KV tier and streamed weights (pinned copies)", (
@@ -51,7 +52,7 @@ FEATURES = (
     Feature("Serve app, OpenAI API, router, serving path", (
         "test_service.py", "test_router.py", "test_streaming_batches.py"), (
         "test_serve_gpu", "test_serving_path_gpu"), (
-        "serve", "serve-4ingress", "serve-merged", "serve-paths")),
+        "serve", "serve-4ingress", "serve-merged", "serve-paths", "serve-refactor-check")),
     Feature("Routing simulation (CPU by design)", ("test_routing_sim.py",), (), ()),
 )
 
