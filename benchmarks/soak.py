@@ -134,6 +134,14 @@ POISON = (
 )
 
 
+def error_code(body: bytes) -> str:
+    """The OpenAI error body's code, or what the body was when it was not one."""
+    try:
+        return str(json.loads(body)["error"].get("code"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "not-openai-shaped"
+
+
 class Stats:
     def __init__(self) -> None:
         self.statuses: dict[str, int] = {}
@@ -146,6 +154,7 @@ class Stats:
         self.poison: dict[str, dict[str, int]] = {}  # name -> status -> count
         self.poison_wrong = 0  # a 5xx, or a 200 where a 4xx was due (or the reverse)
         self.stalled: dict[str, int] = {"opened": 0, "answered_408": 0, "other": 0}
+        self.refusals: dict[str, int] = {}  # "<status> <error code>" of well-formed requests
 
 
 async def poison_request(client: httpx.AsyncClient, url: str, base: dict, rng: random.Random,
@@ -202,7 +211,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: 
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
                                  headers=headers) as response:
             if response.status_code != 200:
-                await response.aread()
+                refusal = f"{response.status_code} {error_code(await response.aread())}"
+                stats.refusals[refusal] = stats.refusals.get(refusal, 0) + 1
                 return response.status_code, float(response.headers.get("retry-after") or 0)
             first = True
             async for line in response.aiter_lines():
@@ -355,6 +365,7 @@ def main() -> int:
         "clients": args.clients, "duration_s": round(elapsed, 1),
         "max_tokens": args.max_tokens, "sticky_users": args.sticky_users,
         "requests": stats.requests, "http_statuses": stats.statuses,
+        "refusals_by_code": stats.refusals,
         "error_chunks_by_code": stats.error_chunks, "transport_errors": stats.transport_errors,
         "hung_streams": stats.hung, "server_errors_5xx": server_errors,
         "tokens_out": stats.tokens_out,
@@ -373,8 +384,11 @@ def main() -> int:
     }
     for r in report["replicas_after"]:
         r["resident_users"] = len(r["resident_users"] or [])
+    # A well-formed request may be told to retry (429); any other refusal is an error for a
+    # well-behaved client.
+    refused = {k: n for k, n in stats.refusals.items() if not k.startswith("429 ")}
     ok = server_errors == 0 and stats.hung == 0 and freed and healthy \
-        and not stats.error_chunks and stats.poison_wrong == 0
+        and not stats.error_chunks and stats.poison_wrong == 0 and not refused
     report["pass"] = ok
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
