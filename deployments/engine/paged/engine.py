@@ -195,7 +195,9 @@ class PagedEngine(Engine):
         flight, wait on the inbox's condition (a request, an abort, shutdown), polling only
         while a stalled schedule waits for tier copies."""
         with self._wake:
-            while not (self._stopping or in_flight or self._kicked) and (
+            # A request still in the inbox is work even when its kick was taken by an
+            # iteration that only landed a step (it may not launch while the inbox is full).
+            while not (self._stopping or in_flight or self._kicked or self._inbox) and (
                     stalled or not self.scheduler.has_work()):
                 timeout = MOVE_POLL_S if stalled and self.cache.moves else None
                 if not self._wake.wait(timeout) and timeout is not None:
