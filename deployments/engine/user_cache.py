@@ -23,11 +23,22 @@ from typing import Any
 
 from deployments.engine.kv_shares import KVShares, held_by_tenant
 
+_CHUNK = 256  # tokens compared at once by one slice comparison (C speed)
+
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
+    """Length of the longest common prefix of two token sequences.
+
+    Whole chunks first, each one slice comparison, then token by token in the first chunk
+    that differs: a returning user's 8k-token history is matched in tens of microseconds,
+    not the ~0.5 ms of a Python loop over every token (it runs on the engine thread, in the
+    step that serves the user's first token). Slices of different types (a list and an
+    array) never compare equal, which only sends the match to the token loop.
+    """
     n = min(len(a), len(b))
     i = 0
+    while i + _CHUNK <= n and a[i:i + _CHUNK] == b[i:i + _CHUNK]:
+        i += _CHUNK
     while i < n and a[i] == b[i]:
         i += 1
     return i

@@ -24,6 +24,23 @@ def test_common_prefix():
     assert common_prefix_len([1, 2], [1, 2, 3]) == 2
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_common_prefix_matches_a_token_by_token_scan_at_every_length(seed):
+    """The chunked match against the plain scan, on random histories of up to 3,000 tokens
+    whose first difference falls anywhere: inside a chunk, on its edge, or nowhere."""
+    import array
+    import random
+
+    rng = random.Random(seed)
+    a = [rng.randrange(5) for _ in range(rng.randrange(3000))]
+    cut = rng.choice([rng.randrange(len(a) + 1), 256, 512, len(a)])
+    b = a[:cut] + [rng.randrange(5) for _ in range(rng.randrange(600))]
+    pairs = enumerate(zip(a, b, strict=False))
+    naive = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+    assert common_prefix_len(a, b) == naive
+    assert common_prefix_len(array.array("I", a), b) == naive  # mixed types: still right
+
+
 def test_idle_users_are_kept_until_the_budget_is_exceeded():
     s = store(budget_tokens=100)
     for key in "abc":
