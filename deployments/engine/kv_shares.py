@@ -49,6 +49,36 @@ class KVShares:
         return held.get(victim, 0) > self.guaranteed(total)
 
 
+@dataclass(frozen=True)
+class Idle:
+    """An idle user as the victim choice sees it: what dropping it frees of the units asked
+    for (None: not a candidate) and all it holds toward its tenant's share."""
+
+    key: str
+    tenant: str
+    frees: int | None
+    holds: int
+
+
+def victims(shares: KVShares, idle: Iterable[Idle], need: int, requester: str | None,
+            total: int) -> tuple[list[str], bool]:
+    """Idle users, least recently used first (`idle` in that order), whose drops free `need`
+    units, each one the shares let `requester` drop once the earlier ones are gone; and
+    whether they free all of it. The one walk both engines' caches use."""
+    idle = list(idle)
+    held = held_by_tenant((u.tenant, u.holds) for u in idle) if shares.enabled else {}
+    keys: list[str] = []
+    for user in idle:
+        if need <= 0:
+            break
+        if user.frees is None or not shares.may_evict(user.tenant, requester, held, total):
+            continue
+        keys.append(user.key)
+        need -= user.frees
+        held[user.tenant] = held.get(user.tenant, 0) - user.holds
+    return keys, need <= 0
+
+
 def held_by_tenant(entries: Iterable[tuple[str, int]]) -> dict[str, int]:
     """Sum (tenant, units) pairs per tenant."""
     held: dict[str, int] = {}

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine.kv_shares import KVShares, held_by_tenant
+from deployments.engine.kv_shares import Idle, KVShares, victims
 
 _CHUNK = 256  # tokens compared at once by one slice comparison (C speed)
 
@@ -133,22 +133,12 @@ class UserCacheStore:
                  ignore_shares: bool = False) -> list[str]:
         """Drop least recently used idle users until the total is at most `target_bytes`,
         those the shares let `requester`'s tenant drop (all with `ignore_shares`)."""
-        evicted: list[str] = []
-        total = self.total_bytes
-        check = self.shares.enabled and not ignore_shares
-        held = held_by_tenant((e.tenant, self.entry_bytes(e))
-                              for e in self._users.values() if not e.running) if check else {}
-        for key in list(self._users):
-            if total <= target_bytes:
-                break
-            entry = self._users[key]
-            if entry.running or (check and not self.shares.may_evict(
-                    entry.tenant, requester, held, self.budget_bytes)):
-                continue
-            total -= self.entry_bytes(entry)
-            held[entry.tenant] = held.get(entry.tenant, 0) - self.entry_bytes(entry)
+        idle = (Idle(key, e.tenant, self.entry_bytes(e), self.entry_bytes(e))
+                for key, e in self._users.items() if not e.running)
+        evicted, _ = victims(KVShares() if ignore_shares else self.shares, idle,
+                             self.total_bytes - target_bytes, requester, self.budget_bytes)
+        for key in evicted:
             self.drop(key)
-            evicted.append(key)
         self.evicted_users += len(evicted)
         return evicted
 

@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import asyncio
 
-from deployments.config import AppArgs
-from deployments.engine import SamplingParams, select_engine_class
+from deployments.engine import SamplingParams
 from deployments.engine.paged.sequence import Sequence
 from deployments.engine.token_stream import TokenStream
-from deployments.memory import setup_memory
-from deployments.platform import detect_platform
+from tests.cpu.test_kv_shares import paged_engine
 
 
 def test_a_request_in_the_inbox_runs_even_when_its_kick_was_taken():
-    args = AppArgs.model_validate({
-        "model": {"model_id": "builtin:tiny-llama", "max_model_len": 256},
-        "memory": {"cpu_memory_budget_bytes": "64MiB"},
-        "kv_cache": {"budget_bytes": "1MiB"},
-        "engine": {"cpu_threads": 1},
-    })
-    engine = select_engine_class(args)(args, setup_memory(args.memory,
-                                                          detect_platform(use_gpu=False)))
+    engine = paged_engine(None)  # the builtin tiny model, shares off
 
     async def main() -> list[int]:
         stream = TokenStream(asyncio.get_running_loop())

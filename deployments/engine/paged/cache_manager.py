@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine.kv_shares import KVShares, held_by_tenant
+from deployments.engine.kv_shares import Idle, KVShares, victims
 from deployments.engine.user_cache import common_prefix_len
 
 
@@ -200,23 +200,12 @@ class CacheManager:
                  ignore_shares: bool = False) -> list[str] | None:
         """Idle users, least recently used first, whose drops free at least `need` of the
         pages `pages_of` counts, each one the shares let `requester` drop once the earlier
-        ones are gone; None when no such choice frees enough."""
-        check = self.shares.enabled and not ignore_shares
-        held = held_by_tenant((u.tenant, len(u.pages) + len(u.host_pages))
-                              for u in self._users.values() if not u.busy) if check else {}
-        total = self.usable_pages + self.host_pages_total
-        keys: list[str] = []
-        for user in self._users.values():
-            if need <= 0:
-                break
-            if user.busy or not pages_of(user):
-                continue
-            if check and not self.shares.may_evict(user.tenant, requester, held, total):
-                continue
-            keys.append(user.key)
-            need -= pages_of(user)
-            held[user.tenant] = held.get(user.tenant, 0) - len(user.pages) - len(user.host_pages)
-        return keys if need <= 0 else None
+        ones are gone (kv_shares.victims); None when no such choice frees enough."""
+        idle = (Idle(u.key, u.tenant, pages_of(u) or None, len(u.pages) + len(u.host_pages))
+                for u in self._users.values() if not u.busy)
+        keys, enough = victims(KVShares() if ignore_shares else self.shares, idle, need,
+                               requester, self.usable_pages + self.host_pages_total)
+        return keys if enough else None
 
     def _drop(self, key: str) -> None:
         user = self._users.pop(key)
