@@ -28,6 +28,7 @@ from benchmarks.bench_model import visible_ids, write_model_dir
 from benchmarks.common import RESULTS, write_result
 from benchmarks.engine_bench import LLAMA_31_8B, QUICK
 from benchmarks.serve.engine_side import app_args, build_engine, engine_transport
+from benchmarks.serve.metrics import percentile
 from benchmarks.serve.sessions import SAMPLED, Call, random_words
 from deployments.engine.paged.testing import step_log
 
@@ -46,11 +47,6 @@ class GcClock:
             self._t = time.perf_counter()
         else:
             self.pauses.append((info["generation"], time.perf_counter() - self._t))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def returns(engine: Any, args: Any, visible: list[int], count: int, history: int,
@@ -153,7 +149,7 @@ def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
     ttfts = [r["ttft_ms"] for r in records]
     prefill = [r["steps_to_first_token"][-1]["ms"] for r in records]
     return {"returns": len(records), "ttft_ms_p50": statistics.median(ttfts),
-            "ttft_ms_p99": percentile(ttfts, 0.99),
+            "ttft_ms_p99": percentile(ttfts, 99),
             "prefill_step_ms_p50": statistics.median(prefill),
             "prefill_step_ms_max": max(prefill)}
 
