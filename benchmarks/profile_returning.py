@@ -175,13 +175,15 @@ def main() -> None:
                                    think_s=0.0))
         prof = profiled(engine, args, visible, history)
         prof["python_prefill_host"] = python_profile(engine, args, visible, history)
+        by_path = engine.stats().extra.get("steps_by_path")
     finally:
         gc.callbacks.remove(clock)
         asyncio.run(engine.shutdown())
     summary = {"think_0.1s": summary_of(records), "think_0s": summary_of(busy),
                "gc_pauses": len(clock.pauses),
                "gc_pause_ms_max": round(max((s for _, s in clock.pauses), default=0) * 1e3, 3),
-               "gc_gen2_pauses": sum(g == 2 for g, _ in clock.pauses)}
+               "gc_gen2_pauses": sum(g == 2 for g, _ in clock.pauses),
+               "steps_by_path": by_path}
     slow = sorted(records, key=lambda r: r["ttft_ms"], reverse=True)[:5]
     print(json.dumps(summary), flush=True)
     for r in slow:

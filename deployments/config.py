@@ -149,6 +149,13 @@ class EngineConfig(_Section):
         8192, gt=0, description="Token budget of one step; long prompts prefill in chunks of it."
     )
     cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU).")
+    prefill_graph_tokens: int = Field(
+        512, ge=0, le=4096,
+        description="With `cuda_graphs` and `triton` prefill attention, a step that is one "
+        "sequence's prefill chunk of at most this many tokens (a returning user's new turn, a "
+        "short prompt) replays a CUDA graph, captured at start-up per token-count bucket, "
+        "instead of ~200 kernel launches from Python; 0: off.",
+    )
     prefill_attention: Literal["sdpa", "triton"] = Field(
         "triton",
         description="Attention for prefill chunks on a GPU: `triton` runs one paged flash "

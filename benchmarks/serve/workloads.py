@@ -59,7 +59,7 @@ class Plan:
 
 
 FULL = Plan(
-    name="full", model="llama-3.1-8b", concurrency=(1, 16, 64, 128, 256), rounds=(6, 3, 3, 2, 2),
+    name="full", model="llama-3.1-8b", concurrency=(1, 16, 64, 128, 256), rounds=(20, 3, 3, 2, 2),
     fixed_cap_s=(15, 12, 15, 20, 25), prompt_tokens=512, output_tokens=128,
     chat_users=256, long_users=16, turns=6, first_tokens=(200, 800),
     long_first_tokens=(7000, 7400), message_tokens=(40, 200), reply_tokens=(48, 144),

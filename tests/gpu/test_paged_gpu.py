@@ -141,8 +141,28 @@ PROGRAM = '''
         eager = engine.runner.model.forward(tokens, meta, index)
         eager_vs_graph = (graph_logits - eager).abs().max().item()
         engine.cache.free([p for s in trio for p in s.pages])
+        # A returning user's short chunk after a kept history, through the prefill CUDA
+        # graphs and eagerly: the same last-token logits, as close to fp32 as HF's bf16.
+        prefill_vs_eager, prefill_vs_ref = 0.0, 0.0
+        for n in (2, 17, 48, 65, 100):
+            s = Sequence("t", None, convs[3][:300 + n], SamplingParams(1))
+            step([(s, 300)])
+            s.pages += engine.cache.allocate(engine.cache.pages_for(300 + n) - len(s.pages))
+            batch = Batch()
+            batch.add(s, n)
+            tokens, meta, *_ = engine.runner._prepare(batch)
+            assert engine.runner.prefill_graphs.fits(meta.query_lens)
+            graph_logits = engine.runner.prefill_graphs.run(meta, tokens)[0].clone()
+            last = torch.tensor([n - 1], device="cuda")
+            eager = engine.runner.model.forward(tokens, meta, last)[0]
+            with torch.inference_mode():
+                ref = hf32(input_ids=torch.tensor([s.token_ids], device="cuda")).logits[0, -1]
+            prefill_vs_eager = max(prefill_vs_eager, (graph_logits - eager).abs().max().item())
+            prefill_vs_ref = max(prefill_vs_ref, (graph_logits - ref.float()).abs().max().item())
+            engine.cache.free(s.pages)
         report[name] = {"ours_max_err": ours_err, "hf_bf16_max_err": hf_err,
-                        "eager_vs_graph": eager_vs_graph,
+                        "eager_vs_graph": eager_vs_graph, "prefill_graph_vs_eager":
+                        prefill_vs_eager, "prefill_graph_vs_fp32": prefill_vs_ref,
                         "weights_managed": is_managed(engine.runner.model.w.embed),
                         "kv_managed": is_managed(engine.pool.buffer)}
         asyncio.run(engine.shutdown())
@@ -163,6 +183,8 @@ def test_bf16_logits_graphs_and_managed_memory_for_each_architecture():
         # Within bf16 tolerance: no further from the fp32 truth than HF's own bf16 forward.
         assert r["ours_max_err"] <= 2 * r["hf_bf16_max_err"] + 1e-2, (arch, r)
         assert r["eager_vs_graph"] < 1e-2, (arch, r)
+        assert r["prefill_graph_vs_eager"] < 2e-2, (arch, r)
+        assert r["prefill_graph_vs_fp32"] <= 2 * r["hf_bf16_max_err"] + 1e-2, (arch, r)
         assert r["weights_managed"] == 1 and r["kv_managed"] == 1, (arch, r)
 
 

@@ -81,7 +81,7 @@ def paged_attention(
         return decode_attention(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
     out = torch.empty_like(q)
     starts = meta.query_starts
-    key = ("mixed", use_triton, triton_prefill)
+    key = _plan_key(use_triton, triton_prefill)
     plan = meta.plans.get(key)
     if plan is None:
         plan = meta.plans[key] = _mixed_plan(meta, q.device, k_cache.shape[2], use_triton,
@@ -106,6 +106,17 @@ def paged_attention(
         out[lo:lo + n] = reference_attention(q[lo:lo + n], k_cache, v_cache, meta.page_table[i],
                                              meta.context_lens_host[i], scale)
     return out
+
+
+def _plan_key(use_triton: bool, triton_prefill: bool) -> tuple:
+    return ("mixed", use_triton, triton_prefill)
+
+
+def with_prefill_plan(meta: AttentionMetadata, plan: Any) -> AttentionMetadata:
+    """`meta` (one sequence's prefill chunk) with a Triton prefill plan made elsewhere: a CUDA
+    graph's, over its static buffers, instead of one planned from the host figures."""
+    meta.plans[_plan_key(True, True)] = (None, [0], plan)
+    return meta
 
 
 def _mixed_plan(meta: AttentionMetadata, device: torch.device, kv_heads: int, use_triton: bool,

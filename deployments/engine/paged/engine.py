@@ -379,6 +379,7 @@ class PagedEngine(Engine):
                        "preempted_requests": self.scheduler.preemptions,
                        "kv_share_overrides": self.cache.share_overrides,
                        "steps_launched_ahead": self.steps_ahead,
+                       "steps_by_path": dict(self.runner.steps_by_path),
                        "kernel_variants_compiled": compiled_variants()},
                 memory=self._memory(),
             )

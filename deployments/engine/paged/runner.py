@@ -22,7 +22,7 @@ import torch
 
 from deployments.engine.interface import TokenLogprob
 from deployments.engine.paged.attention import AttentionMetadata
-from deployments.engine.paged.cuda_graphs import DecodeGraphs
+from deployments.engine.paged.cuda_graphs import DecodeGraphs, PrefillGraphs
 from deployments.engine.paged.logits_rules import (
     DeviceRules,
     HostRules,
@@ -101,11 +101,14 @@ def sampling_plan(seqs: list[Sequence]) -> SamplingPlan:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, page_size: int, graphs: DecodeGraphs | None,
-                 eos_token_ids: frozenset[int]) -> None:
+                 eos_token_ids: frozenset[int], prefill_graphs: PrefillGraphs | None = None
+                 ) -> None:
         self.model = model
         self.page_size = page_size
         self.device = model.w.embed.device
         self.graphs = graphs
+        self.prefill_graphs = prefill_graphs
+        self.steps_by_path = {"decode_graph": 0, "prefill_graph": 0, "eager": 0}  # for stats
         self.vocab = model.spec.vocab_size
         max_len = model.cos.shape[0]  # rope positions: the longest sequence the model runs
         self.table = PageTable(-(-max_len // page_size), self.device)
@@ -200,10 +203,7 @@ class ModelRunner:
     def launch(self, batch: Batch, feed: Launched | None = None) -> Launched:
         """Enqueue one step; `feed` is the step still in flight whose tokens it may read."""
         tokens, meta, rows, logits_index, plan, rules = self._prepare(batch, feed)
-        if meta.decode_only and self.graphs is not None and self.graphs.fits(len(batch)):
-            logits = self.graphs.run(meta, tokens)
-        else:
-            logits = self.model.forward(tokens, meta, logits_index)
+        logits = self._forward(tokens, meta, logits_index)
         step = Launched(batch, rows, None)
         if plan is None:
             return step
@@ -224,6 +224,18 @@ class ModelRunner:
             step.host = step.tokens
             step.logprobs_host = lp
         return step
+
+    def _forward(self, tokens: torch.Tensor, meta: AttentionMetadata,
+                 logits_index: torch.Tensor) -> torch.Tensor:
+        """The step's logits: a decode or prefill CUDA graph's where one fits, else eager."""
+        if meta.decode_only and self.graphs is not None and self.graphs.fits(len(tokens)):
+            path, logits = "decode_graph", self.graphs.run(meta, tokens)
+        elif self.prefill_graphs is not None and self.prefill_graphs.fits(meta.query_lens):
+            path, logits = "prefill_graph", self.prefill_graphs.run(meta, tokens)  # last row
+        else:
+            path, logits = "eager", self.model.forward(tokens, meta, logits_index)
+        self.steps_by_path[path] += 1
+        return logits
 
     def _draw(self, logits: torch.Tensor, plan: tuple[torch.Tensor, ...],
               rules: DeviceRules | None) -> torch.Tensor:

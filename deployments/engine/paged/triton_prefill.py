@@ -139,6 +139,22 @@ def plan_prefill(query_starts: list[int], query_lens: list[int], seqs: list[int]
     return PrefillPlan(len(block_seq), splits, qs, ql, bs, bst, rw)
 
 
+def fixed_plan(tokens: int, query_lens: torch.Tensor, kv_heads: int, max_context: int,
+               device: torch.device) -> PrefillPlan:
+    """The plan of a CUDA graph's prefill chunk: one sequence, blocks over all `tokens` (a
+    multiple of BLOCK_M; rows past the chunk's length, read from `query_lens` [1] on the
+    device, are masked), and the key splits the longest context would choose."""
+    blocks = tokens // BLOCK_M
+    splits = choose_splits(blocks * kv_heads, max_context)
+
+    def ints(values: torch.Tensor) -> torch.Tensor:
+        return values.to(device=device, dtype=torch.int32)
+
+    return PrefillPlan(blocks, splits, ints(torch.zeros(1)), query_lens,
+                       ints(torch.zeros(blocks)), ints(torch.arange(0, tokens, BLOCK_M)),
+                       ints(torch.arange(tokens)))
+
+
 def prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
     context_lens: torch.Tensor, query_starts: list[int], query_lens: list[int],
