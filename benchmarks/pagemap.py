@@ -98,13 +98,14 @@ class Track:
         return moved
 
     def summary(self, steps: int) -> dict[str, int | float | None]:
-        """Resident bytes at the first and last samples and at most, and bytes moved in all
-        and per step (over `steps` steps)."""
+        """Resident bytes at the first and last samples, at least and at most, and bytes moved
+        in all and per step (over `steps` steps)."""
         return {
             "samples": self.samples,
             "moved_bytes": self.moved_bytes,
             "bytes_moved_per_step": self.moved_bytes / max(1, steps),
             "resident_bytes_first": self.resident[0] if self.resident else None,
             "resident_bytes_last": self.resident[-1] if self.resident else None,
+            "resident_bytes_min": min(self.resident, default=None),
             "resident_bytes_max": max(self.resident, default=None),
         }

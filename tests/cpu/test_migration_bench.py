@@ -31,12 +31,21 @@ def test_the_steady_window_spans_the_decode_steps_of_a_batch(checkpoint, monkeyp
     monkeypatch.setattr(migration_bench, "PROMPT", 8)
     engine = make(checkpoint, None)
     engine.eos_token_ids = frozenset()
-    window = migration_bench.steady_window(engine, None)
+    spans = migration_bench.ranges(engine)
+    assert len(spans["device"]) == 7 and spans["host"] == []
+    tracks, unavailable = migration_bench.pagemap_tracks(spans)
+    assert unavailable is None
+    window = migration_bench.steady_window(engine, None, tracks)
     assert window["tokens"] == [30, 30] and window["steps"] >= 10
     assert window["decode_steps"] >= 9 and window["step_ms_p50"] > 0
     assert migration_bench.per_step(None, window, {})["counters"] is None
-    spans = migration_bench.ranges(engine)
-    assert len(spans["device"]) == 7 and spans["host"] == []
+    # on the CPU the weights and the pool stay in RAM: sampled as the window opens and after
+    # each step, all resident, none moved
+    device = migration_bench.pagemap_per_step(tracks, window)["device_advised"]
+    weights = sum(size for _, size in spans["device"][:-1])  # the last is the KV pool
+    assert window["steps"] + 1 >= device["samples"] >= 2
+    assert device["resident_bytes_min"] >= weights
+    assert device["moved_bytes"] == 0 and device["bytes_moved_per_step"] == 0
 
 
 def test_without_a_gpu_the_benchmark_says_so_and_writes_nothing():

@@ -89,5 +89,6 @@ def test_a_track_sums_the_changes_between_consecutive_samples_over_its_ranges(re
         "bytes_moved_per_step": 2 * PAGE,
         "resident_bytes_first": 0,
         "resident_bytes_last": 2 * PAGE,
+        "resident_bytes_min": 0,
         "resident_bytes_max": 3 * PAGE,
     }
