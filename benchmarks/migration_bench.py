@@ -245,6 +245,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     opts = parser.parse_args()
     counters = UmCounters.start()  # before torch's first CUDA call (it runs cuInit itself)
+    print("CUPTI calls (result):", UmCounters.calls, "->", UmCounters.unavailable or "enabled")
     import torch
 
     if not torch.cuda.is_available():
