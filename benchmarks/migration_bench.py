@@ -143,7 +143,7 @@ def pagemap_tracks(where: dict[str, list[tuple[int, int]]]) -> tuple[dict[str, T
 
 
 def pagemap_per_step(tracks: dict[str, Track], window: dict[str, Any]) -> dict[str, Any]:
-    """Per tier: CPU-resident bytes (first, last, most) and bytes moved over the window."""
+    """Per tier: CPU-resident bytes (first, last, least, most), bytes moved over the window."""
     return {f"{tier}_advised": track.summary(window["decode_steps"])
             for tier, track in tracks.items()}
 

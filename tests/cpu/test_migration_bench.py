@@ -48,6 +48,24 @@ def test_the_steady_window_spans_the_decode_steps_of_a_batch(checkpoint, monkeyp
     assert device["moved_bytes"] == 0 and device["bytes_moved_per_step"] == 0
 
 
+def test_without_cupti_the_headline_takes_the_page_table_and_says_so():
+    row = {"device_advised_bytes_moved_per_step": None,
+           "pagemap": {"device_advised": {"bytes_moved_per_step": 0.0, "resident_bytes_max": 0},
+                       "host_advised": {"bytes_moved_per_step": 40.96}},
+           "advice_wrong_after_window": [],
+           "control": {"counters": None, "pagemap": {"sees_migrations": True}}}
+    top = migration_bench.headline(row, None)
+    assert top["bytes_moved_source"] == "pagemap"
+    assert top["steady_device_advised_bytes_moved_per_step"] == 0.0
+    assert top["steady_host_advised_bytes_moved_per_step"] == 40.96
+    assert top["counters_see_migrations"] is True and top["cupti_sees_migrations"] is None
+    assert top["advice_kept"] is True
+    row["control"]["pagemap"]["sees_migrations"] = False  # zeros that mean nothing say so
+    assert migration_bench.headline(row, None)["counters_see_migrations"] is False
+    del row["pagemap"]
+    assert migration_bench.headline(row, None)["bytes_moved_source"] is None
+
+
 def test_without_a_gpu_the_benchmark_says_so_and_writes_nothing():
     out = subprocess.run([sys.executable, "-m", "benchmarks.migration_bench"], text=True,
                          capture_output=True, timeout=120)
