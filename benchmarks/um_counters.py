@@ -2,11 +2,16 @@
 
 CUPTI's activity API reports each managed-memory migration (host to device, device to host)
 with the virtual address and size of the range that moved, and each GPU and CPU page fault,
-with timestamps. `UmCounters.start()` must run before the process's first CUDA call; records
-are collected in the background and `between(t0, t1)` returns those that started in a window
-(`timestamp()` reads CUPTI's clock). Loaded through ctypes from the libcupti that ships with
-PyTorch's CUDA wheels (nvidia-cuda-cupti) or the system's; `start()` returns None, with the
-reason in `UmCounters.unavailable`, where there is none or it refuses.
+with timestamps. `UmCounters.start()` runs before the process's other CUDA calls: it registers
+the buffer callbacks, initialises the driver (cuInit: CUPTI's header says the counter
+configuration "should be called after CUDA driver initialization"; an earlier version configured
+before any CUDA call, and on the lent H200 cuptiActivityEnable then answered
+CUPTI_ERROR_NOT_READY), configures the counters and enables them. Records are collected in the
+background and `between(t0, t1)` returns those that started in a window (`timestamp()` reads
+CUPTI's clock). Loaded through ctypes from the libcupti that ships with PyTorch's CUDA wheels
+(nvidia-cuda-cupti) or the system's; `start()` returns None, with the reason in
+`UmCounters.unavailable`, where there is none or it refuses; every call it made and its result
+are in `UmCounters.calls`, in order.
 
 Only the stable head of the record is read (CUpti_ActivityUnifiedMemoryCounter2 and 3 agree on
 it): kind u32 @0, counterKind u32 @4, value u64 @8, start u64 @16, end u64 @24, address u64 @32.
@@ -20,7 +25,7 @@ import os
 import struct
 import sys
 import threading
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 KIND_UNIFIED_MEMORY_COUNTER = 25  # CUpti_ActivityKind
 HTOD, DTOH, CPU_PAGE_FAULT, GPU_PAGE_FAULT = 1, 2, 3, 4  # CUpti_ActivityUnifiedMemoryCounterKind
@@ -69,6 +74,7 @@ class _Config(ctypes.Structure):
 
 class UmCounters:
     unavailable: str | None = None
+    calls: ClassVar[list[tuple[str, int]]] = []  # (call, its result) in the last start()
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
@@ -80,7 +86,8 @@ class UmCounters:
 
     @classmethod
     def start(cls, device: int = 0) -> UmCounters | None:
-        """Configure and enable the counters (before any CUDA call); None where impossible."""
+        """Configure and enable the counters (before other CUDA calls); None where impossible."""
+        cls.calls = []
         try:
             counters = cls(_library())
             counters._enable(device)
@@ -89,24 +96,47 @@ class UmCounters:
             return None
         return counters
 
+    def _try(self, name: str, *args: object, lib: ctypes.CDLL | None = None) -> int:
+        status = getattr(lib or self._lib, name)(*args)
+        self.calls.append((name, status))
+        return status
+
     def _call(self, name: str, *args: object) -> None:
-        status = getattr(self._lib, name)(*args)
+        status = self._try(name, *args)
         if status != 0:
             raise RuntimeError(f"{name} failed with CUptiResult {status}")
 
     def _enable(self, device: int) -> None:
+        """Register, initialise the driver, configure, enable; where enabling is refused, the
+        transfer counters alone, then with the device's primary context current, then
+        cuptiActivityEnableAndDump (documented to enable like cuptiActivityEnable here)."""
         self._call("cuptiActivityRegisterCallbacks", self._on_requested, self._on_completed)
+        cuda = ctypes.CDLL("libcuda.so.1")
+        self._try("cuInit", 0, lib=cuda)  # a CUresult: 0, or why the driver refused
         kinds = [HTOD, DTOH, CPU_PAGE_FAULT, GPU_PAGE_FAULT]
-        try:
-            self._configure(kinds, device)
-        except RuntimeError:
+        if self._configure(kinds, device) != 0:
             self._configure(kinds[:2], device)  # fault counters unsupported here
-        self._call("cuptiActivityEnable", KIND_UNIFIED_MEMORY_COUNTER)
+        if self._try("cuptiActivityEnable", KIND_UNIFIED_MEMORY_COUNTER) == 0:
+            return
+        self._configure(kinds[:2], device)
+        if self._try("cuptiActivityEnable", KIND_UNIFIED_MEMORY_COUNTER) == 0:
+            return
+        handle, context = ctypes.c_int(), ctypes.c_void_p()  # kept: torch uses the same one
+        self._try("cuDeviceGet", ctypes.byref(handle), device, lib=cuda)
+        self._try("cuDevicePrimaryCtxRetain", ctypes.byref(context), handle, lib=cuda)
+        self._try("cuCtxSetCurrent", context, lib=cuda)
+        self._configure(kinds[:2], device)
+        if self._try("cuptiActivityEnable", KIND_UNIFIED_MEMORY_COUNTER) == 0:
+            return
+        if self._try("cuptiActivityEnableAndDump", KIND_UNIFIED_MEMORY_COUNTER) == 0:
+            return
+        raise RuntimeError("cuptiActivityEnable refused: " + ", ".join(
+            f"{name} -> {result}" for name, result in self.calls))
 
-    def _configure(self, kinds: list[int], device: int) -> None:
+    def _configure(self, kinds: list[int], device: int) -> int:
         configs = (_Config * len(kinds))(*[_Config(SCOPE_PROCESS_SINGLE_DEVICE, k, device, 1)
                                            for k in kinds])
-        self._call("cuptiActivityConfigureUnifiedMemoryCounter", configs, len(kinds))
+        return self._try("cuptiActivityConfigureUnifiedMemoryCounter", configs, len(kinds))
 
     def _requested(self, buffer, size, max_records) -> None:
         raw = ctypes.create_string_buffer(BUFFER_BYTES + 8)

@@ -31,12 +31,39 @@ def test_the_steady_window_spans_the_decode_steps_of_a_batch(checkpoint, monkeyp
     monkeypatch.setattr(migration_bench, "PROMPT", 8)
     engine = make(checkpoint, None)
     engine.eos_token_ids = frozenset()
-    window = migration_bench.steady_window(engine, None)
+    spans = migration_bench.ranges(engine)
+    assert len(spans["device"]) == 7 and spans["host"] == []
+    tracks, unavailable = migration_bench.pagemap_tracks(spans)
+    assert unavailable is None
+    window = migration_bench.steady_window(engine, None, tracks)
     assert window["tokens"] == [30, 30] and window["steps"] >= 10
     assert window["decode_steps"] >= 9 and window["step_ms_p50"] > 0
     assert migration_bench.per_step(None, window, {})["counters"] is None
-    spans = migration_bench.ranges(engine)
-    assert len(spans["device"]) == 7 and spans["host"] == []
+    # on the CPU the weights and the pool stay in RAM: sampled as the window opens and after
+    # each step, all resident, none moved
+    device = migration_bench.pagemap_per_step(tracks, window)["device_advised"]
+    weights = sum(size for _, size in spans["device"][:-1])  # the last is the KV pool
+    assert window["steps"] + 1 >= device["samples"] >= 2
+    assert device["resident_bytes_min"] >= weights
+    assert device["moved_bytes"] == 0 and device["bytes_moved_per_step"] == 0
+
+
+def test_without_cupti_the_headline_takes_the_page_table_and_says_so():
+    row = {"device_advised_bytes_moved_per_step": None,
+           "pagemap": {"device_advised": {"bytes_moved_per_step": 0.0, "resident_bytes_max": 0},
+                       "host_advised": {"bytes_moved_per_step": 40.96}},
+           "advice_wrong_after_window": [],
+           "control": {"counters": None, "pagemap": {"sees_migrations": True}}}
+    top = migration_bench.headline(row, None)
+    assert top["bytes_moved_source"] == "pagemap"
+    assert top["steady_device_advised_bytes_moved_per_step"] == 0.0
+    assert top["steady_host_advised_bytes_moved_per_step"] == 40.96
+    assert top["counters_see_migrations"] is True and top["cupti_sees_migrations"] is None
+    assert top["advice_kept"] is True
+    row["control"]["pagemap"]["sees_migrations"] = False  # zeros that mean nothing say so
+    assert migration_bench.headline(row, None)["counters_see_migrations"] is False
+    del row["pagemap"]
+    assert migration_bench.headline(row, None)["bytes_moved_source"] is None
 
 
 def test_without_a_gpu_the_benchmark_says_so_and_writes_nothing():
