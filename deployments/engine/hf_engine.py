@@ -3,8 +3,11 @@
 Each request runs prefill and then one decode step at a time on a single model thread, so many
 users' requests interleave step by step without blocking the event loop. A user's cache is a
 transformers `DynamicCache`; a new request crops it to the longest prefix it shares with the
-new prompt and prefills only the rest. This is the reference behaviour the fast engine must
-match, and the engine every architecture falls back to.
+new prompt and prefills only the rest. It serves every architecture the paged engine does not
+run, by the paged engine's policies, imported and never restated: EOS ids (loader), draw keys,
+EOS bans, logit rules and the draw (paged sampler, runner.sampling_plan, logits_rules), prefix
+reuse (kv_reuse), eviction (kv_shares), the KV budget (layout.kv_budget_bytes);
+tests/cpu/test_engine_parity.py holds the two to the same answers.
 """
 
 from __future__ import annotations
