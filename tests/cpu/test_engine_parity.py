@@ -242,6 +242,11 @@ def test_both_engines_size_the_same_kv_budget_from_the_same_memory(engines):
     assert paged.stats().kv_bytes_per_token == generic.stats().kv_bytes_per_token
 
 
+def test_both_engines_allow_the_same_context(engines):
+    paged, generic = engines[0][PagedEngine], engines[0][HFEngine]
+    assert paged.max_model_len == generic.max_model_len == paged.spec.max_position
+
+
 def test_idle_engines_report_the_same_free_unified_memory_but_the_scratch_page(engines):
     pair = engines[1]
     free = {}
