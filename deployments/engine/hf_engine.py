@@ -3,8 +3,11 @@
 Each request runs prefill and then one decode step at a time on a single model thread, so many
 users' requests interleave step by step without blocking the event loop. A user's cache is a
 transformers `DynamicCache`; a new request crops it to the longest prefix it shares with the
-new prompt and prefills only the rest. This is the reference behaviour the fast engine must
-match, and the engine every architecture falls back to.
+new prompt and prefills only the rest. It serves every architecture the paged engine does not
+run, by the paged engine's policies, imported and never restated: EOS ids (loader), draw keys,
+EOS bans, logit rules and the draw (paged sampler, runner.sampling_plan, logits_rules), prefix
+reuse (kv_reuse), eviction (kv_shares), the KV budget (layout.kv_budget_bytes);
+tests/cpu/test_engine_parity.py holds the two to the same answers.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +35,7 @@ from deployments.engine.interface import (
 )
 from deployments.engine.kv_shares import KVShares
 from deployments.engine.loader import (
+    eos_token_ids,
     kv_bytes_per_token,
     load_model,
     load_tokenizer,
@@ -47,23 +50,14 @@ from deployments.engine.paged.logits_rules import (
     needs_rules,
     raw_logprobs,
 )
-from deployments.engine.paged.sampler import DevicePlan, build_plan, draw_seed
-from deployments.engine.user_cache import UserCacheStore, UserEntry, common_prefix_len
+from deployments.engine.paged.runner import sampling_plan
+from deployments.engine.paged.sampler import DevicePlan, draw_base
+from deployments.engine.paged.sequence import Sequence
+from deployments.engine.user_cache import UserCacheStore, UserEntry
 from deployments.layout import kv_budget_bytes
 from deployments.memory import MemoryAccountant, is_out_of_memory
 
 logger = logging.getLogger(__name__)
-
-
-def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            ids.update(eos if isinstance(eos, list) else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 class HFEngine(Engine):
@@ -82,11 +76,9 @@ class HFEngine(Engine):
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         wanted = args.model.max_model_len or limit or 4096
         self.max_model_len = min(wanted, limit) if limit else wanted
-        self.eos_token_ids = eos_ids(self.model, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(path, self.model.config, self.tokenizer)
         self.vocab = self.model.config.get_text_config().vocab_size
         self.counts: TokenCounts | None = None  # made when a request first needs penalties
-        self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.int32,
-                                 device=self.device)
         element = next(self.model.parameters()).element_size()
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element),
@@ -105,6 +97,18 @@ class HFEngine(Engine):
             self.model_name, self.max_model_len, self.store.bytes_per_token,
             self.store.budget_bytes / 2**20,
         )
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
+        return self._eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: frozenset[int]) -> None:
+        """Tests and benchmarks change them; the sampler's EOS bans follow (as the paged
+        engine's do)."""
+        self._eos_token_ids = frozenset(ids)
+        self._eos = torch.tensor(sorted(self._eos_token_ids), dtype=torch.int32,
+                                 device=self.device)
 
     # ---- model thread ---------------------------------------------------------------------
 
@@ -144,10 +148,11 @@ class HFEngine(Engine):
             torch.device(self.device))
 
     def _plan(self, params: SamplingParams, base: int, generated: int) -> DevicePlan:
-        """The one-row plan of the draw after `generated` tokens (the paged engine's rules)."""
-        plan = build_plan([params], [draw_seed(base, generated)],
-                          [generated < params.min_tokens])
-        return plan.to_device(self.device)
+        """The one-row plan of the draw after `generated` tokens: the paged engine's own
+        (runner.sampling_plan: keyed by `base` and the draw's index, EOS banned before
+        min_tokens), for a sequence that has drawn that many."""
+        row = Sequence("", None, [], params, sample_seed=base, num_generated=generated)
+        return sampling_plan([row]).to_device(self.device)
 
     def _run_step(self, *args: Any) -> concurrent.futures.Future[tuple[int, Any]]:
         return self._executor.submit(self._step, *args)
@@ -156,10 +161,7 @@ class HFEngine(Engine):
 
     def _reuse(self, entry: UserEntry, prompt: list[int]) -> tuple[Any, int]:
         """The cache to extend and how many prompt tokens it already covers."""
-        if entry.kv is None or entry.kv_tokens == 0:
-            return self._new_cache(), 0
-        # At least one prompt token must be fed to get logits for the next token.
-        reuse = min(common_prefix_len(entry.token_ids, prompt), entry.kv_tokens, len(prompt) - 1)
+        reuse = self.store.reusable(entry, prompt)  # the paged engine's rule (kv_reuse)
         if reuse <= 0:
             return self._new_cache(), 0
         if reuse < entry.kv_tokens:
@@ -204,7 +206,7 @@ class HFEngine(Engine):
             seen = list(prompt)
             self.store.record(entry, seen, cache, fed)
             self.store.reserve(len(prompt) - fed + params.max_tokens, request.tenant)
-            base = params.seed if params.seed is not None else secrets.randbits(63)
+            base = draw_base(params.seed)  # the paged engine's draw keys
             feed = prompt[fed:]
             for produced in range(1, params.max_tokens + 1):
                 rules = self._rules(params, slot, prompt if produced == 1 else None, grammar)

@@ -1,4 +1,5 @@
-"""Loading a model and tokenizer by hub id, local path, or `builtin:` name, with progress."""
+"""Loading a model and tokenizer by hub id, local path, or `builtin:` name, with progress; and
+the facts both engines read from a checkpoint the same way (end-of-sequence ids, KV bytes)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     return AutoTokenizer.from_pretrained(
         path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
+
+
+def eos_token_ids(path: str, model_config: Any, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids, for both engines: the checkpoint's generation config
+    (generation_config.json, which often lists several, e.g. Llama 3's end-of-turn ids), its
+    model config, and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        sources = [GenerationConfig.from_pretrained(path), model_config]
+    except OSError:  # no generation_config.json
+        sources = [model_config]
+    for source in sources:
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 Each user owns one entry: every token the user's conversation has seen, and an engine-specific
 KV object holding the keys and values of a prefix of them. A new request reuses the longest
-common prefix of its prompt with those tokens. When the budget is exceeded, the least recently
+common prefix of its prompt with those tokens (`kv_reuse.reusable_tokens`, the paged engine's
+rule too). When the budget is exceeded, the least recently
 used *idle* users are dropped; a user with a running request is never dropped.
 
 Contract:
@@ -21,27 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.engine.kv_reuse import common_prefix_len as common_prefix_len  # re-exported
+from deployments.engine.kv_reuse import reusable_tokens
 from deployments.engine.kv_shares import Idle, KVShares, victims
-
-_CHUNK = 256  # tokens compared at once by one slice comparison (C speed)
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences.
-
-    Whole chunks first, each one slice comparison, then token by token in the first chunk
-    that differs: a returning user's 8k-token history is matched in tens of microseconds,
-    not the ~0.5 ms of a Python loop over every token (it runs on the engine thread, in the
-    step that serves the user's first token). Slices of different types (a list and an
-    array) never compare equal, which only sends the match to the token loop.
-    """
-    n = min(len(a), len(b))
-    i = 0
-    while i + _CHUNK <= n and a[i:i + _CHUNK] == b[i:i + _CHUNK]:
-        i += _CHUNK
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass(eq=False)
@@ -85,6 +68,12 @@ class UserCacheStore:
 
     def running_count(self) -> int:
         return sum(e.running for e in self._users.values()) + len(self._anonymous)
+
+    def reusable(self, entry: UserEntry, prompt: Sequence[int]) -> int:
+        """Prompt tokens whose KV `entry` supplies (kv_reuse.reusable_tokens)."""
+        if entry.kv is None:
+            return 0
+        return reusable_tokens(entry.token_ids, entry.kv_tokens, prompt)
 
     def is_busy(self, key: str) -> bool:
         entry = self._users.get(key)

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.engine.kv_reuse import reusable_tokens
 from deployments.engine.kv_shares import Idle, KVShares, victims
-from deployments.engine.user_cache import common_prefix_len
 
 
 @dataclass(eq=False)
@@ -136,9 +136,7 @@ class CacheManager:
 
     @staticmethod
     def _reusable(user: UserKV, prompt: Sequence[int]) -> int:
-        # Feed at least one prompt token: its logits give the first new token.
-        return max(0, min(common_prefix_len(user.token_ids, prompt), user.kv_len,
-                          len(prompt) - 1))
+        return reusable_tokens(user.token_ids, user.kv_len, prompt)  # the generic store's too
 
     def checkout(self, key: str | None, prompt: Sequence[int], tenant: str = "") -> Reuse:
         """Hand a new request of `key` its kept pages, trimmed to what its prompt reuses.

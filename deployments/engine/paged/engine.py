@@ -30,7 +30,7 @@ from deployments.engine.interface import (
     RequestProgress,
     TokenLogprob,
 )
-from deployments.engine.loader import load_tokenizer, resolve_model_path
+from deployments.engine.loader import eos_token_ids, load_tokenizer, resolve_model_path
 from deployments.engine.paged.build import (
     build_kv,
     build_runner,
@@ -40,6 +40,7 @@ from deployments.engine.paged.build import (
 )
 from deployments.engine.paged.placer import Placer
 from deployments.engine.paged.runner import Launched
+from deployments.engine.paged.sampler import draw_base
 from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import Sequence, Status
 from deployments.engine.paged.step_times import StepTimes
@@ -66,24 +67,6 @@ def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
     return path, ModelSpec.from_hf_config(config)
 
 
-def eos_ids(path: str, spec: ModelSpec, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids: the checkpoint's generation config, its model config, the
-    tokenizer's."""
-    from transformers import GenerationConfig
-
-    ids: set[int] = set()
-    try:
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except OSError:
-        pass
-    eos = spec.hf_config.eos_token_id
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
-
-
 class PagedEngine(Engine):
     """The fast engine for Llama-family checkpoints (see model_spec.SUPPORTED_ARCHITECTURES)."""
 
@@ -103,7 +86,7 @@ class PagedEngine(Engine):
         if self.device == "cpu" and args.engine.cpu_threads:
             torch.set_num_threads(args.engine.cpu_threads)
         self.tokenizer = load_tokenizer(path, args.model)
-        self._eos_token_ids = eos_ids(path, self.spec, self.tokenizer)
+        self._eos_token_ids = eos_token_ids(path, self.spec.hf_config, self.tokenizer)
         self.layout = plan_layout(  # before a byte is allocated: the snapshot is all free
             self.spec, args, memory.platform, memory.snapshot().free_unified_memory_bytes,
             device=self.device, managed=memory.managed or advisor is not None)
@@ -342,8 +325,7 @@ class PagedEngine(Engine):
             token_ids=list(request.prompt_token_ids), sampling=request.sampling, stream=stream,
             tenant=request.tenant,
         )
-        if request.sampling.seed is not None:
-            seq.sample_seed = request.sampling.seed % (1 << 63)
+        seq.sample_seed = draw_base(request.sampling.seed)  # the generic engine's too
         if request.sampling.response_format is not None:  # a bad schema: RequestError, a 400
             seq.grammar = Grammar(request.sampling.response_format, self.tokenizer,
                                   self.spec.vocab_size, self.eos_token_ids)

@@ -30,6 +30,7 @@ that never synchronises the host (triton_sampler.py), and elsewhere `sample_refe
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,6 +45,12 @@ DRAW_BLOCK = 2048  # the draw order's period (the Triton kernel's tile)
 LOG2E = 1.4426950408889634
 _MASK64 = (1 << 64) - 1
 _TINY_P = float(np.finfo(np.float32).tiny)  # the smallest top_p kept: only the top token(s)
+
+
+def draw_base(seed: int | None = None) -> int:
+    """The base of a request's draw keys (draw_seed), for both engines: its seed as 63 bits
+    (seed mod 2**63, so a negative seed is reproducible too), else a random one."""
+    return seed % (1 << 63) if seed is not None else random.getrandbits(63)
 
 
 def draw_seed(base: int, index: int) -> int:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.engine.interface import SamplingParams
+from deployments.engine.paged.sampler import draw_base
 from deployments.engine.token_stream import TokenStream
 
 
@@ -34,8 +34,8 @@ class Sequence:
     num_generated: int = 0
     aborted: bool = False
     # Each draw's random key mixes this with the index of the token drawn: the request's seed
-    # (reproducible), else a random one.
-    sample_seed: int = field(default_factory=lambda: random.getrandbits(63))
+    # (reproducible), else a random one (sampler.draw_base).
+    sample_seed: int = field(default_factory=draw_base)
     restore: Any = None  # the cache manager's move bringing this user's pages up, until done
     counts_slot: int = 0  # its row of the runner's TokenCounts (0: none; penalties only)
     grammar: Any = None  # its response_format constraint (engine.grammar.Grammar), if any
