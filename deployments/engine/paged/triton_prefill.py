@@ -176,12 +176,7 @@ def run_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     splits = plan.splits
-    if splits > 1:
-        mid_o = torch.empty(q.shape[0], heads, splits, dim, dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty(q.shape[0], heads, splits, dtype=torch.float32, device=q.device)
-    else:  # unused: the kernel writes `out` directly
-        mid_o = mid_lse = out
-    strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)) if splits > 1 else (0, 0, 0)
+    mid_o, mid_lse, strides = _partials(q, splits, out)
     _prefill_kernel[(plan.num_blocks, kv_heads, splits)](
         q, k_cache, v_cache, out, page_table, context_lens, plan.query_starts, plan.query_lens,
         plan.block_seq, plan.block_start,
@@ -192,7 +187,28 @@ def run_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits,
     )
     if splits > 1:
-        _merge_kernel[(plan.rows.shape[0], heads)](
-            mid_o, mid_lse, out, plan.rows, *strides, out.stride(0), out.stride(1),
-            D=dim, SPLITS=splits,
-        )
+        _merge(mid_o, mid_lse, out, plan.rows, strides, splits)
+
+
+def _partials(q: torch.Tensor, splits: int, out: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """The key splits' partial outputs [T, H, splits, D] and log-sum-exps [T, H, splits]
+    (float32), and the outputs' first three strides; with one split, `out` (never read) and
+    zeros."""
+    if splits <= 1:  # unused: the kernel writes `out` directly
+        return out, out, (0, 0, 0)
+    tokens, heads, dim = q.shape[0], q.shape[1], q.shape[2]
+    mid_o = torch.empty(tokens, heads, splits, dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)
+    return mid_o, mid_lse, (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
+
+
+def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
+           strides: tuple[int, int, int], splits: int) -> None:
+    """Every prefill row's key splits (`_partials`) merged into `out`, one program per
+    (row, head)."""
+    heads, dim = mid_o.shape[1], mid_o.shape[3]  # [T, H, splits, D]
+    _merge_kernel[(rows.shape[0], heads)](
+        mid_o, mid_lse, out, rows, *strides, out.stride(0), out.stride(1),
+        D=dim, SPLITS=splits,
+    )
