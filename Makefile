@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make run    create .venv if missing, install, serve the built-in model (configs/local.yaml)
-#   make test   the same set-up, then the CPU test suite
+#   make test   the same set-up, then make lint (ruff check + format check), then the CPU
+#               test suite
 # Both are idempotent: the install step reruns only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -44,8 +45,7 @@ run: $(STAMP)
 
 # Single-node tests share one Ray instance; the multi-node test starts its own
 # cluster, so it runs in a second pytest process.
-test: $(STAMP)
-	$(BIN)/ruff check deployments tests benchmarks examples scripts
+test: lint
 	$(BIN)/python -m pytest tests/cpu -m "not multinode"
 	$(BIN)/python -m pytest tests/cpu -m multinode
 

@@ -76,6 +76,31 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+async def _authenticate(scope: Scope, receive: Receive, send: Send,
+                        settings: GateSettings) -> tuple[bool, str | None]:
+    """(True, principal) for a request that may go on: its key's principal (also recorded in
+    the scope), None when no keys are configured; (False, None) after refusing a missing or
+    wrong key, or a non-admin key on an admin route."""
+    if not settings.keys.enabled:
+        return True, None
+    principal = settings.keys.match(bearer_token(_header(scope, b"authorization")))
+    if principal is None:
+        settings.on_reject("invalid_api_key")
+        await _refuse(scope, receive, send, 401, "invalid_api_key",
+                      "Incorrect or missing API key: send `Authorization: Bearer "
+                      "<key>` with a key this server accepts.",
+                      {"WWW-Authenticate": "Bearer"})
+        return False, None
+    scope[PRINCIPAL_SCOPE_KEY] = principal
+    if _route_path(scope).startswith(ADMIN_PREFIX) and not settings.keys.is_admin(principal):
+        settings.on_reject("admin_key_required")
+        await _refuse(scope, receive, send, 403, "admin_key_required",
+                      "this route needs an admin key (auth.admin_keys_env)", None,
+                      "permission_error")
+        return False, None
+    return True, principal
+
+
 class Gate:
     """ASGI middleware: authenticate, then bound the body (see module docstring)."""
 
@@ -91,24 +116,9 @@ class Gate:
         if _route_path(scope) in OPEN_PATHS:
             await self._pass(scope, receive, send, settings)
             return
-        principal = None
-        if settings.keys.enabled:
-            principal = settings.keys.match(bearer_token(_header(scope, b"authorization")))
-            if principal is None:
-                settings.on_reject("invalid_api_key")
-                await _refuse(scope, receive, send, 401, "invalid_api_key",
-                              "Incorrect or missing API key: send `Authorization: Bearer "
-                              "<key>` with a key this server accepts.",
-                              {"WWW-Authenticate": "Bearer"})
-                return
-            scope[PRINCIPAL_SCOPE_KEY] = principal
-            if _route_path(scope).startswith(ADMIN_PREFIX) and not settings.keys.is_admin(
-                    principal):
-                settings.on_reject("admin_key_required")
-                await _refuse(scope, receive, send, 403, "admin_key_required",
-                              "this route needs an admin key (auth.admin_keys_env)", None,
-                              "permission_error")
-                return
+        admitted, principal = await _authenticate(scope, receive, send, settings)
+        if not admitted:
+            return
         body = await self._body(scope, receive, send, settings)
         if body is None:
             return

@@ -211,6 +211,32 @@ class OpenAIIngress:
         limits = self._limits
         deadline = arrived + limits.request_timeout_s
         first_by = min(deadline, arrived + limits.first_token_timeout_s)
+        stream, first = await self._first_message(prepared, first_by)
+        start = first[0]
+        if start["event"] == "error":
+            raise error_from_event(start)
+        first_at = time.monotonic()
+        self._metrics.request_done(endpoint, first_at - arrived, None)
+        start = {**start, "server_timing": server_timing(
+            (called - arrived) * 1e3, (first_at - called) * 1e3, start.get("replica_ms", 0.0))}
+
+        def ended(completion_tokens: int) -> None:
+            if completion_tokens > 1:
+                tpot = (time.monotonic() - first_at) / (completion_tokens - 1)
+                self._metrics.request_done(endpoint, None, tpot)
+
+        text = TextStream(self._decoder, start, prepared.stop, prepared.min_tokens)
+        tokens = _prepend(first[1:], until_deadline(stream, deadline,
+                                                    limits.stream_idle_timeout_s))
+        messages = detokenized(tokens, text, ended)
+        if prepared.tools is not None:
+            messages = tool_events(messages, prepared.tools)
+        return start, messages
+
+    async def _first_message(self, prepared: Prepared, first_by: float) -> tuple[Any, Any]:
+        """The replica's stream and its first message (the `start` event, then the first
+        token), by `first_by` (monotonic) or a 504; a replica lost before it is retried
+        (`replica_retries`), then a 503."""
         for attempt in range(self._limits.replica_retries + 1):
             stream = self._streaming.generate.remote(request=prepared.payload,
                                                      shape=prepared.shape)
@@ -237,26 +263,7 @@ class OpenAIIngress:
                                type(exc).__name__)
                 raise APIError(503, "no model replica could serve the request; retry",
                                "server_error", code="replica_unavailable") from exc
-        start = first[0]
-        if start["event"] == "error":
-            raise error_from_event(start)
-        first_at = time.monotonic()
-        self._metrics.request_done(endpoint, first_at - arrived, None)
-        start = {**start, "server_timing": server_timing(
-            (called - arrived) * 1e3, (first_at - called) * 1e3, start.get("replica_ms", 0.0))}
-
-        def ended(completion_tokens: int) -> None:
-            if completion_tokens > 1:
-                tpot = (time.monotonic() - first_at) / (completion_tokens - 1)
-                self._metrics.request_done(endpoint, None, tpot)
-
-        text = TextStream(self._decoder, start, prepared.stop, prepared.min_tokens)
-        tokens = _prepend(first[1:], until_deadline(stream, deadline,
-                                                    limits.stream_idle_timeout_s))
-        messages = detokenized(tokens, text, ended)
-        if prepared.tools is not None:
-            messages = tool_events(messages, prepared.tools)
-        return start, messages
+        return stream, first
 
     async def _answer(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
                       ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -128,6 +128,25 @@ def _graphs(args: AppArgs, device: str, streamed: bool) -> str | None:
     return "weights stream from host memory" if streamed else None
 
 
+def _kv_pages(spec: ModelSpec, args: AppArgs, size: int, kv_free_bytes: int
+              ) -> tuple[int, int, int]:
+    """(bytes of a KV page, the KV budget, pages in the pool) with `kv_free_bytes` free
+    beside the weights; `size`: bytes per element."""
+    page_bytes = spec.kv_bytes_per_token(size) * args.engine.page_size
+    kv_budget = kv_budget_bytes(args.kv_cache.budget_bytes, args.kv_cache.budget_fraction,
+                                kv_free_bytes)
+    num_pages = max(2, kv_budget // page_bytes) + 1  # +1: the scratch page
+    return page_bytes, kv_budget, num_pages
+
+
+def _keep_free(args: AppArgs, num_pages: int) -> int:
+    """Pages kept free ahead of need: those one step's batched tokens fill, plus one for every
+    fourth sequence; at most a quarter of the pool (the scratch page aside)."""
+    cfg = args.engine
+    return min((num_pages - 1) // 4, -(-cfg.max_batched_tokens // cfg.page_size)
+               + cfg.max_num_seqs // 4)
+
+
 def plan_layout(spec: ModelSpec, args: AppArgs, platform: PlatformInfo | None, free_bytes: int,
                 *, device: str = "cpu", managed: bool = False) -> Layout:
     """The layout of `spec` on this replica.
@@ -149,15 +168,9 @@ def plan_layout(spec: ModelSpec, args: AppArgs, platform: PlatformInfo | None, f
     outside = 0 if advise or not device.startswith("cuda") else len(beyond) * layer
     in_resource = weight_bytes - outside
     page_size = args.engine.page_size
-    page_bytes = spec.kv_bytes_per_token(size) * page_size
-    kv_budget = kv_budget_bytes(args.kv_cache.budget_bytes, args.kv_cache.budget_fraction,
-                                free_bytes - in_resource)
-    num_pages = max(2, kv_budget // page_bytes) + 1  # +1: the scratch page
+    page_bytes, kv_budget, num_pages = _kv_pages(spec, args, size, free_bytes - in_resource)
     host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
     host_tier = None if not host_pages else MANAGED_HOST_TIER if advise else PINNED_HOST_TIER
-    cfg = args.engine
-    keep_free = min((num_pages - 1) // 4, -(-cfg.max_batched_tokens // page_size)
-                    + cfg.max_num_seqs // 4)
     graphs_off = _graphs(args, device, streamed=bool(beyond) and not advise)
     return Layout(
         device=device, dtype=dtype_name(args.model.dtype, device), dtype_bytes=size,
@@ -167,6 +180,6 @@ def plan_layout(spec: ModelSpec, args: AppArgs, platform: PlatformInfo | None, f
         max_model_len=min(args.model.max_model_len or spec.max_position, spec.max_position),
         page_size=page_size, page_bytes=page_bytes, kv_budget_bytes=kv_budget,
         num_pages=num_pages, host_pages=host_pages, host_tier=host_tier,
-        keep_free_pages=keep_free, decode_graphs=graphs_off is None,
+        keep_free_pages=_keep_free(args, num_pages), decode_graphs=graphs_off is None,
         graphs_off_reason=graphs_off,
     )

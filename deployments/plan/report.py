@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deployments.plan.nodes import NodeSpec
 from deployments.plan.planner import GROUPS, TIERS, Plan, StepFloor
 
 SCHEMA = "grace-serve/plan/v1"
@@ -25,11 +26,9 @@ def _floor_dict(floor: StepFloor) -> dict[str, Any]:
     }
 
 
-def to_dict(plan: Plan) -> dict[str, Any]:
-    """The machine-readable plan. Units: bytes; bandwidths in bytes per second (one direction
-    for links); seconds. Tiers are `hbm` and `host`; weight groups `read`, `experts`, `idle`
-    (see `deployments.plan.models`). A floor that does not fit has null step figures."""
-    m, n, mem = plan.model, plan.node, plan.memory
+def _model_dict(plan: Plan) -> dict[str, Any]:
+    """The model: sizes, context, KV per token and (MoE) the experts."""
+    m = plan.model
     moe = None
     if m.num_experts:
         moe = {
@@ -39,26 +38,39 @@ def to_dict(plan: Plan) -> dict[str, Any]:
             "1 - (1 - k/E)^n of the routed-expert bytes (uniform, independent routing)",
         }
     return {
+        "name": m.name, "source": m.source, "dtype": plan.dtype,
+        "parameters": m.num_parameters,
+        "active_parameters": m.active_parameters, "bytes_per_parameter": plan.dtype_bytes,
+        "weight_bytes": plan.weight_bytes, "max_context_tokens": m.max_context, "moe": moe,
+        "kv": {
+            "bytes_per_token_per_layer": m.kv_bytes_per_token_layer(plan.dtype_bytes),
+            "full_attention_layers": m.full_kv_layers,
+            "windowed_layers": m.window_kv_layers, "window_tokens": m.kv_window_tokens,
+        },
+    }
+
+
+def _node_dict(n: NodeSpec) -> dict[str, Any]:
+    """The node: memories, bandwidths and the host link."""
+    return {
+        "name": n.name, "description": n.description, "coherent": n.coherent,
+        "replicas_per_node": n.replicas_per_node, "hbm_bytes": n.hbm_bytes,
+        "hbm_bandwidth": float(n.hbm_bandwidth), "host_bytes": n.host_bytes,
+        "host_bandwidth": float(n.host_bandwidth), "link": n.link,
+        "link_bandwidth": float(n.link_bandwidth),
+        "host_read_bandwidth": float(n.host_read_bandwidth),
+    }
+
+
+def to_dict(plan: Plan) -> dict[str, Any]:
+    """The machine-readable plan. Units: bytes; bandwidths in bytes per second (one direction
+    for links); seconds. Tiers are `hbm` and `host`; weight groups `read`, `experts`, `idle`
+    (see `deployments.plan.models`). A floor that does not fit has null step figures."""
+    mem = plan.memory
+    return {
         "schema": SCHEMA,
-        "model": {
-            "name": m.name, "source": m.source, "dtype": plan.dtype,
-            "parameters": m.num_parameters,
-            "active_parameters": m.active_parameters, "bytes_per_parameter": plan.dtype_bytes,
-            "weight_bytes": plan.weight_bytes, "max_context_tokens": m.max_context, "moe": moe,
-            "kv": {
-                "bytes_per_token_per_layer": m.kv_bytes_per_token_layer(plan.dtype_bytes),
-                "full_attention_layers": m.full_kv_layers,
-                "windowed_layers": m.window_kv_layers, "window_tokens": m.kv_window_tokens,
-            },
-        },
-        "node": {
-            "name": n.name, "description": n.description, "coherent": n.coherent,
-            "replicas_per_node": n.replicas_per_node, "hbm_bytes": n.hbm_bytes,
-            "hbm_bandwidth": float(n.hbm_bandwidth), "host_bytes": n.host_bytes,
-            "host_bandwidth": float(n.host_bandwidth), "link": n.link,
-            "link_bandwidth": float(n.link_bandwidth),
-            "host_read_bandwidth": float(n.host_read_bandwidth),
-        },
+        "model": _model_dict(plan),
+        "node": _node_dict(plan.node),
         "memory": {
             "limit_bytes": mem.limit_bytes, "headroom_bytes": mem.headroom_bytes,
             "host_budget_bytes": mem.host_room_bytes,
@@ -112,6 +124,11 @@ def _floor_rows(plan: Plan, floor: StepFloor) -> list[str]:
 
 def render(plan: Plan) -> str:
     """A short table: tiers as columns, what sits in them and what a decode step reads."""
+    return "\n".join([*_table(plan), "", *_notes(plan)])
+
+
+def _table(plan: Plan) -> list[str]:
+    """The title, then a row per figure with a column per tier and one for the total."""
     m, n, mem = plan.model, plan.node, plan.memory
     host = "host (LPDDR5X)" if n.coherent else "host (none)"
     lines = [
@@ -136,9 +153,15 @@ def render(plan: Plan) -> str:
     ]
     if plan.n_users.users != 1:
         lines += _floor_rows(plan, plan.n_users)
+    return lines
+
+
+def _notes(plan: Plan) -> list[str]:
+    """The lines under the table: weights, the memory limit, KV per user, users that fit,
+    (MoE) the experts' share read, and the weights by group."""
+    m, n, mem = plan.model, plan.node, plan.memory
     kv_token = m.full_kv_layers * m.kv_bytes_per_token_layer(plan.dtype_bytes)
-    lines += [
-        "",
+    lines = [
         f"weights: {_gb(plan.weight_bytes)} ({m.num_parameters / 1e9:.2f} B parameters), "
         f"{_gb(plan.weights_beyond_hbm_bytes)} beyond the {_gb(n.hbm_bytes)} of HBM "
         + (f"({_gb(plan.weights_in('host'))} in host memory with the headroom)" if n.coherent
@@ -165,4 +188,4 @@ def render(plan: Plan) -> str:
     lines.append("weights by group, HBM / host: " + "; ".join(
         f"{g} {_gb(plan.weights[g]['hbm'])} / {_gb(plan.weights[g]['host'])}"
         for g in GROUPS if sum(plan.weights[g].values())))
-    return "\n".join(lines)
+    return lines

@@ -87,13 +87,26 @@ class PagedEngine(Engine):
             torch.set_num_threads(args.engine.cpu_threads)
         self.tokenizer = load_tokenizer(path, args.model)
         self._eos_token_ids = eos_token_ids(path, self.spec.hf_config, self.tokenizer)
-        self.layout = plan_layout(  # before a byte is allocated: the snapshot is all free
+        self._plan_layout(args, memory, advisor)
+        self._build(args, memory, path)
+        warm(self.runner, self.layout, self._placer)  # every kernel compiled: none on requests
+        self._start_loop()
+
+    def _plan_layout(self, args: AppArgs, memory: MemoryAccountant,
+                     advisor: MemoryAdvisor | None) -> None:
+        """The layout, planned before a byte is allocated (the snapshot is all free), and the
+        placer of managed memory (Grace only)."""
+        self.layout = plan_layout(
             self.spec, args, memory.platform, memory.snapshot().free_unified_memory_bytes,
             device=self.device, managed=memory.managed or advisor is not None)
         self.dtype, self.max_model_len = torch_dtype(self.layout), self.layout.max_model_len
         self.page_bytes, self.host_tier_kind = self.layout.page_bytes, self.layout.host_tier
         advisor = (advisor or DriverAdvisor()) if self.layout.advise else None  # Grace only
-        self._placer = placer = Placer.of(advisor, self.isolate_advised_ranges)
+        self._placer = Placer.of(advisor, self.isolate_advised_ranges)
+
+    def _build(self, args: AppArgs, memory: MemoryAccountant, path: str) -> None:
+        """Weights, the KV pool and its cache, the model runner and the scheduler (build.py)."""
+        placer = self._placer
         weights = load_weights(self.layout, self.spec, args, memory, placer, path)
         self.weights_bytes = weights.nbytes
         kv = build_kv(self.layout, self.spec, args, memory, placer)
@@ -103,8 +116,6 @@ class PagedEngine(Engine):
                                    self._eos_token_ids, placer)
         self.scheduler = Scheduler(self.cache, args.engine.max_num_seqs,
                                    args.engine.max_batched_tokens, self.mover)
-        warm(self.runner, self.layout, placer)  # every kernel compiled: none on requests
-        self._start_loop()
 
     @property
     def advice(self) -> AdviceCheck | None:

@@ -149,45 +149,22 @@ class ModelRunner:
         """A step's device inputs, in one int64 and one int32 upload."""
         page = self.page_size
         width = max(len(seq.pages) for seq in batch.seqs)
-        tokens, positions, write_pages, fed, sampling_rows, logits_index = [], [], [], [], [], []
-        count, feeds = 0, False
-        for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_tokens,
-                                                strict=True)):
-            pos = np.arange(start, start + n, dtype=np.int64)
-            positions.append(pos)
-            first = start // page
-            write_pages.append(np.asarray(seq.pages[first:-(-(start + n) // page)],
-                                          dtype=np.int64)[pos // page - first])
-            chunk = seq.token_ids[start:start + n]
-            if len(chunk) < n:  # sampled by the step in flight: read on the device
-                feeds = True
-                if n != 1 or feed is None or id(seq) not in feed.row_of:
-                    raise RuntimeError(f"sequence {seq.request_id}: a token in flight is "
-                                       "needed by a step that cannot read it")
-                fed.append(feed.row_of[id(seq)])
-                chunk = [0]
-            else:
-                fed += [-1] * n
-            tokens += chunk
-            count += n
-            if batch.sampling[i]:
-                sampling_rows.append(i)
-                logits_index.append(count - 1)
+        host = _host_rows(batch, page, feed)
         contexts = [start + n for start, n in zip(batch.starts, batch.num_tokens, strict=True)]
         slots, cleared, writes = self.table.plan([seq.pages for seq in batch.seqs])
-        pos_all = np.concatenate(positions)
-        sampling_seqs = [batch.seqs[i] for i in sampling_rows]
-        plan = sampling_plan(sampling_seqs) if sampling_rows else None
-        rules = self._rules(sampling_seqs) if sampling_rows else None
+        sampling_seqs = [batch.seqs[i] for i in host.sampling_rows]
+        plan = sampling_plan(sampling_seqs) if host.sampling_rows else None
+        rules = self._rules(sampling_seqs) if host.sampling_rows else None
         tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d, slots_d, cleared_d = upload(
-            [np.asarray(tokens), pos_all, np.concatenate(write_pages), pos_all % page,
-             np.asarray(logits_index), np.asarray(fed), plan.seed if plan else np.zeros(0),
-             np.asarray(slots), np.asarray(cleared)], np.int64, self.device)
+            [np.asarray(host.tokens), host.positions, host.write_pages, host.positions % page,
+             np.asarray(host.logits_index), np.asarray(host.fed),
+             plan.seed if plan else np.zeros(0), np.asarray(slots), np.asarray(cleared)],
+            np.int64, self.device)
         writes_d, contexts_d, words_d = upload(
             [writes, np.asarray(contexts), plan.words() if plan else np.zeros(0)],
             np.int32, self.device)
         self.table.apply(cleared_d, writes_d)
-        if feeds:
+        if host.feeds:
             assert feed.tokens is not None
             tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
         meta = AttentionMetadata(
@@ -198,7 +175,7 @@ class ModelRunner:
         )
         device_plan = SamplingPlan.device_views(words_d, seed_d) if plan else None
         device_rules = rules.to_device(self.device) if rules is not None else None
-        return StepInputs(tok, meta, sampling_rows, logits_d, device_plan, device_rules)
+        return StepInputs(tok, meta, host.sampling_rows, logits_d, device_plan, device_rules)
 
     def launch(self, batch: Batch, feed: Launched | None = None) -> Launched:
         """Enqueue one step; `feed` is the step still in flight whose tokens it may read."""
@@ -247,3 +224,51 @@ def _to_pinned(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
+
+
+class _HostRows(NamedTuple):
+    """A step's per-token host inputs, gathered sequence by sequence (ModelRunner._prepare)."""
+
+    tokens: list[int]  # 0 where a token comes from the step in flight
+    positions: np.ndarray  # int64
+    write_pages: np.ndarray  # int64, the page each token's KV goes to
+    fed: list[int]  # the row of the step in flight each token reads, -1 for none
+    sampling_rows: list[int]  # batch rows that sample
+    logits_index: list[int]  # the token row each of them samples from
+    feeds: bool  # some token comes from the step in flight
+
+
+def _host_rows(batch: Batch, page: int, feed: Launched | None) -> _HostRows:
+    """The batch's tokens, positions and KV write pages, row by row; a token the step in
+    flight (`feed`) samples is read from its tokens on the device."""
+    tokens, positions, write_pages, fed, sampling_rows, logits_index = [], [], [], [], [], []
+    count, feeds = 0, False
+    for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_tokens,
+                                            strict=True)):
+        pos = np.arange(start, start + n, dtype=np.int64)
+        positions.append(pos)
+        first = start // page
+        write_pages.append(np.asarray(seq.pages[first:-(-(start + n) // page)],
+                                      dtype=np.int64)[pos // page - first])
+        chunk = seq.token_ids[start:start + n]
+        if len(chunk) < n:  # sampled by the step in flight: read on the device
+            feeds = True
+            fed.append(_fed_row(seq, n, feed))
+            chunk = [0]
+        else:
+            fed += [-1] * n
+        tokens += chunk
+        count += n
+        if batch.sampling[i]:
+            sampling_rows.append(i)
+            logits_index.append(count - 1)
+    return _HostRows(tokens, np.concatenate(positions), np.concatenate(write_pages), fed,
+                     sampling_rows, logits_index, feeds)
+
+
+def _fed_row(seq: Sequence, n: int, feed: Launched | None) -> int:
+    """The row of `feed`'s tokens that holds `seq`'s token in flight."""
+    if n != 1 or feed is None or id(seq) not in feed.row_of:
+        raise RuntimeError(f"sequence {seq.request_id}: a token in flight is "
+                           "needed by a step that cannot read it")
+    return feed.row_of[id(seq)]

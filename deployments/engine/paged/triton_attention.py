@@ -17,10 +17,12 @@ BLOCK_N = 64  # tokens per iteration
 
 
 @triton.jit
-def load_kv(K, V, Pages, t, valid, kvh, d, stride_kp, stride_kt, stride_kh, stride_vp,
-            stride_vt, stride_vh, PAGE: tl.constexpr):
-    """Keys and values [len(t), D] of tokens `t` of one kv head, through `Pages` (a sequence's
-    page-table row); tokens not `valid` read as zeros."""
+def load_kv(kv, t, valid, d, PAGE: tl.constexpr):
+    """Keys and values [len(t), D] of tokens `t` of one sequence and kv head; tokens not
+    `valid` read as zeros. `kv`: (K, V, Pages, kvh, stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh): the paged caches, the sequence's page-table row
+    `Pages`, the kv head, and the caches' strides."""
+    K, V, Pages, kvh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh = kv
     # int64: page * stride passes 2**31 elements in pools over 4 GiB.
     page = tl.load(Pages + t // PAGE, mask=valid, other=0).to(tl.int64)
     slot = t % PAGE
@@ -52,6 +54,33 @@ def finish(m, denom, acc):
     return out, lse
 
 
+@triton.jit
+def split_range(n, split, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+    """Keys [lo, hi) of `split` when n keys are cut into SPLITS runs of whole BLOCKs."""
+    per_split = tl.cdiv(tl.cdiv(n, BLOCK), SPLITS) * BLOCK
+    lo = split * per_split
+    return lo, tl.minimum(n, lo + per_split)
+
+
+@triton.jit
+def attend_keys(q, qpos, kv, d, lo, hi, end, scale, PAGE: tl.constexpr, BLOCK: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """Rows of `q` [R, D] over the keys in [lo, hi) before `end` (`kv`: load_kv's) with an
+    online softmax from nothing seen; CAUSAL: row r only up to its position qpos[r]. Returns
+    finish's output [R, D] (float32) and log-sum-exp [R]."""
+    m = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    denom = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
+    for n0 in range(lo, hi, BLOCK):
+        t = n0 + tl.arange(0, BLOCK)
+        valid = t < end
+        k, v = load_kv(kv, t, valid, d, PAGE)
+        seen = valid[None, :] & (t[None, :] <= qpos[:, None]) if CAUSAL else valid[None, :]
+        m, denom, acc = attend(q, k, v, seen, m, denom, acc, scale)
+    out, lse = finish(m, denom, acc)
+    return out, lse
+
+
 # The page table's width varies step by step: no specialization on its value (see upload.py).
 @triton.jit(do_not_specialize=["stride_pt"])
 def _split_kernel(
@@ -65,24 +94,15 @@ def _split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(CtxLens + s)
-    per_split = tl.cdiv(tl.cdiv(ctx, BLOCK), SPLITS) * BLOCK
-    start = split * per_split
-    end = tl.minimum(ctx, start + per_split)
+    start, end = split_range(ctx, split, BLOCK, SPLITS)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     heads = kvh * G + g
     q = tl.load(Q + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
                 mask=g[:, None] < G, other=0.0)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    denom = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    for n0 in range(start, end, BLOCK):
-        t = n0 + tl.arange(0, BLOCK)
-        valid = t < end
-        k, v = load_kv(K, V, PageTable + s * stride_pt, t, valid, kvh, d, stride_kp, stride_kt,
-                       stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
-        m, denom, acc = attend(q, k, v, valid[None, :], m, denom, acc, scale)
-    out, lse = finish(m, denom, acc)
+    pages = PageTable + s * stride_pt  # the sequence's page-table row
+    kv = (K, V, pages, kvh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
+    out, lse = attend_keys(q, end, kv, d, start, end, end, scale, PAGE, BLOCK, False)
     base = s * stride_ms + heads * stride_mh + split * stride_mk
     tl.store(MidO + base[:, None] + d[None, :], out, mask=g[:, None] < G)
     tl.store(MidLse + base // D, lse, mask=g < G)

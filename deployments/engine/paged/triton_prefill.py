@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deployments.engine.paged.triton_attention import attend, finish, load_kv, merge_splits
+from deployments.engine.paged.triton_attention import attend_keys, merge_splits, split_range
 from deployments.engine.paged.upload import upload
 
 BLOCK_M = 16  # query tokens per program
@@ -46,36 +46,48 @@ def _prefill_kernel(
     ctx = tl.load(CtxLens + s)
     n = tl.load(QueryLen + s)
     q0 = tl.load(QueryStart + s)
-    ROWS: tl.constexpr = BLOCK_M * G_PAD
-    r = tl.arange(0, ROWS)
+    tok, rows, head, row_ok = _block_rows(m0, n, q0, kvh, G, G_PAD, BLOCK_M)
+    d = tl.arange(0, D)
+    q = tl.load(_at(Q, rows, head, d, stride_qt, stride_qh), mask=row_ok[:, None], other=0.0)
+    qpos = ctx - n + tok  # absolute position of each row's token
+    pages = PageTable + s * stride_pt  # the sequence's page-table row
+    kv = (K, V, pages, kvh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
+    end = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # the block's last token sees this far
+    lo, hi = split_range(end, split, BLOCK_N, SPLITS)
+    out, lse = attend_keys(q, qpos, kv, d, lo, hi, end, scale, PAGE, BLOCK_N, True)
+    mid = (MidO, MidLse, stride_mt, stride_mh, stride_mk)
+    _store_block(out, lse, rows, head, d, row_ok, split, Out, stride_ot, stride_oh, mid, D,
+                 SPLITS)
+
+
+@triton.jit
+def _block_rows(m0, n, q0, kvh, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The tile's rows for the block of query tokens from m0 on (row r: token r // G_PAD,
+    head r % G_PAD of the kv head's group): each row's token within the chunk, its row of
+    Q and Out, its head, and whether it is a real (token, head) of the chunk of n tokens."""
+    r = tl.arange(0, BLOCK_M * G_PAD)
     tok = m0 + r // G_PAD  # query token index within the chunk
     g = r % G_PAD
-    row_ok = (tok < n) & (g < G)
-    head = kvh * G + g
-    d = tl.arange(0, D)
-    q = tl.load(Q + (q0 + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
-                + d[None, :], mask=row_ok[:, None], other=0.0)
-    qpos = ctx - n + tok  # absolute position of each row's token
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    denom = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
-    end = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # the block's last token sees this far
-    per_split = tl.cdiv(tl.cdiv(end, BLOCK_N), SPLITS) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(end, lo + per_split)
-    for n0 in range(lo, hi, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        k, v = load_kv(K, V, PageTable + s * stride_pt, t, valid, kvh, d, stride_kp, stride_kt,
-                       stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
-        seen = valid[None, :] & (t[None, :] <= qpos[:, None])
-        m, denom, acc = attend(q, k, v, seen, m, denom, acc, scale)
-    out, lse = finish(m, denom, acc)
+    return tok, q0 + tok, kvh * G + g, (tok < n) & (g < G)
+
+
+@triton.jit
+def _at(P, rows, head, d, stride_t, stride_h):
+    """Addresses [R, D] in the [T, H, D] tensor P of each tile row's token row and head."""
+    return P + rows[:, None].to(tl.int64) * stride_t + head[:, None] * stride_h + d[None, :]
+
+
+@triton.jit
+def _store_block(out, lse, rows, head, d, row_ok, split, Out, stride_ot, stride_oh, mid,
+                 D: tl.constexpr, SPLITS: tl.constexpr):
+    """The block's output into Out; with key splits, this split's partial output and its
+    log-sum-exp (`mid`: MidO, MidLse and their strides), merged by _merge_kernel."""
     if SPLITS == 1:
-        tl.store(Out + (q0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
-                 + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    else:  # a partial result: merged by _merge_kernel
-        base = (q0 + tok).to(tl.int64) * stride_mt + head * stride_mh + split * stride_mk
+        tl.store(_at(Out, rows, head, d, stride_ot, stride_oh), out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
+    else:  # a partial result
+        MidO, MidLse, stride_mt, stride_mh, stride_mk = mid
+        base = rows.to(tl.int64) * stride_mt + head * stride_mh + split * stride_mk
         tl.store(MidO + base[:, None] + d[None, :], out, mask=row_ok[:, None])
         tl.store(MidLse + base // D, lse, mask=row_ok)
 
@@ -176,12 +188,7 @@ def run_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     splits = plan.splits
-    if splits > 1:
-        mid_o = torch.empty(q.shape[0], heads, splits, dim, dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty(q.shape[0], heads, splits, dtype=torch.float32, device=q.device)
-    else:  # unused: the kernel writes `out` directly
-        mid_o = mid_lse = out
-    strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)) if splits > 1 else (0, 0, 0)
+    mid_o, mid_lse, strides = _partials(q, splits, out)
     _prefill_kernel[(plan.num_blocks, kv_heads, splits)](
         q, k_cache, v_cache, out, page_table, context_lens, plan.query_starts, plan.query_lens,
         plan.block_seq, plan.block_start,
@@ -192,7 +199,28 @@ def run_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits,
     )
     if splits > 1:
-        _merge_kernel[(plan.rows.shape[0], heads)](
-            mid_o, mid_lse, out, plan.rows, *strides, out.stride(0), out.stride(1),
-            D=dim, SPLITS=splits,
-        )
+        _merge(mid_o, mid_lse, out, plan.rows, strides, splits)
+
+
+def _partials(q: torch.Tensor, splits: int, out: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """The key splits' partial outputs [T, H, splits, D] and log-sum-exps [T, H, splits]
+    (float32), and the outputs' first three strides; with one split, `out` (never read) and
+    zeros."""
+    if splits <= 1:  # unused: the kernel writes `out` directly
+        return out, out, (0, 0, 0)
+    tokens, heads, dim = q.shape[0], q.shape[1], q.shape[2]
+    mid_o = torch.empty(tokens, heads, splits, dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)
+    return mid_o, mid_lse, (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
+
+
+def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
+           strides: tuple[int, int, int], splits: int) -> None:
+    """Every prefill row's key splits (`_partials`) merged into `out`, one program per
+    (row, head)."""
+    heads, dim = mid_o.shape[1], mid_o.shape[3]  # [T, H, splits, D]
+    _merge_kernel[(rows.shape[0], heads)](
+        mid_o, mid_lse, out, rows, *strides, out.stride(0), out.stride(1),
+        D=dim, SPLITS=splits,
+    )

@@ -115,17 +115,18 @@ def _fits(lo, q_lo, q_hi, top, s, MASS: tl.constexpr, CAP: tl.constexpr):
 
 
 @triton.jit
-def _search(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, top, s, goal, lo, base,
-            s_lo, s_hi, n_s, MASS: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr,
-            CAP: tl.constexpr, FULL_PASSES: tl.constexpr, WIDE: tl.constexpr):
+def _search(src, scr, top, s, goal, lo, base, MASS: tl.constexpr, BLOCK: tl.constexpr,
+            LANES: tl.constexpr, CAP: tl.constexpr, FULL_PASSES: tl.constexpr,
+            WIDE: tl.constexpr):
     """The largest c >= lo whose tokens at or above it reach the goal: `goal` tokens, or
     (MASS) the share `goal` of the mass at or above lo. `base` (>= lo) is known to reach it;
-    the first pass spreads its lanes from there. The scratch holds the row's tokens in
-    [s_lo, s_hi), n_s of them. Returns c, the count (mass) at or above it, and the scratch.
+    the first pass spreads its lanes from there. `scr`: (ScrV, ScrI, s_lo, s_hi, n_s), the
+    scratch, which holds the row's tokens in [s_lo, s_hi), n_s of them; `src`: _row_source's.
+    Returns c, the count (mass) at or above it, and the scratch's s_lo, s_hi and n_s.
 
-    Invariant: lo reaches the goal, hi does not; q_lo, q_hi: count (mass) at or above each.
-    hi starts just above the max, where there is nothing."""
-    hi = _unkey(_key(top) + 1)
+    Invariant: lo reaches the goal, hi does not; q_lo, q_hi: count (mass) at or above each."""
+    ScrV, ScrI, s_lo, s_hi, n_s = scr
+    hi = _unkey(_key(top) + 1)  # just above the max, where there is nothing
     zero = tl.sum(tl.zeros([2], tl.float32), 0)
     q_lo, q_hi, target = zero, zero, zero
     full = n_s * 0  # row passes made
@@ -137,8 +138,7 @@ def _search(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, top, s, goa
             covered = (s_lo <= lo) & (hi <= s_hi)
             worth = (it > 0) & (not covered) & (retry == 0)
             if worth & _fits(lo, q_lo, q_hi, top, s, MASS, CAP):
-                n_s, s_hi = compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI,
-                                    lo, hi, BLOCK, CAP)
+                n_s, s_hi = compact(*src, ScrV, ScrI, lo, hi, BLOCK, CAP)
                 s_lo = lo
                 if n_s > CAP:  # the bound was loose or rounding beat it
                     s_lo, s_hi, n_s, retry = POS, NEG, n_s * 0, retry + 1
@@ -148,27 +148,33 @@ def _search(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, top, s, goa
                 if covered:  # the scratch's tokens in [lane, hi), plus those at or above hi
                     q = count_scratch(ScrV, n_s, lanes, hi, top, s, MASS, BLOCK, LANES) + q_hi
                 else:
-                    q = count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, top, s,
-                                  MASS, BLOCK, LANES)
+                    q = count_row(*src, lanes, top, s, MASS, BLOCK, LANES)
                     full += 1
                     retry = retry * 0
                 if it == 0:  # lane 0 is lo itself
                     q_lo = tl.sum(tl.where(j == 0, q, 0.0), 0)
                     target = goal * q_lo if MASS else goal
-                reach = q >= target
-                lo, q_lo = _move(lanes, reach, q, lo, q_lo, True)
-                hi, q_hi = _move(lanes, ~reach, q, hi, q_hi, False)
-                done = (_key(hi) - _key(lo) <= 1).to(tl.int32)
+                lo, q_lo, hi, q_hi, done = _narrow(lanes, q, target, lo, q_lo, hi, q_hi)
             else:
                 done = done + 1  # row passes spent: keep the whole bracket
     return lo, q_lo, s_lo, s_hi, n_s
 
 
 @triton.jit
-def _filter_draw(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, row, temp, s, top,
-                 n_fin, low, total, TopP, TopK, MinP, Seed, BLOCK: tl.constexpr,
-                 LANES: tl.constexpr, CAP: tl.constexpr, FULL_PASSES: tl.constexpr,
-                 WIDE: tl.constexpr, TILES: tl.constexpr):
+def _narrow(lanes, q, target, lo, q_lo, hi, q_hi):
+    """The bracket [lo, hi) moved in to the lanes whose count (mass) q reaches the target
+    and those that do not; with each end's q, and 1 once its ends are adjacent floats."""
+    reach = q >= target
+    lo, q_lo = _move(lanes, reach, q, lo, q_lo, True)
+    hi, q_hi = _move(lanes, ~reach, q, hi, q_hi, False)
+    done = (_key(hi) - _key(lo) <= 1).to(tl.int32)
+    return lo, q_lo, hi, q_hi, done
+
+
+@triton.jit
+def _filter_draw(src, ScrV, ScrI, row, temp, s, top, n_fin, low, total, TopP, TopK, MinP, Seed,
+                 BLOCK: tl.constexpr, LANES: tl.constexpr, CAP: tl.constexpr,
+                 FULL_PASSES: tl.constexpr, WIDE: tl.constexpr, TILES: tl.constexpr):
     """A sampled row: the top_k, min_p and top_p thresholds (in that order), then the draw.
     The kept set is always {x >= f}. n_f: an upper bound on its size; m_f: its mass when
     `known` (else unknown). The draw sums the kept mass itself."""
@@ -178,10 +184,10 @@ def _filter_draw(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, row, t
     f, n_f, m_f, known = low, n_fin.to(tl.float32), total, n_fin * 0 + 1
     s_lo, s_hi, n_s = POS, NEG, n_fin * 0  # the scratch holds the row's tokens in [s_lo, s_hi)
     if (top_k > 0) & (top_k < n_fin):
-        f, n_f, s_lo, s_hi, n_s = _search(
-            row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, top, s,
-            top_k.to(tl.float32), low, low, s_lo, s_hi, n_s, False, BLOCK, LANES, CAP,
-            FULL_PASSES, WIDE)
+        goal = top_k.to(tl.float32)
+        scr = (ScrV, ScrI, s_lo, s_hi, n_s)
+        f, n_f, s_lo, s_hi, n_s = _search(src, scr, top, s, goal, low, low, False, BLOCK, LANES,
+                                          CAP, FULL_PASSES, WIDE)
         known = known * 0
     if min_p > 0:
         floor = top + temp * tl.log(min_p)  # p >= min_p * p_max, as a logit
@@ -189,34 +195,49 @@ def _filter_draw(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, row, t
             f = floor
             known = known * 0
     if top_p < 1:
-        # Tokens below `base` hold less than (1 - top_p) of the mass: at most n_f of them,
-        # each under exp((base - top) / T) = (1 - top_p) * M / n_f, M <= the mass (M >= 1).
+        # Tokens below b = top + T * log((1 - top_p) * M / n_f) hold less than (1 - top_p) of
+        # the mass: at most n_f of them, each under exp((b - top) / T) = (1 - top_p) * M / n_f,
+        # M <= the mass (M >= 1). The search spreads its lanes from base = max(f, b).
         mass_floor = tl.where(known != 0, m_f, 1.0)
-        base = top + temp * tl.log((1.0 - top_p) * mass_floor / n_f)
-        f, m_f, s_lo, s_hi, n_s = _search(
-            row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, top, s, top_p, f,
-            tl.maximum(f, base), s_lo, s_hi, n_s, True, BLOCK, LANES, CAP, FULL_PASSES, WIDE)
+        base = tl.maximum(f, top + temp * tl.log((1.0 - top_p) * mass_floor / n_f))
+        scr = (ScrV, ScrI, s_lo, s_hi, n_s)
+        f, m_f, s_lo, s_hi, n_s = _search(src, scr, top, s, top_p, f, base, True, BLOCK, LANES,
+                                          CAP, FULL_PASSES, WIDE)
     u = tl.max(tl.rand(tl.load(Seed + row), tl.zeros([2], tl.int32)), 0)  # Philox, offset 0
     if (s_lo <= f) & (s_hi == POS):
         tok = draw_scratch(ScrV, ScrI, n_s, f, top, s, u, BLOCK)
     else:
-        tok = draw_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, f, top, s, u, BLOCK, TILES)
+        tok = draw_row(*src, f, top, s, u, BLOCK, TILES)
     return tok
 
 
 @triton.jit
-def _sample_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, row, temp, s,
-                TopP, TopK, MinP, Seed, BLOCK: tl.constexpr, LANES: tl.constexpr,
-                CAP: tl.constexpr, FULL_PASSES: tl.constexpr, WIDE: tl.constexpr,
-                TILES: tl.constexpr):
+def _sample_row(src, ScrV, ScrI, row, temp, s, TopP, TopK, MinP, Seed, BLOCK: tl.constexpr,
+                LANES: tl.constexpr, CAP: tl.constexpr, FULL_PASSES: tl.constexpr,
+                WIDE: tl.constexpr, TILES: tl.constexpr):
     """A sampled row; one whose tokens are all -inf (or banned) gives argmax's answer."""
-    top, tok, n_fin, low, total = scan_stats(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, s,
-                                             BLOCK)
+    top, tok, n_fin, low, total = scan_stats(*src, s, BLOCK)
     if top > NEG:
-        tok = _filter_draw(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, row, temp, s,
-                           top, n_fin, low, total, TopP, TopK, MinP, Seed, BLOCK, LANES, CAP,
-                           FULL_PASSES, WIDE, TILES)
+        tok = _filter_draw(src, ScrV, ScrI, row, temp, s, top, n_fin, low, total, TopP, TopK,
+                           MinP, Seed, BLOCK, LANES, CAP, FULL_PASSES, WIDE, TILES)
     return tok
+
+
+@triton.jit
+def _row_source(L, stride, row, V, Ban, Eos, n_eos):
+    """What the passes read a row through, as one tuple (sample_passes.py takes it spread
+    out, `*src`): (row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi): the row's logits, the
+    vocabulary size, the end-of-sequence ids, whether this row bans them, and their
+    smallest and largest id (V and -1 when there are none)."""
+    row_ptr = L + row.to(tl.int64) * stride
+    ban = tl.load(Ban + row) != 0
+    eos_lo = V
+    eos_hi = V * 0 - 1
+    for j in range(n_eos):
+        e = tl.load(Eos + j)
+        eos_lo = tl.minimum(eos_lo, e)
+        eos_hi = tl.maximum(eos_hi, e)
+    return row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi
 
 
 @triton.jit(do_not_specialize=["n_eos"],
@@ -226,24 +247,16 @@ def _sample_kernel(L, stride, V, Temp, TopP, TopK, MinP, Seed, Ban, Eos, n_eos, 
                    CAP: tl.constexpr, FULL_PASSES: tl.constexpr, WIDE: tl.constexpr,
                    TILES: tl.constexpr):
     row = tl.program_id(0)
-    row_ptr = L + row.to(tl.int64) * stride
+    src = _row_source(L, stride, row, V, Ban, Eos, n_eos)
     scratch = row.to(tl.int64) * CAP
     temp = tl.load(Temp + row)
-    ban = tl.load(Ban + row) != 0
-    eos_lo = V
-    eos_hi = V * 0 - 1
-    for j in range(n_eos):
-        e = tl.load(Eos + j)
-        eos_lo = tl.minimum(eos_lo, e)
-        eos_hi = tl.maximum(eos_hi, e)
     if temp >= MIN_T:  # NaN: greedy
         s = tl.maximum(LOG2E / temp, 1e-30)  # exp((x - top) / T) = exp2((x - top) * s);
         # never 0 (T = inf), where -inf * s would be NaN
-        tok = _sample_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV + scratch,
-                          ScrI + scratch, row, temp, s, TopP, TopK, MinP, Seed, BLOCK, LANES,
-                          CAP, FULL_PASSES, WIDE, TILES)
+        tok = _sample_row(src, ScrV + scratch, ScrI + scratch, row, temp, s, TopP, TopK, MinP,
+                          Seed, BLOCK, LANES, CAP, FULL_PASSES, WIDE, TILES)
     else:
-        _, tok = scan_max(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK)
+        _, tok = scan_max(*src, BLOCK)
     tl.store(Out + row, tok.to(tl.int64))
 
 
