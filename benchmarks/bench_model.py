@@ -80,10 +80,8 @@ def build_tokenizer(config: dict[str, Any]) -> Any:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # No decoder: tokens are joined with single spaces. No post-processor: no bos is added on
     # encode, so N words are N tokens (the chat template writes bos itself).
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in (BOS, EOS, UNK)])
-    tok.add_tokens([AddedToken(f"<|{role}|>", special=False, normalized=False)
-                    for role in ROLES])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, UNK)])
+    tok.add_tokens([AddedToken(f"<|{role}|>", special=False, normalized=False) for role in ROLES])
     return tok
 
 
@@ -93,10 +91,19 @@ def tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
     special = {BOS, EOS, UNK}
     return {
         "added_tokens_decoder": {
-            str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": name in special}
-            for name, i in sorted(markers.items(), key=lambda kv: kv[1])},
-        "bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
+            str(i): {
+                "content": name,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": name in special,
+            }
+            for name, i in sorted(markers.items(), key=lambda kv: kv[1])
+        },
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
         "clean_up_tokenization_spaces": False,
         "model_max_length": config["max_position_embeddings"],
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -113,9 +120,12 @@ def write_model_dir(path: str | Path, config: dict[str, Any]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
-        indent=2))
+    (tmp / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
+            indent=2,
+        )
+    )
     build_tokenizer(config).save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(config), indent=2))
     (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -24,10 +24,20 @@ import torch
 from benchmarks.common import RESULTS, card_name, git_commit
 from benchmarks.engine_bench import model_dir
 
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 448, "rms_norm_eps": 1e-5,
-          "rope_theta": 10000.0, "tie_word_embeddings": False}
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "vocab_size": 448,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
 PAGE = 16
 
 
@@ -42,14 +52,21 @@ def build_engine(users: int, history: int, steps: int):
     path = model_dir({**CONFIG, "max_position_embeddings": context})
     tokens = users * (context + PAGE) + 4096
     page_bytes = 2 * CONFIG["num_hidden_layers"] * PAGE * CONFIG["num_key_value_heads"] * 16 * 4
-    args = AppArgs.model_validate({
-        "model": {"model_id": path, "dtype": "float32"},
-        "replica": {"num_gpus": 1 if gpu else 0},
-        "memory": {"mode": "managed"} if gpu else {"cpu_memory_budget_bytes": "4GiB"},
-        "kv_cache": {"budget_bytes": tokens // PAGE * page_bytes},
-        "engine": {"random_weights": True, "page_size": PAGE, "max_num_seqs": users,
-                   "max_batched_tokens": 8192, "cuda_graphs": False},
-    })
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": path, "dtype": "float32"},
+            "replica": {"num_gpus": 1 if gpu else 0},
+            "memory": {"mode": "managed"} if gpu else {"cpu_memory_budget_bytes": "4GiB"},
+            "kv_cache": {"budget_bytes": tokens // PAGE * page_bytes},
+            "engine": {
+                "random_weights": True,
+                "page_size": PAGE,
+                "max_num_seqs": users,
+                "max_batched_tokens": 8192,
+                "cuda_graphs": False,
+            },
+        }
+    )
     engine = PagedEngine(args, setup_memory(args.memory, detect_platform(use_gpu=gpu)))
     engine.eos_token_ids = frozenset()
     vocab = CONFIG["vocab_size"]
@@ -67,8 +84,9 @@ async def turn(engine, user: str, prompt: list[int], n: int) -> list[float]:
     from deployments.engine import GenerationRequest, SamplingParams
 
     times = []
-    req = GenerationRequest(f"r-{user}-{len(prompt)}", user, prompt,
-                            SamplingParams(n, temperature=0.0))
+    req = GenerationRequest(
+        f"r-{user}-{len(prompt)}", user, prompt, SamplingParams(n, temperature=0.0)
+    )
     async for out in engine.generate(req):
         times += [time.perf_counter()] * len(out.token_ids)
     return times
@@ -79,15 +97,20 @@ async def measure(engine, users: int, history: int, steps: int) -> dict:
     for u, prompt in enumerate(prompts):  # each user's history, kept in its cache
         await turn(engine, f"u{u}", prompt, 1)
     follow = [[*p, 5, 6, 7] for p in prompts]
-    arrivals = await asyncio.gather(*[turn(engine, f"u{u}", p, steps)
-                                      for u, p in enumerate(follow)])
+    arrivals = await asyncio.gather(
+        *[turn(engine, f"u{u}", p, steps) for u, p in enumerate(follow)]
+    )
     # Between the last user's first token and the first user's last, all decode together.
     start = max(t[0] for t in arrivals)
     end = min(t[-1] for t in arrivals)
     together = next(t for t in arrivals if t[0] == start)
     n = sum(1 for x in together if start < x <= end)
-    return {"users": users, "history_tokens": history, "decode_steps_timed": n,
-            "host_ms_per_step": (end - start) / max(n, 1) * 1e3}
+    return {
+        "users": users,
+        "history_tokens": history,
+        "decode_steps_timed": n,
+        "host_ms_per_step": (end - start) / max(n, 1) * 1e3,
+    }
 
 
 def append_row(row: dict) -> Path:
@@ -96,9 +119,19 @@ def append_row(row: dict) -> Path:
     out = RESULTS / f"host-step-{row['card']}.json"
     old = json.loads(out.read_text()) if out.exists() else {"rows": []}
     rows = old if isinstance(old, list) else old["rows"]  # a list: the first format
-    out.write_text(json.dumps({"bench": "host-step", "card": row["card"],
-                               "git_commit": row["commit"], "date": time.strftime("%Y-%m-%d"),
-                               "rows": [*rows, row]}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "bench": "host-step",
+                "card": row["card"],
+                "git_commit": row["commit"],
+                "date": time.strftime("%Y-%m-%d"),
+                "rows": [*rows, row],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return out
 
 

@@ -42,11 +42,22 @@ from benchmarks.pagemap import PAGE, Track, residency
 from benchmarks.um_counters import UmCounters, moved
 
 MODEL = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-    "intermediate_size": 5632, "num_hidden_layers": 8, "num_attention_heads": 16,
-    "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
 }
 BATCH, STEPS, PROMPT = 8, 100, 64
 
@@ -60,11 +71,15 @@ def build(path: str, memory: Any, grace: bool) -> Any:
     h, v = MODEL["hidden_size"], MODEL["vocab_size"]
     layer = (h * (h + 2 * 512) + h * h + 3 * h * MODEL["intermediate_size"] + 2 * h) * 2
     budget = (2 * v * h + h) * 2 + 4 * layer if grace else None
-    args = AppArgs.model_validate({
-        "model": {"model_id": path, "dtype": "bfloat16", "device_weight_budget_bytes": budget},
-        "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
-        "kv_cache": {"budget_bytes": "96MiB", "host_tier_bytes": "256MiB" if grace else 0},
-        "engine": {"random_weights": True, "max_num_seqs": 64}})
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": path, "dtype": "bfloat16", "device_weight_budget_bytes": budget},
+            "memory": {"mode": "managed"},
+            "replica": {"num_gpus": 1},
+            "kv_cache": {"budget_bytes": "96MiB", "host_tier_bytes": "256MiB" if grace else 0},
+            "engine": {"random_weights": True, "max_num_seqs": 64},
+        }
+    )
     engine = PagedEngine(args, memory)
     engine.eos_token_ids = frozenset()
     return engine
@@ -75,25 +90,31 @@ def ranges(engine: Any) -> dict[str, list[tuple[int, int]]]:
     engine has no advice: its weights and pool, as allocated)."""
     if engine.advice is None:
         tensors = [*engine.runner.model.w.blocks, engine.pool.buffer]
-        return {"device": [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors],
-                "host": []}
+        return {
+            "device": [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors],
+            "host": [],
+        }
     out: dict[str, list[tuple[int, int]]] = {"device": [], "host": []}
     for p in engine.advice.placements.values():
         out[p.where].append((p.start, p.size))
     return out
 
 
-def steady_window(engine: Any, counters: UmCounters | None,
-                  tracks: dict[str, Track] | None = None,
-                  sync: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def steady_window(
+    engine: Any,
+    counters: UmCounters | None,
+    tracks: dict[str, Track] | None = None,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
     """A batch decoding; the window opens after its third step and spans STEPS decode steps.
     `tracks` are sampled (after `sync`) as it opens and after every step the engine logs."""
     from deployments.engine import GenerationRequest, SamplingParams
     from deployments.engine.paged.testing import step_log
 
     async def one(i: int) -> int:
-        req = GenerationRequest(f"r{i}", f"u{i}", [100 + i] * PROMPT,
-                                SamplingParams(STEPS + 20, temperature=0.0))
+        req = GenerationRequest(
+            f"r{i}", f"u{i}", [100 + i] * PROMPT, SamplingParams(STEPS + 20, temperature=0.0)
+        )
         return sum([len(o.token_ids) async for o in engine.generate(req)])
 
     async def batch() -> list[int]:
@@ -126,11 +147,17 @@ def steady_window(engine: Any, counters: UmCounters | None,
     watcher.start()
     tokens = asyncio.run(batch())
     watcher.join()
-    steps = list(step_log(engine))[marks["s0"]:marks["s1"]]
+    steps = list(step_log(engine))[marks["s0"] : marks["s1"]]
     decode = [s for s in steps if s[2]]
-    return {"tokens": tokens, "steps": len(steps), "decode_steps": len(decode),
-            "t0": marks["t0"], "t1": marks["t1"], "window_s": marks["w1"] - marks["w0"],
-            "step_ms_p50": sorted(s[3] for s in decode)[len(decode) // 2] * 1e3}
+    return {
+        "tokens": tokens,
+        "steps": len(steps),
+        "decode_steps": len(decode),
+        "t0": marks["t0"],
+        "t1": marks["t1"],
+        "window_s": marks["w1"] - marks["w0"],
+        "step_ms_p50": sorted(s[3] for s in decode)[len(decode) // 2] * 1e3,
+    }
 
 
 def pagemap_tracks(where: dict[str, list[tuple[int, int]]]) -> tuple[dict[str, Track], str | None]:
@@ -144,12 +171,14 @@ def pagemap_tracks(where: dict[str, list[tuple[int, int]]]) -> tuple[dict[str, T
 
 def pagemap_per_step(tracks: dict[str, Track], window: dict[str, Any]) -> dict[str, Any]:
     """Per tier: CPU-resident bytes (first, last, least, most), bytes moved over the window."""
-    return {f"{tier}_advised": track.summary(window["decode_steps"])
-            for tier, track in tracks.items()}
+    return {
+        f"{tier}_advised": track.summary(window["decode_steps"]) for tier, track in tracks.items()
+    }
 
 
-def per_step(counters: UmCounters | None, window: dict[str, Any],
-             where: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
+def per_step(
+    counters: UmCounters | None, window: dict[str, Any], where: dict[str, list[tuple[int, int]]]
+) -> dict[str, Any]:
     if counters is None:
         return {"counters": None, "counters_unavailable": UmCounters.unavailable}
     records = counters.between(window["t0"], window["t1"])
@@ -158,11 +187,13 @@ def per_step(counters: UmCounters | None, window: dict[str, Any],
     for tier, spans in where.items():
         counts = moved(records, spans)
         out[f"{tier}_advised"] = counts
-        out[f"{tier}_advised_bytes_moved_per_step"] = (counts["htod_bytes"]
-                                                       + counts["dtoh_bytes"]) / n
+        out[f"{tier}_advised_bytes_moved_per_step"] = (
+            counts["htod_bytes"] + counts["dtoh_bytes"]
+        ) / n
     everywhere = moved(records, [(0, 1 << 64)])
-    out["all_managed_bytes_moved_per_step"] = (everywhere["htod_bytes"]
-                                               + everywhere["dtoh_bytes"]) / n
+    out["all_managed_bytes_moved_per_step"] = (
+        everywhere["htod_bytes"] + everywhere["dtoh_bytes"]
+    ) / n
     return out
 
 
@@ -188,13 +219,18 @@ def control(engine: Any, counters: UmCounters | None, pagemap: bool) -> dict[str
     if track:
         track.sample()
         out["pagemap"] = {  # resident: before, after the CPU's read, after the GPU's
-            "resident_bytes": track.resident, "moved_bytes": track.moved_bytes,
-            "sees_migrations": track.resident[1] >= span[1] and track.moved_bytes >= span[1]}
+            "resident_bytes": track.resident,
+            "moved_bytes": track.moved_bytes,
+            "sees_migrations": track.resident[1] >= span[1] and track.moved_bytes >= span[1],
+        }
     if counters is None:
         return {**out, "counters": None}
     counts = moved(counters.between(t0, counters.timestamp()), [span])
-    return {**out, **counts,
-            "counters_see_migrations": counts["htod_bytes"] + counts["dtoh_bytes"] > 0}
+    return {
+        **out,
+        **counts,
+        "counters_see_migrations": counts["htod_bytes"] + counts["dtoh_bytes"] > 0,
+    }
 
 
 def headline(row: dict[str, Any], counters: UmCounters | None) -> dict[str, Any]:
@@ -208,16 +244,22 @@ def headline(row: dict[str, Any], counters: UmCounters | None) -> dict[str, Any]
             return row.get(f"{tier}_advised_bytes_moved_per_step")
         return pagemap[f"{tier}_advised"]["bytes_moved_per_step"] if source else None
 
-    seen = {"cupti": row["control"].get("counters_see_migrations"),
-            "pagemap": row["control"].get("pagemap", {}).get("sees_migrations")}
-    return {"steady_device_advised_bytes_moved_per_step": bytes_per_step("device"),
-            "steady_host_advised_bytes_moved_per_step": bytes_per_step("host"),
-            "bytes_moved_source": source,
-            "counters_see_migrations": seen.get(source) if source else None,
-            "cupti_sees_migrations": seen["cupti"], "pagemap_sees_migrations": seen["pagemap"],
-            "pagemap_device_advised_cpu_resident_bytes_max":
-                pagemap.get("device_advised", {}).get("resident_bytes_max"),
-            "advice_kept": not row.get("advice_wrong_after_window")}
+    seen = {
+        "cupti": row["control"].get("counters_see_migrations"),
+        "pagemap": row["control"].get("pagemap", {}).get("sees_migrations"),
+    }
+    return {
+        "steady_device_advised_bytes_moved_per_step": bytes_per_step("device"),
+        "steady_host_advised_bytes_moved_per_step": bytes_per_step("host"),
+        "bytes_moved_source": source,
+        "counters_see_migrations": seen.get(source) if source else None,
+        "cupti_sees_migrations": seen["cupti"],
+        "pagemap_sees_migrations": seen["pagemap"],
+        "pagemap_device_advised_cpu_resident_bytes_max": pagemap.get("device_advised", {}).get(
+            "resident_bytes_max"
+        ),
+        "advice_kept": not row.get("advice_wrong_after_window"),
+    }
 
 
 def measure(engine: Any, counters: UmCounters | None, grace: bool) -> dict[str, Any]:
@@ -227,12 +269,14 @@ def measure(engine: Any, counters: UmCounters | None, grace: bool) -> dict[str, 
     where = ranges(engine)
     tracks, no_pagemap = pagemap_tracks(where)
     window = steady_window(engine, counters, tracks, torch.cuda.synchronize)
-    row = {"engine": "grace-faked (advised)" if grace else "discrete managed (no advice)",
-           "batch": BATCH, **{k: window[k] for k in ("decode_steps", "window_s",
-                                                     "step_ms_p50")},
-           **per_step(counters, window, where),
-           "pagemap": pagemap_per_step(tracks, window) if tracks else None,
-           "pagemap_unavailable": no_pagemap}
+    row = {
+        "engine": "grace-faked (advised)" if grace else "discrete managed (no advice)",
+        "batch": BATCH,
+        **{k: window[k] for k in ("decode_steps", "window_s", "step_ms_p50")},
+        **per_step(counters, window, where),
+        "pagemap": pagemap_per_step(tracks, window) if tracks else None,
+        "pagemap_unavailable": no_pagemap,
+    }
     if engine.advice is not None:
         row["advice_wrong_after_window"] = engine.advice.check("after steady decode")
         row["advice_first_loss"] = engine.advice.first_loss
@@ -249,8 +293,10 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("migration_bench measures managed-memory migrations on a CUDA GPU; this machine "
-              "has none: skipped (nothing written)")
+        print(
+            "migration_bench measures managed-memory migrations on a CUDA GPU; this machine "
+            "has none: skipped (nothing written)"
+        )
         return
     from benchmarks.common import RESULTS, write_result
     from benchmarks.engine_bench import model_dir
@@ -262,9 +308,13 @@ def main() -> None:
     limit = min(8 << 30, free // 4)  # never near the card's free memory
     if limit < 3 << 30:
         sys.exit(f"only {free / 2**30:.1f} GiB free: too little for this benchmark's 3 GiB")
-    memory = setup_memory(AppArgs.model_validate({"memory": {
-        "mode": "managed", "pool_size_bytes": limit}, "replica": {"num_gpus": 1}}).memory,
-        detect_platform(), torch_allocator="native")
+    memory = setup_memory(
+        AppArgs.model_validate(
+            {"memory": {"mode": "managed", "pool_size_bytes": limit}, "replica": {"num_gpus": 1}}
+        ).memory,
+        detect_platform(),
+        torch_allocator="native",
+    )
     path = model_dir(MODEL)
     rows = []
     for grace in (True, False):
@@ -274,11 +324,19 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         asyncio.run(engine.shutdown())  # the limit holds both engines: nothing to free
     top = headline(rows[0], counters)
-    out = write_result("migration", {
-        "model": "8-layer Llama (hidden 2048), random bf16 weights", "rmm_limit_bytes": limit,
-        "free_bytes_at_start": free, "cupti_calls": UmCounters.calls,
-        "cupti_unavailable": UmCounters.unavailable, "rows": rows, "headline": top},
-        opts.out or RESULTS)
+    out = write_result(
+        "migration",
+        {
+            "model": "8-layer Llama (hidden 2048), random bf16 weights",
+            "rmm_limit_bytes": limit,
+            "free_bytes_at_start": free,
+            "cupti_calls": UmCounters.calls,
+            "cupti_unavailable": UmCounters.unavailable,
+            "rows": rows,
+            "headline": top,
+        },
+        opts.out or RESULTS,
+    )
     print(json.dumps(top, indent=2))
     print("wrote", out)
     if counters is not None:

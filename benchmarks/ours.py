@@ -21,18 +21,19 @@ def memory(limit_bytes: int) -> Any:
         from deployments.platform import detect_platform
 
         gpu = torch.cuda.is_available()
-        args = AppArgs.model_validate({
-            "memory": {"mode": "managed", "pool_size_bytes": limit_bytes} if gpu
-            else {"cpu_memory_budget_bytes": limit_bytes},
-            "replica": {"num_gpus": 1 if gpu else 0},
-        })
-        _MEMORY = setup_memory(args.memory, detect_platform(use_gpu=gpu),
-                               torch_allocator="native")
+        args = AppArgs.model_validate(
+            {
+                "memory": {"mode": "managed", "pool_size_bytes": limit_bytes}
+                if gpu
+                else {"cpu_memory_budget_bytes": limit_bytes},
+                "replica": {"num_gpus": 1 if gpu else 0},
+            }
+        )
+        _MEMORY = setup_memory(args.memory, detect_platform(use_gpu=gpu), torch_allocator="native")
     return _MEMORY
 
 
-def build_ours(path: str, dtype_name: str, kv_bytes: int, limit_bytes: int,
-               **engine: Any) -> Any:
+def build_ours(path: str, dtype_name: str, kv_bytes: int, limit_bytes: int, **engine: Any) -> Any:
     """A PagedEngine on the checkpoint directory `path` (random weights, EOS ignored).
 
     `engine` holds engine settings, plus `host_tier_bytes` and `device_weight_budget_bytes`.
@@ -41,16 +42,25 @@ def build_ours(path: str, dtype_name: str, kv_bytes: int, limit_bytes: int,
     from deployments.engine.paged.engine import PagedEngine
 
     kv_cache = {"budget_bytes": kv_bytes, "host_tier_bytes": engine.pop("host_tier_bytes", 0)}
-    model = {"model_id": path, "dtype": dtype_name,
-             "device_weight_budget_bytes": engine.pop("device_weight_budget_bytes", None)}
-    args = AppArgs.model_validate({
-        "model": model,
-        "replica": {"num_gpus": 1 if torch.cuda.is_available() else 0},
-        "memory": {"mode": "managed"} if torch.cuda.is_available() else {},
-        "kv_cache": kv_cache,
-        "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine",
-                   "random_weights": True, "max_num_seqs": 256, **engine},
-    })
+    model = {
+        "model_id": path,
+        "dtype": dtype_name,
+        "device_weight_budget_bytes": engine.pop("device_weight_budget_bytes", None),
+    }
+    args = AppArgs.model_validate(
+        {
+            "model": model,
+            "replica": {"num_gpus": 1 if torch.cuda.is_available() else 0},
+            "memory": {"mode": "managed"} if torch.cuda.is_available() else {},
+            "kv_cache": kv_cache,
+            "engine": {
+                "engine_class": "deployments.engine.paged.engine:PagedEngine",
+                "random_weights": True,
+                "max_num_seqs": 256,
+                **engine,
+            },
+        }
+    )
     eng = PagedEngine(args, memory(limit_bytes))
     eng.eos_token_ids = frozenset()  # benchmarks generate every requested token
     return eng

@@ -59,7 +59,8 @@ def kernel_table(engine: Any, prompts: list[list[int]], new_tokens: int) -> list
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + (
-        [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
     with profile(activities=activities) as prof:
         asyncio.run(run_requests(engine, prompts, [new_tokens] * len(prompts)))
     return by_device_time(prof)
@@ -71,14 +72,16 @@ def by_device_time(prof: Any, top: int = 25) -> list[dict[str, Any]]:
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
         if device_us:
-            rows.append({"name": event.key[:90], "calls": event.count,
-                         "device_ms": device_us / 1e3})
+            rows.append(
+                {"name": event.key[:90], "calls": event.count, "device_ms": device_us / 1e3}
+            )
     rows.sort(key=lambda r: -r["device_ms"])
     return rows[:top]
 
 
-def returning_user(engine: Any, rng: random.Random, vocab: int, history: int, new: int
-                   ) -> dict[str, Any]:
+def returning_user(
+    engine: Any, rng: random.Random, vocab: int, history: int, new: int
+) -> dict[str, Any]:
     """A user with a kept `history`-token cache sends `new` tokens: time to first token, the
     step that computes them, and its kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -91,18 +94,25 @@ def returning_user(engine: Any, rng: random.Random, vocab: int, history: int, ne
         follow = hist + random_prompts(rng, 1, new, vocab)[0]
         since = len(step_log(engine))
         if u < 2:
-            ttft.append(asyncio.run(run_requests(engine, [follow], [1],
-                                                 users=[f"back{u}"]))["ttft_s"][0])
+            ttft.append(
+                asyncio.run(run_requests(engine, [follow], [1], users=[f"back{u}"]))["ttft_s"][0]
+            )
             steps += [s for (_, tokens, _, s) in list(step_log(engine))[since:] if tokens == new]
             continue
         activities = [ProfilerActivity.CPU] + (
-            [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+        )
         with profile(activities=activities) as prof:
             asyncio.run(run_requests(engine, [follow], [1], users=[f"back{u}"]))
         table = by_device_time(prof)
-    row = {"workload": "returning_user", "history_tokens": history, "new_tokens": new,
-           "ttft_ms": [t * 1e3 for t in ttft], "step_ms": [s * 1e3 for s in steps],
-           "kernels": table}
+    row = {
+        "workload": "returning_user",
+        "history_tokens": history,
+        "new_tokens": new,
+        "ttft_ms": [t * 1e3 for t in ttft],
+        "step_ms": [s * 1e3 for s in steps],
+        "kernels": table,
+    }
     print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
     for r in table[:15]:
         print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}  {r['name']}", flush=True)
@@ -121,8 +131,12 @@ def main() -> None:
     rng = random.Random(0)
     bandwidth = copy_bandwidth()
     kv_bytes = (4 << 30) if opts.quick else (24 << 30)
-    engine = build_ours(path, "bfloat16" if gpu else "float32", kv_bytes,
-                        (4 << 30 if opts.quick else 17 << 30) + kv_bytes + (2 << 30))
+    engine = build_ours(
+        path,
+        "bfloat16" if gpu else "float32",
+        kv_bytes,
+        (4 << 30 if opts.quick else 17 << 30) + kv_bytes + (2 << 30),
+    )
     weights = engine.weights_bytes
     kv_per_token = engine.page_bytes // engine.cache.page_size
     rows = []
@@ -134,17 +148,31 @@ def main() -> None:
         replay = replay_ms(engine, batch) if gpu else None
         floor = (weights + batch * 576 * kv_per_token) / bandwidth * 1e3
         table = kernel_table(engine, random_prompts(rng, batch, 512, vocab), 16)
-        rows.append({"batch": batch, "step_ms": step, "graph_replay_ms": replay,
-                     "floor_ms": floor, "host_ms": step - replay if replay else None,
-                     "kernels": table})
+        rows.append(
+            {
+                "batch": batch,
+                "step_ms": step,
+                "graph_replay_ms": replay,
+                "floor_ms": floor,
+                "host_ms": step - replay if replay else None,
+                "kernels": table,
+            }
+        )
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "kernels"}), flush=True)
         for r in table[:15]:
             print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}  {r['name']}", flush=True)
     rows.append(returning_user(engine, rng, vocab, 1024 if opts.quick else 8192, 64))
     asyncio.run(engine.shutdown())
-    out = write_result("profile-decode-quick" if opts.quick else "profile-decode",
-                       {"model": config.get("model_type"), "weights_bytes": weights,
-                        "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, opts.out)
+    out = write_result(
+        "profile-decode-quick" if opts.quick else "profile-decode",
+        {
+            "model": config.get("model_type"),
+            "weights_bytes": weights,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "rows": rows,
+        },
+        opts.out,
+    )
     print("wrote", out)
 
 

@@ -49,9 +49,16 @@ class GcClock:
             self.pauses.append((info["generation"], time.perf_counter() - self._t))
 
 
-async def returns(engine: Any, args: Any, visible: list[int], count: int, history: int,
-                  seed: int = 0, think_s: float = 0.1, profiler: Any = None
-                  ) -> list[dict[str, Any]]:
+async def returns(
+    engine: Any,
+    args: Any,
+    visible: list[int],
+    count: int,
+    history: int,
+    seed: int = 0,
+    think_s: float = 0.1,
+    profiler: Any = None,
+) -> list[dict[str, Any]]:
     """`count` returns of one user; each record: TTFT and the steps logged before it.
     A `profiler` (started and stopped here) covers the returns, not the history's prefill."""
     send, rng = engine_transport(engine, args), random.Random(seed)
@@ -70,16 +77,22 @@ async def returns(engine: Any, args: Any, visible: list[int], count: int, histor
             # Steps launched up to the first token: its prefill and what ran before it.
             before, elapsed = [], 0.0
             for n, tokens, decode, seconds in steps:
-                before.append({"seqs": n, "tokens": tokens, "decode": decode,
-                               "ms": round(seconds * 1e3, 3)})
+                before.append(
+                    {"seqs": n, "tokens": tokens, "decode": decode, "ms": round(seconds * 1e3, 3)}
+                )
                 elapsed += seconds
                 if not decode:
                     break
-            out.append({"turn": turn, "ttft_ms": round(ttft * 1e3, 3),
-                        "prompt_tokens": reply.prompt_tokens,
-                        "cached_tokens": reply.cached_tokens,
-                        "steps_to_first_token": before,
-                        "outside_steps_ms": round(ttft * 1e3 - elapsed * 1e3, 3)})
+            out.append(
+                {
+                    "turn": turn,
+                    "ttft_ms": round(ttft * 1e3, 3),
+                    "prompt_tokens": reply.prompt_tokens,
+                    "cached_tokens": reply.cached_tokens,
+                    "steps_to_first_token": before,
+                    "outside_steps_ms": round(ttft * 1e3 - elapsed * 1e3, 3),
+                }
+            )
         await asyncio.sleep(think_s)
     if profiler is not None:
         profiler.stop()
@@ -91,23 +104,31 @@ def profiled(engine: Any, args: Any, visible: list[int], history: int) -> dict[s
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
-                                     else [])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=acts)
     asyncio.run(returns(engine, args, visible, 3, history, seed=1, profiler=prof))
     table = prof.key_averages()
     host = sorted(table, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
-    device = sorted(table, key=lambda e: getattr(e, "self_device_time_total", 0),
-                    reverse=True)[:20]
-    return {"host_self_ms": [{"op": e.key, "ms": round(e.self_cpu_time_total / 1e3, 3),
-                              "count": e.count} for e in host],
-            "device_self_ms": [{"kernel": e.key, "count": e.count,
-                                "ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 3)}
-                               for e in device]}
+    device = sorted(table, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:20]
+    return {
+        "host_self_ms": [
+            {"op": e.key, "ms": round(e.self_cpu_time_total / 1e3, 3), "count": e.count}
+            for e in host
+        ],
+        "device_self_ms": [
+            {
+                "kernel": e.key,
+                "count": e.count,
+                "ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 3),
+            }
+            for e in device
+        ],
+    }
 
 
-def python_profile(engine: Any, args: Any, visible: list[int], history: int
-                   ) -> list[dict[str, Any]]:
+def python_profile(
+    engine: Any, args: Any, visible: list[int], history: int
+) -> list[dict[str, Any]]:
     """cProfile of the engine thread's prefill launches over 10 returns: the Python functions
     by cumulative time (prefill is eager: its host work is what the step waits for)."""
     import cProfile
@@ -140,18 +161,27 @@ def python_profile(engine: Any, args: Any, visible: list[int], history: int
     stats = pstats.Stats(prof)
     rows = []
     for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():
-        rows.append({"function": f"{Path(file).name}:{line}:{name}", "calls": calls,
-                     "tottime_ms": round(tottime * 1e3, 3), "cumtime_ms": round(cumtime * 1e3, 3)})
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}:{name}",
+                "calls": calls,
+                "tottime_ms": round(tottime * 1e3, 3),
+                "cumtime_ms": round(cumtime * 1e3, 3),
+            }
+        )
     return sorted(rows, key=lambda r: r["cumtime_ms"], reverse=True)[:40]
 
 
 def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
     ttfts = [r["ttft_ms"] for r in records]
     prefill = [r["steps_to_first_token"][-1]["ms"] for r in records]
-    return {"returns": len(records), "ttft_ms_p50": statistics.median(ttfts),
-            "ttft_ms_p99": percentile(ttfts, 99),
-            "prefill_step_ms_p50": statistics.median(prefill),
-            "prefill_step_ms_max": max(prefill)}
+    return {
+        "returns": len(records),
+        "ttft_ms_p50": statistics.median(ttfts),
+        "ttft_ms_p99": percentile(ttfts, 99),
+        "prefill_step_ms_p50": statistics.median(prefill),
+        "prefill_step_ms_max": max(prefill),
+    }
 
 
 def main() -> None:
@@ -171,26 +201,39 @@ def main() -> None:
     try:
         records = asyncio.run(returns(engine, args, visible, opts.returns, history))
         # The same returns with no pause between them: does an idle card slow the next one?
-        busy = asyncio.run(returns(engine, args, visible, opts.returns, history, seed=2,
-                                   think_s=0.0))
+        busy = asyncio.run(
+            returns(engine, args, visible, opts.returns, history, seed=2, think_s=0.0)
+        )
         prof = profiled(engine, args, visible, history)
         prof["python_prefill_host"] = python_profile(engine, args, visible, history)
         by_path = engine.stats().extra.get("steps_by_path")
     finally:
         gc.callbacks.remove(clock)
         asyncio.run(engine.shutdown())
-    summary = {"think_0.1s": summary_of(records), "think_0s": summary_of(busy),
-               "gc_pauses": len(clock.pauses),
-               "gc_pause_ms_max": round(max((s for _, s in clock.pauses), default=0) * 1e3, 3),
-               "gc_gen2_pauses": sum(g == 2 for g, _ in clock.pauses),
-               "steps_by_path": by_path}
+    summary = {
+        "think_0.1s": summary_of(records),
+        "think_0s": summary_of(busy),
+        "gc_pauses": len(clock.pauses),
+        "gc_pause_ms_max": round(max((s for _, s in clock.pauses), default=0) * 1e3, 3),
+        "gc_gen2_pauses": sum(g == 2 for g, _ in clock.pauses),
+        "steps_by_path": by_path,
+    }
     slow = sorted(records, key=lambda r: r["ttft_ms"], reverse=True)[:5]
     print(json.dumps(summary), flush=True)
     for r in slow:
         print(json.dumps(r), flush=True)
-    path = write_result("profile-returning", {"config": str(config), "summary": summary,
-                                              "slowest": slow, "returns": records,
-                                              "returns_no_pause": busy, **prof}, opts.out)
+    path = write_result(
+        "profile-returning",
+        {
+            "config": str(config),
+            "summary": summary,
+            "slowest": slow,
+            "returns": records,
+            "returns_no_pause": busy,
+            **prof,
+        },
+        opts.out,
+    )
     print(f"wrote {path}")
 
 

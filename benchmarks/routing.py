@@ -37,20 +37,29 @@ COLUMNS = (
 def summary_lines(doc: dict[str, Any]) -> list[str]:
     """A plain-text table of the headline figures and the targets."""
     head = doc["headline"]
-    lines = [f"load {head['load']}, {doc['scenario']['replicas']} replicas, "
-             f"{doc['scenario']['conversations']} users, seed {head['seed']}"]
-    lines.append(f"{'policy':<16}" + "".join(f"{title:>20}" for _, title in COLUMNS)
-                 + f"{'free-KV spread p95':>20}")
+    lines = [
+        f"load {head['load']}, {doc['scenario']['replicas']} replicas, "
+        f"{doc['scenario']['conversations']} users, seed {head['seed']}"
+    ]
+    lines.append(
+        f"{'policy':<16}"
+        + "".join(f"{title:>20}" for _, title in COLUMNS)
+        + f"{'free-KV spread p95':>20}"
+    )
     for policy, row in head["by_policy"].items():
         cells = "".join(f"{row[key]!s:>20}" for key, _ in COLUMNS)
         lines.append(f"{policy:<16}{cells}{row['free_kv_share_spread']['p95']!s:>20}")
     for policy, moves in doc["churn"]["by_policy"].items():
-        lines.append(f"{policy:<16} leave: {moves['leave']['moved_must']} must, "
-                     f"{moves['leave']['moved_needless']} needless; join: "
-                     f"{moves['join']['moved_needless']} needless")
+        lines.append(
+            f"{policy:<16} leave: {moves['leave']['moved_must']} must, "
+            f"{moves['leave']['moved_needless']} needless; join: "
+            f"{moves['join']['moved_needless']} needless"
+        )
     for target in head["targets"]:
-        lines.append(f"{'met ' if target['met'] else 'MISSED'} {target['claim']}: "
-                     f"{target['value']} (bound {target['bound']})")
+        lines.append(
+            f"{'met ' if target['met'] else 'MISSED'} {target['claim']}: "
+            f"{target['value']} (bound {target['bound']})"
+        )
     return lines
 
 
@@ -58,9 +67,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the simulation, write the JSON (and the PNG when matplotlib is there)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 replicas, 1,250 users")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default: benchmarks/results/routing.json, "
-                             "or routing-quick.json with --quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSON (default: benchmarks/results/routing.json, "
+        "or routing-quick.json with --quick)",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     mode = "quick" if args.quick else "full"

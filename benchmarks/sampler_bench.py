@@ -41,8 +41,11 @@ SETTINGS = {
 }
 
 
-def peer_sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams],
-                          generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def peer_sample_on_device(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
     """The sort-based sampler the engine used before (deployments/engine/paged/sampler.py at
     51c23f3), verbatim: it reads host lists into device tensors and branches on a device value."""
     result = torch.argmax(logits, dim=-1)
@@ -109,21 +112,30 @@ def host_ms(fn: Callable[[], Any], queued_cycles: int = 100_000_000) -> float | 
     return statistics.median(times)
 
 
-def measure(kind: str, setting: str, rows: int, vocab: int, device: str, quick: bool
-            ) -> dict[str, Any]:
+def measure(
+    kind: str, setting: str, rows: int, vocab: int, device: str, quick: bool
+) -> dict[str, Any]:
     params = [SETTINGS[setting]] * rows
     logits = make_logits(kind, rows, vocab, device)
     plan = build_plan(params, [draw_seed(7, i) for i in range(rows)], [False] * rows)
     device_plan = plan.to_device(device)
-    eos = torch.tensor([e for e in EOS if e < vocab] or [vocab - 1], dtype=torch.int32,
-                       device=device)
+    eos = torch.tensor(
+        [e for e in EOS if e < vocab] or [vocab - 1], dtype=torch.int32, device=device
+    )
     ours = lambda: sample(logits, *device_plan, eos)  # noqa: E731
     peer = lambda: peer_sample_on_device(logits, params, [None] * rows)  # noqa: E731
     floor = lambda: torch.amax(logits, dim=-1)  # noqa: E731
-    row = {"logits": kind, "setting": setting, "rows": rows, "vocab": vocab,
-           "ours_ms": stream_ms(ours, quick), "peer_ms": stream_ms(peer, quick),
-           "floor_ms": stream_ms(floor, quick), "host_ours_ms": host_ms(ours),
-           "host_peer_ms": host_ms(peer)}
+    row = {
+        "logits": kind,
+        "setting": setting,
+        "rows": rows,
+        "vocab": vocab,
+        "ours_ms": stream_ms(ours, quick),
+        "peer_ms": stream_ms(peer, quick),
+        "floor_ms": stream_ms(floor, quick),
+        "host_ours_ms": host_ms(ours),
+        "host_peer_ms": host_ms(peer),
+    }
     row["ours_over_floor"] = row["ours_ms"] / row["floor_ms"]
     row["peer_over_ours"] = row["peer_ms"] / row["ours_ms"]
     return row
@@ -135,10 +147,13 @@ def headlines(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in rows:
         if r["rows"] in (1, 64):
             key = f"{r['logits']} {r['setting']} R={r['rows']}"
-            out[key] = {"ours_ms": round(r["ours_ms"], 4),
-                        "ours_over_floor": round(r["ours_over_floor"], 2),
-                        "peer_over_ours": round(r["peer_over_ours"], 2),
-                        "host_ours_ms": r["host_ours_ms"], "host_peer_ms": r["host_peer_ms"]}
+            out[key] = {
+                "ours_ms": round(r["ours_ms"], 4),
+                "ours_over_floor": round(r["ours_over_floor"], 2),
+                "peer_over_ours": round(r["peer_over_ours"], 2),
+                "host_ours_ms": r["host_ours_ms"],
+                "host_peer_ms": r["host_peer_ms"],
+            }
     return out
 
 
@@ -146,13 +161,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    print(f"{'logits':7} {'setting':25} {'R':>4} {'ours ms':>8} {'peer ms':>8} {'floor ms':>8} "
-          f"{'ours/fl':>7} {'peer/ours':>9} {'host ours':>9} {'host peer':>9}")
+    print(
+        f"{'logits':7} {'setting':25} {'R':>4} {'ours ms':>8} {'peer ms':>8} {'floor ms':>8} "
+        f"{'ours/fl':>7} {'peer/ours':>9} {'host ours':>9} {'host peer':>9}"
+    )
     for r in rows:
-        print(f"{r['logits']:7} {r['setting']:25} {r['rows']:>4} {r['ours_ms']:>8.3f} "
-              f"{r['peer_ms']:>8.3f} {r['floor_ms']:>8.3f} {r['ours_over_floor']:>7.2f} "
-              f"{r['peer_over_ours']:>9.2f} {fmt(r['host_ours_ms']):>9} "
-              f"{fmt(r['host_peer_ms']):>9}")
+        print(
+            f"{r['logits']:7} {r['setting']:25} {r['rows']:>4} {r['ours_ms']:>8.3f} "
+            f"{r['peer_ms']:>8.3f} {r['floor_ms']:>8.3f} {r['ours_over_floor']:>7.2f} "
+            f"{r['peer_over_ours']:>9.2f} {fmt(r['host_ours_ms']):>9} "
+            f"{fmt(r['host_peer_ms']):>9}"
+        )
 
 
 def main() -> None:
@@ -162,13 +181,21 @@ def main() -> None:
     opts = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab, sizes = (4096, (1, 16)) if opts.quick else (VOCAB, ROWS)
-    rows = [measure(kind, setting, r, vocab, device, opts.quick)
-            for kind in ("flat", "peaked") for setting in SETTINGS for r in sizes]
+    rows = [
+        measure(kind, setting, r, vocab, device, opts.quick)
+        for kind in ("flat", "peaked")
+        for setting in SETTINGS
+        for r in sizes
+    ]
     print_table(rows)
     bandwidth = copy_bandwidth()
-    payload = {"device": device, "copy_bandwidth_bytes_per_s": bandwidth,
-               "read_once_floor_note": "floor_ms: torch.amax over the logits (one read)",
-               "rows": rows, "headlines": headlines(rows)}
+    payload = {
+        "device": device,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "read_once_floor_note": "floor_ms: torch.amax over the logits (one read)",
+        "rows": rows,
+        "headlines": headlines(rows),
+    }
     out = write_result("sampler-quick" if opts.quick else "sampler", payload, opts.out)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; wrote {out}")
 

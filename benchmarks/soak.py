@@ -46,8 +46,26 @@ import yaml
 from deployments.proxy_middleware import PROXY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("unified", "memory", "grace", "hopper", "cache", "token", "route", "replica", "stream",
-         "latency", "page", "budget", "model", "user", "turn", "answer", "prefill", "decode")
+WORDS = (
+    "unified",
+    "memory",
+    "grace",
+    "hopper",
+    "cache",
+    "token",
+    "route",
+    "replica",
+    "stream",
+    "latency",
+    "page",
+    "budget",
+    "model",
+    "user",
+    "turn",
+    "answer",
+    "prefill",
+    "decode",
+)
 
 
 def free_port() -> int:
@@ -72,9 +90,14 @@ def start_server(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
     tmp.write_text(yaml.safe_dump(data))
     env = {**PROXY_ENV, **os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
     serve_bin = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen([str(serve_bin), "run", str(tmp)], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(serve_bin), "run", str(tmp)],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -157,16 +180,18 @@ class Stats:
         self.refusals: dict[str, int] = {}  # "<status> <error code>" of well-formed requests
 
 
-async def poison_request(client: httpx.AsyncClient, url: str, base: dict, rng: random.Random,
-                         stats: Stats) -> None:
+async def poison_request(
+    client: httpx.AsyncClient, url: str, base: dict, rng: random.Random, stats: Stats
+) -> None:
     """One hostile turn (POISON), not streamed; counted by its name and status."""
     name, changes, should_pass = rng.choice(POISON)
     body = {**base, "stream": False, **changes}
     body.pop("stream_options", None)
     data = json.dumps(body, ensure_ascii=True)  # a surrogate travels as its \ud800 escape
     try:
-        response = await client.post(f"{url}/v1/chat/completions", content=data,
-                                     headers={"content-type": "application/json"})
+        response = await client.post(
+            f"{url}/v1/chat/completions", content=data, headers={"content-type": "application/json"}
+        )
         status = response.status_code
     except httpx.HTTPError:
         status = -2
@@ -180,8 +205,10 @@ async def stalled_body(url: str, stats: Stats, stop_at: float) -> None:
     """Headers and half a body, then nothing; again whenever the server closes it."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "y" * 400}]})
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
-            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     while time.monotonic() < stop_at:
         try:
             reader, writer = await asyncio.open_connection(host, int(port))
@@ -201,15 +228,17 @@ async def stalled_body(url: str, stats: Stats, stop_at: float) -> None:
         writer.close()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict,
-                      stats: Stats, timeout_s: float) -> tuple[int, str, float]:
+async def one_request(
+    client: httpx.AsyncClient, url: str, body: dict, headers: dict, stats: Stats, timeout_s: float
+) -> tuple[int, str, float]:
     """Stream one chat turn; returns (status, text, retry_after_s)."""
     start, text = time.monotonic(), []
     stats.requests += 1
 
     async def stream() -> tuple[int, float]:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
-                                 headers=headers) as response:
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=headers
+        ) as response:
             if response.status_code != 200:
                 refusal = f"{response.status_code} {error_code(await response.aread())}"
                 stats.refusals[refusal] = stats.refusals.get(refusal, 0) + 1
@@ -245,28 +274,35 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: 
     return status, "".join(text), retry
 
 
-async def client_loop(i: int, url: str, args: argparse.Namespace, stats: Stats,
-                      stop_at: float) -> None:
+async def client_loop(
+    i: int, url: str, args: argparse.Namespace, stats: Stats, stop_at: float
+) -> None:
     rng = random.Random(i)
     limits = httpx.Limits(max_connections=2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout_s),
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(args.request_timeout_s), limits=limits
+    ) as client:
         conversation, messages = 0, []
         while time.monotonic() < stop_at:
             if len(messages) >= 2 * args.turns:
                 conversation, messages = conversation + 1, []
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
             messages.append({"role": "user", "content": words})
-            body = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
-                    "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": args.model,
+                "messages": messages,
+                "max_tokens": args.max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             if rng.random() < args.poison_fraction:
-                await poison_request(client, url, {**body, "messages": list(messages)}, rng,
-                                     stats)
+                await poison_request(client, url, {**body, "messages": list(messages)}, rng, stats)
                 messages.pop()  # the conversation goes on without the hostile turn
                 continue
             headers = {"X-User-Id": f"soak-{i}-{conversation}"} if args.sticky_users else {}
-            status, text, retry = await one_request(client, url, body, headers, stats,
-                                                    args.request_timeout_s)
+            status, text, retry = await one_request(
+                client, url, body, headers, stats, args.request_timeout_s
+            )
             if status == 200:
                 messages.append({"role": "assistant", "content": text[:200]})
             else:
@@ -278,9 +314,10 @@ async def drive(url: str, args: argparse.Namespace) -> tuple[Stats, float]:
     stats = Stats()
     started = time.monotonic()
     stop_at = started + args.duration_s
-    await asyncio.gather(*(client_loop(i, url, args, stats, stop_at)
-                           for i in range(args.clients)),
-                         *(stalled_body(url, stats, stop_at) for _ in range(args.stalled_bodies)))
+    await asyncio.gather(
+        *(client_loop(i, url, args, stats, stop_at) for i in range(args.clients)),
+        *(stalled_body(url, stats, stop_at) for _ in range(args.stalled_bodies)),
+    )
     return stats, time.monotonic() - started
 
 
@@ -310,8 +347,9 @@ def kv_freed(rows: list[dict], sticky: bool) -> bool:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -327,10 +365,15 @@ def main() -> int:
     parser.add_argument("--request-timeout-s", type=float, default=120)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--sticky-users", action="store_true")
-    parser.add_argument("--stalled-bodies", type=int, default=0,
-                        help="connections that send half a body and stall")
-    parser.add_argument("--poison-fraction", type=float, default=0.0,
-                        help="share of turns sent as hostile requests instead")
+    parser.add_argument(
+        "--stalled-bodies", type=int, default=0, help="connections that send half a body and stall"
+    )
+    parser.add_argument(
+        "--poison-fraction",
+        type=float,
+        default=0.0,
+        help="share of turns sent as hostile requests instead",
+    )
     parser.add_argument("--card", default="cpu", help="what the replicas run on, for the name")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -360,40 +403,87 @@ def main() -> int:
     server_errors = sum(n for s, n in stats.statuses.items() if s.startswith("5"))
     freed = kv_freed(rows_after, args.sticky_users)
     report = {
-        "bench": "soak", "card": args.card, "git_commit": git_commit(),
+        "bench": "soak",
+        "card": args.card,
+        "git_commit": git_commit(),
         "config": str(args.config.relative_to(ROOT)) if args.url is None else args.url,
-        "clients": args.clients, "duration_s": round(elapsed, 1),
-        "max_tokens": args.max_tokens, "sticky_users": args.sticky_users,
-        "requests": stats.requests, "http_statuses": stats.statuses,
+        "clients": args.clients,
+        "duration_s": round(elapsed, 1),
+        "max_tokens": args.max_tokens,
+        "sticky_users": args.sticky_users,
+        "requests": stats.requests,
+        "http_statuses": stats.statuses,
         "refusals_by_code": stats.refusals,
-        "error_chunks_by_code": stats.error_chunks, "transport_errors": stats.transport_errors,
-        "hung_streams": stats.hung, "server_errors_5xx": server_errors,
+        "error_chunks_by_code": stats.error_chunks,
+        "transport_errors": stats.transport_errors,
+        "hung_streams": stats.hung,
+        "server_errors_5xx": server_errors,
         "tokens_out": stats.tokens_out,
-        "ttft_ms": {"p50": round(1000 * (percentile(stats.ttft_s, 50) or 0), 1),
-                    "p99": round(1000 * (percentile(stats.ttft_s, 99) or 0), 1),
-                    "samples": len(stats.ttft_s)},
+        "ttft_ms": {
+            "p50": round(1000 * (percentile(stats.ttft_s, 50) or 0), 1),
+            "p99": round(1000 * (percentile(stats.ttft_s, 99) or 0), 1),
+            "samples": len(stats.ttft_s),
+        },
         "memory_rss_mib": {"before": mem_before, "after": mem_after},
-        "replicas_after": [{k: r.get(k) for k in (
-            "replica_id", "running_requests", "waiting_requests", "kv_cache_bytes",
-            "kv_pages_total", "kv_pages_free", "resident_users", "evicted_users",
-            "free_unified_memory_bytes")} for r in rows_after],
-        "kv_all_freed": freed, "healthy_after": healthy,
+        "replicas_after": [
+            {
+                k: r.get(k)
+                for k in (
+                    "replica_id",
+                    "running_requests",
+                    "waiting_requests",
+                    "kv_cache_bytes",
+                    "kv_pages_total",
+                    "kv_pages_free",
+                    "resident_users",
+                    "evicted_users",
+                    "free_unified_memory_bytes",
+                )
+            }
+            for r in rows_after
+        ],
+        "kv_all_freed": freed,
+        "healthy_after": healthy,
         "stalled_bodies": {"connections": args.stalled_bodies, **stats.stalled},
-        "poison": {"fraction": args.poison_fraction, "by_kind_and_status": stats.poison,
-                   "wrong_answers": stats.poison_wrong},
+        "poison": {
+            "fraction": args.poison_fraction,
+            "by_kind_and_status": stats.poison,
+            "wrong_answers": stats.poison_wrong,
+        },
     }
     for r in report["replicas_after"]:
         r["resident_users"] = len(r["resident_users"] or [])
     # A well-formed request may be told to retry (429); any other refusal is an error for a
     # well-behaved client.
     refused = {k: n for k, n in stats.refusals.items() if not k.startswith("429 ")}
-    ok = server_errors == 0 and stats.hung == 0 and freed and healthy \
-        and not stats.error_chunks and stats.poison_wrong == 0 and not refused
+    ok = (
+        server_errors == 0
+        and stats.hung == 0
+        and freed
+        and healthy
+        and not stats.error_chunks
+        and stats.poison_wrong == 0
+        and not refused
+    )
     report["pass"] = ok
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("requests", "http_statuses", "hung_streams",
-                                             "ttft_ms", "kv_all_freed", "pass")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "requests",
+                    "http_statuses",
+                    "hung_streams",
+                    "ttft_ms",
+                    "kv_all_freed",
+                    "pass",
+                )
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0 if ok else 1
 

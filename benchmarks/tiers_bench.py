@@ -89,15 +89,22 @@ def main() -> None:
     history, new = (512, 16) if opts.quick else (8192, 64)
     rng = random.Random(0)
     pinned = host_to_device_bandwidth() if gpu else None
-    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * (
-        config["head_dim"]) * (2 if gpu else 4)
+    kv_per_token = (
+        2
+        * config["num_hidden_layers"]
+        * config["num_key_value_heads"]
+        * (config["head_dim"])
+        * (2 if gpu else 4)
+    )
     user_bytes = history * kv_per_token
     device_kv = 8 * user_bytes  # a device budget of eight users' histories
     host_kv = 3 * device_kv
     # One RMM limit for every engine this process builds (RMM's resource is process-wide).
     limit = (4 << 30 if opts.quick else 17 << 30) + device_kv * 2 + (4 << 30)
-    common = {"max_batched_tokens": 512 if opts.quick else 8192,
-              "prefill_attention": opts.prefill_attention}
+    common = {
+        "max_batched_tokens": 512 if opts.quick else 8192,
+        "prefill_attention": opts.prefill_attention,
+    }
     rows: list[dict[str, Any]] = []
     rows += streaming_rows(opts.quick, limit, pinned, copy_bandwidth() / 2)
     print(rows, flush=True)
@@ -115,12 +122,24 @@ def main() -> None:
         ttft_tier.append(back["ttft_s"][0])
         ttft_recompute.append(again["ttft_s"][0])
     restore = max(restores, key=lambda r: r["bytes_per_s"])
-    rows.append({"workload": "restore_offloaded_user", "history_tokens": history,
-                 **restore, "pinned_h2d_bytes_per_s": pinned,
-                 "share_of_pinned": restore["bytes_per_s"] / pinned if pinned else None})
-    rows.append({"workload": "returning_user_ttft", "history_tokens": history, "new_tokens": new,
-                 "from_host_tier_ms": statistics.median(ttft_tier) * 1e3,
-                 "recompute_ms": statistics.median(ttft_recompute) * 1e3})
+    rows.append(
+        {
+            "workload": "restore_offloaded_user",
+            "history_tokens": history,
+            **restore,
+            "pinned_h2d_bytes_per_s": pinned,
+            "share_of_pinned": restore["bytes_per_s"] / pinned if pinned else None,
+        }
+    )
+    rows.append(
+        {
+            "workload": "returning_user_ttft",
+            "history_tokens": history,
+            "new_tokens": new,
+            "from_host_tier_ms": statistics.median(ttft_tier) * 1e3,
+            "recompute_ms": statistics.median(ttft_recompute) * 1e3,
+        }
+    )
     print(rows[-2:], flush=True)
     held = [tiered]
     del tiered
@@ -132,9 +151,16 @@ def main() -> None:
     held = [build_ours(path, dtype, device_kv, limit, host_tier_bytes=host_kv, **common)]
     with_tier = users_held(held[0], history, vocab, 64, rng)
     release(held)
-    rows.append({"workload": "users_held", "history_tokens": history,
-                 "device_kv_bytes": device_kv, "host_tier_bytes": host_kv,
-                 "without_tier": without, "with_tier": with_tier})
+    rows.append(
+        {
+            "workload": "users_held",
+            "history_tokens": history,
+            "device_kv_bytes": device_kv,
+            "host_tier_bytes": host_kv,
+            "without_tier": without,
+            "with_tier": with_tier,
+        }
+    )
     print(rows[-1], flush=True)
 
     def row(workload: str, impl: str = "ours") -> dict[str, Any]:
@@ -144,20 +170,27 @@ def main() -> None:
     accelerate = next((r for r in rows if r.get("impl") == "accelerate_dispatch_model"), None)
     headline = {
         "restore_share_of_pinned_bandwidth": row("restore_offloaded_user")["share_of_pinned"],
-        "returning_user_ttft_speedup_vs_recompute": ttft["recompute_ms"] / ttft[
-            "from_host_tier_ms"],
+        "returning_user_ttft_speedup_vs_recompute": ttft["recompute_ms"]
+        / ttft["from_host_tier_ms"],
         "users_held_growth": with_tier / max(1, without),
         "users_held_growth_target": (device_kv + host_kv) / device_kv * 0.9,
         "streamed_decode_step_over_floor": streamed["step_ms"] / streamed["floor_ms"]
-        if streamed["floor_ms"] else None,
+        if streamed["floor_ms"]
+        else None,
         "streamed_decode_speedup_vs_accelerate": accelerate["step_ms"] / streamed["step_ms"]
-        if accelerate else None,
+        if accelerate
+        else None,
     }
-    payload = {"model": "tiny Llama config (quick check)" if opts.quick else
-               "Llama 3.1 8B config, random bf16 weights",
-               "kv_bytes_per_token": kv_per_token, "prefill_attention": opts.prefill_attention,
-               "device_read_bandwidth_definition": "half the measured copy bandwidth",
-               "rows": rows, "headline": headline}
+    payload = {
+        "model": "tiny Llama config (quick check)"
+        if opts.quick
+        else "Llama 3.1 8B config, random bf16 weights",
+        "kv_bytes_per_token": kv_per_token,
+        "prefill_attention": opts.prefill_attention,
+        "device_read_bandwidth_definition": "half the measured copy bandwidth",
+        "rows": rows,
+        "headline": headline,
+    }
     out = write_result("tiers-quick" if opts.quick else "tiers", payload, opts.out)
     print(json.dumps(headline, indent=2))
     print("wrote", out)

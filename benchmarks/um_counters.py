@@ -50,8 +50,9 @@ def parse_head(raw: bytes) -> Record | None:
 def _library() -> ctypes.CDLL:
     names = ["libcupti.so", "libcupti.so.13", "libcupti.so.12"]
     for root in sys.path:  # PyTorch's wheels: site-packages/nvidia/**/lib/libcupti.so*
-        names += sorted(glob.glob(os.path.join(root, "nvidia", "**", "libcupti.so*"),
-                                  recursive=True))
+        names += sorted(
+            glob.glob(os.path.join(root, "nvidia", "**", "libcupti.so*"), recursive=True)
+        )
     errors = []
     for name in names:
         try:
@@ -61,15 +62,24 @@ def _library() -> ctypes.CDLL:
     raise OSError("no libcupti found: " + "; ".join(errors[-3:]))
 
 
-_REQUESTED = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_void_p),
-                              ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t))
-_COMPLETED = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p,
-                              ctypes.c_size_t, ctypes.c_size_t)
+_REQUESTED = ctypes.CFUNCTYPE(
+    None,
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_size_t),
+    ctypes.POINTER(ctypes.c_size_t),
+)
+_COMPLETED = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t
+)
 
 
 class _Config(ctypes.Structure):
-    _fields_ = [("scope", ctypes.c_uint32), ("kind", ctypes.c_uint32),
-                ("deviceId", ctypes.c_uint32), ("enable", ctypes.c_uint32)]
+    _fields_ = [
+        ("scope", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+        ("deviceId", ctypes.c_uint32),
+        ("enable", ctypes.c_uint32),
+    ]
 
 
 class UmCounters:
@@ -130,12 +140,15 @@ class UmCounters:
             return
         if self._try("cuptiActivityEnableAndDump", KIND_UNIFIED_MEMORY_COUNTER) == 0:
             return
-        raise RuntimeError("cuptiActivityEnable refused: " + ", ".join(
-            f"{name} -> {result}" for name, result in self.calls))
+        raise RuntimeError(
+            "cuptiActivityEnable refused: "
+            + ", ".join(f"{name} -> {result}" for name, result in self.calls)
+        )
 
     def _configure(self, kinds: list[int], device: int) -> int:
-        configs = (_Config * len(kinds))(*[_Config(SCOPE_PROCESS_SINGLE_DEVICE, k, device, 1)
-                                           for k in kinds])
+        configs = (_Config * len(kinds))(
+            *[_Config(SCOPE_PROCESS_SINGLE_DEVICE, k, device, 1) for k in kinds]
+        )
         return self._try("cuptiActivityConfigureUnifiedMemoryCounter", configs, len(kinds))
 
     def _requested(self, buffer, size, max_records) -> None:
@@ -152,8 +165,7 @@ class UmCounters:
         record = ctypes.c_void_p()
         get_next = self._lib.cuptiActivityGetNextRecord
         found = []
-        while get_next(ctypes.c_void_p(buffer), ctypes.c_size_t(valid),
-                       ctypes.byref(record)) == 0:
+        while get_next(ctypes.c_void_p(buffer), ctypes.c_size_t(valid), ctypes.byref(record)) == 0:
             head = parse_head(ctypes.string_at(record.value, _HEAD.size))
             if head is not None:
                 found.append(head)
@@ -183,11 +195,14 @@ class UmCounters:
 
 def moved(records: list[Record], ranges: list[tuple[int, int]]) -> dict[str, int]:
     """Bytes migrated each way into or out of `ranges` ((start, bytes) each), and faults there."""
+
     def inside(address: int) -> bool:
         return any(start <= address < start + size for start, size in ranges)
 
     mine = [r for r in records if inside(r.address)]
-    return {"htod_bytes": sum(r.value for r in mine if r.counter == HTOD),
-            "dtoh_bytes": sum(r.value for r in mine if r.counter == DTOH),
-            "gpu_fault_groups": sum(r.value for r in mine if r.counter == GPU_PAGE_FAULT),
-            "cpu_faults": sum(1 for r in mine if r.counter == CPU_PAGE_FAULT)}
+    return {
+        "htod_bytes": sum(r.value for r in mine if r.counter == HTOD),
+        "dtoh_bytes": sum(r.value for r in mine if r.counter == DTOH),
+        "gpu_fault_groups": sum(r.value for r in mine if r.counter == GPU_PAGE_FAULT),
+        "cpu_faults": sum(1 for r in mine if r.counter == CPU_PAGE_FAULT),
+    }

@@ -19,8 +19,9 @@ logger = logging.getLogger("ray.serve")
 UNRESPONSIVE_HEADER = "X-Replicas-Unresponsive"
 
 
-async def replica_rows(handle: Any, method: str, timeout_s: float
-                       ) -> tuple[list[dict[str, Any]], int]:
+async def replica_rows(
+    handle: Any, method: str, timeout_s: float
+) -> tuple[list[dict[str, Any]], int]:
     """Call `method` on every replica behind `handle`: the answers (rows, by replica id) and
     how many replicas failed or did not answer within `timeout_s`."""
     response = handle.broadcast(method)
@@ -48,6 +49,10 @@ def _rows(answers: list[Any], silent: int) -> tuple[list[dict[str, Any]], int]:
     rows = sorted((a for a in answers if isinstance(a, dict)), key=lambda r: r["replica_id"])
     missing = len(answers) - len(rows) + silent
     if missing:
-        logger.warning("%d model replica(s) gave no /admin/replicas row (%d failed, %d silent)",
-                       missing, missing - silent, silent)
+        logger.warning(
+            "%d model replica(s) gave no /admin/replicas row (%d failed, %d silent)",
+            missing,
+            missing - silent,
+            silent,
+        )
     return rows, missing

@@ -39,9 +39,15 @@ class RequestShape:
         return self.kv_tokens * bytes_per_token
 
 
-def shape_request(user_key: str | None, prompt_tokens: int, max_tokens: int, context: int,
-                  param: str, limit_param: str | None = None, tenant: str = ""
-                  ) -> RequestShape:
+def shape_request(
+    user_key: str | None,
+    prompt_tokens: int,
+    max_tokens: int,
+    context: int,
+    param: str,
+    limit_param: str | None = None,
+    tenant: str = "",
+) -> RequestShape:
     """The shape of a request whose prompt (`param`: the field holding it) has
     `prompt_tokens` tokens, asking for up to `max_tokens` more, on a model of `context`
     tokens. A length the client set (`limit_param` names its field) that does not fit after
@@ -51,13 +57,18 @@ def shape_request(user_key: str | None, prompt_tokens: int, max_tokens: int, con
     if prompt_tokens >= context:
         raise AdmissionError(
             f"the prompt has {prompt_tokens} tokens but this model's context is {context} "
-            "tokens (prompt plus at least one new token must fit)", param,
-            "context_length_exceeded")
+            "tokens (prompt plus at least one new token must fit)",
+            param,
+            "context_length_exceeded",
+        )
     if limit_param is not None and prompt_tokens + max_tokens > context:
         raise AdmissionError(
             f"this model's context is {context} tokens, but {prompt_tokens} prompt tokens "
             f"plus {limit_param}={max_tokens} make {prompt_tokens + max_tokens}; lower "
-            f"{limit_param} to at most {context - prompt_tokens}", limit_param,
-            "context_length_exceeded")
-    return RequestShape(user_key, prompt_tokens,
-                        max(1, min(max_tokens, context - prompt_tokens)), tenant)
+            f"{limit_param} to at most {context - prompt_tokens}",
+            limit_param,
+            "context_length_exceeded",
+        )
+    return RequestShape(
+        user_key, prompt_tokens, max(1, min(max_tokens, context - prompt_tokens)), tenant
+    )

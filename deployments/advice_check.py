@@ -55,8 +55,9 @@ class Placement:
 class AdviceCheck:
     """Reads every placed range back at named phases; keeps what went wrong and when."""
 
-    def __init__(self, reader: RangeReader, chunk_bytes: int = 64 << 10,
-                 max_chunks: int = 256) -> None:
+    def __init__(
+        self, reader: RangeReader, chunk_bytes: int = 64 << 10, max_chunks: int = 256
+    ) -> None:
         self.reader = reader
         self.chunk_bytes = chunk_bytes
         self.max_chunks = max_chunks
@@ -67,16 +68,24 @@ class AdviceCheck:
     def place(self, name: str, tensor: Any, where: Where) -> None:
         """Remember that `tensor` (named `name`) was advised to live at `where`."""
         start, size, isolated = advised_span(tensor)
-        self.placements[name] = Placement(name, where, start, size, isolated,
-                                          tensor.data_ptr() - start,
-                                          tensor.numel() * tensor.element_size())
+        self.placements[name] = Placement(
+            name,
+            where,
+            start,
+            size,
+            isolated,
+            tensor.data_ptr() - start,
+            tensor.numel() * tensor.element_size(),
+        )
 
     def prefetched(self, name: str) -> None:
         self.placements[name].prefetched = True
 
     def _reads(self, start: int, size: int) -> tuple[int, int]:
-        return (self.reader.read(start, size, _RANGE_PREFERRED_LOCATION),
-                self.reader.read(start, size, _RANGE_LAST_PREFETCH_LOCATION))
+        return (
+            self.reader.read(start, size, _RANGE_PREFERRED_LOCATION),
+            self.reader.read(start, size, _RANGE_LAST_PREFETCH_LOCATION),
+        )
 
     def _wrong(self, p: Placement, preferred: int, prefetched: int) -> bool:
         want = self.reader.expected(p.where)
@@ -94,9 +103,15 @@ class AdviceCheck:
             if last and (last["preferred"], last["prefetched"]) == (preferred, prefetched):
                 last["bytes"] += n
                 continue
-            runs.append({"offset": offset, "bytes": n, "preferred": preferred,
-                         "prefetched": prefetched,
-                         "block_offset": (p.start + offset) % ADVICE_PAGE})
+            runs.append(
+                {
+                    "offset": offset,
+                    "bytes": n,
+                    "preferred": preferred,
+                    "prefetched": prefetched,
+                    "block_offset": (p.start + offset) % ADVICE_PAGE,
+                }
+            )
         return runs
 
     def check(self, phase: str) -> list[dict[str, Any]]:
@@ -112,15 +127,28 @@ class AdviceCheck:
             if not self._wrong(p, preferred, prefetched):
                 continue
             self.first_loss.setdefault(p.name, phase)
-            wrong.append({"name": p.name, "where": p.where, "preferred": preferred,
-                          "prefetched": prefetched, "runs": self.runs(p)})
+            wrong.append(
+                {
+                    "name": p.name,
+                    "where": p.where,
+                    "preferred": preferred,
+                    "prefetched": prefetched,
+                    "runs": self.runs(p),
+                }
+            )
         self.history.append({"phase": phase, "wrong": wrong})
         return wrong
 
     def report(self) -> dict[str, Any]:
         """JSON-able: each range's layout, every phase's mismatches, each range's first loss."""
-        return {"ranges": [{**asdict(p), "block_offset": p.block_offset}
-                           for p in self.placements.values()],
-                "history": self.history, "first_loss": self.first_loss,
-                "expected": {"device": self.reader.expected("device"),
-                             "host": self.reader.expected("host")}}
+        return {
+            "ranges": [
+                {**asdict(p), "block_offset": p.block_offset} for p in self.placements.values()
+            ],
+            "history": self.history,
+            "first_loss": self.first_loss,
+            "expected": {
+                "device": self.reader.expected("device"),
+                "host": self.reader.expected("host"),
+            },
+        }

@@ -46,12 +46,15 @@ def openai_base_url(app_name: str) -> tuple[str | None, list[str]]:
         return None, []
     if prefix is None:
         return None, []
-    return ((join_url(root, prefix) if root else None),
-            direct_urls(details, app_name, prefix, urlsplit(root or "").hostname))
+    return (
+        (join_url(root, prefix) if root else None),
+        direct_urls(details, app_name, prefix, urlsplit(root or "").hostname),
+    )
 
 
-def direct_urls(details: dict, app_name: str, route_prefix: str,
-                proxy_host: str | None = None) -> list[str]:
+def direct_urls(
+    details: dict, app_name: str, route_prefix: str, proxy_host: str | None = None
+) -> list[str]:
     """The OpenAI base URLs of the app's ingress replicas' own HTTP servers, from Serve's
     instance details: its HTTP target groups point at those replicas only under direct
     ingress (otherwise at the proxies, in groups of no app). The replicas bind the proxy's
@@ -60,21 +63,29 @@ def direct_urls(details: dict, app_name: str, route_prefix: str,
     urls = []
     for group in details.get("target_groups") or []:
         if group.get("app_name") != app_name or str(group.get("protocol")) not in (
-                "HTTP", "RequestProtocol.HTTP"):
+            "HTTP",
+            "RequestProtocol.HTTP",
+        ):
             continue
-        urls += [join_url(f"http://{loopback or t['ip']}:{t['port']}", route_prefix)
-                 for t in group.get("targets", [])]
+        urls += [
+            join_url(f"http://{loopback or t['ip']}:{t['port']}", route_prefix)
+            for t in group.get("targets", [])
+        ]
     return sorted(urls)
 
 
-async def announce_when_ready(readiness: Readiness, app_name: str, model: str,
-                              period_s: float = 1.0) -> str | None:
+async def announce_when_ready(
+    readiness: Readiness, app_name: str, model: str, period_s: float = 1.0
+) -> str | None:
     """Wait until a model replica can serve, log where the API is, return that URL."""
     while not (verdict := await readiness.check()).ready:
         await asyncio.sleep(period_s)
     url, direct = await asyncio.to_thread(openai_base_url, app_name)
-    logger.info("OpenAI API ready at %s (model %s, %d model replica(s) running)%s",
-                url or f"the Serve HTTP proxy under app {app_name!r}'s route prefix",
-                model, verdict.running,
-                f"; direct ingress (skips Serve's proxy): {', '.join(direct)}" if direct else "")
+    logger.info(
+        "OpenAI API ready at %s (model %s, %d model replica(s) running)%s",
+        url or f"the Serve HTTP proxy under app {app_name!r}'s route prefix",
+        model,
+        verdict.running,
+        f"; direct ingress (skips Serve's proxy): {', '.join(direct)}" if direct else "",
+    )
     return url

@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 Endpoint = Literal["chat", "completion"]
 UNSUPPORTED = "unsupported_parameter"
 
+
 def _absent(value: Any) -> bool:
     return value is None
 
@@ -42,8 +43,10 @@ _CHAT: dict[str, Rule] = {
     "web_search_options": (_absent, "web search is not supported"),
     "store": (_false, "stored completions are not supported"),
     "metadata": (lambda v: not v, "metadata is for stored completions, which are not supported"),
-    "service_tier": (lambda v: v in (None, "auto", "default"),
-                     "only the default service tier exists here"),
+    "service_tier": (
+        lambda v: v in (None, "auto", "default"),
+        "only the default service tier exists here",
+    ),
     "reasoning_effort": (_absent, "reasoning effort is not supported"),
     "verbosity": (_absent, "verbosity is not supported"),
     "prompt_cache_key": (_absent, "use the X-User-Id header or `user` to keep a KV cache"),
@@ -67,8 +70,9 @@ def refused(endpoint: Endpoint) -> dict[str, Rule]:
 
 
 def _refuse(param: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError(UNSUPPORTED, "{param}: {reason}",
-                               {"param": param, "reason": message})
+    return PydanticCustomError(
+        UNSUPPORTED, "{param}: {reason}", {"param": param, "reason": message}
+    )
 
 
 def refuse_fields(data: Any, known: set[str], endpoint: Endpoint) -> Any:

@@ -26,9 +26,11 @@ ROUTER_CLASS = "deployments.router:UnifiedMemoryRouter"
 # the ingress's handle routes on that loop too, so a request and each streamed message skip
 # a hop between threads; objects built at start-up (an engine's, a tokenizer's) are frozen
 # out of the garbage collector's scans, which would otherwise pause every thread with the GIL.
-SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-             "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1"}
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
 
 
 def runtime_env() -> dict[str, Any]:
@@ -36,8 +38,11 @@ def runtime_env() -> dict[str, Any]:
 
 
 def replica_actor_options(cfg: ReplicaConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
-                               "runtime_env": runtime_env()}
+    options: dict[str, Any] = {
+        "num_cpus": cfg.num_cpus,
+        "num_gpus": cfg.num_gpus,
+        "runtime_env": runtime_env(),
+    }
     if cfg.accelerator_type:
         options["accelerator_type"] = cfg.accelerator_type
     if cfg.resources:
@@ -90,6 +95,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         max_queued_requests=cfg.ingress.max_queued_requests,
         backpressure_config=BackpressureConfig(
-            status_code=429, retry_after_s=cfg.ingress.retry_after_s),
+            status_code=429, retry_after_s=cfg.ingress.retry_after_s
+        ),
     )
     return ingress.bind(replica, cfg)

@@ -111,8 +111,10 @@ def load_keys(cfg: AuthConfig, environ: Mapping[str, str] = os.environ) -> KeyRi
     if cfg.admin_keys_env:
         admin = [k for k in _SEPARATORS.split(environ.get(cfg.admin_keys_env, "")) if k]
         if not admin:
-            raise ConfigError(f"auth.admin_keys_env: environment variable {cfg.admin_keys_env} "
-                              "is unset or empty in the ingress process")
+            raise ConfigError(
+                f"auth.admin_keys_env: environment variable {cfg.admin_keys_env} "
+                "is unset or empty in the ingress process"
+            )
     return KeyRing(keys, admin)
 
 
@@ -122,8 +124,10 @@ def user_secret(cfg: AuthConfig, environ: Mapping[str, str] = os.environ) -> byt
         return b""
     secret = environ.get(cfg.user_key_secret_env, "")
     if not secret:
-        raise ConfigError(f"auth.user_key_secret_env: environment variable "
-                          f"{cfg.user_key_secret_env} is unset or empty in the ingress process")
+        raise ConfigError(
+            f"auth.user_key_secret_env: environment variable "
+            f"{cfg.user_key_secret_env} is unset or empty in the ingress process"
+        )
     return secret.encode("utf-8")
 
 

@@ -60,13 +60,15 @@ class NodeMemory:
     headroom_bytes: int = DEFAULT_HEADROOM_BYTES
 
     @classmethod
-    def grace(cls, hbm_bytes: int, host_budget: int,
-              headroom_bytes: int = DEFAULT_HEADROOM_BYTES) -> NodeMemory:
+    def grace(
+        cls, hbm_bytes: int, host_budget: int, headroom_bytes: int = DEFAULT_HEADROOM_BYTES
+    ) -> NodeMemory:
         return cls(True, hbm_bytes, host_budget, headroom_bytes)
 
     @classmethod
-    def discrete(cls, device_free_bytes: int,
-                 headroom_bytes: int = DEFAULT_HEADROOM_BYTES) -> NodeMemory:
+    def discrete(
+        cls, device_free_bytes: int, headroom_bytes: int = DEFAULT_HEADROOM_BYTES
+    ) -> NodeMemory:
         return cls(False, device_free_bytes, 0, headroom_bytes)
 
     @property
@@ -114,9 +116,11 @@ class MemorySnapshot:
     def describe(self) -> str:
         """One log line's worth: resource, capacity, in use, free unified memory (GiB)."""
         gib = 1 << 30
-        return (f"{self.resource} on {self.platform}, {self.capacity_bytes / gib:.2f} GiB "
-                f"capacity, {self.used_bytes / gib:.2f} GiB in use, "
-                f"{self.free_unified_memory_bytes / gib:.2f} GiB free unified memory")
+        return (
+            f"{self.resource} on {self.platform}, {self.capacity_bytes / gib:.2f} GiB "
+            f"capacity, {self.used_bytes / gib:.2f} GiB in use, "
+            f"{self.free_unified_memory_bytes / gib:.2f} GiB free unified memory"
+        )
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,11 @@ def memory_snapshot(reading: AllocatorReading, engine: EngineMemory) -> MemorySn
     if reading.device_bound and reading.device_free_bytes is not None:
         free = min(free, reading.device_free_bytes + engine.spare_bytes)
     return MemorySnapshot(
-        reading.platform, reading.resource, reading.capacity_bytes + engine.tier_bytes,
-        used + engine.tier_used_bytes, free + engine.tier_bytes - engine.tier_used_bytes,
+        reading.platform,
+        reading.resource,
+        reading.capacity_bytes + engine.tier_bytes,
+        used + engine.tier_used_bytes,
+        free + engine.tier_bytes - engine.tier_used_bytes,
         reading.device_free_bytes,
     )
 

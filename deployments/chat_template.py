@@ -71,17 +71,24 @@ class _TemplateNamespace(jinja2.utils.Namespace):
     def _check(name: Any) -> None:
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot store underscore-prefixed attributes ({name!r})")
+                f"chat templates cannot store underscore-prefixed attributes ({name!r})"
+            )
 
 
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: Any = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(format: str) -> str:
@@ -91,11 +98,16 @@ def _strftime_now(format: str) -> str:
 @functools.lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
     """The compiled template (cached by source)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       dict=_TemplateDict(), namespace=_TemplateNamespace)
+    env.globals.update(
+        raise_exception=_raise_exception,
+        strftime_now=_strftime_now,
+        dict=_TemplateDict(),
+        namespace=_TemplateNamespace,
+    )
     return env.from_string(source)
 
 
@@ -134,17 +146,23 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise ChatTemplateError(f"chat messages must be objects, got {message!r}")
         message = {k: v for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None),
-                         None)
+        reasoning = next(
+            (message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None
+        )
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
     return out
 
 
-def render(source: str, messages: Any, tools: list[dict] | None = None,
-           documents: list[dict] | None = None, add_generation_prompt: bool = False,
-           **variables: Any) -> str:
+def render(
+    source: str,
+    messages: Any,
+    tools: list[dict] | None = None,
+    documents: list[dict] | None = None,
+    add_generation_prompt: bool = False,
+    **variables: Any,
+) -> str:
     """Render `source` for a chat; `variables` (special tokens, template options) are passed
     as template variables. Raises ChatTemplateError for bad input or a template's refusal."""
     if tools is not None and not all(isinstance(t, dict) for t in tools):
@@ -154,8 +172,12 @@ def render(source: str, messages: Any, tools: list[dict] | None = None,
     chat = normalize_messages(messages)
     try:
         return compile_template(source).render(
-            messages=chat, tools=plain(tools), documents=plain(documents),
-            add_generation_prompt=add_generation_prompt, **plain(variables))
+            messages=chat,
+            tools=plain(tools),
+            documents=plain(documents),
+            add_generation_prompt=add_generation_prompt,
+            **plain(variables),
+        )
     except (jinja2.exceptions.TemplateError, TypeError, ValueError) as exc:
         # Templates compute on the client's data (concatenate, index, trim): its mistakes.
         raise ChatTemplateError(f"the chat template refused this chat: {exc}") from exc

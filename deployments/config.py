@@ -45,7 +45,7 @@ class ModelConfig(_Section):
         "auto",
         description="How tool calls are read from the model's output (vLLM's parser names): "
         "`hermes` for `<tool_call>{...}</tool_call>` (Qwen2/2.5/3, Hermes), `llama3_json` for "
-        "Llama 3.x's `{\"name\": ..., \"parameters\": ...}`; `auto` picks from the chat "
+        'Llama 3.x\'s `{"name": ..., "parameters": ...}`; `auto` picks from the chat '
         "template; `none`: requests whose tool_choice is not `none` are refused.",
     )
     device_weight_budget_bytes: ByteSize | None = Field(
@@ -142,15 +142,15 @@ class EngineConfig(_Section):
         None, gt=0, description="torch threads on a CPU replica; default: the actor's CPUs."
     )
     page_size: int = Field(16, gt=0, le=256, description="Tokens per KV page (paged engine).")
-    max_num_seqs: int = Field(
-        256, gt=0, description="Most sequences in one batch (paged engine)."
-    )
+    max_num_seqs: int = Field(256, gt=0, description="Most sequences in one batch (paged engine).")
     max_batched_tokens: int = Field(
         8192, gt=0, description="Token budget of one step; long prompts prefill in chunks of it."
     )
     cuda_graphs: bool = Field(True, description="Replay decode steps as CUDA graphs (GPU).")
     prefill_graph_tokens: int = Field(
-        512, ge=0, le=4096,
+        512,
+        ge=0,
+        le=4096,
         description="With `cuda_graphs` and `triton` prefill attention, a step that is one "
         "sequence's prefill chunk of at most this many tokens (a returning user's new turn, a "
         "short prompt) replays a CUDA graph, captured at start-up per token-count bucket, "
@@ -163,7 +163,8 @@ class EngineConfig(_Section):
         "attention (a masked chunk after a kept prefix falls back to its math kernel).",
     )
     random_weights: bool = Field(
-        False, description="Initialise weights randomly from the model's config instead of "
+        False,
+        description="Initialise weights randomly from the model's config instead of "
         "loading them (benchmarks and capacity tests of real architectures' shapes).",
     )
 
@@ -222,7 +223,9 @@ class RouterConfig(_Section):
         30.0, gt=0, description="How long a router remembers its own unconfirmed placements."
     )
     stale_stats_s: float | None = Field(
-        None, gt=0, description="Stats older than this rank their replica after every "
+        None,
+        gt=0,
+        description="Stats older than this rank their replica after every "
         "replica with fresh stats (a frozen replica stops reporting); None: 5 stats periods, "
         "at least 5 s.",
     )
@@ -239,37 +242,53 @@ class IngressConfig(_Section):
         600, gt=0, description="Longest a request may run before it is cut off (504)."
     )
     max_ongoing_requests: int = Field(
-        1024, gt=0, description="HTTP requests Serve lets one ingress replica hold at once "
-        "(also its actor's concurrency, which health checks share)."
+        1024,
+        gt=0,
+        description="HTTP requests Serve lets one ingress replica hold at once "
+        "(also its actor's concurrency, which health checks share).",
     )
     probe_slots: int = Field(
-        16, ge=1, description="Of max_ongoing_requests, slots the ingress keeps free for "
+        16,
+        ge=1,
+        description="Of max_ongoing_requests, slots the ingress keeps free for "
         "health checks and probes: it answers 429 `ingress_busy` beyond the rest.",
     )
     body_slots: int | None = Field(
-        None, ge=1, description="Of max_ongoing_requests, requests whose body may be arriving "
+        None,
+        ge=1,
+        description="Of max_ongoing_requests, requests whose body may be arriving "
         "at once; when full, the oldest incomplete body (if 1 s old or more) is answered 408 so "
         "a newer request gets in, else the newer one gets 429 bodies_busy (None: a quarter of "
         "max_ongoing_requests).",
     )
     max_requests_per_key: int | None = Field(
-        None, gt=0, description="With auth on, most requests one API key may have in flight "
+        None,
+        gt=0,
+        description="With auth on, most requests one API key may have in flight "
         "on one ingress replica (429 `key_busy` beyond); None: no cap.",
     )
     body_timeout_s: float = Field(
-        30, gt=0, description="Longest a request's body may take to arrive whole (408 "
+        30,
+        gt=0,
+        description="Longest a request's body may take to arrive whole (408 "
         "`request_timeout` after), so a stalled client frees its slot.",
     )
     first_token_timeout_s: float = Field(
-        300, gt=0, description="Longest a request may wait for its first token, queueing "
+        300,
+        gt=0,
+        description="Longest a request may wait for its first token, queueing "
         "included (504 `timeout`); never more than request_timeout_s.",
     )
     admin_timeout_s: float = Field(
-        5, gt=0, description="Longest /admin/replicas waits for a replica's row; replicas "
+        5,
+        gt=0,
+        description="Longest /admin/replicas waits for a replica's row; replicas "
         "that take longer are listed as `unresponsive`.",
     )
     stream_idle_timeout_s: float = Field(
-        60, gt=0, description="Longest a replica's stream may go without a message after its "
+        60,
+        gt=0,
+        description="Longest a replica's stream may go without a message after its "
         "first; then the request ends with an error (504 / an error chunk `stream_stalled`).",
     )
     max_queued_requests: int = Field(
@@ -299,9 +318,11 @@ class IngressConfig(_Section):
     @model_validator(mode="after")
     def _probe_room(self) -> IngressConfig:
         if self.request_limit < 1:
-            raise ValueError(f"probe_slots ({self.probe_slots}) and body_slots "
-                             f"({self.body_limit}) leave no room in max_ongoing_requests "
-                             f"({self.max_ongoing_requests})")
+            raise ValueError(
+                f"probe_slots ({self.probe_slots}) and body_slots "
+                f"({self.body_limit}) leave no room in max_ongoing_requests "
+                f"({self.max_ongoing_requests})"
+            )
         return self
 
     @property

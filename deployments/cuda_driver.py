@@ -35,8 +35,9 @@ def installed_needs() -> list[Need]:
 
     if torch.version.cuda:  # None for a CPU build
         major = int(torch.version.cuda.split(".")[0])
-        needs.append(Need(f"PyTorch {torch.__version__} (built for CUDA {torch.version.cuda})",
-                          major))
+        needs.append(
+            Need(f"PyTorch {torch.__version__} (built for CUDA {torch.version.cuda})", major)
+        )
     for major in sorted(DRIVER_BRANCH):
         try:
             version = metadata.version(f"rmm-cu{major}")
@@ -58,17 +59,21 @@ def driver_problem(driver_version: int | None, needs: list[Need]) -> str | None:
     required = max(need.cuda_major for need in needs)
     if driver_version is not None and driver_version // 1000 >= required:
         return None
-    found = ("no CUDA driver could be queried" if driver_version is None else
-             f"the NVIDIA driver supports CUDA {format_cuda(driver_version)}")
+    found = (
+        "no CUDA driver could be queried"
+        if driver_version is None
+        else f"the NVIDIA driver supports CUDA {format_cuda(driver_version)}"
+    )
     wanting = "; ".join(n.what for n in needs if n.cuda_major == required)
     branch = DRIVER_BRANCH.get(required, f"a CUDA {required} driver")
-    return (f"{found}, but {wanting} need(s) CUDA {required}: install an NVIDIA driver of the "
-            f"{branch} branch or newer (nvidia-smi shows the CUDA version it supports), or "
-            "install builds for the driver you have (a CUDA 12 PyTorch and the gpu-cu12 extra)")
+    return (
+        f"{found}, but {wanting} need(s) CUDA {required}: install an NVIDIA driver of the "
+        f"{branch} branch or newer (nvidia-smi shows the CUDA version it supports), or "
+        "install builds for the driver you have (a CUDA 12 PyTorch and the gpu-cu12 extra)"
+    )
 
 
-def require_cuda_driver(probe: DriverProbe | None = None, needs: list[Need] | None = None
-                        ) -> None:
+def require_cuda_driver(probe: DriverProbe | None = None, needs: list[Need] | None = None) -> None:
     """Raise RuntimeError naming the versions when the driver is too old for this install.
 
     `probe` defaults to the real driver, `needs` to what this process has installed."""

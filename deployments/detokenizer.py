@@ -43,8 +43,11 @@ class TokenDecoder:
         """`use_table=False` forces the window path (for comparisons)."""
         self.tokenizer = tokenizer
         self.table: ByteTable | None = build_byte_table(tokenizer) if use_table else None
-        logger.info("detokenizing %s through %s", type(tokenizer).__name__,
-                    "its byte table" if self.table else "decode windows")
+        logger.info(
+            "detokenizing %s through %s",
+            type(tokenizer).__name__,
+            "its byte table" if self.table else "decode windows",
+        )
 
     def stream(self, stop: Sequence[str] = ()) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, stop)
@@ -174,8 +177,11 @@ class IncrementalDetokenizer:
     def __init__(self, source: Any, stop: Sequence[str] = (), armed: bool = True) -> None:
         """`armed=False`: stop strings do not count until `armed` is set (min_tokens)."""
         decoder = source if isinstance(source, TokenDecoder) else token_decoder(source)
-        self._stream = (_ByteStream(decoder.table) if decoder.table is not None
-                        else _WindowStream(decoder.tokenizer))
+        self._stream = (
+            _ByteStream(decoder.table)
+            if decoder.table is not None
+            else _WindowStream(decoder.tokenizer)
+        )
         self._stop = tuple(s for s in stop if s)
         self._held = ""  # decoded but held back: it may begin a stop string
         self.stopped = False

@@ -19,23 +19,35 @@ from deployments.protocol import error_body
 
 logger = logging.getLogger("ray.serve")
 REPLICA_HEADER = "X-Replica-Id"
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-               404: "not_found_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 class APIError(Exception):
     """An OpenAI-shaped error with its HTTP status; Python callers receive it as raised."""
 
-    def __init__(self, status: int, message: str, err_type: str | None = None,
-                 param: str | None = None, code: str | None = None,
-                 replica_id: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        err_type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        replica_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = error_body(message, err_type or ERROR_TYPES.get(status, "server_error"),
-                               param, code)
+        self.body = error_body(
+            message, err_type or ERROR_TYPES.get(status, "server_error"), param, code
+        )
         self.replica_id = replica_id
         self.headers = dict(headers or {})
 
@@ -47,8 +59,18 @@ class APIError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries through Ray
         err = self.body["error"]
-        return (APIError, (self.status, err["message"], err["type"], err["param"], err["code"],
-                           self.replica_id, self.headers))
+        return (
+            APIError,
+            (
+                self.status,
+                err["message"],
+                err["type"],
+                err["param"],
+                err["code"],
+                self.replica_id,
+                self.headers,
+            ),
+        )
 
     def response(self) -> JSONResponse:
         headers = dict(self.headers)
@@ -79,8 +101,11 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """The 400 for pydantic errors: `unsupported_parameter` when a field is refused."""
     message, param = validation_message(errors)
-    code = "unsupported_parameter" if any(
-        e.get("type") == "unsupported_parameter" for e in errors) else None
+    code = (
+        "unsupported_parameter"
+        if any(e.get("type") == "unsupported_parameter" for e in errors)
+        else None
+    )
     return APIError(400, message, param=param, code=code)
 
 
@@ -106,5 +131,4 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, APIError],
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error in ingress")
-        return send(request, APIError(500, f"internal error: {type(exc).__name__}",
-                                      "server_error"))
+        return send(request, APIError(500, f"internal error: {type(exc).__name__}", "server_error"))

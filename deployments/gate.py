@@ -35,17 +35,18 @@ Send = Callable[[Message], Awaitable[None]]
 
 PRINCIPAL_SCOPE_KEY = "grace_serve.principal"
 # Probes (liveness, readiness) and the API's documentation need no key.
-OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                        "/redoc"})
+OPEN_PATHS = frozenset(
+    {"/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 ADMIN_PREFIX = "/admin/"  # with auth on, only admin keys (KeyRing.is_admin) reach these
 BUSY_MESSAGES = {
     "ingress_busy": "the server is busy: this ingress replica runs as many requests as it "
-                    "takes; retry after the time in Retry-After",
+    "takes; retry after the time in Retry-After",
     "key_busy": "too many requests in flight for this API key; wait for one to finish or "
-                "retry after the time in Retry-After",
+    "retry after the time in Retry-After",
     "bodies_busy": "the server is busy: too many request bodies are arriving at once; retry "
-                   "after the time in Retry-After",
+    "after the time in Retry-After",
 }
 
 
@@ -65,7 +66,7 @@ class GateSettings:
 def _route_path(scope: Scope) -> str:
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):]
+        path = path[len(root) :]
     return path or "/"
 
 
@@ -76,8 +77,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _authenticate(scope: Scope, receive: Receive, send: Send,
-                        settings: GateSettings) -> tuple[bool, str | None]:
+async def _authenticate(
+    scope: Scope, receive: Receive, send: Send, settings: GateSettings
+) -> tuple[bool, str | None]:
     """(True, principal) for a request that may go on: its key's principal (also recorded in
     the scope), None when no keys are configured; (False, None) after refusing a missing or
     wrong key, or a non-admin key on an admin route."""
@@ -86,17 +88,30 @@ async def _authenticate(scope: Scope, receive: Receive, send: Send,
     principal = settings.keys.match(bearer_token(_header(scope, b"authorization")))
     if principal is None:
         settings.on_reject("invalid_api_key")
-        await _refuse(scope, receive, send, 401, "invalid_api_key",
-                      "Incorrect or missing API key: send `Authorization: Bearer "
-                      "<key>` with a key this server accepts.",
-                      {"WWW-Authenticate": "Bearer"})
+        await _refuse(
+            scope,
+            receive,
+            send,
+            401,
+            "invalid_api_key",
+            "Incorrect or missing API key: send `Authorization: Bearer "
+            "<key>` with a key this server accepts.",
+            {"WWW-Authenticate": "Bearer"},
+        )
         return False, None
     scope[PRINCIPAL_SCOPE_KEY] = principal
     if _route_path(scope).startswith(ADMIN_PREFIX) and not settings.keys.is_admin(principal):
         settings.on_reject("admin_key_required")
-        await _refuse(scope, receive, send, 403, "admin_key_required",
-                      "this route needs an admin key (auth.admin_keys_env)", None,
-                      "permission_error")
+        await _refuse(
+            scope,
+            receive,
+            send,
+            403,
+            "admin_key_required",
+            "this route needs an admin key (auth.admin_keys_env)",
+            None,
+            "permission_error",
+        )
         return False, None
     return True, principal
 
@@ -125,23 +140,33 @@ class Gate:
         refused = settings.slots.take(principal)
         if refused is not None:
             settings.on_reject(refused)
-            await _refuse(scope, receive, send, 429, refused, BUSY_MESSAGES[refused],
-                          {"Retry-After": str(settings.retry_after_s)}, "rate_limit_error")
+            await _refuse(
+                scope,
+                receive,
+                send,
+                429,
+                refused,
+                BUSY_MESSAGES[refused],
+                {"Retry-After": str(settings.retry_after_s)},
+                "rate_limit_error",
+            )
             return
         try:
             await _until_gone(self.app, scope, body, receive, send)
         finally:
             settings.slots.give_back(principal)
 
-    async def _pass(self, scope: Scope, receive: Receive, send: Send,
-                    settings: GateSettings) -> None:
+    async def _pass(
+        self, scope: Scope, receive: Receive, send: Send, settings: GateSettings
+    ) -> None:
         """Hand a probe on, its body (if any) read whole first; it takes no slot."""
         body = await self._body(scope, receive, send, settings)
         if body is not None:
             await _until_gone(self.app, scope, body, receive, send)
 
-    async def _body(self, scope: Scope, receive: Receive, send: Send,
-                    settings: GateSettings) -> bytes | None:
+    async def _body(
+        self, scope: Scope, receive: Receive, send: Send, settings: GateSettings
+    ) -> bytes | None:
         """The request's whole body (b"" for methods without one), read as one of the
         `Readers`; None after refusing it."""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -149,8 +174,16 @@ class Gate:
         entered = settings.readers.enter()
         if entered is None:
             settings.on_reject("bodies_busy")
-            await _refuse(scope, receive, send, 429, "bodies_busy", BUSY_MESSAGES["bodies_busy"],
-                          {"Retry-After": str(settings.retry_after_s)}, "rate_limit_error")
+            await _refuse(
+                scope,
+                receive,
+                send,
+                429,
+                "bodies_busy",
+                BUSY_MESSAGES["bodies_busy"],
+                {"Retry-After": str(settings.retry_after_s)},
+                "rate_limit_error",
+            )
             return None
         token, pushed = entered
         try:
@@ -159,8 +192,9 @@ class Gate:
             settings.readers.leave(token)
 
     @staticmethod
-    async def _read_body(scope: Scope, receive: Receive, send: Send, settings: GateSettings,
-                         pushed: asyncio.Event) -> bytes | None:
+    async def _read_body(
+        scope: Scope, receive: Receive, send: Send, settings: GateSettings, pushed: asyncio.Event
+    ) -> bytes | None:
         """The whole body, or None after refusing it as too large or too slow (its time ran
         out, or it was the oldest reader when the pool was full: `pushed`)."""
         limit = settings.max_body_bytes
@@ -177,10 +211,20 @@ class Gate:
             message = await _receive_unless(receive, pushed, deadline - loop.time())
             if message is None:
                 settings.on_reject("request_timeout")
-                why = ("the server needed its slot for a newer request" if pushed.is_set()
-                       else f"not within {settings.body_timeout_s:g} s")
-                await _refuse(scope, receive, send, 408, "request_timeout",
-                              f"the request body did not arrive: {why}", {"Connection": "close"})
+                why = (
+                    "the server needed its slot for a newer request"
+                    if pushed.is_set()
+                    else f"not within {settings.body_timeout_s:g} s"
+                )
+                await _refuse(
+                    scope,
+                    receive,
+                    send,
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive: {why}",
+                    {"Connection": "close"},
+                )
                 return None
             if message["type"] == "http.disconnect":
                 return None
@@ -195,16 +239,18 @@ class Gate:
                 return b"".join(chunks)
 
 
-async def _receive_unless(receive: Receive, pushed: asyncio.Event, timeout_s: float
-                          ) -> Message | None:
+async def _receive_unless(
+    receive: Receive, pushed: asyncio.Event, timeout_s: float
+) -> Message | None:
     """The client's next message, or None if `pushed` is set or `timeout_s` passes first."""
     if pushed.is_set():
         return None
     message = asyncio.ensure_future(receive())
     stop = asyncio.ensure_future(pushed.wait())
     try:
-        done, _ = await asyncio.wait({message, stop}, timeout=max(0.0, timeout_s),
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {message, stop}, timeout=max(0.0, timeout_s), return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         stop.cancel()
     if message in done:
@@ -213,8 +259,13 @@ async def _receive_unless(receive: Receive, pushed: asyncio.Event, timeout_s: fl
     return None
 
 
-async def _until_gone(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope,
-                      body: bytes, receive: Receive, send: Send) -> None:
+async def _until_gone(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    scope: Scope,
+    body: bytes,
+    receive: Receive,
+    send: Send,
+) -> None:
     """Run `app` on the buffered body, cancelled as soon as the client disconnects.
 
     The gate alone reads the client's messages after the body, so a gone client cancels every
@@ -262,8 +313,15 @@ def _replay(body: bytes, gone: asyncio.Event) -> Receive:
     return replay
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, code: str,
-                  message: str, headers: dict[str, str] | None = None,
-                  err_type: str = "invalid_request_error") -> None:
+async def _refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    err_type: str = "invalid_request_error",
+) -> None:
     body = error_body(message, err_type, None, code)
     await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)

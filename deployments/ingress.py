@@ -16,7 +16,6 @@ mid-stream ends that stream with an error event; every request has a deadline (5
 Never imports torch or rmm.
 """
 
-
 import asyncio
 import logging
 import time
@@ -129,41 +128,56 @@ class OpenAIIngress:
         self._metrics = IngressMetrics()
         self._max_model_len: int | None = None
         model = self._args.model
-        tokenizer = TextTokenizer.load(resolve_model_dir(model.model_id, model.revision,
-                                                         weights=False))
+        tokenizer = TextTokenizer.load(
+            resolve_model_dir(model.model_id, model.revision, weights=False)
+        )
         self._decoder = token_decoder(tokenizer)  # its byte table, built once
         self._logprobs = LogprobFormatter(self._decoder)
-        self._prompts = PromptBuilder(tokenizer, self._args.engine.default_max_tokens,
-                                      self._limits.max_messages,
-                                      _tool_parser(model.tool_call_parser, tokenizer),
-                                      user_secret(self._args.auth))
-        logger.info("OpenAIIngress for %s: auth %s (%d keys)", self._model,
-                    "on" if self._keys.enabled else "off", len(self._keys))
+        self._prompts = PromptBuilder(
+            tokenizer,
+            self._args.engine.default_max_tokens,
+            self._limits.max_messages,
+            _tool_parser(model.tool_call_parser, tokenizer),
+            user_secret(self._args.auth),
+        )
+        logger.info(
+            "OpenAIIngress for %s: auth %s (%d keys)",
+            self._model,
+            "on" if self._keys.enabled else "off",
+            len(self._keys),
+        )
         self._readiness = Readiness(self._replica_counts, self._limits.retry_after_s)
-        self._announcer = asyncio.get_running_loop().create_task(announce_when_ready(
-            self._readiness, llm.app_name, self._model))
+        self._announcer = asyncio.get_running_loop().create_task(
+            announce_when_ready(self._readiness, llm.app_name, self._model)
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve after __init__: hand this replica's settings to the HTTP gate."""
         api: FastAPI = self.app  # type: ignore[attr-defined]  (set by serve.ingress)
         limits = self._limits
         api.state.gate = GateSettings(
-            self._keys, int(limits.max_body_bytes), self._metrics.reject, limits.body_timeout_s,
+            self._keys,
+            int(limits.max_body_bytes),
+            self._metrics.reject,
+            limits.body_timeout_s,
             slots=Slots(limits.request_limit, limits.max_requests_per_key),
-            readers=Readers(limits.body_limit), retry_after_s=limits.retry_after_s)
+            readers=Readers(limits.body_limit),
+            retry_after_s=limits.retry_after_s,
+        )
         api.state.metrics = self._metrics
         return api
 
     # ---- the shared path ------------------------------------------------------------------
 
     async def _replica_counts(self) -> ReplicaCounts:
-        return await asyncio.to_thread(deployment_counts, self._llm.app_name,
-                                       self._llm.deployment_name)
+        return await asyncio.to_thread(
+            deployment_counts, self._llm.app_name, self._llm.deployment_name
+        )
 
-    def _http_user(self, request: Request, header: str | None, body_user: str | None
-                   ) -> str | None:
-        return namespaced_user(request.scope.get(PRINCIPAL_SCOPE_KEY),
-                               resolve_user_id(header, body_user))
+    def _http_user(self, request: Request, header: str | None, body_user: str | None) -> str | None:
+        return namespaced_user(
+            request.scope.get(PRINCIPAL_SCOPE_KEY), resolve_user_id(header, body_user)
+        )
 
     def _handle_user(self, user: str | None, body_user: str | None) -> str | None:
         principal = HANDLE_PRINCIPAL if self._keys.enabled else None
@@ -172,13 +186,21 @@ class OpenAIIngress:
     def _check_model(self, model: str) -> None:
         if model != self._model:
             shown = model if len(model) <= 64 else f"{model[:64]}... ({len(model)} characters)"
-            raise APIError(404, f"The model '{shown}' does not exist; this server serves "
-                           f"'{self._model}'", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{shown}' does not exist; this server serves '{self._model}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def _busy(self) -> APIError:
-        return APIError(429, "the server is busy: every model replica's queue is full; retry "
-                        "after the time in Retry-After", code="queue_full",
-                        headers={"Retry-After": str(self._limits.retry_after_s)})
+        return APIError(
+            429,
+            "the server is busy: every model replica's queue is full; retry "
+            "after the time in Retry-After",
+            code="queue_full",
+            headers={"Retry-After": str(self._limits.retry_after_s)},
+        )
 
     async def _context(self) -> int:
         """The model's context in tokens, as its replicas know it (asked once)."""
@@ -188,21 +210,27 @@ class OpenAIIngress:
                 info = await asyncio.wait_for(self._llm.model_info.remote(), 30)
             except Exception as exc:
                 logger.warning("could not fetch model info: %r", exc)
-                raise APIError(503, "no model replica could serve the request; retry",
-                               "server_error", code="replica_unavailable") from None
+                raise APIError(
+                    503,
+                    "no model replica could serve the request; retry",
+                    "server_error",
+                    code="replica_unavailable",
+                ) from None
             self._max_model_len = int(info["max_model_len"])
         return self._max_model_len
 
-    async def _prepare(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
-                       ) -> Prepared:
+    async def _prepare(
+        self, req: ChatCompletionRequest | CompletionRequest, user: str | None
+    ) -> Prepared:
         self._check_model(req.model)
         context = await self._context()
         if isinstance(req, ChatCompletionRequest):
             return await self._prompts.chat(req, user, context)
         return await self._prompts.completion(req, user, context)
 
-    async def _open(self, prepared: Prepared, endpoint: str, arrived: float
-                    ) -> tuple[dict[str, Any], Messages]:
+    async def _open(
+        self, prepared: Prepared, endpoint: str, arrived: float
+    ) -> tuple[dict[str, Any], Messages]:
         """Start a request on a replica; return its `start` event (with the first token's
         `server_timing`) and the rest of the stream as text (its first message already holds
         the first token). `arrived`: when the ingress got the request (monotonic)."""
@@ -217,8 +245,12 @@ class OpenAIIngress:
             raise error_from_event(start)
         first_at = time.monotonic()
         self._metrics.request_done(endpoint, first_at - arrived, None)
-        start = {**start, "server_timing": server_timing(
-            (called - arrived) * 1e3, (first_at - called) * 1e3, start.get("replica_ms", 0.0))}
+        start = {
+            **start,
+            "server_timing": server_timing(
+                (called - arrived) * 1e3, (first_at - called) * 1e3, start.get("replica_ms", 0.0)
+            ),
+        }
 
         def ended(completion_tokens: int) -> None:
             if completion_tokens > 1:
@@ -226,8 +258,7 @@ class OpenAIIngress:
                 self._metrics.request_done(endpoint, None, tpot)
 
         text = TextStream(self._decoder, start, prepared.stop, prepared.min_tokens)
-        tokens = _prepend(first[1:], until_deadline(stream, deadline,
-                                                    limits.stream_idle_timeout_s))
+        tokens = _prepend(first[1:], until_deadline(stream, deadline, limits.stream_idle_timeout_s))
         messages = detokenized(tokens, text, ended)
         if prepared.tools is not None:
             messages = tool_events(messages, prepared.tools)
@@ -238,63 +269,91 @@ class OpenAIIngress:
         token), by `first_by` (monotonic) or a 504; a replica lost before it is retried
         (`replica_retries`), then a 503."""
         for attempt in range(self._limits.replica_retries + 1):
-            stream = self._streaming.generate.remote(request=prepared.payload,
-                                                     shape=prepared.shape)
+            stream = self._streaming.generate.remote(request=prepared.payload, shape=prepared.shape)
             try:
-                first = await asyncio.wait_for(stream.__anext__(),
-                                               max(0.0, first_by - time.monotonic()))
+                first = await asyncio.wait_for(
+                    stream.__anext__(), max(0.0, first_by - time.monotonic())
+                )
                 break
             except asyncio.TimeoutError:
                 stream.cancel()
-                raise APIError(504, "the request timed out before its first token",
-                               "server_error", code="timeout") from None
+                raise APIError(
+                    504,
+                    "the request timed out before its first token",
+                    "server_error",
+                    code="timeout",
+                ) from None
             except BackPressureError:
                 raise self._busy() from None
             except RayActorError as exc:  # the replica died: nothing was sent, so try again
                 retry = attempt < self._limits.replica_retries
-                logger.warning("replica lost before the first token (%s): %s",
-                               "retrying" if retry else "giving up", type(exc).__name__)
+                logger.warning(
+                    "replica lost before the first token (%s): %s",
+                    "retrying" if retry else "giving up",
+                    type(exc).__name__,
+                )
                 if not retry:
-                    raise APIError(503, "the model replica was lost; retry", "server_error",
-                                   code="replica_unavailable") from None
+                    raise APIError(
+                        503,
+                        "the model replica was lost; retry",
+                        "server_error",
+                        code="replica_unavailable",
+                    ) from None
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
             except Exception as exc:
-                logger.warning("replica call failed before its first token: %s",
-                               type(exc).__name__)
-                raise APIError(503, "no model replica could serve the request; retry",
-                               "server_error", code="replica_unavailable") from exc
+                logger.warning("replica call failed before its first token: %s", type(exc).__name__)
+                raise APIError(
+                    503,
+                    "no model replica could serve the request; retry",
+                    "server_error",
+                    code="replica_unavailable",
+                ) from exc
         return stream, first
 
-    async def _answer(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _answer(
+        self, req: ChatCompletionRequest | CompletionRequest, user: str | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """A whole (non-streamed) answer: the replica's `start` event and the OpenAI body."""
         chat, arrived = isinstance(req, ChatCompletionRequest), time.monotonic()
-        first, messages = await self._open(await self._prepare(req, user),
-                                           "chat" if chat else "completion", arrived)
+        first, messages = await self._open(
+            await self._prepare(req, user), "chat" if chat else "completion", arrived
+        )
         answer = await collect(first, messages)
         entries = answer.logprobs
         if chat:
             lp = self._logprobs.chat(entries) if entries is not None else None
-            body = chat_completion(new_id("chatcmpl"), self._model, answer.text,
-                                   answer.finish_reason, answer.usage, answer.tool_calls, lp)
+            body = chat_completion(
+                new_id("chatcmpl"),
+                self._model,
+                answer.text,
+                answer.finish_reason,
+                answer.usage,
+                answer.tool_calls,
+                lp,
+            )
         else:
             lp = self._logprobs.completion(entries, 0)[0] if entries is not None else None
-            body = text_completion(new_id("cmpl"), self._model, answer.text,
-                                   answer.finish_reason, answer.usage, lp)
+            body = text_completion(
+                new_id("cmpl"), self._model, answer.text, answer.finish_reason, answer.usage, lp
+            )
         return first, body
 
-    async def _respond(self, req: ChatCompletionRequest | CompletionRequest, user: str | None
-                       ) -> Any:
+    async def _respond(
+        self, req: ChatCompletionRequest | CompletionRequest, user: str | None
+    ) -> Any:
         """The HTTP response: server-sent events or one JSON body."""
         if not req.stream:
             first, body = await self._answer(req, user)
             return JSONResponse(body, headers=response_headers(first))
         chat, arrived = isinstance(req, ChatCompletionRequest), time.monotonic()
-        first, messages = await self._open(await self._prepare(req, user),
-                                           "chat" if chat else "completion", arrived)
+        first, messages = await self._open(
+            await self._prepare(req, user), "chat" if chat else "completion", arrived
+        )
         chunks = chat_events if chat else completion_events
-        return sse_response(first, chunks(
-            self._model, messages, req.include_usage, self._stream_failed, self._logprobs))
+        return sse_response(
+            first,
+            chunks(self._model, messages, req.include_usage, self._stream_failed, self._logprobs),
+        )
 
     def _stream_failed(self, reason: str) -> None:
         self._metrics.failed_streams.inc(tags={"reason": reason})
@@ -313,20 +372,28 @@ class OpenAIIngress:
     async def model(self, model_id: str) -> dict[str, Any]:
         """OpenAI's model object for the served name; 404 (not echoing the id) otherwise."""
         if model_id != self._model:
-            raise APIError(404, f"no such model; this server serves '{self._model}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"no such model; this server serves '{self._model}'",
+                param="model",
+                code="model_not_found",
+            )
         return (await self.models())["data"][0]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(
-        self, body: ChatCompletionRequest, request: Request,
+        self,
+        body: ChatCompletionRequest,
+        request: Request,
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
         return await self._respond(body, self._http_user(request, x_user_id, body.user))
 
     @app.post("/v1/completions")
     async def completions(
-        self, body: CompletionRequest, request: Request,
+        self,
+        body: CompletionRequest,
+        request: Request,
         x_user_id: str | None = Header(None, alias="X-User-Id", max_length=256),
     ) -> Any:
         return await self._respond(body, self._http_user(request, x_user_id, body.user))
@@ -335,8 +402,7 @@ class OpenAIIngress:
     async def admin_replicas(self) -> JSONResponse:
         """One object per replica that answers: memory, KV bytes and resident (hashed)
         users; those that do not are counted in X-Replicas-Unresponsive (admin.py)."""
-        rows, missing = await replica_rows(self._llm, "replica_info",
-                                           self._limits.admin_timeout_s)
+        rows, missing = await replica_rows(self._llm, "replica_info", self._limits.admin_timeout_s)
         return JSONResponse(rows, headers={UNRESPONSIVE_HEADER: str(missing)})
 
     @app.get("/health")
@@ -374,20 +440,21 @@ class OpenAIIngress:
         _, body = await self._counted(self._answer(req, self._handle_user(user, req.user)))
         return body
 
-    async def chat_stream(self, request: dict[str, Any], user: str | None = None
-                          ) -> AsyncIterator[dict[str, Any]]:
+    async def chat_stream(
+        self, request: dict[str, Any], user: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """Chat completion chunks, as the SSE stream would carry them; call with stream=True."""
         req = self._validate(ChatCompletionRequest, request)
         arrived = time.monotonic()
         prepared = await self._counted(self._prepare(req, self._handle_user(user, req.user)))
         _, messages = await self._counted(self._open(prepared, "chat", arrived))
-        async for chunks in chat_events(self._model, messages, True, self._stream_failed,
-                                        self._logprobs):
+        async for chunks in chat_events(
+            self._model, messages, True, self._stream_failed, self._logprobs
+        ):
             for chunk in chunks:
                 yield chunk
 
-    async def completion(self, request: dict[str, Any], user: str | None = None
-                         ) -> dict[str, Any]:
+    async def completion(self, request: dict[str, Any], user: str | None = None) -> dict[str, Any]:
         """A text completion, as the HTTP body would be."""
         req = self._validate(CompletionRequest, request)
         _, body = await self._counted(self._answer(req, self._handle_user(user, req.user)))

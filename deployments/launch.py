@@ -51,8 +51,9 @@ def serve_target(config: dict[str, Any]) -> ServeTarget:
     host = http.get("host", "127.0.0.1")
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     app = config["applications"][0]
-    return ServeTarget(app["name"], f"http://{host}:{http.get('port', 8000)}",
-                       app.get("route_prefix", "/"))
+    return ServeTarget(
+        app["name"], f"http://{host}:{http.get('port', 8000)}", app.get("route_prefix", "/")
+    )
 
 
 def is_ready(target: ServeTarget, timeout_s: float = 5) -> bool:
@@ -63,8 +64,9 @@ def is_ready(target: ServeTarget, timeout_s: float = 5) -> bool:
         return False
 
 
-def wait_until_ready(target: ServeTarget, serve: subprocess.Popen[bytes],
-                     period_s: float = 1.0) -> bool:
+def wait_until_ready(
+    target: ServeTarget, serve: subprocess.Popen[bytes], period_s: float = 1.0
+) -> bool:
     """Poll /ready until a model replica can serve (True) or `serve run` exits (False)."""
     while serve.poll() is None:
         if is_ready(target):
@@ -97,14 +99,21 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deployments.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", type=Path, help="a Serve config, e.g. configs/local.yaml")
     defaults = HeadPorts()
     parser.add_argument("--ray-port", type=int, default=defaults.ray, help="Ray's GCS port")
     parser.add_argument("--dashboard-port", type=int, default=defaults.dashboard)
-    parser.add_argument("--metrics-port", type=int, default=defaults.metrics,
-                        help="Ray's metrics export port: Prometheus text at /metrics")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=defaults.metrics,
+        help="Ray's metrics export port: Prometheus text at /metrics",
+    )
     parser.add_argument("--temp-dir", help="Ray's temp dir (default: Ray's, /tmp/ray)")
     return parser.parse_args(argv)
 
@@ -119,16 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not address:
             head, address = start_head(ports, args.temp_dir), ports.address
-            print(f"Ray dashboard: http://{ports.host}:{ports.dashboard}   metrics: "
-                  f"http://{ports.host}:{ports.metrics}/metrics", flush=True)
+            print(
+                f"Ray dashboard: http://{ports.host}:{ports.dashboard}   metrics: "
+                f"http://{ports.host}:{ports.metrics}/metrics",
+                flush=True,
+            )
         # RAY_ADDRESS=local: a private Ray that no other terminal can reach, as `serve run` does.
         instructions = attach_instructions(address) if address != "local" else ""
         print(instructions, flush=True)
         env = {**os.environ, **(attach_env(address) if address != "local" else {})}
         serve = subprocess.Popen([ray_cli("serve"), "run", str(args.config)], env=env)
         if wait_until_ready(target, serve):
-            print(f"\ngrace-serve is ready: the OpenAI API is at {target.url('/v1')}\n"
-                  f"{instructions}\n", flush=True)
+            print(
+                f"\ngrace-serve is ready: the OpenAI API is at {target.url('/v1')}\n"
+                f"{instructions}\n",
+                flush=True,
+            )
         return serve.wait()
     except KeyboardInterrupt:
         interrupted = True

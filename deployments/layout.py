@@ -99,8 +99,9 @@ class Layout:
         return -(-tokens // self.page_size)
 
 
-def resident_layer_count(spec: ModelSpec, budget: int | None, dtype_bytes: int,
-                         in_place: bool) -> int:
+def resident_layer_count(
+    spec: ModelSpec, budget: int | None, dtype_bytes: int, in_place: bool
+) -> int:
     """Layers that fit `model.device_weight_budget_bytes` beside the embeddings (and, unless
     cold layers are read `in_place`, the streaming buffers); all of them without a budget."""
     if budget is None:
@@ -115,7 +116,8 @@ def resident_layer_count(spec: ModelSpec, budget: int | None, dtype_bytes: int,
         raise ValueError(
             f"model.device_weight_budget_bytes {int(budget) / 1e9:.2f} GB is less than the "
             f"embeddings and {slots} layer buffers need ({(fixed + slots * layer) / 1e9:.2f} "
-            "GB)")
+            "GB)"
+        )
     return resident
 
 
@@ -128,13 +130,15 @@ def _graphs(args: AppArgs, device: str, streamed: bool) -> str | None:
     return "weights stream from host memory" if streamed else None
 
 
-def _kv_pages(spec: ModelSpec, args: AppArgs, size: int, kv_free_bytes: int
-              ) -> tuple[int, int, int]:
+def _kv_pages(
+    spec: ModelSpec, args: AppArgs, size: int, kv_free_bytes: int
+) -> tuple[int, int, int]:
     """(bytes of a KV page, the KV budget, pages in the pool) with `kv_free_bytes` free
     beside the weights; `size`: bytes per element."""
     page_bytes = spec.kv_bytes_per_token(size) * args.engine.page_size
-    kv_budget = kv_budget_bytes(args.kv_cache.budget_bytes, args.kv_cache.budget_fraction,
-                                kv_free_bytes)
+    kv_budget = kv_budget_bytes(
+        args.kv_cache.budget_bytes, args.kv_cache.budget_fraction, kv_free_bytes
+    )
     num_pages = max(2, kv_budget // page_bytes) + 1  # +1: the scratch page
     return page_bytes, kv_budget, num_pages
 
@@ -143,12 +147,20 @@ def _keep_free(args: AppArgs, num_pages: int) -> int:
     """Pages kept free ahead of need: those one step's batched tokens fill, plus one for every
     fourth sequence; at most a quarter of the pool (the scratch page aside)."""
     cfg = args.engine
-    return min((num_pages - 1) // 4, -(-cfg.max_batched_tokens // cfg.page_size)
-               + cfg.max_num_seqs // 4)
+    return min(
+        (num_pages - 1) // 4, -(-cfg.max_batched_tokens // cfg.page_size) + cfg.max_num_seqs // 4
+    )
 
 
-def plan_layout(spec: ModelSpec, args: AppArgs, platform: PlatformInfo | None, free_bytes: int,
-                *, device: str = "cpu", managed: bool = False) -> Layout:
+def plan_layout(
+    spec: ModelSpec,
+    args: AppArgs,
+    platform: PlatformInfo | None,
+    free_bytes: int,
+    *,
+    device: str = "cpu",
+    managed: bool = False,
+) -> Layout:
     """The layout of `spec` on this replica.
 
     `free_bytes`: free unified memory before the engine allocates anything (the replica's
@@ -173,13 +185,23 @@ def plan_layout(spec: ModelSpec, args: AppArgs, platform: PlatformInfo | None, f
     host_tier = None if not host_pages else MANAGED_HOST_TIER if advise else PINNED_HOST_TIER
     graphs_off = _graphs(args, device, streamed=bool(beyond) and not advise)
     return Layout(
-        device=device, dtype=dtype_name(args.model.dtype, device), dtype_bytes=size,
-        advise=advise, resident_layers=tuple(range(resident)),
-        streamed_layers=() if advise else beyond, cold_layers=beyond if advise else (),
-        weight_bytes=weight_bytes, weights_in_resource_bytes=in_resource,
+        device=device,
+        dtype=dtype_name(args.model.dtype, device),
+        dtype_bytes=size,
+        advise=advise,
+        resident_layers=tuple(range(resident)),
+        streamed_layers=() if advise else beyond,
+        cold_layers=beyond if advise else (),
+        weight_bytes=weight_bytes,
+        weights_in_resource_bytes=in_resource,
         max_model_len=min(args.model.max_model_len or spec.max_position, spec.max_position),
-        page_size=page_size, page_bytes=page_bytes, kv_budget_bytes=kv_budget,
-        num_pages=num_pages, host_pages=host_pages, host_tier=host_tier,
-        keep_free_pages=_keep_free(args, num_pages), decode_graphs=graphs_off is None,
+        page_size=page_size,
+        page_bytes=page_bytes,
+        kv_budget_bytes=kv_budget,
+        num_pages=num_pages,
+        host_pages=host_pages,
+        host_tier=host_tier,
+        keep_free_pages=_keep_free(args, num_pages),
+        decode_graphs=graphs_off is None,
         graphs_off_reason=graphs_off,
     )

@@ -58,15 +58,25 @@ def attach_env(address: str) -> dict[str, str]:
 
 def ensure_auth_token() -> None:
     """Create Ray's auth token (~/.ray/auth_token) unless one exists; never print it."""
-    subprocess.run([ray_cli(), "get-auth-token", "--generate"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [ray_cli(), "get-auth-token", "--generate"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def head_command(ports: HeadPorts, temp_dir: str | None = None) -> list[str]:
     command = [
-        ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
-        f"--node-ip-address={ports.host}", f"--port={ports.ray}",
-        f"--dashboard-host={ports.host}", f"--dashboard-port={ports.dashboard}",
+        ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        f"--node-ip-address={ports.host}",
+        f"--port={ports.ray}",
+        f"--dashboard-host={ports.host}",
+        f"--dashboard-port={ports.dashboard}",
         f"--metrics-export-port={ports.metrics}",
     ]
     return command + ([f"--temp-dir={temp_dir}"] if temp_dir else [])
@@ -78,8 +88,9 @@ def _listening(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def start_head(ports: HeadPorts, temp_dir: str | None = None, timeout_s: float = 120
-               ) -> subprocess.Popen[bytes]:
+def start_head(
+    ports: HeadPorts, temp_dir: str | None = None, timeout_s: float = 120
+) -> subprocess.Popen[bytes]:
     """Start the head in its own session (Ctrl-C in the terminal does not reach it); return
     once it has started. Raise RuntimeError with the tail of its output if it cannot."""
     ensure_auth_token()
@@ -90,8 +101,13 @@ def start_head(ports: HeadPorts, temp_dir: str | None = None, timeout_s: float =
         env.setdefault(name, value)
     fd, log_path = tempfile.mkstemp(prefix="grace-serve-ray-head-", suffix=".log")
     with os.fdopen(fd, "wb") as log:  # the head keeps writing to its own copy
-        head = subprocess.Popen(head_command(ports, temp_dir), stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        head = subprocess.Popen(
+            head_command(ports, temp_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         _wait_started(head, ports, Path(log_path), timeout_s)
     except BaseException:
@@ -100,8 +116,9 @@ def start_head(ports: HeadPorts, temp_dir: str | None = None, timeout_s: float =
     return head
 
 
-def _wait_started(head: subprocess.Popen[bytes], ports: HeadPorts, log: Path,
-                  timeout_s: float) -> None:
+def _wait_started(
+    head: subprocess.Popen[bytes], ports: HeadPorts, log: Path, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         output = log.read_text(errors="replace")

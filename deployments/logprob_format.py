@@ -32,14 +32,20 @@ class LogprobFormatter:
 
     def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
         raw = self.piece(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"),
-                "logprob": max(float(logprob), LOGPROB_FLOOR), "bytes": list(raw)}
+        return {
+            "token": raw.decode("utf-8", errors="replace"),
+            "logprob": max(float(logprob), LOGPROB_FLOOR),
+            "bytes": list(raw),
+        }
 
     def chat(self, entries: list[Entry]) -> dict[str, Any]:
         """choices[].logprobs of a chat completion (or chunk)."""
-        return {"content": [{**self._token(tid, lp),
-                             "top_logprobs": [self._token(t, v) for t, v in top]}
-                            for tid, lp, top in entries]}
+        return {
+            "content": [
+                {**self._token(tid, lp), "top_logprobs": [self._token(t, v) for t, v in top]}
+                for tid, lp, top in entries
+            ]
+        }
 
     def completion(self, entries: list[Entry], offset: int) -> tuple[dict[str, Any], int]:
         """choices[].logprobs of a text completion (or chunk) whose text starts at character
@@ -50,8 +56,16 @@ class LogprobFormatter:
             text = self.piece(tid).decode("utf-8", errors="replace")
             tokens.append(text)
             offset += len(text)
-        top = [{self.piece(t).decode("utf-8", errors="replace"): max(v, LOGPROB_FLOOR)
-                for t, v in reversed(top)} for _, _, top in entries]  # reversed: first wins
-        return {"tokens": tokens,
-                "token_logprobs": [max(float(lp), LOGPROB_FLOOR) for _, lp, _ in entries],
-                "top_logprobs": top, "text_offset": offsets}, offset
+        top = [
+            {
+                self.piece(t).decode("utf-8", errors="replace"): max(v, LOGPROB_FLOOR)
+                for t, v in reversed(top)
+            }
+            for _, _, top in entries
+        ]  # reversed: first wins
+        return {
+            "tokens": tokens,
+            "token_logprobs": [max(float(lp), LOGPROB_FLOOR) for _, lp, _ in entries],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }, offset

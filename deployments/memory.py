@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 class OversubscriptionError(RuntimeError):
     """A managed pool larger than a discrete GPU's free memory was asked for and refused."""
 
@@ -161,8 +160,12 @@ class RmmAccountant(MemoryAccountant):
     device = "cuda"
 
     def __init__(
-        self, platform: PlatformInfo, plan: GpuMemoryPlan, stats_mr: Any,
-        device_free: Callable[[], int] | None = None, global_allocator: bool = True,
+        self,
+        platform: PlatformInfo,
+        plan: GpuMemoryPlan,
+        stats_mr: Any,
+        device_free: Callable[[], int] | None = None,
+        global_allocator: bool = True,
     ) -> None:
         self.platform = platform
         self._plan = plan
@@ -204,7 +207,10 @@ class RmmAccountant(MemoryAccountant):
     def reading(self) -> AllocatorReading:
         used = int(self.rmm_statistics().current_bytes) + self._native_bytes()
         return AllocatorReading(
-            self.platform.kind, self._plan.resource, self._plan.limit_bytes, used,
+            self.platform.kind,
+            self._plan.resource,
+            self._plan.limit_bytes,
+            used,
             int(self._device_free()),
             device_bound=self.platform.kind == "discrete" and not self._plan.pool,
         )
@@ -229,9 +235,14 @@ class TorchAccountant(MemoryAccountant):
         import torch
 
         free_dev, _ = torch.cuda.mem_get_info()
-        return AllocatorReading(self.platform.kind, "torch", self._capacity,
-                                int(torch.cuda.memory_reserved()), int(free_dev),
-                                device_bound=True)
+        return AllocatorReading(
+            self.platform.kind,
+            "torch",
+            self._capacity,
+            int(torch.cuda.memory_reserved()),
+            int(free_dev),
+            device_bound=True,
+        )
 
 
 def setup_memory(
@@ -257,8 +268,10 @@ def setup_memory(
     import rmm
 
     plan = plan_gpu_memory(cfg, platform, _rmm_device_free(), mode)  # PyTorch untouched
-    upstream = rmm.mr.ManagedMemoryResource() if plan.resource == "managed" else (
-        rmm.mr.CudaMemoryResource()
+    upstream = (
+        rmm.mr.ManagedMemoryResource()
+        if plan.resource == "managed"
+        else (rmm.mr.CudaMemoryResource())
     )
     if plan.pool:
         upstream = rmm.mr.PoolMemoryResource(

@@ -50,7 +50,7 @@ def isolated_empty(numel: int, dtype: Any, device: Any, page: int = ADVICE_PAGE)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     raw = torch.empty(round_up(max(nbytes, 1), page) + page, dtype=torch.uint8, device=device)
     offset = (-raw.data_ptr()) % page
-    return raw[offset:offset + nbytes].view(dtype)
+    return raw[offset : offset + nbytes].view(dtype)
 
 
 def advised_span(tensor: Any, page: int = ADVICE_PAGE) -> tuple[int, int, bool]:
@@ -92,23 +92,36 @@ class DriverAdvisor:
         self.device = device
         self._lib = lib or ctypes.CDLL("libcuda.so.1")
         self._v2 = hasattr(self._lib, "cuMemAdvise_v2") and hasattr(
-            self._lib, "cuMemPrefetchAsync_v2")
+            self._lib, "cuMemPrefetchAsync_v2"
+        )
         if self._v2:
             self._advise = self._lib.cuMemAdvise_v2
             self._advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
             self._prefetch = self._lib.cuMemPrefetchAsync_v2
-            self._prefetch.argtypes = [ctypes.c_uint64, ctypes.c_size_t, _Location,
-                                       ctypes.c_uint, ctypes.c_void_p]
+            self._prefetch.argtypes = [
+                ctypes.c_uint64,
+                ctypes.c_size_t,
+                _Location,
+                ctypes.c_uint,
+                ctypes.c_void_p,
+            ]
         else:
             self._advise = self._lib.cuMemAdvise
-            self._advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int,
-                                     ctypes.c_int]
+            self._advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
             self._prefetch = self._lib.cuMemPrefetchAsync
-            self._prefetch.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int,
-                                       ctypes.c_void_p]
-        self._lib.cuMemRangeGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_size_t,
-                                                     ctypes.c_int, ctypes.c_uint64,
-                                                     ctypes.c_size_t]
+            self._prefetch.argtypes = [
+                ctypes.c_uint64,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_void_p,
+            ]
+        self._lib.cuMemRangeGetAttribute.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+        ]
         self.mismatches: list[str] = []  # advice that read back otherwise right after a call
 
     def _target(self, where: Where) -> Any:
@@ -131,15 +144,21 @@ class DriverAdvisor:
         if not size:
             return
         _bind_context()
-        self._check(self._advise(ptr, size, _SET_PREFERRED_LOCATION, self._target(where)),
-                    "cuMemAdvise(preferred location)")
+        self._check(
+            self._advise(ptr, size, _SET_PREFERRED_LOCATION, self._target(where)),
+            "cuMemAdvise(preferred location)",
+        )
         if where == "host":  # read in place over the link rather than migrated on touch
-            self._check(self._advise(ptr, size, _SET_ACCESSED_BY, self._target("device")),
-                        "cuMemAdvise(accessed by)")
+            self._check(
+                self._advise(ptr, size, _SET_ACCESSED_BY, self._target("device")),
+                "cuMemAdvise(accessed by)",
+            )
         got = self.read(ptr, size, _RANGE_PREFERRED_LOCATION)
         if got != self.expected(where):
-            note = (f"advice to prefer {where} over {size} bytes at {ptr:#x} (offset "
-                    f"{ptr % ADVICE_PAGE} in its 2 MiB block) reads back {got} right after")
+            note = (
+                f"advice to prefer {where} over {size} bytes at {ptr:#x} (offset "
+                f"{ptr % ADVICE_PAGE} in its 2 MiB block) reads back {got} right after"
+            )
             self.mismatches.append(note)
             logger.warning("%s", note)
 
@@ -161,15 +180,19 @@ class DriverAdvisor:
         """One CUmem_range_attribute of [ptr, ptr + size): a device ordinal, CU_DEVICE_CPU, or
         CU_DEVICE_INVALID when the pages disagree or have none."""
         value = ctypes.c_int()
-        self._check(self._lib.cuMemRangeGetAttribute(ctypes.byref(value), 4, attribute, ptr,
-                                                     size), "cuMemRangeGetAttribute")
+        self._check(
+            self._lib.cuMemRangeGetAttribute(ctypes.byref(value), 4, attribute, ptr, size),
+            "cuMemRangeGetAttribute",
+        )
         return value.value
 
     def accessed_by(self, ptr: int, size: int, slots: int = 4) -> list[int]:
         """The devices the range is mapped for (the advice's accessed-by set)."""
         values = (ctypes.c_int * slots)()
-        self._check(self._lib.cuMemRangeGetAttribute(values, 4 * slots, _RANGE_ACCESSED_BY,
-                                                     ptr, size), "cuMemRangeGetAttribute")
+        self._check(
+            self._lib.cuMemRangeGetAttribute(values, 4 * slots, _RANGE_ACCESSED_BY, ptr, size),
+            "cuMemRangeGetAttribute",
+        )
         return [v for v in values if v != CU_DEVICE_INVALID]
 
     def _attribute(self, tensor: Any, attribute: int) -> int:

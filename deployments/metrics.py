@@ -37,19 +37,25 @@ class IngressMetrics:
         self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "Seconds from a request's arrival at the ingress to its first generated token.",
-            TTFT_BUCKETS, tag_keys=("endpoint",))
+            TTFT_BUCKETS,
+            tag_keys=("endpoint",),
+        )
         self.tpot = Histogram(
             PREFIX + "time_per_output_token_seconds",
             "Mean seconds per output token after the first, one observation per request.",
-            TPOT_BUCKETS, tag_keys=("endpoint",))
+            TPOT_BUCKETS,
+            tag_keys=("endpoint",),
+        )
         self.rejected = Counter(
             PREFIX + "rejected_requests",
             "Requests refused or failed before their first token, by reason.",
-            tag_keys=("reason",))
+            tag_keys=("reason",),
+        )
         self.failed_streams = Counter(
             PREFIX + "failed_streams",
             "Requests that failed after their first token (replica lost, timeout).",
-            tag_keys=("reason",))
+            tag_keys=("reason",),
+        )
 
     def reject(self, reason: str) -> None:
         self.rejected.inc(tags={"reason": reason})
@@ -64,26 +70,36 @@ class IngressMetrics:
 class ReplicaMetrics:
     """Tokens served, memory, users and KV of one LLMReplica."""
 
-    _GAUGES = ("free_unified_memory_bytes", "resident_users", "running_requests",
-               "waiting_requests", "kv_pages_total", "kv_pages_free")
+    _GAUGES = (
+        "free_unified_memory_bytes",
+        "resident_users",
+        "running_requests",
+        "waiting_requests",
+        "kv_pages_total",
+        "kv_pages_free",
+    )
 
     def __init__(self) -> None:
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens received.")
         self.completion_tokens = Counter(PREFIX + "completion_tokens", "Tokens generated.")
         self.cached_tokens = Counter(
-            PREFIX + "cached_prompt_tokens", "Prompt tokens served from a kept KV cache.")
+            PREFIX + "cached_prompt_tokens", "Prompt tokens served from a kept KV cache."
+        )
         self.evicted = Counter(PREFIX + "evicted_users", "Idle users whose KV cache was dropped.")
         self.preempted = Counter(
-            PREFIX + "preempted_requests", "Running requests preempted for memory.")
+            PREFIX + "preempted_requests", "Running requests preempted for memory."
+        )
         # Ray counters appear only after a first increment; these gauges carry the same
         # totals from the start, so a dashboard shows 0 rather than "no data".
         self.evicted_so_far = Gauge(
-            PREFIX + "evicted_users_so_far", "Idle users evicted since the replica started.")
+            PREFIX + "evicted_users_so_far", "Idle users evicted since the replica started."
+        )
         self.preempted_so_far = Gauge(
-            PREFIX + "preempted_requests_so_far", "Requests preempted since the replica started.")
+            PREFIX + "preempted_requests_so_far", "Requests preempted since the replica started."
+        )
         self.kv_bytes = Gauge(
-            PREFIX + "kv_cache_bytes", "Bytes of KV cache held, by memory tier.",
-            tag_keys=("tier",))
+            PREFIX + "kv_cache_bytes", "Bytes of KV cache held, by memory tier.", tag_keys=("tier",)
+        )
         self.gauges = {
             name: Gauge(PREFIX + name, f"{name.replace('_', ' ')} of this replica.")
             for name in self._GAUGES

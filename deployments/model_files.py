@@ -21,15 +21,27 @@ logger = logging.getLogger(__name__)
 
 # Config, tokenizer and chat-template files: all that tokenizing and sizing a model needs.
 METADATA_FILES = [
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "additional_chat_templates/*.jinja",
 ]
 # With weights: slow-tokenizer sources (for transformers when a repo has no tokenizer.json),
 # remote code (trust_remote_code) and safetensors. Repos' `original/` copies are not matched.
 WEIGHT_FILES = [
-    "tokenizer.model", "vocab.json", "merges.txt", "*.tiktoken", "*.py",
-    "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "*.tiktoken",
+    "*.py",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
 ]
 # Only for repos without safetensors (the generic engine reads these; the paged one cannot).
 PICKLE_WEIGHT_FILES = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
@@ -86,10 +98,15 @@ def resolve_model_dir(model_id: str, revision: str | None = None, weights: bool 
     if os.path.isdir(os.path.expanduser(model_id)):
         return os.path.abspath(os.path.expanduser(model_id))
     if looks_like_path(model_id):
-        raise ModelNotFound(model_id, "local", f"model {model_id!r}: no such directory (it is "
-                            "not a hub id either, which is `org/name`)")
-    path = _download(model_id, revision, METADATA_FILES + WEIGHT_FILES if weights
-                     else METADATA_FILES)
+        raise ModelNotFound(
+            model_id,
+            "local",
+            f"model {model_id!r}: no such directory (it is "
+            "not a hub id either, which is `org/name`)",
+        )
+    path = _download(
+        model_id, revision, METADATA_FILES + WEIGHT_FILES if weights else METADATA_FILES
+    )
     if weights and not any((Path(path) / f).exists() for f in WEIGHT_INDEXES + SINGLE_WEIGHTS):
         path = _download(model_id, revision, METADATA_FILES + PICKLE_WEIGHT_FILES)
     check_snapshot(model_id, Path(path), weights)
@@ -110,39 +127,67 @@ def _download(model_id: str, revision: str | None, patterns: list[str]) -> str:
 
     cache, offline = hub_cache_dir(), hub_offline()
     try:
-        return snapshot_download(model_id, revision=revision, cache_dir=cache,
-                                 local_files_only=offline, allow_patterns=patterns)
+        return snapshot_download(
+            model_id,
+            revision=revision,
+            cache_dir=cache,
+            local_files_only=offline,
+            allow_patterns=patterns,
+        )
     except GatedRepoError as exc:  # before RepositoryNotFoundError: it is a subclass
-        raise ModelNotFound(model_id, "gated", f"model {model_id!r} is gated on the Hugging Face "
-                            f"hub: accept its terms at https://huggingface.co/{model_id} and set "
-                            "HF_TOKEN to a token of that account") from exc
+        raise ModelNotFound(
+            model_id,
+            "gated",
+            f"model {model_id!r} is gated on the Hugging Face "
+            f"hub: accept its terms at https://huggingface.co/{model_id} and set "
+            "HF_TOKEN to a token of that account",
+        ) from exc
     except RepositoryNotFoundError as exc:
-        raise ModelNotFound(model_id, "missing", f"model {model_id!r} is not on the Hugging Face "
-                            "hub, or it is private and HF_TOKEN gives no access to it: check the "
-                            "id, or set HF_TOKEN") from exc
+        raise ModelNotFound(
+            model_id,
+            "missing",
+            f"model {model_id!r} is not on the Hugging Face "
+            "hub, or it is private and HF_TOKEN gives no access to it: check the "
+            "id, or set HF_TOKEN",
+        ) from exc
     except RevisionNotFoundError as exc:
-        raise ModelNotFound(model_id, "revision", f"model {model_id!r} has no revision "
-                            f"{revision!r} on the hub: use a branch, tag or commit it has") from exc
+        raise ModelNotFound(
+            model_id,
+            "revision",
+            f"model {model_id!r} has no revision "
+            f"{revision!r} on the hub: use a branch, tag or commit it has",
+        ) from exc
     except LocalEntryNotFoundError as exc:
-        raise ModelNotFound(model_id, "offline", _offline_message(model_id, revision, cache,
-                                                                   offline, exc)) from exc
+        raise ModelNotFound(
+            model_id, "offline", _offline_message(model_id, revision, cache, offline, exc)
+        ) from exc
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
-            raise ModelNotFound(model_id, "unauthorized", f"the hub refused access to model "
-                                f"{model_id!r} (HTTP {status}): set HF_TOKEN to a token that "
-                                "may read it") from exc
+            raise ModelNotFound(
+                model_id,
+                "unauthorized",
+                f"the hub refused access to model "
+                f"{model_id!r} (HTTP {status}): set HF_TOKEN to a token that "
+                "may read it",
+            ) from exc
         raise
 
 
-def _offline_message(model_id: str, revision: str | None, cache: str, offline: bool,
-                     exc: Exception) -> str:
+def _offline_message(
+    model_id: str, revision: str | None, cache: str, offline: bool, exc: Exception
+) -> str:
     where = f"model {model_id!r} (revision {revision or 'main'}) is not in the hub cache {cache}"
-    why = ("and HF_HUB_OFFLINE forbids asking the hub" if offline
-           else f"and the hub could not be reached ({type(exc).__name__})")
-    return (f"{where} {why}: download it where the hub is reachable (`hf download {model_id}`"
-            f"{f' --revision {revision}' if revision else ''} with HF_HOME or HF_HUB_CACHE "
-            "pointing at this cache), or unset HF_HUB_OFFLINE")
+    why = (
+        "and HF_HUB_OFFLINE forbids asking the hub"
+        if offline
+        else f"and the hub could not be reached ({type(exc).__name__})"
+    )
+    return (
+        f"{where} {why}: download it where the hub is reachable (`hf download {model_id}`"
+        f"{f' --revision {revision}' if revision else ''} with HF_HOME or HF_HUB_CACHE "
+        "pointing at this cache), or unset HF_HUB_OFFLINE"
+    )
 
 
 def check_snapshot(model_id: str, root: Path, weights: bool) -> None:
@@ -158,6 +203,10 @@ def check_snapshot(model_id: str, root: Path, weights: bool) -> None:
             if not any((root / f).exists() for f in SINGLE_WEIGHTS):
                 missing.append("model.safetensors (or a sharded index)")
     if missing:
-        raise ModelNotFound(model_id, "incomplete", f"the cached snapshot of model {model_id!r} "
-                            f"in {root} lacks {', '.join(missing[:4])}: download it again where "
-                            f"the hub is reachable (`hf download {model_id}`)")
+        raise ModelNotFound(
+            model_id,
+            "incomplete",
+            f"the cached snapshot of model {model_id!r} "
+            f"in {root} lacks {', '.join(missing[:4])}: download it again where "
+            f"the hub is reachable (`hf download {model_id}`)",
+        )

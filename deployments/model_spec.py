@@ -74,8 +74,9 @@ class ModelSpec:
     def from_hf_config(cls, config: Any) -> ModelSpec:
         """Describe a transformers config; raise UnsupportedModel for anything else."""
         archs = list(getattr(config, "architectures", None) or [])
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
-                    None)
+        arch = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
         if arch is None:
             raise UnsupportedModel(f"architectures {archs} are not implemented by the paged engine")
         if getattr(config, "hidden_act", "silu") != "silu":

@@ -102,7 +102,8 @@ class PlacementLedger:
 
     def pending_bytes(self, replica_id: str, now: float) -> int:
         return sum(
-            p.nbytes for p in self._placed.values()
+            p.nbytes
+            for p in self._placed.values()
             if p.replica_id == replica_id and now - p.at <= self.ttl_s
         )
 
@@ -137,8 +138,12 @@ class Decision:
 
 
 def rank_for_new_user(
-    user: str, views: Sequence[ReplicaView], ledger: PlacementLedger, policy: PlacementPolicy,
-    now: float, request_bytes: int = 0,
+    user: str,
+    views: Sequence[ReplicaView],
+    ledger: PlacementLedger,
+    policy: PlacementPolicy,
+    now: float,
+    request_bytes: int = 0,
 ) -> list[str]:
     """Replica ids for a new user, best first (see module docstring).
 
@@ -147,12 +152,15 @@ def rank_for_new_user(
     known = [v for v in views if v.free_bytes is not None]
     unknown = sorted(
         (v for v in views if v.free_bytes is None),
-        key=lambda v: rendezvous_score(user, v.replica_id), reverse=True,
+        key=lambda v: rendezvous_score(user, v.replica_id),
+        reverse=True,
     )
     if not known:
         return [v.replica_id for v in unknown]
-    free = {v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) - request_bytes
-            for v in known}
+    free = {
+        v.replica_id: v.free_bytes - ledger.pending_bytes(v.replica_id, now) - request_bytes
+        for v in known
+    }
     sizes = {v.replica_id: v.kv_budget_bytes or v.capacity_bytes for v in known}
     if all(sizes.values()):
         free = {rid: room / sizes[rid] for rid, room in free.items()}  # share free
@@ -180,8 +188,13 @@ def find_home(
 
 
 def decide(
-    user: str | None, views: Sequence[ReplicaView], ledger: PlacementLedger,
-    policy: PlacementPolicy, now: float, waited_s: float = 0.0, request_bytes: int = 0,
+    user: str | None,
+    views: Sequence[ReplicaView],
+    ledger: PlacementLedger,
+    policy: PlacementPolicy,
+    now: float,
+    waited_s: float = 0.0,
+    request_bytes: int = 0,
 ) -> Decision:
     """Rank replicas for one request. `waited_s`: how long it has waited to be routed;
     `request_bytes`: estimated KV bytes of its prompt (0: unknown)."""
@@ -189,13 +202,14 @@ def decide(
         return Decision([], "none")
     stale = {v.replica_id for v in views if policy.is_stale(v, now)}
     if user is None:
-        ranks = [[v.replica_id for v in views if v.replica_id not in stale],
-                 [v.replica_id for v in views if v.replica_id in stale]]
+        ranks = [
+            [v.replica_id for v in views if v.replica_id not in stale],
+            [v.replica_id for v in views if v.replica_id in stale],
+        ]
         return Decision([rank for rank in ranks if rank], "anonymous")
     ledger.reconcile(views, now)
     home = find_home(user, views, ledger, now)
-    ranked = _stale_last(rank_for_new_user(user, views, ledger, policy, now, request_bytes),
-                         stale)
+    ranked = _stale_last(rank_for_new_user(user, views, ledger, policy, now, request_bytes), stale)
     if home is None:
         return Decision([[r] for r in ranked], "new")
     if home in stale:  # it may be gone: fresh replicas first, home after them

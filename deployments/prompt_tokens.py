@@ -80,7 +80,7 @@ class PromptTokens:
         cut = kept.starts[0]
         keep = len(kept.ids) - TAIL
         tail, starts = self._tokenizer.encode_with_starts(text[cut:], False, TAIL)
-        if tail[:OVERLAP] != kept.ids[keep:keep + OVERLAP].tolist():
+        if tail[:OVERLAP] != kept.ids[keep : keep + OVERLAP].tolist():
             return None
         ids = kept.ids[:keep]
         ids.extend(tail)
@@ -107,4 +107,4 @@ def _appends_nothing(tokenizer: TextTokenizer) -> bool:
     """Whether encoding with special tokens only ever adds tokens before the text."""
     plain, _ = tokenizer.encode_with_starts(PROBE, False, 0)
     special, _ = tokenizer.encode_with_starts(PROBE, True, 0)
-    return len(special) >= len(plain) and special[len(special) - len(plain):] == plain
+    return len(special) >= len(plain) and special[len(special) - len(plain) :] == plain

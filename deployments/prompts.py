@@ -51,15 +51,27 @@ class Prepared:
 def template_message(index: int, message: ChatMessage) -> dict[str, Any]:
     """A message as chat templates read it (transformers' convention): text content, and a
     call's arguments as an object, not OpenAI's JSON text (templates write `arguments|tojson`)."""
-    out: dict[str, Any] = {"role": message.role, "content": message.text(),
-                           "name": message.name, "tool_call_id": message.tool_call_id}
+    out: dict[str, Any] = {
+        "role": message.role,
+        "content": message.text(),
+        "name": message.name,
+        "tool_call_id": message.tool_call_id,
+    }
     if message.tool_calls:
         out["tool_calls"] = [
-            {"id": call.id, "type": "function", "function": {
-                "name": call.function.name,
-                "arguments": _arguments(call.function.arguments,
-                                        f"messages.{index}.tool_calls.{j}.function.arguments")}}
-            for j, call in enumerate(message.tool_calls)]
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {
+                    "name": call.function.name,
+                    "arguments": _arguments(
+                        call.function.arguments,
+                        f"messages.{index}.tool_calls.{j}.function.arguments",
+                    ),
+                },
+            }
+            for j, call in enumerate(message.tool_calls)
+        ]
     return out
 
 
@@ -69,17 +81,26 @@ def _arguments(text: str, param: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise APIError(400, f"{param}: must be a JSON object as text", param="messages",
-                       code="invalid_tool_call")
+        raise APIError(
+            400,
+            f"{param}: must be a JSON object as text",
+            param="messages",
+            code="invalid_tool_call",
+        )
     return value
 
 
 class PromptBuilder:
     """Tokenizes and shapes requests for one model."""
 
-    def __init__(self, tokenizer: TextTokenizer, default_max_tokens: int,
-                 max_messages: int, tool_parser: ParserName | None = None,
-                 user_secret: bytes = b"") -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        default_max_tokens: int,
+        max_messages: int,
+        tool_parser: ParserName | None = None,
+        user_secret: bytes = b"",
+    ) -> None:
         """`user_secret` keys the user hashes (identity.user_key)."""
         self.tokenizer = tokenizer
         self.tokens = PromptTokens(tokenizer)
@@ -91,26 +112,29 @@ class PromptBuilder:
         # for the context even so is refused before it costs seconds of tokenizing.
         self.bytes_per_token = max_bytes_per_token(tokenizer.backend_tokenizer)
 
-    async def chat(self, req: ChatCompletionRequest, user: str | None, context: int
-                   ) -> Prepared:
+    async def chat(self, req: ChatCompletionRequest, user: str | None, context: int) -> Prepared:
         if len(req.messages) > self.max_messages:
-            raise APIError(400, f"messages: at most {self.max_messages} messages per request, "
-                           f"got {len(req.messages)}", param="messages", code="too_many_messages")
+            raise APIError(
+                400,
+                f"messages: at most {self.max_messages} messages per request, "
+                f"got {len(req.messages)}",
+                param="messages",
+                code="too_many_messages",
+            )
         plan = plan_tools(req, self.tool_parser)
         messages = [template_message(i, m) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         self._check_length([m["content"] or "" for m in messages], context, "messages")
         try:
-            ids = await asyncio.to_thread(self._encode_chat, user, messages, tools,
-                                          plan.forced if plan else "")
+            ids = await asyncio.to_thread(
+                self._encode_chat, user, messages, tools, plan.forced if plan else ""
+            )
         except ChatTemplateError as exc:
-            raise APIError(400, f"messages: {exc}", param="messages",
-                           code="invalid_chat") from None
+            raise APIError(400, f"messages: {exc}", param="messages", code="invalid_chat") from None
         prepared = self._prepared(req, ids, req.token_limit, user, context, "messages")
         return dataclasses.replace(prepared, tools=plan)
 
-    async def completion(self, req: CompletionRequest, user: str | None, context: int
-                         ) -> Prepared:
+    async def completion(self, req: CompletionRequest, user: str | None, context: int) -> Prepared:
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             ids = [int(t) for t in prompt]
@@ -128,34 +152,60 @@ class PromptBuilder:
         size = sum(len(text.encode("utf-8")) for text in texts)
         least = fewest_tokens(size, self.bytes_per_token)
         if least >= context:
-            raise APIError(400, f"the prompt's text is {size} bytes: at least {least} tokens, "
-                           f"but this model's context is {context} tokens", param=param,
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt's text is {size} bytes: at least {least} tokens, "
+                f"but this model's context is {context} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
 
-    def _encode_chat(self, user: str | None, messages: list[dict[str, Any]],
-                     tools: list[dict] | None = None, answer_prefix: str = "") -> array.array:
+    def _encode_chat(
+        self,
+        user: str | None,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        answer_prefix: str = "",
+    ) -> array.array:
         """The rendered chat's ids (the template writes its own special tokens), then those of
         `answer_prefix`: the start of the answer, which the model continues."""
         text = self.tokenizer.render_chat(messages, tools) + answer_prefix
         return self.tokens.encode(user, text, False)
 
-    def _prepared(self, req: _SamplingFields, ids: list[int] | array.array,
-                  max_tokens: int | None, user: str | None, context: int, param: str
-                  ) -> Prepared:
+    def _prepared(
+        self,
+        req: _SamplingFields,
+        ids: list[int] | array.array,
+        max_tokens: int | None,
+        user: str | None,
+        context: int,
+        param: str,
+    ) -> Prepared:
         try:
-            shape = shape_request(user_key(user, self.user_secret) if user else None,
-                                  len(ids), max_tokens or self.default_max_tokens, context,
-                                  param, req.token_limit_param, tenant_of(user))
+            shape = shape_request(
+                user_key(user, self.user_secret) if user else None,
+                len(ids),
+                max_tokens or self.default_max_tokens,
+                context,
+                param,
+                req.token_limit_param,
+                tenant_of(user),
+            )
         except AdmissionError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         sampling = {k: v for k, v in req.sampling(shape.max_tokens).items() if k != "stop"}
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= token < vocab for token, _ in sampling["logit_bias"]):
-            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab})",
-                           param="logit_bias")
+            raise APIError(
+                400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias"
+            )
         sampling["min_tokens"] = min(sampling["min_tokens"], shape.max_tokens)
         # Token ids travel as one packed buffer: an 8k-token list of Python ints cost ~1 ms
         # to pickle and unpickle on the way to the replica, the array a few microseconds.
         packed = ids if isinstance(ids, array.array) else array.array("I", ids)
-        return Prepared({"prompt_token_ids": packed, "sampling": sampling}, shape,
-                        tuple(req.stop_list()), sampling["min_tokens"])
+        return Prepared(
+            {"prompt_token_ids": packed, "sampling": sampling},
+            shape,
+            tuple(req.stop_list()),
+            sampling["min_tokens"],
+        )

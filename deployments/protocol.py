@@ -31,8 +31,11 @@ FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 def invalid(param: str, message: str) -> PydanticCustomError:
     """A request-level validation error that names its field (errors.py reads `param`)."""
-    return PydanticCustomError("value_error", "{param}: {reason}",
-                               {"param": param, "reason": message})
+    return PydanticCustomError(
+        "value_error", "{param}: {reason}", {"param": param, "reason": message}
+    )
+
+
 MAX_LOGPROBS = 20  # top logprobs a token may ask for (OpenAI's and vLLM's limit)
 
 
@@ -46,8 +49,10 @@ class _Request(BaseModel):
         for name, value in self:
             for text in value if isinstance(value, list) else [value]:
                 if isinstance(text, str) and not _is_utf8(text):
-                    raise ValueError(f"{name}: the text is not valid Unicode (it holds a lone "
-                                     "surrogate, e.g. an unpaired \\ud800 escape)")
+                    raise ValueError(
+                        f"{name}: the text is not valid Unicode (it holds a lone "
+                        "surrogate, e.g. an unpaired \\ud800 escape)"
+                    )
         return self
 
 
@@ -168,16 +173,20 @@ class _SamplingFields(_Request):
     user: str | None = Field(None, max_length=256)
     # vLLM's extensions, for controlled lengths (benchmarks, tests):
     ignore_eos: bool = Field(
-        False, description="Keep generating past end-of-sequence tokens up to max_tokens.")
+        False, description="Keep generating past end-of-sequence tokens up to max_tokens."
+    )
     min_tokens: StrictInt = Field(
-        0, ge=0, description="End-of-sequence tokens and stop strings count only after this "
-        "many tokens.")
+        0,
+        ge=0,
+        description="End-of-sequence tokens and stop strings count only after this many tokens.",
+    )
     # Logit rules, applied to the sampled rows on the GPU (engine/paged/logits_rules.py):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     repetition_penalty: float | None = Field(
-        None, gt=0, description="vLLM's extension: seen tokens' logits divided by this.")
+        None, gt=0, description="vLLM's extension: seen tokens' logits divided by this."
+    )
     top_k: int | None = Field(None, ge=-1, description="vLLM's extension; 0 or -1: off.")
     min_p: float | None = Field(None, ge=0, le=1, description="vLLM's extension.")
     response_format: ResponseFormat | None = None
@@ -240,13 +249,13 @@ class _SamplingFields(_Request):
             "logprobs": self.logprob_count(),
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
-            "repetition_penalty": (1.0 if self.repetition_penalty is None
-                                   else self.repetition_penalty),
+            "repetition_penalty": (
+                1.0 if self.repetition_penalty is None else self.repetition_penalty
+            ),
             "logit_bias": [[int(k), v] for k, v in (self.logit_bias or {}).items()],
             "top_k": max(0, self.top_k or 0),
             "min_p": self.min_p or 0.0,
-            "response_format": self.response_format.constraint() if self.response_format
-            else None,
+            "response_format": self.response_format.constraint() if self.response_format else None,
         }
 
     def logprob_count(self) -> int | None:
@@ -302,8 +311,9 @@ class ChatCompletionRequest(_SamplingFields):
         if len(set(names)) != len(names):
             raise invalid("tools", "function names must be unique")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise invalid("tool_choice", f"names {choice.function.name!r}, which is not "
-                          "among tools")
+            raise invalid(
+                "tool_choice", f"names {choice.function.name!r}, which is not among tools"
+            )
         return self
 
     @property
@@ -358,8 +368,9 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
     }
 
 
-def _response(rid: str, kind: str, model: str, choice: dict[str, Any] | None,
-              usage: dict[str, Any] | None) -> dict[str, Any]:
+def _response(
+    rid: str, kind: str, model: str, choice: dict[str, Any] | None, usage: dict[str, Any] | None
+) -> dict[str, Any]:
     """OpenAI's envelope around at most one choice (index 0); None gives no choices. A
     choice without `logprobs` gets null there."""
     out: dict[str, Any] = {
@@ -375,50 +386,86 @@ def _response(rid: str, kind: str, model: str, choice: dict[str, Any] | None,
 
 
 def chat_completion(
-    rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict[str, Any],
     tool_calls: list[dict[str, Any]] | None = None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A chat answer; with `tool_calls`, content is None unless the model also wrote text."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
-        message = {"role": "assistant", "content": text.strip() or None,
-                   "tool_calls": tool_calls}
-    return _response(rid, "chat.completion", model, {
-        "message": message, "finish_reason": finish_reason, "logprobs": logprobs,
-    }, usage)
+        message = {"role": "assistant", "content": text.strip() or None, "tool_calls": tool_calls}
+    return _response(
+        rid,
+        "chat.completion",
+        model,
+        {
+            "message": message,
+            "finish_reason": finish_reason,
+            "logprobs": logprobs,
+        },
+        usage,
+    )
 
 
 def chat_chunk(
-    rid: str, model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
-    usage: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None,
+    rid: str,
+    model: str,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None = None,
+    usage: dict[str, Any] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A streamed chat chunk; `delta=None` gives the usage-only chunk (no choices)."""
-    choice = None if delta is None else {"delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": logprobs}
+    choice = (
+        None
+        if delta is None
+        else {"delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+    )
     return _response(rid, "chat.completion.chunk", model, choice, usage)
 
 
 def text_completion(
-    rid: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict[str, Any],
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return _response(rid, "text_completion", model,
-                     {"text": text, "finish_reason": finish_reason, "logprobs": logprobs}, usage)
+    return _response(
+        rid,
+        "text_completion",
+        model,
+        {"text": text, "finish_reason": finish_reason, "logprobs": logprobs},
+        usage,
+    )
 
 
 def completion_chunk(
-    rid: str, model: str, text: str | None, finish_reason: str | None = None,
-    usage: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None,
+    rid: str,
+    model: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    usage: dict[str, Any] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A streamed completion chunk; `text=None` gives the usage-only chunk (no choices)."""
-    choice = None if text is None else {"text": text, "finish_reason": finish_reason,
-                                        "logprobs": logprobs}
+    choice = (
+        None
+        if text is None
+        else {"text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    )
     return _response(rid, "text_completion", model, choice, usage)
 
 
 def error_body(
-    message: str, err_type: str = "invalid_request_error", param: str | None = None,
+    message: str,
+    err_type: str = "invalid_request_error",
+    param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
     """OpenAI's error shape."""
@@ -428,7 +475,10 @@ def error_body(
 def model_card(name: str, max_model_len: int | None) -> dict[str, Any]:
     """OpenAI's model object (GET /v1/models/{id}), with vLLM's `max_model_len` when known."""
     card: dict[str, Any] = {
-        "id": name, "object": "model", "created": 0, "owned_by": "grace-serve",
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "grace-serve",
     }
     if max_model_len is not None:
         card["max_model_len"] = max_model_len

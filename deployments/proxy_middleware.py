@@ -37,15 +37,20 @@ from deployments.protocol import error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
-                   Awaitable[None]]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]
 
 CONTROL_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
 # The proxy's own answers: (type, code, message) by status. Its text is not passed on.
 PROXY_ERRORS = {
     408: ("server_error", "timeout", "the request timed out"),
-    429: ("rate_limit_error", "queue_full", "the server is busy: every ingress replica's queue "
-          "is full; retry after the time in Retry-After"),
+    429: (
+        "rate_limit_error",
+        "queue_full",
+        "the server is busy: every ingress replica's queue "
+        "is full; retry after the time in Retry-After",
+    ),
     500: ("server_error", "internal_error", "internal error in the HTTP proxy"),
     503: ("server_error", "service_unavailable", "the service is unavailable; retry"),
 }
@@ -53,7 +58,8 @@ KEPT_HEADERS = frozenset({b"retry-after", b"x-request-id"})
 # How a Ray cluster installs this middleware in its proxies: in every Ray process's environment
 # (the image, `make run`, the benchmarks and the tests set it).
 PROXY_ENV = {
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy_middleware:middlewares"}
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy_middleware:middlewares"
+}
 BODY_TIMEOUT_S = float(os.environ.get("GRACE_SERVE_BODY_TIMEOUT_S", "30"))
 BUFFER_LIMIT_BYTES = 16 << 20  # beyond it, the body streams on to the ingress (its 413)
 PROXY_ERROR_HEADER = b"x-proxy-error"  # on the answers rewritten here: the ingress never saw them
@@ -69,13 +75,17 @@ class OpenAIProxyErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope["headers"] = [(k, v) for k, v in scope.get("headers", ())
-                            if k.lower() not in CONTROL_HEADERS]
+        scope["headers"] = [
+            (k, v) for k, v in scope.get("headers", ()) if k.lower() not in CONTROL_HEADERS
+        ]
         try:
             receive = await buffered(receive, BODY_TIMEOUT_S, BUFFER_LIMIT_BYTES)
         except asyncio.TimeoutError:
-            for part in _rewritten({"status": 408, "headers": []}, "the request body did not "
-                                   f"arrive within {BODY_TIMEOUT_S:g} s", "body_timeout"):
+            for part in _rewritten(
+                {"status": 408, "headers": []},
+                f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                "body_timeout",
+            ):
                 await send(part)
             return
         rewriting: dict[str, Any] | None = None
@@ -104,8 +114,9 @@ def _is_proxy_error(start: Message) -> bool:
     return bool(types) and types[0].startswith(b"text/plain")
 
 
-async def buffered(receive: Callable[[], Awaitable[Message]], timeout_s: float,
-                   limit: int) -> Callable[[], Awaitable[Message]]:
+async def buffered(
+    receive: Callable[[], Awaitable[Message]], timeout_s: float, limit: int
+) -> Callable[[], Awaitable[Message]]:
     """A `receive` that gives the request's body as one message, read here within
     `timeout_s` (asyncio.TimeoutError otherwise), then what `receive` gives (the disconnect).
     A body past `limit` bytes is not gathered further: what was read is replayed, then the
@@ -125,10 +136,18 @@ async def buffered(receive: Callable[[], Awaitable[Message]], timeout_s: float,
                 return
 
     await asyncio.wait_for(gather(), timeout_s)
-    if parts and all(m["type"] == "http.request" for m in parts) and not parts[-1].get(
-            "more_body", False):
-        parts = [{"type": "http.request", "body": b"".join(m.get("body", b"") for m in parts),
-                  "more_body": False}]
+    if (
+        parts
+        and all(m["type"] == "http.request" for m in parts)
+        and not parts[-1].get("more_body", False)
+    ):
+        parts = [
+            {
+                "type": "http.request",
+                "body": b"".join(m.get("body", b"") for m in parts),
+                "more_body": False,
+            }
+        ]
 
     async def replay() -> Message:
         return parts.pop(0) if parts else await receive()
@@ -136,18 +155,22 @@ async def buffered(receive: Callable[[], Awaitable[Message]], timeout_s: float,
     return replay
 
 
-def _rewritten(start: Message, text: str | None = None, code: str | None = None
-               ) -> list[Message]:
+def _rewritten(start: Message, text: str | None = None, code: str | None = None) -> list[Message]:
     """The OpenAI-shaped answer standing for the proxy's plain-text one."""
     status = start["status"]
     err_type, default_code, default_text = PROXY_ERRORS[status]
     text, code = text or default_text, code or default_code
     body = json.dumps(error_body(text, err_type, None, code)).encode()
     headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() in KEPT_HEADERS]
-    headers += [(b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()), (PROXY_ERROR_HEADER, b"1")]
-    return [{"type": "http.response.start", "status": status, "headers": headers},
-            {"type": "http.response.body", "body": body, "more_body": False}]
+    headers += [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (PROXY_ERROR_HEADER, b"1"),
+    ]
+    return [
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
 
 
 def middlewares() -> list[Middleware]:

@@ -57,19 +57,30 @@ def judge(counts: ReplicaCounts) -> Verdict:
         return Verdict(True, counts.running, None, f"{counts.running} model replica(s) running")
     failing = counts.status in FAILED_STATUSES or counts.trigger in FAILED_TRIGGERS
     if counts.starting > 0 and not failing:
-        return Verdict(False, 0, "model_loading",
-                       f"the model is loading: {counts.starting} model replica(s) starting and "
-                       "none ready yet; retry after the time in Retry-After")
-    why = ("its replicas are failing to start or to pass health checks" if failing
-           else f"the model deployment is {counts.status} with no replica running")
-    return Verdict(False, 0, "no_replica",
-                   f"no model replica can serve: {why}; retry later")
+        return Verdict(
+            False,
+            0,
+            "model_loading",
+            f"the model is loading: {counts.starting} model replica(s) starting and "
+            "none ready yet; retry after the time in Retry-After",
+        )
+    why = (
+        "its replicas are failing to start or to pass health checks"
+        if failing
+        else f"the model deployment is {counts.status} with no replica running"
+    )
+    return Verdict(False, 0, "no_replica", f"no model replica can serve: {why}; retry later")
 
 
 def not_ready_error(verdict: Verdict, retry_after_s: int) -> APIError:
     """The 503 a request gets while no replica can serve."""
-    return APIError(503, verdict.message, "server_error", code=verdict.code,
-                    headers={"Retry-After": str(retry_after_s)})
+    return APIError(
+        503,
+        verdict.message,
+        "server_error",
+        code=verdict.code,
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def deployment_counts(app_name: str, deployment_name: str) -> ReplicaCounts:
@@ -90,9 +101,15 @@ def deployment_counts(app_name: str, deployment_name: str) -> ReplicaCounts:
 class Readiness:
     """A cached, shared answer to "can a model replica serve?" for one ingress replica."""
 
-    def __init__(self, probe: Callable[[], Awaitable[ReplicaCounts]], retry_after_s: int = 1,
-                 ready_ttl_s: float = 1.0, not_ready_ttl_s: float = 0.25,
-                 timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[ReplicaCounts]],
+        retry_after_s: int = 1,
+        ready_ttl_s: float = 1.0,
+        not_ready_ttl_s: float = 0.25,
+        timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._probe = probe
         self._retry_after_s = retry_after_s
         self._ttl = {True: ready_ttl_s, False: not_ready_ttl_s}
@@ -136,6 +153,10 @@ class Readiness:
         verdict = judge(counts)
         previous, self._verdict, self._checked_at = self._verdict, verdict, self._clock()
         if previous is None or (previous.ready, previous.code) != (verdict.ready, verdict.code):
-            logger.info("readiness: %s (model deployment %s: %s)", verdict.message,
-                        counts.status, counts.message or "no message")
+            logger.info(
+                "readiness: %s (model deployment %s: %s)",
+                verdict.message,
+                counts.status,
+                counts.message or "no message",
+            )
         return verdict

@@ -61,12 +61,19 @@ ROOM_TTL_S = 0.05  # how old the admission figure may be (see LLMReplica._room)
 
 
 def error_event(
-    status: int, message: str, err_type: str = "invalid_request_error", param: str | None = None,
+    status: int,
+    message: str,
+    err_type: str = "invalid_request_error",
+    param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
     return {
-        "event": "error", "status": status, "message": message, "type": err_type,
-        "param": param, "code": code,
+        "event": "error",
+        "status": status,
+        "message": message,
+        "type": err_type,
+        "param": param,
+        "code": code,
     }
 
 
@@ -95,7 +102,8 @@ class LLMReplica:
             require_cuda_driver()  # before any CUDA call: a clear error for an old driver
         engine_cls = select_engine_class(self.args)  # reads the model's config only
         self.memory: MemoryAccountant = setup_memory(
-            self.args.memory, self.platform, engine_cls.torch_allocator)
+            self.args.memory, self.platform, engine_cls.torch_allocator
+        )
         logger.info("memory: %s", self.memory.snapshot().describe())
         self.engine: Engine = engine_cls(self.args, self.memory)
         self.started_at = time.time()
@@ -105,8 +113,11 @@ class LLMReplica:
         self._room_at, self._room_figures = float("-inf"), (0, 0)
         logger.info(
             "LLMReplica %s ready in %.1f s: %s serving %s, context %d tokens; memory: %s",
-            self.replica_id, time.perf_counter() - start, type(self.engine).__name__,
-            self.engine.model_name, self.engine.max_model_len,
+            self.replica_id,
+            time.perf_counter() - start,
+            type(self.engine).__name__,
+            self.engine.model_name,
+            self.engine.max_model_len,
             self._memory(self.engine.stats()).snapshot.describe(),
         )
 
@@ -117,8 +128,10 @@ class LLMReplica:
         ids = list(request["prompt_token_ids"])  # an array of uint32 (prompts.py) or a list
         sampling = request.get("sampling", {})
         if len(ids) != shape.prompt_tokens or shape.kv_tokens > self.engine.max_model_len:
-            raise RequestError(f"a request of {len(ids)} tokens does not match its shape "
-                               f"{shape} for a context of {self.engine.max_model_len}")
+            raise RequestError(
+                f"a request of {len(ids)} tokens does not match its shape "
+                f"{shape} for a context of {self.engine.max_model_len}"
+            )
         self._check_room(shape)
         return GenerationRequest(
             request_id=request.get("request_id") or uuid.uuid4().hex,
@@ -156,8 +169,7 @@ class LLMReplica:
         now = time.monotonic()
         if now - self._room_at > ROOM_TTL_S:
             stats = self.engine.stats()
-            self._room_figures = (self._memory(stats).kv_capacity_bytes,
-                                  stats.kv_bytes_per_token)
+            self._room_figures = (self._memory(stats).kv_capacity_bytes, stats.kv_bytes_per_token)
             self._room_at = now
         return self._room_figures
 
@@ -199,8 +211,9 @@ class LLMReplica:
         finally:
             self._streams -= 1
 
-    async def _messages(self, gen_request: GenerationRequest, arrived: float
-                        ) -> AsyncIterator[list[dict[str, Any]]]:
+    async def _messages(
+        self, gen_request: GenerationRequest, arrived: float
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         """One message per batch of engine output: the first at once, later ones at least
         `pacing.gap_s()` apart, so a message carries every token that arrived meanwhile."""
         outputs = self.engine.generate(gen_request)
@@ -213,12 +226,16 @@ class LLMReplica:
                 if not started:
                     started = True
                     self.metrics.request_started(out.prompt_tokens, out.cached_tokens)
-                    message.append({
-                        "event": "start", "replica_id": self.replica_id,
-                        "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
-                        # arrival to first token here: admission, the engine's queue, prefill
-                        "replica_ms": (time.monotonic() - arrived) * 1e3,
-                    })
+                    message.append(
+                        {
+                            "event": "start",
+                            "replica_id": self.replica_id,
+                            "prompt_tokens": out.prompt_tokens,
+                            "cached_tokens": out.cached_tokens,
+                            # arrival to first token here: admission, the engine's queue, prefill
+                            "replica_ms": (time.monotonic() - arrived) * 1e3,
+                        }
+                    )
                 message += self._output_events(out)
                 yield message
                 if out.finish_reason:
@@ -246,10 +263,15 @@ class LLMReplica:
                 delta["logprobs"] = [[lp, [list(t) for t in top]] for lp, top in out.logprobs]
             events.append(delta)
         if out.finish_reason:
-            events.append({
-                "event": "end", "finish_reason": out.finish_reason,
-                "usage": usage_dict(out.prompt_tokens, out.completion_tokens, out.cached_tokens),
-            })
+            events.append(
+                {
+                    "event": "end",
+                    "finish_reason": out.finish_reason,
+                    "usage": usage_dict(
+                        out.prompt_tokens, out.completion_tokens, out.cached_tokens
+                    ),
+                }
+            )
         return events
 
     # ---- reporting ------------------------------------------------------------------------

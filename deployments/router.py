@@ -35,6 +35,7 @@ from deployments.placement import (
 
 logger = logging.getLogger("ray.serve")
 
+
 def request_shape(pending_request: PendingRequest | None) -> RequestShape | None:
     """The shape the ingress computed for this call (admission.py); None for calls that carry
     none (model info, stats)."""
@@ -55,8 +56,9 @@ class UnifiedMemoryRouter(RequestRouter):
         stale_stats_s: float = float("inf"),
         **kwargs: Any,
     ) -> None:
-        self._policy = PlacementPolicy(free_memory_tolerance_fraction, sticky_max_wait_s,
-                                       stale_stats_s)
+        self._policy = PlacementPolicy(
+            free_memory_tolerance_fraction, sticky_max_wait_s, stale_stats_s
+        )
         self._ledger = PlacementLedger(placement_ttl_s)
         # replica id -> (the stats object a view was built from, that view): stats arrive as
         # new objects once a period, so a view (hashing every resident user) is built once.
@@ -100,7 +102,12 @@ class UnifiedMemoryRouter(RequestRouter):
         now = time.time()
         waited = now - pending_request.created_at if pending_request else 0.0
         decision = decide(
-            self._user(pending_request), views, self._ledger, self._policy, now, waited,
+            self._user(pending_request),
+            views,
+            self._ledger,
+            self._policy,
+            now,
+            waited,
             self._request_bytes(pending_request, candidate_replicas),
         )
         if pending_request is not None:

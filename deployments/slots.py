@@ -67,7 +67,8 @@ class Readers:
     grace_s: float = READER_GRACE_S
     clock: Callable[[], float] = time.monotonic
     _reading: collections.OrderedDict[int, tuple[float, asyncio.Event]] = field(
-        default_factory=collections.OrderedDict)
+        default_factory=collections.OrderedDict
+    )
     _next: int = 0
     evicted: int = 0  # readers pushed out so far
     refused: int = 0  # newcomers refused while every reader was within its grace

@@ -30,12 +30,17 @@ Messages = AsyncIterator[list[Event]]
 
 
 def _failure(status: int, message: str, code: str) -> dict[str, Any]:
-    return {"event": "error", "status": status, "message": message, "type": "server_error",
-            "param": None, "code": code}
+    return {
+        "event": "error",
+        "status": status,
+        "message": message,
+        "type": "server_error",
+        "param": None,
+        "code": code,
+    }
 
 
-async def until_deadline(stream: Any, deadline: float, idle_s: float = float("inf")
-                         ) -> Messages:
+async def until_deadline(stream: Any, deadline: float, idle_s: float = float("inf")) -> Messages:
     """A replica's stream of messages, ended by an error event if it fails (the replica died),
     outlives `deadline` (monotonic seconds) or sends nothing for `idle_s` seconds (a frozen
     replica). If the consumer stops early (client gone, a stop string) or time runs out, the
@@ -52,15 +57,23 @@ async def until_deadline(stream: Any, deadline: float, idle_s: float = float("in
                 return
             except asyncio.TimeoutError:
                 if idle_s < left:
-                    yield [_failure(504, f"the model replica sent nothing for {idle_s:g} s",
-                                    "stream_stalled")]
+                    yield [
+                        _failure(
+                            504,
+                            f"the model replica sent nothing for {idle_s:g} s",
+                            "stream_stalled",
+                        )
+                    ]
                 else:
                     yield [_failure(504, "request timed out", "timeout")]
                 return
             except Exception as exc:
                 logger.warning("replica stream failed: %s", type(exc).__name__)
-                yield [_failure(503, "the model replica failed during generation; retry",
-                                "replica_failed")]
+                yield [
+                    _failure(
+                        503, "the model replica failed during generation; retry", "replica_failed"
+                    )
+                ]
                 return
             yield message
     finally:
@@ -69,8 +82,14 @@ async def until_deadline(stream: Any, deadline: float, idle_s: float = float("in
 
 
 def error_from_event(event: dict[str, Any], replica_id: str | None = None) -> APIError:
-    return APIError(event["status"], event["message"], event["type"], event.get("param"),
-                    event["code"], replica_id=replica_id or event.get("replica_id"))
+    return APIError(
+        event["status"],
+        event["message"],
+        event["type"],
+        event.get("param"),
+        event["code"],
+        replica_id=replica_id or event.get("replica_id"),
+    )
 
 
 @dataclass
@@ -105,10 +124,15 @@ async def collect(first: Event, messages: Messages) -> Answer:
 Chunks = AsyncIterator[list[dict[str, Any]]]
 
 
-async def _chunks(messages: Messages, include_usage: bool, on_error: Callable[[str], None],
-                  text: Callable[[str, list | None], dict], end: Callable[[str], dict],
-                  usage: Callable[[dict], dict],
-                  call: Callable[[Event], list[dict]] | None = None) -> Chunks:
+async def _chunks(
+    messages: Messages,
+    include_usage: bool,
+    on_error: Callable[[str], None],
+    text: Callable[[str, list | None], dict],
+    end: Callable[[str], dict],
+    usage: Callable[[dict], dict],
+    call: Callable[[Event], list[dict]] | None = None,
+) -> Chunks:
     """Each replica message as the API chunks built by `text` (from text and logprob
     entries), `end`, `usage` and `call` (for `tool_call` events); an error after the first
     token becomes an error chunk (and is
@@ -132,9 +156,13 @@ async def _chunks(messages: Messages, include_usage: bool, on_error: Callable[[s
             yield chunks
 
 
-async def chat_events(model: str, messages: Messages, include_usage: bool,
-                      on_error: Callable[[str], None],
-                      logprobs: LogprobFormatter | None = None) -> Chunks:
+async def chat_events(
+    model: str,
+    messages: Messages,
+    include_usage: bool,
+    on_error: Callable[[str], None],
+    logprobs: LogprobFormatter | None = None,
+) -> Chunks:
     """Chat completion chunks, a list per replica message, opening with the assistant's role;
     each chunk's tokens' logprobs with it (formatted by `logprobs`)."""
     rid = new_id("chatcmpl")
@@ -145,10 +173,14 @@ async def chat_events(model: str, messages: Messages, include_usage: bool,
         return chat_chunk(rid, model, {"content": t}, logprobs=lp)
 
     async for chunks in _chunks(
-            messages, include_usage, on_error, text=text,
-            end=lambda reason: chat_chunk(rid, model, {}, reason),
-            usage=lambda u: chat_chunk(rid, model, None, usage=u),
-            call=lambda e: [chat_chunk(rid, model, delta) for delta in tool_call_deltas(e)]):
+        messages,
+        include_usage,
+        on_error,
+        text=text,
+        end=lambda reason: chat_chunk(rid, model, {}, reason),
+        usage=lambda u: chat_chunk(rid, model, None, usage=u),
+        call=lambda e: [chat_chunk(rid, model, delta) for delta in tool_call_deltas(e)],
+    ):
         yield chunks
 
 
@@ -157,14 +189,28 @@ def tool_call_deltas(event: Event) -> list[dict[str, Any]]:
     arguments (here in one piece; clients concatenate the pieces they get)."""
     call, index = event["call"], event["index"]
     function = call["function"]
-    return [{"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                             "function": {"name": function["name"], "arguments": ""}}]},
-            {"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]}]
+    return [
+        {
+            "tool_calls": [
+                {
+                    "index": index,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": function["name"], "arguments": ""},
+                }
+            ]
+        },
+        {"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]},
+    ]
 
 
-async def completion_events(model: str, messages: Messages, include_usage: bool,
-                            on_error: Callable[[str], None],
-                            logprobs: LogprobFormatter | None = None) -> Chunks:
+async def completion_events(
+    model: str,
+    messages: Messages,
+    include_usage: bool,
+    on_error: Callable[[str], None],
+    logprobs: LogprobFormatter | None = None,
+) -> Chunks:
     """Text completion chunks, a list per replica message (text_offset counts on across
     chunks)."""
     rid = new_id("cmpl")
@@ -178,9 +224,13 @@ async def completion_events(model: str, messages: Messages, include_usage: bool,
         return completion_chunk(rid, model, t, logprobs=lp)
 
     async for chunks in _chunks(
-            messages, include_usage, on_error, text=text,
-            end=lambda reason: completion_chunk(rid, model, "", reason),
-            usage=lambda u: completion_chunk(rid, model, None, usage=u)):
+        messages,
+        include_usage,
+        on_error,
+        text=text,
+        end=lambda reason: completion_chunk(rid, model, "", reason),
+        usage=lambda u: completion_chunk(rid, model, None, usage=u),
+    ):
         yield chunks
 
 
@@ -192,8 +242,10 @@ def server_timing(prepare_ms: float, upstream_ms: float, replica_ms: float) -> s
     ingress's parsing, tokenizing and shaping (`prepare`), its replica call to the first
     message (`upstream`), and the part of that spent in the replica (`replica`: admission, the
     engine's queue, prefill); upstream - replica is the transport."""
-    return (f"prepare;dur={prepare_ms:.2f}, upstream;dur={upstream_ms:.2f}, "
-            f"replica;dur={replica_ms:.2f}")
+    return (
+        f"prepare;dur={prepare_ms:.2f}, upstream;dur={upstream_ms:.2f}, "
+        f"replica;dur={replica_ms:.2f}"
+    )
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -210,8 +262,9 @@ def sse_response(start: Event, chunks: Chunks) -> StreamingResponse:
             yield "".join(sse(chunk) for chunk in batch)
         yield sse("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers=response_headers(start))
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers=response_headers(start)
+    )
 
 
 def response_headers(start: Event) -> dict[str, str]:

@@ -26,8 +26,9 @@ Messages = AsyncIterator[list[Event]]
 class TextStream:
     """One request's detokenizer and token count."""
 
-    def __init__(self, decoder: TokenDecoder, start: Event, stop: tuple[str, ...],
-                 min_tokens: int) -> None:
+    def __init__(
+        self, decoder: TokenDecoder, start: Event, stop: tuple[str, ...], min_tokens: int
+    ) -> None:
         self.detok = IncrementalDetokenizer(decoder, stop, armed=min_tokens == 0)
         self.start = start
         self.min_tokens = min_tokens
@@ -38,10 +39,10 @@ class TextStream:
         """The text `ids` add; counts the ids used (up to a completed stop string)."""
         pieces = []
         if not self.detok.armed:
-            early = ids[:max(0, self.min_tokens - self.count)]
+            early = ids[: max(0, self.min_tokens - self.count)]
             pieces.append(self.detok.push(early).text)
             self.count += len(early)
-            ids = ids[len(early):]
+            ids = ids[len(early) :]
             self.detok.armed = self.count >= self.min_tokens
         if ids:
             delta = self.detok.push(ids)
@@ -61,7 +62,7 @@ class TextStream:
                 text = self._push(event["token_ids"])
                 logprobs = event.get("logprobs")
                 if logprobs is not None:  # those of the tokens used: [id, logprob, top]
-                    used = zip(event["token_ids"], logprobs[:self.count - before], strict=False)
+                    used = zip(event["token_ids"], logprobs[: self.count - before], strict=False)
                     entries = [[tid, lp, top] for tid, (lp, top) in used]
                     out.append({"event": "delta", "text": text, "logprobs": entries})
                 elif text:
@@ -81,13 +82,13 @@ class TextStream:
     def _end(self, reason: str, usage: dict[str, Any] | None) -> Event:
         self.ended = True
         if usage is None or usage["completion_tokens"] != self.count:
-            usage = usage_dict(self.start["prompt_tokens"], self.count,
-                               self.start["cached_tokens"])
+            usage = usage_dict(self.start["prompt_tokens"], self.count, self.start["cached_tokens"])
         return {"event": "end", "finish_reason": reason, "usage": usage}
 
 
-async def detokenized(messages: Messages, stream: TextStream,
-                      on_end: Callable[[int], None]) -> Messages:
+async def detokenized(
+    messages: Messages, stream: TextStream, on_end: Callable[[int], None]
+) -> Messages:
     """`messages` with text; ends (closing `messages`) once the request has ended.
     `on_end(completion_tokens)` sees a normal end."""
     try:

@@ -40,7 +40,8 @@ def _normalizer_shrink(node: dict[str, Any] | None) -> int | None:
     if kind == "Replace":
         pattern = node.get("pattern", {})
         if "String" in pattern and len(node.get("content", "").encode()) >= len(
-                pattern["String"].encode()):
+            pattern["String"].encode()
+        ):
             return 1
         return None
     if kind == "Sequence":

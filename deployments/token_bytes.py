@@ -43,8 +43,11 @@ class ByteTable:
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-to-unicode map, inverted: the character ByteLevel writes for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = {b: chr(b) for b in printable}, 0
     for b in range(256):
         if b not in chars:
@@ -110,8 +113,9 @@ def build_byte_table(tokenizer: Any) -> ByteTable | None:
     table = _table(backend) if backend is not None else None
     if table is None:
         return None
-    singles = backend.decode_batch([[i] for i in range(len(table.pieces))],
-                                   skip_special_tokens=True)
+    singles = backend.decode_batch(
+        [[i] for i in range(len(table.pieces))], skip_special_tokens=True
+    )
     for index, text in enumerate(singles):
         if text != table.decode([index]):
             logger.info("byte table disagrees with decode at id %d: %r", index, text)

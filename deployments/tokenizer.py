@@ -45,7 +45,8 @@ class TextTokenizer:
         eos_id = backend.token_to_id(eos) if eos is not None else None
         self.eos_token_ids = frozenset(settings.eos_token_ids | ({eos_id} - {None}))
         self.cleans_up_spaces = settings.clean_up_tokenization_spaces and (
-            type(backend.model).__name__ != "BPE" or settings.clean_up_even_for_bpe)
+            type(backend.model).__name__ != "BPE" or settings.clean_up_even_for_bpe
+        )
         for template in self._templates():
             chat_template.compile_template(template)  # a broken template fails at load
 
@@ -58,7 +59,8 @@ class TextTokenizer:
                 f"{root} has no tokenizer.json: grace-serve needs a fast tokenizer. Make one "
                 "where transformers is installed with `AutoTokenizer.from_pretrained(path)"
                 ".save_pretrained(path)` (converting tokenizer.model or vocab files needs "
-                "sentencepiece or tiktoken), or use a repo that ships tokenizer.json")
+                "sentencepiece or tiktoken), or use a repo that ships tokenizer.json"
+            )
         backend = Tokenizer.from_file(str(root / "tokenizer.json"))
         settings = read_settings(root)
         _prepare_backend(backend, settings)
@@ -70,35 +72,55 @@ class TextTokenizer:
         """Token ids of `text`, with the special tokens the tokenizer adds (e.g. BOS)."""
         return self._backend.encode_batch([text], add_special_tokens=True)[0].ids
 
-    def encode_with_starts(self, text: str, add_special_tokens: bool, last: int
-                           ) -> tuple[list[int], list[int]]:
+    def encode_with_starts(
+        self, text: str, add_special_tokens: bool, last: int
+    ) -> tuple[list[int], list[int]]:
         """Token ids of `text` and where each of the `last` tokens starts in it (character
         offsets; a token the post-processor adds, such as BOS, starts at 0). Only those few
         offsets are read: all of an 8k-token prompt's cost ~0.8 ms."""
         encoding = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
         ids = encoding.ids
-        starts = [(encoding.token_to_chars(i) or (0, 0))[0]
-                  for i in range(max(0, len(ids) - last), len(ids))]
+        starts = [
+            (encoding.token_to_chars(i) or (0, 0))[0]
+            for i in range(max(0, len(ids) - last), len(ids))
+        ]
         return ids, starts
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                    documents: list[dict] | None = None, add_generation_prompt: bool = True,
-                    **kwargs: Any) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
         """The chat as the model's template writes it; `kwargs` are template variables.
 
         Raises chat_template.ChatTemplateError for messages the template cannot render.
         """
         template = self._template_for(tools)
         if template is None:
-            return _no_template_text(chat_template.normalize_messages(messages),
-                                     add_generation_prompt)
+            return _no_template_text(
+                chat_template.normalize_messages(messages), add_generation_prompt
+            )
         variables = {**self.special_tokens, **kwargs}  # kwargs win, as in transformers
-        return chat_template.render(template, messages, tools=tools, documents=documents,
-                                    add_generation_prompt=add_generation_prompt, **variables)
+        return chat_template.render(
+            template,
+            messages,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                    documents: list[dict] | None = None, add_generation_prompt: bool = True,
-                    **kwargs: Any) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> list[int]:
         """Token ids of the rendered chat (the template writes its own special tokens)."""
         text = self.render_chat(messages, tools, documents, add_generation_prompt, **kwargs)
         return self._backend.encode_batch([text], add_special_tokens=False)[0].ids
@@ -127,8 +149,11 @@ class TextTokenizer:
 
     def _templates(self) -> list[str]:
         template = self.chat_template
-        return list(template.values()) if isinstance(template, dict) else (
-            [template] if template else [])
+        return (
+            list(template.values())
+            if isinstance(template, dict)
+            else ([template] if template else [])
+        )
 
     def _template_for(self, tools: list[dict] | None) -> str | None:
         """transformers' choice: named templates pick `tool_use` when tools are given."""
@@ -140,7 +165,8 @@ class TextTokenizer:
         if "default" in template:
             return template["default"]
         raise chat_template.ChatTemplateError(
-            f"{self.name} has several chat templates and none is `default`: {sorted(template)}")
+            f"{self.name} has several chat templates and none is `default`: {sorted(template)}"
+        )
 
 
 def _prepare_backend(backend: Tokenizer, settings: TokenizerSettings) -> None:
@@ -170,8 +196,17 @@ def _prepare_backend(backend: Tokenizer, settings: TokenizerSettings) -> None:
 
 def clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization`: no space before punctuation and contractions."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
-                          (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text

@@ -17,8 +17,15 @@ from typing import Any
 
 from tokenizers import AddedToken
 
-STANDARD_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
-                           "cls_token", "mask_token")
+STANDARD_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 Token = str | AddedToken
 
 
@@ -66,16 +73,23 @@ def read_settings(root: Path) -> TokenizerSettings:
     if isinstance(extra, dict):  # named extra tokens are model-specific named tokens
         named.update({k: t for k, v in extra.items() if (t := as_token(v)) is not None})
         extra = []
-    added = [as_token(v) for _, v in sorted((config.get("added_tokens_decoder") or {}).items(),
-                                            key=lambda item: int(item[0]))]
+    added = [
+        as_token(v)
+        for _, v in sorted(
+            (config.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0])
+        )
+    ]
     return TokenizerSettings(
         named_tokens=named,
         extra_special_tokens=[t for t in map(as_token, extra) if t is not None],
         added_tokens=[t for t in added if isinstance(t, AddedToken)],
         chat_template=read_chat_templates(root, config),
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-        clean_up_even_for_bpe=bool(config.get(
-            "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)),
+        clean_up_even_for_bpe=bool(
+            config.get(
+                "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False
+            )
+        ),
         split_special_tokens=bool(config.get("split_special_tokens", False)),
         eos_token_ids=model_eos_token_ids(root),
     )
@@ -85,9 +99,9 @@ def _merge_legacy_special_tokens(config: dict[str, Any], legacy: dict[str, Any])
     """special_tokens_map.json over the config, as transformers merges it."""
     for key, value in legacy.items():
         if isinstance(value, dict) and key != "extra_special_tokens":
-            value = AddedToken(**{k: v for k, v in value.items() if k not in ("special",
-                                                                              "__type")},
-                               special=True)
+            value = AddedToken(
+                **{k: v for k, v in value.items() if k not in ("special", "__type")}, special=True
+            )
         elif key == "extra_special_tokens" and isinstance(value, list):
             existing = list(config.get("extra_special_tokens") or [])
             value = existing + [t for t in value if t not in existing]

@@ -33,8 +33,11 @@ class ToolCall:
     id: str = ""
 
     def openai(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 def new_call_id() -> str:
@@ -61,7 +64,7 @@ def parse_llama3_json(text: str) -> list[ToolCall] | None:
     """Calls of a whole Llama 3 answer, or None when it is not (only) calls."""
     text = text.strip()
     if text.startswith(PYTHON_TAG):
-        text = text[len(PYTHON_TAG):].lstrip()
+        text = text[len(PYTHON_TAG) :].lstrip()
     decoder, calls, at = json.JSONDecoder(), [], 0
     while at < len(text):
         try:
@@ -97,8 +100,7 @@ def forced_prefix(parser: ParserName, name: str | None) -> str:
     opening = '{"name": "' if parser == "llama3_json" else HERMES_OPEN + '\n{"name": "'
     if name is None:
         return opening
-    return opening + name + ('", "parameters": ' if parser == "llama3_json"
-                             else '", "arguments": ')
+    return opening + name + ('", "parameters": ' if parser == "llama3_json" else '", "arguments": ')
 
 
 def detect_parser(template: str | None) -> ParserName | None:
@@ -146,7 +148,7 @@ class ToolCallStream:
             if not stripped:
                 return []
             self._started = True
-            self._in_call = stripped[0] == "{" or stripped.startswith(PYTHON_TAG[:len(stripped)])
+            self._in_call = stripped[0] == "{" or stripped.startswith(PYTHON_TAG[: len(stripped)])
         if not self._in_call:
             out, self._held = self._held, ""
             return [("content", out)] if out else []
@@ -166,29 +168,33 @@ class ToolCallStream:
                 if end < 0:
                     if final:  # the answer ended inside a call: parse what there is
                         call = parse_hermes_body(self._held)
-                        out.append(self._call(call) if call else
-                                   ("content", HERMES_OPEN + self._held))
+                        out.append(
+                            self._call(call) if call else ("content", HERMES_OPEN + self._held)
+                        )
                         self._held = ""
                     return out
                 body = self._held[:end]
-                self._held = self._held[end + len(HERMES_CLOSE):]
+                self._held = self._held[end + len(HERMES_CLOSE) :]
                 self._in_call = False
                 call = parse_hermes_body(body)
                 if call:
                     self._held = self._held.lstrip()  # the newline between calls
-                out.append(self._call(call) if call else
-                           ("content", HERMES_OPEN + body + HERMES_CLOSE))
+                out.append(
+                    self._call(call) if call else ("content", HERMES_OPEN + body + HERMES_CLOSE)
+                )
                 continue
             start = self._held.find(HERMES_OPEN)
             if start >= 0:
                 before = self._held[:start]
                 if before.strip() or (before and not self.calls):
                     out.append(("content", before))
-                self._held, self._in_call = self._held[start + len(HERMES_OPEN):], True
+                self._held, self._in_call = self._held[start + len(HERMES_OPEN) :], True
                 continue
             keep = 0 if final else _partial_suffix(self._held, HERMES_OPEN)
-            text, self._held = self._held[:len(self._held) - keep], self._held[
-                len(self._held) - keep:]
+            text, self._held = (
+                self._held[: len(self._held) - keep],
+                self._held[len(self._held) - keep :],
+            )
             if text and (text.strip() or not self.calls):
                 out.append(("content", text))
             return out

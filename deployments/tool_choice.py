@@ -49,23 +49,35 @@ def plan_tools(req: ChatCompletionRequest, parser: ParserName | None) -> ToolPla
     if mode == "none":
         return None
     if parser is None:
-        raise APIError(400, f"tool_choice: {mode!r} needs a tool-call format, and this model's "
-                       "chat template shows none; send tool_choice 'none', or set "
-                       "model.tool_call_parser", param="tool_choice",
-                       code="unsupported_parameter")
+        raise APIError(
+            400,
+            f"tool_choice: {mode!r} needs a tool-call format, and this model's "
+            "chat template shows none; send tool_choice 'none', or set "
+            "model.tool_call_parser",
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
     names = frozenset(t.function.name for t in req.tools or [])
-    named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) \
-        else None
-    return ToolPlan(parser, mode, frozenset({named}) if named else names,
-                    forced_prefix(parser, named) if mode != "auto" else "",
-                    req.parallel_tool_calls)
+    named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+    return ToolPlan(
+        parser,
+        mode,
+        frozenset({named}) if named else names,
+        forced_prefix(parser, named) if mode != "auto" else "",
+        req.parallel_tool_calls,
+    )
 
 
 def _not_produced(plan: ToolPlan, why: str) -> dict[str, Any]:
-    return {"event": "error", "status": 500, "type": "server_error", "param": None,
-            "code": "tool_call_not_produced",
-            "message": f"tool_choice {plan.mode!r}: the model's answer was not a call of "
-                       f"{sorted(plan.names)} ({why})"}
+    return {
+        "event": "error",
+        "status": 500,
+        "type": "server_error",
+        "param": None,
+        "code": "tool_call_not_produced",
+        "message": f"tool_choice {plan.mode!r}: the model's answer was not a call of "
+        f"{sorted(plan.names)} ({why})",
+    }
 
 
 class _Reader:

@@ -53,17 +53,25 @@ def neighbours(placements: list[dict], page: int = 2 << 20) -> dict[str, list[di
         address = seg["address"]
         for block in seg["blocks"]:
             if block["state"] == "active_allocated":
-                live.append((block.get("address", address), block["size"], seg["address"],
-                             seg["total_size"]))
+                live.append(
+                    (
+                        block.get("address", address),
+                        block["size"],
+                        seg["address"],
+                        seg["total_size"],
+                    )
+                )
             address += block["size"]
     out = {}
     for p in placements:
         lo = p["start"] - p["start"] % page
         hi = -(-(p["start"] + p["size"]) // page) * page
         mine = p["start"] + p["tensor_offset"]
-        out[p["name"]] = [{"offset_from_range": a - mine, "bytes": n, "segment_offset": a - s,
-                           "segment_bytes": t} for a, n, s, t in live
-                          if a < hi and a + n > lo and not a <= mine < a + n]
+        out[p["name"]] = [
+            {"offset_from_range": a - mine, "bytes": n, "segment_offset": a - s, "segment_bytes": t}
+            for a, n, s, t in live
+            if a < hi and a + n > lo and not a <= mine < a + n
+        ]
     return out
 
 
@@ -83,42 +91,66 @@ def run_variant(variant: str) -> dict:
     from deployments.model_spec import ModelSpec
     from deployments.platform import detect_platform
 
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024,
-                                      num_hidden_layers=8, num_attention_heads=8,
-                                      num_key_value_heads=2, max_position_embeddings=2048,
-                                      vocab_size=448, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        vocab_size=448,
+        tie_word_embeddings=False,
+    )
     path = tempfile.mkdtemp()
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     write_tokenizer(path)
     platform = detect_platform()
     if variant == "packed-no-rmm-prefetch":
         platform = dataclasses.replace(platform, kind="grace")
-    memory = setup_memory(AppArgs.model_validate({"memory": {
-        "mode": "managed", "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
-        platform, torch_allocator="native")
+    memory = setup_memory(
+        AppArgs.model_validate(
+            {"memory": {"mode": "managed", "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}
+        ).memory,
+        platform,
+        torch_allocator="native",
+    )
     cls = type("Engine", (PagedEngine,), {"isolate_advised_ranges": variant == "isolated"})
     page = 16 * 2 * 8 * 2 * 64 * 2
     layer = layer_numel(ModelSpec.from_hf_config(config)) * 2
 
     def make(budget: int | None, host_pages: int, grace: bool) -> PagedEngine:
-        memory.platform = dataclasses.replace(memory.platform,
-                                              kind="grace" if grace else "discrete")
-        return cls(AppArgs.model_validate({
-            "model": {"model_id": path, "dtype": "bfloat16",
-                      "device_weight_budget_bytes": budget},
-            "memory": {"mode": "managed"}, "replica": {"num_gpus": 1},
-            "kv_cache": {"budget_bytes": 40 * page, "host_tier_bytes": host_pages * page}}),
-            memory)
+        memory.platform = dataclasses.replace(
+            memory.platform, kind="grace" if grace else "discrete"
+        )
+        return cls(
+            AppArgs.model_validate(
+                {
+                    "model": {
+                        "model_id": path,
+                        "dtype": "bfloat16",
+                        "device_weight_budget_bytes": budget,
+                    },
+                    "memory": {"mode": "managed"},
+                    "replica": {"num_gpus": 1},
+                    "kv_cache": {"budget_bytes": 40 * page, "host_tier_bytes": host_pages * page},
+                }
+            ),
+            memory,
+        )
 
     grace = make(448 * 512 * 2 * 2 + 512 * 2 + 3 * layer, 400, True)
     make(None, 0, False)
     grace.advice.check("after the plain engine was built")
     torch.cuda.synchronize()
     report = grace.advice.report()
-    return {"variant": variant, "first_loss": report["first_loss"],
-            "mismatches_right_after_advice": grace._placer.advisor.mismatches,
-            "history": report["history"], "ranges": report["ranges"],
-            "neighbours": neighbours(report["ranges"])}
+    return {
+        "variant": variant,
+        "first_loss": report["first_loss"],
+        "mismatches_right_after_advice": grace._placer.advisor.mismatches,
+        "history": report["history"],
+        "ranges": report["ranges"],
+        "neighbours": neighbours(report["ranges"]),
+    }
 
 
 def verdict(results: dict[str, dict]) -> str:
@@ -129,11 +161,15 @@ def verdict(results: dict[str, dict]) -> str:
     phases = sorted(set(packed.values()) | set(lost.get("isolated", {}).values()))
     causes = "; ".join(f"{p}: {CAUSES.get(p, p)}" for p in phases)
     if packed and not lost.get("isolated"):
-        how = ("RMM's prefetch-on-allocate of later allocations is needed for it"
-               if not lost.get("packed-no-rmm-prefetch") else
-               "it happens without RMM's prefetch adaptor too")
-        return (f"shared 2 MiB blocks held (packed loses {sorted(packed)}, isolated keeps "
-                f"all); {how}; first phase -> {causes}")
+        how = (
+            "RMM's prefetch-on-allocate of later allocations is needed for it"
+            if not lost.get("packed-no-rmm-prefetch")
+            else "it happens without RMM's prefetch adaptor too"
+        )
+        return (
+            f"shared 2 MiB blocks held (packed loses {sorted(packed)}, isolated keeps "
+            f"all); {how}; first phase -> {causes}"
+        )
     return f"isolation does not fix it (isolated loses {lost['isolated']}); {causes}"
 
 
@@ -148,16 +184,24 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     results = {}
     for variant in VARIANTS:
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--variant", variant],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             continue
-        results[variant] = json.loads(lines[-1][len("RESULT "):])
+        results[variant] = json.loads(lines[-1][len("RESULT ") :])
         r = results[variant]
-        print(f"== {variant}: first loss {r['first_loss'] or 'none'}; right after advice: "
-              f"{r['mismatches_right_after_advice'] or 'none'}")
+        print(
+            f"== {variant}: first loss {r['first_loss'] or 'none'}; right after advice: "
+            f"{r['mismatches_right_after_advice'] or 'none'}"
+        )
         for entry in r["history"]:
             for wrong in entry["wrong"]:
                 print(f"   {entry['phase']}: {wrong['name']} runs {wrong['runs']}")
@@ -168,8 +212,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import write_result
 
-    print("wrote", write_result("advice-diagnosis", {"variants": results, "verdict": line},
-                                opts.out))
+    print(
+        "wrote", write_result("advice-diagnosis", {"variants": results, "verdict": line}, opts.out)
+    )
 
 
 if __name__ == "__main__":

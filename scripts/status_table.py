@@ -33,26 +33,45 @@ class Feature(NamedTuple):
 
 
 FEATURES = (
-    Feature("Platform detection (Grace / discrete / CPU)", ("test_platform.py",),
-            ("test_platform_gpu",), ()),
-    Feature("RMM managed memory, oversubscription guard", ("test_memory.py",),
-            ("test_rmm_memory",), ()),
-    Feature("Paged engine: Triton kernels, CUDA graphs, run-ahead", (
-        "test_paged_engine.py", "test_triton_interpreter.py"), (
-        "test_generation_gpu", "test_paged_gpu"), (
-        "engine", "engine-refactor-check", "host-step", "profile-decode", "profile-returning")),
-    Feature("Sampler and sampling rules", ("test_sampler.py", "test_sampling_rules.py"), (
-        "test_sampler_gpu", "test_sampling_rules_gpu"), ("sampler",)),
-    Feature("Host KV tier and streamed weights (pinned copies)", (
-        "test_kv_tiers.py", "test_weight_streaming.py"), (
-        "test_tiers_gpu (host tier, streamed weights)",), ("tiers",)),
-    Feature("Grace tiers: advice on managed memory, migrations", (
-        "test_grace_tiers.py", "test_memory_advice.py", "test_migration_bench.py"), (
-        "test_tiers_gpu (Grace advice, Grace faked)",), ("migration", "advice-diagnosis")),
-    Feature("Serve app, OpenAI API, router, serving path", (
-        "test_service.py", "test_router.py", "test_streaming_batches.py"), (
-        "test_serve_gpu", "test_serving_path_gpu"), (
-        "serve", "serve-4ingress", "serve-merged", "serve-paths", "serve-refactor-check")),
+    Feature(
+        "Platform detection (Grace / discrete / CPU)",
+        ("test_platform.py",),
+        ("test_platform_gpu",),
+        (),
+    ),
+    Feature(
+        "RMM managed memory, oversubscription guard", ("test_memory.py",), ("test_rmm_memory",), ()
+    ),
+    Feature(
+        "Paged engine: Triton kernels, CUDA graphs, run-ahead",
+        ("test_paged_engine.py", "test_triton_interpreter.py"),
+        ("test_generation_gpu", "test_paged_gpu"),
+        ("engine", "engine-refactor-check", "host-step", "profile-decode", "profile-returning"),
+    ),
+    Feature(
+        "Sampler and sampling rules",
+        ("test_sampler.py", "test_sampling_rules.py"),
+        ("test_sampler_gpu", "test_sampling_rules_gpu"),
+        ("sampler",),
+    ),
+    Feature(
+        "Host KV tier and streamed weights (pinned copies)",
+        ("test_kv_tiers.py", "test_weight_streaming.py"),
+        ("test_tiers_gpu (host tier, streamed weights)",),
+        ("tiers",),
+    ),
+    Feature(
+        "Grace tiers: advice on managed memory, migrations",
+        ("test_grace_tiers.py", "test_memory_advice.py", "test_migration_bench.py"),
+        ("test_tiers_gpu (Grace advice, Grace faked)",),
+        ("migration", "advice-diagnosis"),
+    ),
+    Feature(
+        "Serve app, OpenAI API, router, serving path",
+        ("test_service.py", "test_router.py", "test_streaming_batches.py"),
+        ("test_serve_gpu", "test_serving_path_gpu"),
+        ("serve", "serve-4ingress", "serve-merged", "serve-paths", "serve-refactor-check"),
+    ),
     Feature("Routing simulation (CPU by design)", ("test_routing_sim.py",), (), ()),
 )
 
@@ -68,7 +87,7 @@ class Run(NamedTuple):
 def gpu_runs(readme: Path) -> dict[str, Run]:
     """tests/gpu/README.md's table, by test."""
     text = readme.read_text()
-    body = text[text.index(RUNS_BEGIN) + len(RUNS_BEGIN):text.index(RUNS_END)]
+    body = text[text.index(RUNS_BEGIN) + len(RUNS_BEGIN) : text.index(RUNS_END)]
     runs = {}
     for line in body.strip().splitlines()[2:]:
         test, card, result, commit, date = (c.strip() for c in line.strip("|").split("|"))
@@ -84,9 +103,10 @@ def result_runs(results: Path) -> dict[str, list[Run]]:
         card, commit = data.get("card"), data.get("git_commit")
         if not card or not commit or not path.stem.endswith(card):
             continue
-        stem = path.stem[:-len(card) - 1]
-        runs.setdefault(stem, []).append(Run(f"{stem} results", card, "measured",
-                                             commit[:7], (data.get("date") or "")[:10]))
+        stem = path.stem[: -len(card) - 1]
+        runs.setdefault(stem, []).append(
+            Run(f"{stem} results", card, "measured", commit[:7], (data.get("date") or "")[:10])
+        )
     return runs
 
 
@@ -96,8 +116,9 @@ def _cell(runs: list[Run]) -> str:
     return "; ".join(f"{r.what} {r.result} at `{r.commit}`" for r in runs)
 
 
-def row(feature: Feature, tests: dict[str, Run], results: dict[str, list[Run]],
-        cpu_dir: Path) -> str:
+def row(
+    feature: Feature, tests: dict[str, Run], results: dict[str, list[Run]], cpu_dir: Path
+) -> str:
     missing = [t for t in feature.cpu_tests if not (cpu_dir / t).exists()]
     if missing:
         raise FileNotFoundError(f"{feature.name}: no tests/cpu/{', '.join(missing)}")
@@ -111,28 +132,32 @@ def row(feature: Feature, tests: dict[str, Run], results: dict[str, list[Run]],
     gpu = [r for r in runs if r.card != "cpu"]
     last = max(gpu, key=lambda r: r.date) if gpu else None
     last_cell = f"`{last.commit}` ({last.date}, {last.card})" if last else "none"
-    return (f"| {feature.name} | {cpu} | {_cell(h200)} | {_cell(grace) if grace else 'none yet'}"
-            f" | {last_cell} |")
+    return (
+        f"| {feature.name} | {cpu} | {_cell(h200)} | {_cell(grace) if grace else 'none yet'}"
+        f" | {last_cell} |"
+    )
 
 
 def build(root: Path = ROOT) -> str:
     """The table, in markdown."""
     tests = gpu_runs(root / "tests" / "gpu" / "README.md")
     results = result_runs(root / "benchmarks" / "results")
-    lines = ["| feature | CPU tests | NVIDIA H200 (x86, PCIe) | Grace hardware | last GPU run |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| feature | CPU tests | NVIDIA H200 (x86, PCIe) | Grace hardware | last GPU run |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     lines += [row(f, tests, results, root / "tests" / "cpu") for f in FEATURES]
     return "\n".join(lines)
 
 
 def readme_table(readme: Path) -> str:
     text = readme.read_text()
-    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    return text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
 
 
 def write(readme: Path, table: str) -> None:
     text = readme.read_text()
-    head, tail = text[:text.index(BEGIN) + len(BEGIN)], text[text.index(END):]
+    head, tail = text[: text.index(BEGIN) + len(BEGIN)], text[text.index(END) :]
     readme.write_text(f"{head}\n{table}\n{tail}")
 
 

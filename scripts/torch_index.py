@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = pip_options(args.index_url, args.timeout)
     if not options:
-        print(f"{args.index_url} is not reachable: installing torch from pip's configured "
-              "index (PyPI's torch for Linux is the CUDA 13 build, several GB)", file=sys.stderr)
+        print(
+            f"{args.index_url} is not reachable: installing torch from pip's configured "
+            "index (PyPI's torch for Linux is the CUDA 13 build, several GB)",
+            file=sys.stderr,
+        )
     print(" ".join(options))
     return 0
 

@@ -37,8 +37,7 @@ async def loop_lag(stop: asyncio.Event) -> list[float]:
     return lags
 
 
-async def run_command(command: dict[str, Any], send: Any, index: int, procs: int
-                      ) -> dict[str, Any]:
+async def run_command(command: dict[str, Any], send: Any, index: int, procs: int) -> dict[str, Any]:
     """Run this worker's share of the step; its records and load."""
     from benchmarks.bench_model import visible_ids
     from benchmarks.serve.metrics import percentile
@@ -49,15 +48,20 @@ async def run_command(command: dict[str, Any], send: Any, index: int, procs: int
     mine = sessions_for(step, PLANS[command["plan"]])[index::procs]
     stop, cpu, wall = asyncio.Event(), time.process_time(), time.monotonic()
     lag = asyncio.create_task(loop_lag(stop))
-    records = await run_sessions(mine, send, visible_ids(command["model_config"]),
-                                 command["stop_at"])
+    records = await run_sessions(
+        mine, send, visible_ids(command["model_config"]), command["stop_at"]
+    )
     stop.set()
     lags = await lag
     wall = time.monotonic() - wall
-    return {"records": records, "sessions": len(mine), "wall_s": wall,
-            "cpu_share": (time.process_time() - cpu) / wall if wall else 0.0,
-            "loop_lag_p99_ms": 1e3 * (percentile(lags, 99) or 0.0),
-            "loop_lag_max_ms": 1e3 * max(lags, default=0.0)}
+    return {
+        "records": records,
+        "sessions": len(mine),
+        "wall_s": wall,
+        "cpu_share": (time.process_time() - cpu) / wall if wall else 0.0,
+        "loop_lag_p99_ms": 1e3 * (percentile(lags, 99) or 0.0),
+        "loop_lag_max_ms": 1e3 * max(lags, default=0.0),
+    }
 
 
 async def worker(url: str, model: str, index: int, procs: int) -> None:
@@ -82,11 +86,29 @@ class ClientPool:
     sends a step to all and merges."""
 
     def __init__(self, procs: int, urls: list[str], model: str, env: dict[str, str]) -> None:
-        self._procs = [subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.serve.client_pool", "--url", urls[i % len(urls)],
-             "--model", model, "--index", str(i), "--procs", str(procs)],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for i in range(procs)]
+        self._procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.serve.client_pool",
+                    "--url",
+                    urls[i % len(urls)],
+                    "--model",
+                    model,
+                    "--index",
+                    str(i),
+                    "--procs",
+                    str(procs),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(procs)
+        ]
 
     def run(self, command: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Every worker's records of the step, and the client's load across workers."""
@@ -121,10 +143,13 @@ def load(results: list[dict[str, Any]]) -> dict[str, Any]:
     busy = [r for r in results if r["sessions"]]
     cpu = max((r["cpu_share"] for r in busy), default=0.0)
     lag = max((r["loop_lag_p99_ms"] for r in busy), default=0.0)
-    return {"client_procs": len(results), "cpu_share_max": round(cpu, 3),
-            "loop_lag_p99_ms_max": round(lag, 3),
-            "loop_lag_max_ms": round(max((r["loop_lag_max_ms"] for r in busy), default=0.0), 3),
-            "client_kept_up": cpu <= MAX_CPU_SHARE and lag <= MAX_LAG_P99_MS}
+    return {
+        "client_procs": len(results),
+        "cpu_share_max": round(cpu, 3),
+        "loop_lag_p99_ms_max": round(lag, 3),
+        "loop_lag_max_ms": round(max((r["loop_lag_max_ms"] for r in busy), default=0.0), 3),
+        "client_kept_up": cpu <= MAX_CPU_SHARE and lag <= MAX_LAG_P99_MS,
+    }
 
 
 def main() -> None:

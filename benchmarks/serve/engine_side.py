@@ -69,17 +69,26 @@ def engine_transport(engine: Any, args: Any) -> Transport:
     from deployments.model_files import resolve_model_dir
     from deployments.tokenizer import TextTokenizer
 
-    tokenizer = TextTokenizer.load(resolve_model_dir(args.model.model_id, args.model.revision,
-                                                     weights=False))
+    tokenizer = TextTokenizer.load(
+        resolve_model_dir(args.model.model_id, args.model.revision, weights=False)
+    )
 
     async def send(call: Call) -> Reply:
-        ids = (tokenizer.encode_chat(call.messages) if call.messages is not None
-               else tokenizer.encode_text(call.prompt))
-        sampling = SamplingParams(call.max_tokens, temperature=call.sampling.temperature,
-                                  top_p=call.sampling.top_p, ignore_eos=True,
-                                  min_tokens=call.max_tokens)
-        request = GenerationRequest(uuid.uuid4().hex, user_key(call.user) if call.user
-                                    else None, ids, sampling)
+        ids = (
+            tokenizer.encode_chat(call.messages)
+            if call.messages is not None
+            else tokenizer.encode_text(call.prompt)
+        )
+        sampling = SamplingParams(
+            call.max_tokens,
+            temperature=call.sampling.temperature,
+            top_p=call.sampling.top_p,
+            ignore_eos=True,
+            min_tokens=call.max_tokens,
+        )
+        request = GenerationRequest(
+            uuid.uuid4().hex, user_key(call.user) if call.user else None, ids, sampling
+        )
         progress, out = RequestProgress(), []
         reply = Reply(start=time.monotonic())
         try:
@@ -102,13 +111,18 @@ def engine_transport(engine: Any, args: Any) -> Transport:
 def engine_figures(engine: Any) -> dict[str, Any]:
     """engine.stats() as JSON (the resident users as a count)."""
     stats = engine.stats()
-    return {"kv_cache_bytes": stats.kv_cache_bytes, "kv_budget_bytes": stats.kv_budget_bytes,
-            "resident_users": len(stats.resident_users),
-            "evicted_users": stats.evicted_users, **stats.extra}
+    return {
+        "kv_cache_bytes": stats.kv_cache_bytes,
+        "kv_budget_bytes": stats.kv_budget_bytes,
+        "resident_users": len(stats.resident_users),
+        "evicted_users": stats.evicted_users,
+        **stats.extra,
+    }
 
 
-def decode_figures(engine: Any, since: int, step: Step, plan: Plan, bandwidth: float
-                   ) -> dict[str, Any]:
+def decode_figures(
+    engine: Any, since: int, step: Step, plan: Plan, bandwidth: float
+) -> dict[str, Any]:
     """Median decode-only step at the step's batch size, and its floor: (weights + KV bytes
     read per step) / copy bandwidth, KV at the mean context (engine_bench's definition)."""
     log = list(step_log(engine))[since:]
@@ -119,13 +133,24 @@ def decode_figures(engine: Any, since: int, step: Step, plan: Plan, bandwidth: f
     context = plan.prompt_tokens + plan.output_tokens / 2
     floor = (engine.weights_bytes + step.concurrency * context * kv_per_token) / bandwidth
     step_s = statistics.median(times)
-    return {"decode_steps": len(times), "decode_step_ms": round(step_s * 1e3, 4),
-            "floor_ms": round(floor * 1e3, 4), "step_over_floor": round(step_s / floor, 4)}
+    return {
+        "decode_steps": len(times),
+        "decode_step_ms": round(step_s * 1e3, 4),
+        "floor_ms": round(floor * 1e3, 4),
+        "step_over_floor": round(step_s / floor, 4),
+    }
 
 
-async def run_phase(engine: Any, args: Any, todo: list[Step], plan: Plan, stop_at: float,
-                    rows_path: Path, bandwidth: float, visible: list[int]
-                    ) -> list[dict[str, Any]]:
+async def run_phase(
+    engine: Any,
+    args: Any,
+    todo: list[Step],
+    plan: Plan,
+    stop_at: float,
+    rows_path: Path,
+    bandwidth: float,
+    visible: list[int],
+) -> list[dict[str, Any]]:
     """Every step of `todo` (of the plan) against the engine (built from the app's `args`);
     a row per step, appended as measured."""
     send, rows = engine_transport(engine, args), []
@@ -138,10 +163,14 @@ async def run_phase(engine: Any, args: Any, todo: list[Step], plan: Plan, stop_a
         if step.kind == "multi_turn":
             print(describe_kv(kv_expect(engine, plan)), flush=True)
         before, since = engine_figures(engine), len(step_log(engine))
-        records = await run_sessions(sessions_for(step, plan), send, visible,
-                                     min(stop_at, now + step.cap_s))
-        row = {"side": "in_process", **step_fields(step),
-               **summarize(records, step.kind, step.warmup)}
+        records = await run_sessions(
+            sessions_for(step, plan), send, visible, min(stop_at, now + step.cap_s)
+        )
+        row = {
+            "side": "in_process",
+            **step_fields(step),
+            **summarize(records, step.kind, step.warmup),
+        }
         if step.kind == "fixed":
             row.update(decode_figures(engine, since, step, plan, bandwidth))
         after = engine_figures(engine)
@@ -154,8 +183,9 @@ async def run_phase(engine: Any, args: Any, todo: list[Step], plan: Plan, stop_a
 
 def kv_expect(engine: Any, plan: Plan) -> dict[str, Any]:
     stats = engine.stats()
-    return kv_expectation(plan, stats.kv_bytes_per_token,
-                          stats.extra.get("kv_page_size", 16), stats.kv_budget_bytes)
+    return kv_expectation(
+        plan, stats.kv_bytes_per_token, stats.extra.get("kv_page_size", 16), stats.kv_budget_bytes
+    )
 
 
 def main() -> None:
@@ -164,8 +194,9 @@ def main() -> None:
     parser.add_argument("--plan", choices=sorted(PLANS), required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=Path, required=True)
-    parser.add_argument("--stop-at", type=float, required=True,
-                        help="monotonic time after which no step starts")
+    parser.add_argument(
+        "--stop-at", type=float, required=True, help="monotonic time after which no step starts"
+    )
     parser.add_argument("--steps", help="comma-separated step names (default: every step)")
     opts = parser.parse_args()
     import torch
@@ -185,19 +216,37 @@ def main() -> None:
 
     async def phase() -> list[dict[str, Any]]:
         try:
-            return await run_phase(engine, args, steps(plan, opts.steps), plan, opts.stop_at,
-                                   opts.rows, bandwidth, visible_ids(model_config))
+            return await run_phase(
+                engine,
+                args,
+                steps(plan, opts.steps),
+                plan,
+                opts.stop_at,
+                opts.rows,
+                bandwidth,
+                visible_ids(model_config),
+            )
         finally:
             await engine.shutdown()
 
     rows = asyncio.run(phase())
     stats = engine.stats()
-    opts.out.write_text(json.dumps({
-        "card": card_name(), "copy_bandwidth_bytes_per_s": bandwidth,
-        "weights_bytes": getattr(engine, "weights_bytes", None),
-        "kv_bytes_per_token": stats.kv_bytes_per_token, "kv_budget_bytes": stats.kv_budget_bytes,
-        "kv_expectation": kv_expect(engine, plan), "engine": type(engine).__name__,
-        "seconds": round(time.monotonic() - started, 1), "rows": rows}, indent=1))
+    opts.out.write_text(
+        json.dumps(
+            {
+                "card": card_name(),
+                "copy_bandwidth_bytes_per_s": bandwidth,
+                "weights_bytes": getattr(engine, "weights_bytes", None),
+                "kv_bytes_per_token": stats.kv_bytes_per_token,
+                "kv_budget_bytes": stats.kv_budget_bytes,
+                "kv_expectation": kv_expect(engine, plan),
+                "engine": type(engine).__name__,
+                "seconds": round(time.monotonic() - started, 1),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

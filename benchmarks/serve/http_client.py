@@ -35,8 +35,7 @@ class SSEParser:
         for event in events:
             lines = [line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
             if lines:  # one optional space after the colon belongs to the syntax
-                out.append(b"\n".join(x[1:] if x.startswith(b" ") else x for x in lines)
-                           .decode())
+                out.append(b"\n".join(x[1:] if x.startswith(b" ") else x for x in lines).decode())
         return out
 
 
@@ -56,10 +55,15 @@ def parse_server_timing(value: str) -> dict[str, float]:
 def request_body(call: Call, model: str) -> dict[str, Any]:
     """The JSON body of a streamed completion or chat completion."""
     body: dict[str, Any] = {
-        "model": model, "max_tokens": call.max_tokens, "stream": True,
+        "model": model,
+        "max_tokens": call.max_tokens,
+        "stream": True,
         "stream_options": {"include_usage": True},
-        "temperature": call.sampling.temperature, "top_p": call.sampling.top_p,
-        "ignore_eos": True, "min_tokens": call.max_tokens}
+        "temperature": call.sampling.temperature,
+        "top_p": call.sampling.top_p,
+        "ignore_eos": True,
+        "min_tokens": call.max_tokens,
+    }
     if call.messages is not None:
         body["messages"] = call.messages
     else:
@@ -87,10 +91,10 @@ class HTTPTransport:
         headers = {"X-User-Id": call.user} if call.user else {}
         reply = Reply(start=time.monotonic())
         try:
-            async with self._session.post(self._url + path, json=request_body(call, self._model),
-                                          headers=headers) as response:
-                reply.server_timing = parse_server_timing(
-                    response.headers.get("Server-Timing", ""))
+            async with self._session.post(
+                self._url + path, json=request_body(call, self._model), headers=headers
+            ) as response:
+                reply.server_timing = parse_server_timing(response.headers.get("Server-Timing", ""))
                 if response.status != 200:
                     reply.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 else:
@@ -131,5 +135,7 @@ class HTTPTransport:
 
 def new_session() -> aiohttp.ClientSession:
     """A session without a connection limit (aiohttp's default caps it at 100)."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                 timeout=aiohttp.ClientTimeout(total=None, sock_read=600))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
+    )

@@ -47,14 +47,22 @@ def latency(records: list[dict[str, Any]]) -> dict[str, Any]:
     """TTFT, ITL, TPOT and chunking of the records that produced text."""
     ok = [r for r in records if not r["error"] and r["chunk_t"]]
     gaps = [b - a for r in ok for a, b in itertools.pairwise(r["chunk_t"])]
-    tpot = [(r["chunk_t"][-1] - r["chunk_t"][0]) / (r["completion_tokens"] - 1)
-            for r in ok if r["completion_tokens"] > 1]
+    tpot = [
+        (r["chunk_t"][-1] - r["chunk_t"][0]) / (r["completion_tokens"] - 1)
+        for r in ok
+        if r["completion_tokens"] > 1
+    ]
     chunks = sum(len(r["chunk_t"]) for r in ok)
     in_chunks = sum(sum(r["chunk_n"]) for r in ok)
-    return {"ttft_ms": _ms([r["chunk_t"][0] for r in ok], 50, 99),
-            "itl_ms": _ms(gaps, 50, 99), "tpot_ms": _ms(tpot, 50),
-            "tokens_per_chunk": {"mean": round(in_chunks / chunks, 3) if chunks else None,
-                                 "max": max((max(r["chunk_n"]) for r in ok), default=None)}}
+    return {
+        "ttft_ms": _ms([r["chunk_t"][0] for r in ok], 50, 99),
+        "itl_ms": _ms(gaps, 50, 99),
+        "tpot_ms": _ms(tpot, 50),
+        "tokens_per_chunk": {
+            "mean": round(in_chunks / chunks, 3) if chunks else None,
+            "max": max((max(r["chunk_n"]) for r in ok), default=None),
+        },
+    }
 
 
 def first_token_breakdown(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -83,8 +91,11 @@ def throughput(records: list[dict[str, Any]]) -> dict[str, Any]:
         return {"output_tokens": 0, "seconds": None, "output_tokens_per_s": None}
     tokens = sum(r["completion_tokens"] for r in records if not r["error"])
     seconds = max(r["end"] for r in records) - min(r["start"] for r in records)
-    return {"output_tokens": tokens, "seconds": round(seconds, 3),
-            "output_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None}
+    return {
+        "output_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "output_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+    }
 
 
 def cache_use(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,26 +105,31 @@ def cache_use(records: list[dict[str, Any]]) -> dict[str, Any]:
     back = [r for r in ok if r["held_tokens"] > 0]
     held = sum(r["held_tokens"] for r in back)
     first = [r for r in ok if r["held_tokens"] == 0 and r["chunk_t"]]
-    return {"returning_turns": len(back), "history_tokens": held,
-            "cached_tokens": sum(r["cached_tokens"] for r in back),
-            "cached_share": round(sum(r["cached_tokens"] for r in back) / held, 4)
-            if held else None,
-            "returning_ttft_ms": _ms([r["chunk_t"][0] for r in back if r["chunk_t"]], 50, 99),
-            "first_turn_ttft_ms": _ms([r["chunk_t"][0] for r in first], 50, 99)}
+    return {
+        "returning_turns": len(back),
+        "history_tokens": held,
+        "cached_tokens": sum(r["cached_tokens"] for r in back),
+        "cached_share": round(sum(r["cached_tokens"] for r in back) / held, 4) if held else None,
+        "returning_ttft_ms": _ms([r["chunk_t"][0] for r in back if r["chunk_t"]], 50, 99),
+        "first_turn_ttft_ms": _ms([r["chunk_t"][0] for r in first], 50, 99),
+    }
 
 
-def summarize(records: list[dict[str, Any]], kind: str, warmup: bool = False
-              ) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], kind: str, warmup: bool = False) -> dict[str, Any]:
     """The figures of one step from its measured records (of a warm-up step: all of them)."""
     measured = [r for r in records if r["measured"] or warmup]
     errors = [r["error"] for r in measured if r["error"]]
     row: dict[str, Any] = {
-        "requests": len(measured), "errors": len(errors),
+        "requests": len(measured),
+        "errors": len(errors),
         "error_examples": sorted(set(errors))[:3],
-        "short_requests": sum(1 for r in measured
-                              if not r["error"] and r["completion_tokens"] < r["max_tokens"]),
+        "short_requests": sum(
+            1 for r in measured if not r["error"] and r["completion_tokens"] < r["max_tokens"]
+        ),
         "prompt_tokens": sum(r["prompt_tokens"] for r in measured),
-        **throughput(measured), **latency(measured)}
+        **throughput(measured),
+        **latency(measured),
+    }
     if kind in ("returning", "multi_turn"):
         row["cache"] = cache_use(measured)
     breakdown = first_token_breakdown(measured)
@@ -137,7 +153,12 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             inner = changes(old, new)
             if inner:
                 out[key] = inner
-        elif (isinstance(new, int | float) and isinstance(old, int | float)
-              and not isinstance(new, bool) and new != old and key != "as_of"):
+        elif (
+            isinstance(new, int | float)
+            and isinstance(old, int | float)
+            and not isinstance(new, bool)
+            and new != old
+            and key != "as_of"
+        ):
             out[key] = round(new - old, 6)
     return out

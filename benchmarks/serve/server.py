@@ -63,10 +63,15 @@ def serve_binary() -> str:
 
 def child_env() -> dict[str, str]:
     """This environment with the checkout first on PYTHONPATH, usage stats off."""
-    paths = [str(ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                          if p and Path(p).resolve() != ROOT]]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths),
-            "RAY_USAGE_STATS_ENABLED": "0"}
+    paths = [
+        str(ROOT),
+        *[
+            p
+            for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and Path(p).resolve() != ROOT
+        ],
+    ]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 class Server:
@@ -89,17 +94,22 @@ class Server:
         self.log = log
         self.model = data["applications"][0]["args"]["model"]["served_model_name"]
         self.proc = subprocess.Popen(
-            [serve_binary(), "run", str(copy)], cwd=ROOT,
-            env=env, stdout=log.open("w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [serve_binary(), "run", str(copy)],
+            cwd=ROOT,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
         """Wait until the model answers /v1/models and /admin/replicas lists a replica."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"`serve run` exited with {self.proc.returncode}:\n"
-                                   + self.log_tail())
+                raise RuntimeError(
+                    f"`serve run` exited with {self.proc.returncode}:\n" + self.log_tail()
+                )
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=5).status_code == 200:
                     rows = self.admin()

@@ -68,17 +68,26 @@ class Reply:
 Transport = Callable[[Call], Awaitable[Reply]]
 
 
-def record(reply: Reply, call: Call, session: str, turn: int, measured: bool,
-           held_tokens: int = 0) -> dict[str, Any]:
+def record(
+    reply: Reply, call: Call, session: str, turn: int, measured: bool, held_tokens: int = 0
+) -> dict[str, Any]:
     """A reply as a JSON-able record (without its text)."""
-    return {"session": session, "turn": turn, "measured": measured,
-            "max_tokens": call.max_tokens, "held_tokens": held_tokens,
-            "start": reply.start, "end": reply.end,
-            "chunk_t": [round(t, 6) for t in reply.chunk_t], "chunk_n": reply.chunk_n,
-            "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens,
-            "cached_tokens": reply.cached_tokens, "error": reply.error,
-            "server_timing": reply.server_timing}
+    return {
+        "session": session,
+        "turn": turn,
+        "measured": measured,
+        "max_tokens": call.max_tokens,
+        "held_tokens": held_tokens,
+        "start": reply.start,
+        "end": reply.end,
+        "chunk_t": [round(t, 6) for t in reply.chunk_t],
+        "chunk_n": reply.chunk_n,
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "cached_tokens": reply.cached_tokens,
+        "error": reply.error,
+        "server_timing": reply.server_timing,
+    }
 
 
 def random_words(rng: random.Random, visible: list[int], n: int) -> str:
@@ -99,14 +108,18 @@ class ClosedLoopClient:
     measured: bool
     seed: str
 
-    async def run(self, send: Transport, visible: list[int], stop_at: float
-                  ) -> list[dict[str, Any]]:
+    async def run(
+        self, send: Transport, visible: list[int], stop_at: float
+    ) -> list[dict[str, Any]]:
         rng, out = random.Random(self.seed), []
         for i in range(self.requests):
             if time.monotonic() >= stop_at:
                 break
-            call = Call(self.max_tokens, self.sampling,
-                        prompt=random_words(rng, visible, self.prompt_tokens))
+            call = Call(
+                self.max_tokens,
+                self.sampling,
+                prompt=random_words(rng, visible, self.prompt_tokens),
+            )
             out.append(record(await send(call), call, self.name, i, self.measured))
         return out
 
@@ -124,12 +137,14 @@ class ChatUser:
     sampling: Sampling
     seed: str
 
-    async def run(self, send: Transport, visible: list[int], stop_at: float
-                  ) -> list[dict[str, Any]]:
+    async def run(
+        self, send: Transport, visible: list[int], stop_at: float
+    ) -> list[dict[str, Any]]:
         rng, out, messages, held = random.Random(self.seed), [], [], 0
         await asyncio.sleep(self.start_delay_s)
-        for turn, (n, reply_n) in enumerate(zip(self.message_tokens, self.reply_tokens,
-                                                strict=True)):
+        for turn, (n, reply_n) in enumerate(
+            zip(self.message_tokens, self.reply_tokens, strict=True)
+        ):
             if time.monotonic() >= stop_at:
                 break
             messages.append({"role": "user", "content": random_words(rng, visible, n)})
@@ -146,8 +161,9 @@ class ChatUser:
     def final_tokens(self) -> int:
         """Tokens of the whole conversation at its end, as the chat template writes it: bos,
         each message with its role marker and end-of-turn, the last reply without one."""
-        return 1 + sum(n + 2 for n in self.message_tokens) + sum(
-            r + 2 for r in self.reply_tokens) - 1
+        return (
+            1 + sum(n + 2 for n in self.message_tokens) + sum(r + 2 for r in self.reply_tokens) - 1
+        )
 
 
 @dataclass
@@ -164,8 +180,9 @@ class ReturningUser:
     sampling: Sampling
     seed: str
 
-    async def run(self, send: Transport, visible: list[int], stop_at: float
-                  ) -> list[dict[str, Any]]:
+    async def run(
+        self, send: Transport, visible: list[int], stop_at: float
+    ) -> list[dict[str, Any]]:
         rng, out, held, text = random.Random(self.seed), [], 0, ""
         prompt = random_words(rng, visible, self.history_tokens)
         for turn in range(len(self.added_tokens) + 1):
@@ -184,15 +201,19 @@ class ReturningUser:
         return out
 
     def final_tokens(self) -> int:
-        return self.history_tokens + sum(self.added_tokens) + (
-            len(self.added_tokens) + 1) * self.reply_tokens
+        return (
+            self.history_tokens
+            + sum(self.added_tokens)
+            + (len(self.added_tokens) + 1) * self.reply_tokens
+        )
 
 
 Session = ClosedLoopClient | ChatUser | ReturningUser
 
 
-async def run_sessions(sessions: list[Session], send: Transport, visible: list[int],
-                       stop_at: float) -> list[dict[str, Any]]:
+async def run_sessions(
+    sessions: list[Session], send: Transport, visible: list[int], stop_at: float
+) -> list[dict[str, Any]]:
     """Run every session at once; their records, in session order."""
     results = await asyncio.gather(*(s.run(send, visible, stop_at) for s in sessions))
     return [r for records in results for r in records]

@@ -59,19 +59,55 @@ class Plan:
 
 
 FULL = Plan(
-    name="full", model="llama-3.1-8b", concurrency=(1, 16, 64, 128, 256), rounds=(20, 3, 3, 2, 2),
-    fixed_cap_s=(15, 12, 15, 20, 25), prompt_tokens=512, output_tokens=128,
-    chat_users=256, long_users=16, turns=6, first_tokens=(200, 800),
-    long_first_tokens=(7000, 7400), message_tokens=(40, 200), reply_tokens=(48, 144),
-    think_s=(0.5, 2.5), ramp_s=8.0, chat_cap_s=75.0, history_tokens=8192, returns=50,
-    added_tokens=(40, 90), return_reply_tokens=16, return_think_s=0.1, returns_cap_s=40.0)
+    name="full",
+    model="llama-3.1-8b",
+    concurrency=(1, 16, 64, 128, 256),
+    rounds=(20, 3, 3, 2, 2),
+    fixed_cap_s=(15, 12, 15, 20, 25),
+    prompt_tokens=512,
+    output_tokens=128,
+    chat_users=256,
+    long_users=16,
+    turns=6,
+    first_tokens=(200, 800),
+    long_first_tokens=(7000, 7400),
+    message_tokens=(40, 200),
+    reply_tokens=(48, 144),
+    think_s=(0.5, 2.5),
+    ramp_s=8.0,
+    chat_cap_s=75.0,
+    history_tokens=8192,
+    returns=50,
+    added_tokens=(40, 90),
+    return_reply_tokens=16,
+    return_think_s=0.1,
+    returns_cap_s=40.0,
+)
 QUICK_PLAN = Plan(
-    name="quick", model="quick", concurrency=(1, 4, 8), rounds=(3, 2, 2), fixed_cap_s=(20, 20, 20),
-    prompt_tokens=512, output_tokens=32, chat_users=8, long_users=2, turns=6,
-    first_tokens=(50, 150), long_first_tokens=(1100, 1200), message_tokens=(10, 40),
-    reply_tokens=(8, 24), think_s=(0.05, 0.3), ramp_s=0.5, chat_cap_s=60.0,
-    history_tokens=1024, returns=6, added_tokens=(40, 90), return_reply_tokens=8,
-    return_think_s=0.05, returns_cap_s=30.0)
+    name="quick",
+    model="quick",
+    concurrency=(1, 4, 8),
+    rounds=(3, 2, 2),
+    fixed_cap_s=(20, 20, 20),
+    prompt_tokens=512,
+    output_tokens=32,
+    chat_users=8,
+    long_users=2,
+    turns=6,
+    first_tokens=(50, 150),
+    long_first_tokens=(1100, 1200),
+    message_tokens=(10, 40),
+    reply_tokens=(8, 24),
+    think_s=(0.05, 0.3),
+    ramp_s=0.5,
+    chat_cap_s=60.0,
+    history_tokens=1024,
+    returns=6,
+    added_tokens=(40, 90),
+    return_reply_tokens=8,
+    return_think_s=0.05,
+    returns_cap_s=30.0,
+)
 PLANS = {p.name: p for p in (FULL, QUICK_PLAN)}
 
 
@@ -129,15 +165,32 @@ def sessions_for(step: Step, plan: Plan) -> list[Session]:
     """The step's sessions, the same in every process (seeded by step and session)."""
     sampling = SAMPLINGS[step.sampling]
     if step.kind == "fixed":
-        return [ClosedLoopClient(f"client-{i}", step.requests, plan.prompt_tokens,
-                                 plan.output_tokens, sampling, not step.warmup,
-                                 f"{step.name}/{i}") for i in range(step.concurrency)]
+        return [
+            ClosedLoopClient(
+                f"client-{i}",
+                step.requests,
+                plan.prompt_tokens,
+                plan.output_tokens,
+                sampling,
+                not step.warmup,
+                f"{step.name}/{i}",
+            )
+            for i in range(step.concurrency)
+        ]
     if step.kind == "returning":
         rng = random.Random(f"{step.name}/lengths")
         added = [rng.randint(*plan.added_tokens) for _ in range(plan.returns)]
-        return [ReturningUser("returning-user", plan.history_tokens, added,
-                              plan.return_reply_tokens, plan.return_think_s, sampling,
-                              f"{step.name}/words")]
+        return [
+            ReturningUser(
+                "returning-user",
+                plan.history_tokens,
+                added,
+                plan.return_reply_tokens,
+                plan.return_think_s,
+                sampling,
+                f"{step.name}/words",
+            )
+        ]
     if step.kind == "multi_turn":
         return [chat_user(plan, sampling, step.name, i) for i in range(plan.chat_users)]
     raise ValueError(f"unknown workload {step.kind!r}")
@@ -151,13 +204,21 @@ def chat_user(plan: Plan, sampling: Any, step_name: str, i: int) -> ChatUser:
     messages = [first] + [rng.randint(*plan.message_tokens) for _ in range(plan.turns - 1)]
     replies = [rng.randint(*plan.reply_tokens) for _ in range(plan.turns)]
     think = [rng.uniform(*plan.think_s) for _ in range(plan.turns)]
-    return ChatUser(f"chat-user-{i}", plan.ramp_s * i / plan.chat_users, messages, replies,
-                    think, sampling, f"{step_name}/{i}/words")
+    return ChatUser(
+        f"chat-user-{i}",
+        plan.ramp_s * i / plan.chat_users,
+        messages,
+        replies,
+        think,
+        sampling,
+        f"{step_name}/{i}/words",
+    )
 
 
 def kept_kv_tokens(plan: Plan, page_size: int) -> dict[str, int]:
     """KV tokens (whole pages) the kept users hold at the end of the returning and
     multi-turn steps: what must fit the replica's KV budget for every history to stay."""
+
     def pages(tokens: int) -> int:
         return -(-tokens // page_size) * page_size
 
@@ -168,23 +229,30 @@ def kept_kv_tokens(plan: Plan, page_size: int) -> dict[str, int]:
     return by_step
 
 
-def kv_expectation(plan: Plan, kv_bytes_per_token: int, page_size: int, budget_bytes: int
-                   ) -> dict[str, Any]:
+def kv_expectation(
+    plan: Plan, kv_bytes_per_token: int, page_size: int, budget_bytes: int
+) -> dict[str, Any]:
     """The kept users' KV at the end of the run against the replica's KV budget."""
     tokens = kept_kv_tokens(plan, page_size)
     total = sum(tokens.values()) * kv_bytes_per_token
-    return {"kept_tokens": tokens, "kept_bytes": total, "kv_budget_bytes": budget_bytes,
-            "share_of_budget": round(total / budget_bytes, 4) if budget_bytes else None,
-            "fits": total <= budget_bytes}
+    return {
+        "kept_tokens": tokens,
+        "kept_bytes": total,
+        "kv_budget_bytes": budget_bytes,
+        "share_of_budget": round(total / budget_bytes, 4) if budget_bytes else None,
+        "fits": total <= budget_bytes,
+    }
 
 
 def describe_kv(expect: dict[str, Any]) -> str:
     """One line for the log."""
     share = expect["share_of_budget"] or 0
-    return (f"kept KV at the end: {expect['kept_tokens']} tokens = "
-            f"{_size(expect['kept_bytes'])} of the replica's kv_budget_bytes "
-            f"{_size(expect['kv_budget_bytes'])} ({100 * share:.0f}%)"
-            + ("" if expect["fits"] else "  ** DOES NOT FIT: caches will be dropped **"))
+    return (
+        f"kept KV at the end: {expect['kept_tokens']} tokens = "
+        f"{_size(expect['kept_bytes'])} of the replica's kv_budget_bytes "
+        f"{_size(expect['kv_budget_bytes'])} ({100 * share:.0f}%)"
+        + ("" if expect["fits"] else "  ** DOES NOT FIT: caches will be dropped **")
+    )
 
 
 def _size(n: int) -> str:

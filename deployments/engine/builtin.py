@@ -58,8 +58,18 @@ def cache_root() -> Path:
 
 
 def recipe_hash() -> str:
-    recipe = json.dumps([RECIPE_VERSION, tok.CORPUS, MODEL_CONFIG, tok.NUM_MERGES, SEED,
-                         tok.CHAT_TEMPLATE, tok.SPECIAL_TOKENS, tok.tokenizer_config()])
+    recipe = json.dumps(
+        [
+            RECIPE_VERSION,
+            tok.CORPUS,
+            MODEL_CONFIG,
+            tok.NUM_MERGES,
+            SEED,
+            tok.CHAT_TEMPLATE,
+            tok.SPECIAL_TOKENS,
+            tok.tokenizer_config(),
+        ]
+    )
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 

@@ -89,8 +89,9 @@ def build_tokenizer():  # -> tokenizers.Tokenizer
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(SPECIAL_TOKENS)
     # What transformers installs when a tokenizer adds neither BOS nor EOS.
-    core.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1",
-                                                        special_tokens=[])
+    core.post_processor = processors.TemplateProcessing(
+        single="$A:0", pair="$A:0 $B:1", special_tokens=[]
+    )
     return core
 
 

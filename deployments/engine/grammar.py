@@ -34,8 +34,12 @@ def _ll_tokenizer(tokenizer: Any, vocab: int, eos_ids: frozenset[int]) -> Any:
     with _lock:
         hit = _tokenizers.get(id(tokenizer))
         if hit is None or hit[0] is not tokenizer:
-            hit = _tokenizers[id(tokenizer)] = (tokenizer, llguidance.hf.from_tokenizer(
-                tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids) or None))
+            hit = _tokenizers[id(tokenizer)] = (
+                tokenizer,
+                llguidance.hf.from_tokenizer(
+                    tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids) or None
+                ),
+            )
         return hit[1]
 
 
@@ -47,25 +51,31 @@ def schema_of(response_format: dict[str, Any]) -> dict[str, Any]:
     if kind == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema")
         return schema if isinstance(schema, dict) else {}
-    raise RequestError(f"response_format type {kind!r} cannot constrain output",
-                       param="response_format.type")
+    raise RequestError(
+        f"response_format type {kind!r} cannot constrain output", param="response_format.type"
+    )
 
 
 class Grammar:
     """One request's JSON constraint (engine thread only, after construction)."""
 
-    def __init__(self, response_format: str, tokenizer: Any, vocab: int,
-                 eos_ids: frozenset[int]) -> None:
+    def __init__(
+        self, response_format: str, tokenizer: Any, vocab: int, eos_ids: frozenset[int]
+    ) -> None:
         """Raises RequestError (a 400) for a schema llguidance cannot compile."""
         import llguidance
 
         schema = schema_of(json.loads(response_format))
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema), defaults={"whitespace_flexible": False})
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
         self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab, eos_ids), grammar)
         if self.matcher.is_error():
-            raise RequestError(f"response_format: {self.matcher.get_error()}",
-                               param="response_format", code="invalid_json_schema")
+            raise RequestError(
+                f"response_format: {self.matcher.get_error()}",
+                param="response_format",
+                code="invalid_json_schema",
+            )
         self.words = -(-vocab // 32)
 
     def mask_words(self) -> np.ndarray:

@@ -81,12 +81,16 @@ class HFEngine(Engine):
         self.counts: TokenCounts | None = None  # made when a request first needs penalties
         element = next(self.model.parameters()).element_size()
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.store = UserCacheStore(0, kv_bytes_per_token(self.model.config, element),
-                                    shares=KVShares(args.kv_cache.key_share))
+        self.store = UserCacheStore(
+            0,
+            kv_bytes_per_token(self.model.config, element),
+            shares=KVShares(args.kv_cache.key_share),
+        )
         # The model is loaded: free memory now is what the KV budget's share is taken of.
         free = memory_snapshot(memory.reading(), self._memory()).free_unified_memory_bytes
         self.store.budget_bytes = kv_budget_bytes(
-            args.kv_cache.budget_bytes, args.kv_cache.budget_fraction, free)
+            args.kv_cache.budget_bytes, args.kv_cache.budget_fraction, free
+        )
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf-model")
@@ -94,7 +98,9 @@ class HFEngine(Engine):
         self._waiting = 0
         logger.info(
             "HFEngine ready: %s, context %d, KV %d B/token, KV budget %.1f MiB",
-            self.model_name, self.max_model_len, self.store.bytes_per_token,
+            self.model_name,
+            self.max_model_len,
+            self.store.bytes_per_token,
             self.store.budget_bytes / 2**20,
         )
 
@@ -107,8 +113,7 @@ class HFEngine(Engine):
         """Tests and benchmarks change them; the sampler's EOS bans follow (as the paged
         engine's do)."""
         self._eos_token_ids = frozenset(ids)
-        self._eos = torch.tensor(sorted(self._eos_token_ids), dtype=torch.int32,
-                                 device=self.device)
+        self._eos = torch.tensor(sorted(self._eos_token_ids), dtype=torch.int32, device=self.device)
 
     # ---- model thread ---------------------------------------------------------------------
 
@@ -120,8 +125,14 @@ class HFEngine(Engine):
         except TypeError:  # older signatures
             return DynamicCache()
 
-    def _step(self, feed: list[int], cache: Any, plan: DevicePlan, rules: DeviceRules | None,
-              logprobs: int | None) -> tuple[int, TokenLogprob | None]:
+    def _step(
+        self,
+        feed: list[int],
+        cache: Any,
+        plan: DevicePlan,
+        rules: DeviceRules | None,
+        logprobs: int | None,
+    ) -> tuple[int, TokenLogprob | None]:
         """Feed tokens through the model (appending to `cache`); sample the next token by the
         paged engine's rules (logits_rules.draw), with its raw logprobs when asked."""
         with torch.inference_mode():
@@ -137,15 +148,17 @@ class HFEngine(Engine):
                 entry = host_entries(*(t.tolist() for t in lp), [logprobs])[0]
             return int(token[0]), entry
 
-    def _rules(self, params: SamplingParams, slot: int, prompt: list[int] | None,
-               grammar: Grammar | None) -> DeviceRules | None:
+    def _rules(
+        self, params: SamplingParams, slot: int, prompt: list[int] | None, grammar: Grammar | None
+    ) -> DeviceRules | None:
         """The one-row logit rules of a draw; `prompt` on the request's first draw."""
         if not needs_rules(params):
             return None
         fresh = [(slot, prompt)] if slot and prompt is not None else []
         masks = [(0, grammar.mask_words())] if grammar is not None else []
         return build_rules([params], [slot], fresh, self.vocab, masks).to_device(
-            torch.device(self.device))
+            torch.device(self.device)
+        )
 
     def _plan(self, params: SamplingParams, base: int, generated: int) -> DevicePlan:
         """The one-row plan of the draw after `generated` tokens: the paged engine's own
@@ -185,8 +198,9 @@ class HFEngine(Engine):
         grammar = None
         if params.response_format is not None:
             try:  # a bad schema: RequestError, a 400
-                grammar = Grammar(params.response_format, self.tokenizer, self.vocab,
-                                  self.eos_token_ids)
+                grammar = Grammar(
+                    params.response_format, self.tokenizer, self.vocab, self.eos_token_ids
+                )
             except BaseException:
                 self._slots.release()
                 raise
@@ -210,8 +224,9 @@ class HFEngine(Engine):
             feed = prompt[fed:]
             for produced in range(1, params.max_tokens + 1):
                 rules = self._rules(params, slot, prompt if produced == 1 else None, grammar)
-                pending = self._run_step(feed, cache, self._plan(params, base, produced - 1),
-                                         rules, params.logprobs)
+                pending = self._run_step(
+                    feed, cache, self._plan(params, base, produced - 1), rules, params.logprobs
+                )
                 token, logprob = await self._await_step(pending, entry)
                 pending = None
                 fed = len(seen)
@@ -230,8 +245,9 @@ class HFEngine(Engine):
                 self.counts.release(slot)  # type: ignore[union-attr]  (steps run in order)
             self._finish(entry, seen, cache, fed, pending)
 
-    async def _await_step(self, step: concurrent.futures.Future[tuple[int, Any]],
-                          entry: UserEntry) -> tuple[int, Any]:
+    async def _await_step(
+        self, step: concurrent.futures.Future[tuple[int, Any]], entry: UserEntry
+    ) -> tuple[int, Any]:
         try:
             return await asyncio.wrap_future(step)
         except Exception as exc:
@@ -243,7 +259,11 @@ class HFEngine(Engine):
             raise MemoryError("the replica ran out of memory for this request") from exc
 
     def _finish(
-        self, entry: UserEntry, seen: list[int], cache: Any, fed: int,
+        self,
+        entry: UserEntry,
+        seen: list[int],
+        cache: Any,
+        fed: int,
         pending: concurrent.futures.Future[int] | None,
     ) -> None:
         """Release the entry once no step is running on its cache (event-loop thread)."""

@@ -84,18 +84,24 @@ class SamplingParams:
 
     def features(self) -> set[str]:
         """The optional sampling fields this request uses (see Engine.sampling_features)."""
-        used = {"logprobs": self.logprobs is not None, "logit_bias": bool(self.logit_bias),
-                "presence_penalty": self.presence_penalty != 0,
-                "frequency_penalty": self.frequency_penalty != 0,
-                "repetition_penalty": self.repetition_penalty != 1,
-                "response_format": self.response_format is not None}
+        used = {
+            "logprobs": self.logprobs is not None,
+            "logit_bias": bool(self.logit_bias),
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "repetition_penalty": self.repetition_penalty != 1,
+            "response_format": self.response_format is not None,
+        }
         return {name for name, on in used.items() if on}
 
     @property
     def penalized(self) -> bool:
         """Whether a penalty needs this request's token counts."""
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0
-                or self.repetition_penalty != 1)
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+        )
 
     def finish_reason(self, is_eos: bool, count: int) -> str | None:
         """Why a request ends with its `count`-th token, or None if it goes on: an EOS token
@@ -153,8 +159,16 @@ class EngineStats:
     memory: EngineMemory = field(default_factory=EngineMemory)
 
 
-ALL_SAMPLING_FEATURES = frozenset({"logprobs", "logit_bias", "presence_penalty",
-                                   "frequency_penalty", "repetition_penalty", "response_format"})
+ALL_SAMPLING_FEATURES = frozenset(
+    {
+        "logprobs",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "response_format",
+    }
+)
 
 
 class Engine(ABC):
@@ -205,8 +219,11 @@ class Engine(ABC):
         sampling = request.sampling
         missing = sorted(sampling.features() - self.sampling_features)
         if missing:
-            raise RequestError(f"{missing[0]} is not supported by {type(self).__name__}",
-                               param=missing[0], code="unsupported_parameter")
+            raise RequestError(
+                f"{missing[0]} is not supported by {type(self).__name__}",
+                param=missing[0],
+                code="unsupported_parameter",
+            )
         prompt_tokens = len(request.prompt_token_ids)
         batches = self.stream_tokens(request, progress)
         count = 0
@@ -216,14 +233,15 @@ class Engine(ABC):
                 for i, token in enumerate(batch):
                     finish = sampling.finish_reason(token in self.eos_token_ids, count + i + 1)
                     if finish:
-                        batch = batch[:i + 1]
+                        batch = batch[: i + 1]
                         break
                 logprobs = None
                 if sampling.logprobs is not None:
-                    logprobs = tuple(progress.logprobs[count:count + len(batch)])
+                    logprobs = tuple(progress.logprobs[count : count + len(batch)])
                 count += len(batch)
-                yield GenerationOutput(tuple(batch), prompt_tokens, progress.cached_tokens,
-                                       count, finish, logprobs)
+                yield GenerationOutput(
+                    tuple(batch), prompt_tokens, progress.cached_tokens, count, finish, logprobs
+                )
                 if finish:
                     return
             # The engine ended the stream on a token this rule did not end (never, today).

@@ -26,7 +26,7 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """
     n = min(len(a), len(b))
     i = 0
-    while i + _CHUNK <= n and a[i:i + _CHUNK] == b[i:i + _CHUNK]:
+    while i + _CHUNK <= n and a[i : i + _CHUNK] == b[i : i + _CHUNK]:
         i += _CHUNK
     while i < n and a[i] == b[i]:
         i += 1

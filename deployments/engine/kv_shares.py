@@ -40,8 +40,9 @@ class KVShares:
         """Units (pages or bytes) of `total` that each tenant keeps against other tenants."""
         return int(total * self.fraction) if self.fraction is not None else 0
 
-    def may_evict(self, victim: str, requester: str | None, held: Mapping[str, int],
-                  total: int) -> bool:
+    def may_evict(
+        self, victim: str, requester: str | None, held: Mapping[str, int], total: int
+    ) -> bool:
         """Whether a request of `requester` may drop an idle user of tenant `victim`, given
         the units each tenant's kept caches hold now (`held`) out of `total`."""
         if self.fraction is None or victim == requester:
@@ -60,8 +61,9 @@ class Idle:
     holds: int
 
 
-def victims(shares: KVShares, idle: Iterable[Idle], need: int, requester: str | None,
-            total: int) -> tuple[list[str], bool]:
+def victims(
+    shares: KVShares, idle: Iterable[Idle], need: int, requester: str | None, total: int
+) -> tuple[list[str], bool]:
     """Idle users, least recently used first (`idle` in that order), whose drops free `need`
     units, each one the shares let `requester` drop once the earlier ones are gone; and
     whether they free all of it. The one walk both engines' caches use."""

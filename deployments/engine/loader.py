@@ -103,7 +103,9 @@ def load_model(path: str, cfg: ModelConfig, device: str) -> Any:
     model.eval()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
-        "loaded %s: %.2f GB of weights in %.1f s", cfg.model_id, nbytes / 1e9,
+        "loaded %s: %.2f GB of weights in %.1f s",
+        cfg.model_id,
+        nbytes / 1e9,
         time.perf_counter() - start,
     )
     return model
@@ -111,8 +113,10 @@ def load_model(path: str, cfg: ModelConfig, device: str) -> Any:
 
 def kv_bytes_per_token(model_config: Any, dtype_size: int) -> int:
     """Bytes of keys and values one token takes across all layers."""
-    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else (
-        model_config
+    cfg = (
+        model_config.get_text_config()
+        if hasattr(model_config, "get_text_config")
+        else (model_config)
     )
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

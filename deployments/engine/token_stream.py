@@ -35,8 +35,9 @@ class TokenStream:
         """Whether the engine has ended this stream (read on the loop)."""
         return self._ended
 
-    def _land(self, tokens: list[int], logprobs: list[Any], end: bool,
-              error: BaseException | None) -> None:
+    def _land(
+        self, tokens: list[int], logprobs: list[Any], end: bool, error: BaseException | None
+    ) -> None:
         self._tokens.extend(tokens)
         self.logprobs.extend(logprobs)
         if end:

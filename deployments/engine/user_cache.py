@@ -42,7 +42,10 @@ class UserCacheStore:
     """Who holds which KV cache, how many bytes that is, and who goes when memory is short."""
 
     def __init__(
-        self, budget_bytes: int, bytes_per_token: int, clock: Callable[[], float] = time.monotonic,
+        self,
+        budget_bytes: int,
+        bytes_per_token: int,
+        clock: Callable[[], float] = time.monotonic,
         shares: KVShares | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
@@ -118,14 +121,23 @@ class UserCacheStore:
         """Drop idle users so `new_tokens` more tokens of KV fit the budget, if possible."""
         return self.evict_to(self.budget_bytes - new_tokens * self.bytes_per_token, requester)
 
-    def evict_to(self, target_bytes: int, requester: str | None = "",
-                 ignore_shares: bool = False) -> list[str]:
+    def evict_to(
+        self, target_bytes: int, requester: str | None = "", ignore_shares: bool = False
+    ) -> list[str]:
         """Drop least recently used idle users until the total is at most `target_bytes`,
         those the shares let `requester`'s tenant drop (all with `ignore_shares`)."""
-        idle = (Idle(key, e.tenant, self.entry_bytes(e), self.entry_bytes(e))
-                for key, e in self._users.items() if not e.running)
-        evicted, _ = victims(KVShares() if ignore_shares else self.shares, idle,
-                             self.total_bytes - target_bytes, requester, self.budget_bytes)
+        idle = (
+            Idle(key, e.tenant, self.entry_bytes(e), self.entry_bytes(e))
+            for key, e in self._users.items()
+            if not e.running
+        )
+        evicted, _ = victims(
+            KVShares() if ignore_shares else self.shares,
+            idle,
+            self.total_bytes - target_bytes,
+            requester,
+            self.budget_bytes,
+        )
         for key in evicted:
             self.drop(key)
         self.evicted_users += len(evicted)

@@ -85,9 +85,18 @@ def from_spec(name: str, source: str, spec: ModelSpec) -> ModelFootprint:
     embedding = 0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size
     total = spec.num_parameters()
     return ModelFootprint(
-        name, source, read_params=total - embedding, expert_params=0, idle_params=embedding,
-        num_experts=0, experts_per_token=0, full_kv_layers=spec.num_layers, window_kv_layers=0,
-        kv_window_tokens=0, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        name,
+        source,
+        read_params=total - embedding,
+        expert_params=0,
+        idle_params=embedding,
+        num_experts=0,
+        experts_per_token=0,
+        full_kv_layers=spec.num_layers,
+        window_kv_layers=0,
+        kv_window_tokens=0,
+        kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
         max_context=spec.max_position,
     )
 
@@ -98,9 +107,10 @@ def _vision_params(v: Any, text_hidden: int) -> int:
     layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * 2 * h  # + 2 LayerNorms
     stem = getattr(v, "num_channels", 3) * patch * patch * h + h  # patch embedding, class token
     stem += ((v.image_size // patch) ** 2 + 1) * h + 2 * 2 * h  # positions, pre/post LayerNorms
-    adapter = inter * v.projector_input_dim + v.projector_output_dim ** 2
+    adapter = inter * v.projector_input_dim + v.projector_output_dim**2
     projector = v.vision_output_dim * text_hidden + text_hidden * bool(
-        getattr(v, "multi_modal_projector_bias", False))
+        getattr(v, "multi_modal_projector_bias", False)
+    )
     return v.num_hidden_layers * layer + stem + adapter + projector
 
 
@@ -131,16 +141,25 @@ def _llama4(name: str, source: str, config: Any) -> ModelFootprint:
     if not types:
         interval = getattr(t, "no_rope_layer_interval", 4)
         no_rope = getattr(t, "no_rope_layers", None) or [
-            int((i + 1) % interval != 0) for i in range(layers)]
+            int((i + 1) % interval != 0) for i in range(layers)
+        ]
         types = ["chunked_attention" if r and chunk else "full_attention" for r in no_rope]
     windowed = sum(kind != "full_attention" for kind in types)
     return ModelFootprint(
-        name, source, read_params=read, expert_params=n_moe * experts * expert,
+        name,
+        source,
+        read_params=read,
+        expert_params=n_moe * experts * expert,
         idle_params=(0 if tied else t.vocab_size * h) + vision_params,
-        num_experts=experts, experts_per_token=t.num_experts_per_tok,
-        full_kv_layers=layers - windowed, window_kv_layers=windowed,
-        kv_window_tokens=chunk or 0, kv_heads=kv_heads, head_dim=head_dim,
-        max_context=t.max_position_embeddings, vision_params=vision_params,
+        num_experts=experts,
+        experts_per_token=t.num_experts_per_tok,
+        full_kv_layers=layers - windowed,
+        window_kv_layers=windowed,
+        kv_window_tokens=chunk or 0,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_context=t.max_position_embeddings,
+        vision_params=vision_params,
     )
 
 
@@ -169,8 +188,9 @@ def load_config(path: str) -> Any:
         raw = json.loads(file.read_text())
         model_type = raw.pop("model_type")
     except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise ModelError(f"{file}: not a Hugging Face config.json with a model_type ({exc})") \
-            from exc
+        raise ModelError(
+            f"{file}: not a Hugging Face config.json with a model_type ({exc})"
+        ) from exc
     from transformers import AutoConfig  # lazy: presets need no transformers
 
     try:
@@ -186,37 +206,67 @@ def _ns(values: dict[str, Any]) -> SimpleNamespace:
 # Published config.json values (huggingface.co/<repo>/blob/main/config.json), as transformers
 # reads them; fields left out take transformers' defaults (e.g. head_dim = hidden / heads).
 _LLAMA_3_1 = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
-    "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-    "hidden_act": "silu", "tie_word_embeddings": False,
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     # meta-llama/Llama-3.1-8B-Instruct
-    "llama-3.1-8b": {**_LLAMA_3_1, "hidden_size": 4096, "intermediate_size": 14336,
-                     "num_hidden_layers": 32, "num_attention_heads": 32},
+    "llama-3.1-8b": {
+        **_LLAMA_3_1,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+    },
     # meta-llama/Llama-3.1-70B-Instruct
-    "llama-3.1-70b": {**_LLAMA_3_1, "hidden_size": 8192, "intermediate_size": 28672,
-                      "num_hidden_layers": 80, "num_attention_heads": 64},
+    "llama-3.1-70b": {
+        **_LLAMA_3_1,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+    },
     # meta-llama/Llama-4-Scout-17B-16E-Instruct (interleave_moe_layer_step 1: every layer is
     # MoE; no_rope_layers left to transformers' default, which equals the published list
     # [1, 1, 1, 0] * 12). max_position_embeddings: the Instruct model's 10M; the base
     # model's config says 262144.
     "llama-4-scout-17b-16e": {
-        "model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "architectures": ["Llama4ForConditionalGeneration"],
         "text_config": {
-            "model_type": "llama4_text", "hidden_size": 5120, "num_hidden_layers": 48,
-            "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
-            "intermediate_size": 8192, "intermediate_size_mlp": 16384,
-            "num_local_experts": 16, "num_experts_per_tok": 1,
-            "interleave_moe_layer_step": 1, "vocab_size": 202048,
-            "max_position_embeddings": 10485760, "attention_chunk_size": 8192,
+            "model_type": "llama4_text",
+            "hidden_size": 5120,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 40,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384,
+            "num_local_experts": 16,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 1,
+            "vocab_size": 202048,
+            "max_position_embeddings": 10485760,
+            "attention_chunk_size": 8192,
             "tie_word_embeddings": False,
         },
         "vision_config": {
-            "hidden_size": 1408, "num_hidden_layers": 34, "intermediate_size": 5632,
-            "image_size": 336, "patch_size": 14, "num_channels": 3,
-            "projector_input_dim": 4096, "projector_output_dim": 4096,
-            "vision_output_dim": 4096, "multi_modal_projector_bias": False,
+            "hidden_size": 1408,
+            "num_hidden_layers": 34,
+            "intermediate_size": 5632,
+            "image_size": 336,
+            "patch_size": 14,
+            "num_channels": 3,
+            "projector_input_dim": 4096,
+            "projector_output_dim": 4096,
+            "vision_output_dim": 4096,
+            "multi_modal_projector_bias": False,
         },
     },
 }
@@ -229,7 +279,8 @@ def resolve_model(name_or_path: str) -> ModelFootprint:
     if not Path(name_or_path).exists():
         raise ModelError(
             f"unknown model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) "
-            "and no such config path")
+            "and no such config path"
+        )
     config = load_config(name_or_path)
     path = Path(name_or_path)
     name = path.parent.name if path.is_file() else path.name

@@ -52,8 +52,9 @@ class NodeSpec:
         """How fast the GPU reads host memory: the slower of the link and the memory."""
         return min(self.link_bandwidth, self.host_bandwidth)
 
-    def memory(self, host_budget: int | None = None,
-               headroom: int = DEFAULT_HEADROOM_BYTES) -> NodeMemory:
+    def memory(
+        self, host_budget: int | None = None, headroom: int = DEFAULT_HEADROOM_BYTES
+    ) -> NodeMemory:
         """The replica's memory model; `host_budget` defaults as the replica's does, from
         the host memory (here: all of the replica's share counted as available)."""
         if not self.coherent:
@@ -61,9 +62,11 @@ class NodeSpec:
         if host_budget is not None and host_budget > self.host_bytes:
             raise ValueError(
                 f"host budget {host_budget / GB:.1f} GB exceeds a {self.name} replica's "
-                f"{self.host_bytes / GB:.1f} GB of host memory")
-        return NodeMemory.grace(self.hbm_bytes, host_budget_bytes(host_budget, self.host_bytes),
-                                headroom)
+                f"{self.host_bytes / GB:.1f} GB of host memory"
+            )
+        return NodeMemory.grace(
+            self.hbm_bytes, host_budget_bytes(host_budget, self.host_bytes), headroom
+        )
 
 
 _C2C_A_DIRECTION = 450 * GB  # NVLink-C2C: 900 GB/s total
@@ -73,23 +76,66 @@ _PCIE_PINNED_MEASURED = 54 * GB
 NODES: dict[str, NodeSpec] = {
     node.name: node
     for node in (
-        NodeSpec("gh200-96gb", "GH200: H100 GPU, 96 GB HBM3 + Grace, 480 GB LPDDR5X", True,
-                 96 * GB, 4.0 * TB, 480 * GB, _LPDDR5X_BANDWIDTH, "NVLink-C2C",
-                 _C2C_A_DIRECTION),
-        NodeSpec("gh200-144gb", "GH200: H100 GPU, 144 GB HBM3e + Grace, 480 GB LPDDR5X", True,
-                 144 * GB, 4.9 * TB, 480 * GB, _LPDDR5X_BANDWIDTH, "NVLink-C2C",
-                 _C2C_A_DIRECTION),
+        NodeSpec(
+            "gh200-96gb",
+            "GH200: H100 GPU, 96 GB HBM3 + Grace, 480 GB LPDDR5X",
+            True,
+            96 * GB,
+            4.0 * TB,
+            480 * GB,
+            _LPDDR5X_BANDWIDTH,
+            "NVLink-C2C",
+            _C2C_A_DIRECTION,
+        ),
+        NodeSpec(
+            "gh200-144gb",
+            "GH200: H100 GPU, 144 GB HBM3e + Grace, 480 GB LPDDR5X",
+            True,
+            144 * GB,
+            4.9 * TB,
+            480 * GB,
+            _LPDDR5X_BANDWIDTH,
+            "NVLink-C2C",
+            _C2C_A_DIRECTION,
+        ),
         # One replica per Blackwell GPU (as configs/gb200-llama-4-scout.yaml runs): each gets
         # its GPU's HBM and half of what the two GPUs share, the LPDDR5X, its bandwidth and
         # the superchip's C2C, for both replicas may read host memory at once.
-        NodeSpec("gb200", "GB200 superchip, one replica per Blackwell GPU: 186 GB HBM3e + "
-                 "half of Grace's 480 GB LPDDR5X", True, 186 * GB, 8.0 * TB, 240 * GB,
-                 _LPDDR5X_BANDWIDTH / 2, "NVLink-C2C (half)", _C2C_A_DIRECTION / 2,
-                 replicas_per_node=2),
-        NodeSpec("h100-sxm", "H100 SXM 80 GB HBM3 on x86, PCIe host link (not coherent)", False,
-                 80 * GB, 3.35 * TB, 0, 0.0, "PCIe Gen5 x16", _PCIE_PINNED_MEASURED),
-        NodeSpec("h200", "H200 141 GB HBM3e on x86, PCIe host link (not coherent)", False,
-                 141 * GB, 4.8 * TB, 0, 0.0, "PCIe Gen5 x16", _PCIE_PINNED_MEASURED),
+        NodeSpec(
+            "gb200",
+            "GB200 superchip, one replica per Blackwell GPU: 186 GB HBM3e + "
+            "half of Grace's 480 GB LPDDR5X",
+            True,
+            186 * GB,
+            8.0 * TB,
+            240 * GB,
+            _LPDDR5X_BANDWIDTH / 2,
+            "NVLink-C2C (half)",
+            _C2C_A_DIRECTION / 2,
+            replicas_per_node=2,
+        ),
+        NodeSpec(
+            "h100-sxm",
+            "H100 SXM 80 GB HBM3 on x86, PCIe host link (not coherent)",
+            False,
+            80 * GB,
+            3.35 * TB,
+            0,
+            0.0,
+            "PCIe Gen5 x16",
+            _PCIE_PINNED_MEASURED,
+        ),
+        NodeSpec(
+            "h200",
+            "H200 141 GB HBM3e on x86, PCIe host link (not coherent)",
+            False,
+            141 * GB,
+            4.8 * TB,
+            0,
+            0.0,
+            "PCIe Gen5 x16",
+            _PCIE_PINNED_MEASURED,
+        ),
     )
 }
 

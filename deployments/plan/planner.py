@@ -108,8 +108,15 @@ def _bandwidths(node: NodeSpec) -> dict[str, float]:
     return {"hbm": node.hbm_bandwidth, "host": node.host_read_bandwidth}
 
 
-def _floor(model: ModelFootprint, node: NodeSpec, weights: dict[str, dict[str, int]],
-           kv_room: dict[str, int], kv_per_user: int, users: int, fits: bool) -> StepFloor:
+def _floor(
+    model: ModelFootprint,
+    node: NodeSpec,
+    weights: dict[str, dict[str, int]],
+    kv_room: dict[str, int],
+    kv_per_user: int,
+    users: int,
+    fits: bool,
+) -> StepFloor:
     share = model.expert_share(users)
     kv, _ = _fill(users * kv_per_user, dict(kv_room))
     read = {t: weights["read"][t] + round(weights["experts"][t] * share) + kv[t] for t in TIERS}
@@ -118,10 +125,19 @@ def _floor(model: ModelFootprint, node: NodeSpec, weights: dict[str, dict[str, i
     return StepFloor(users, fits, kv, read, seconds, share)
 
 
-def plan(model: ModelFootprint, node: NodeSpec, context_tokens: int, *, dtype: str = "bfloat16",
-         dtype_bytes: int = 2, users: int | None = None, host_budget: int | None = None,
-         headroom: int = DEFAULT_HEADROOM_BYTES, kv_budget: int | None = None,
-         kv_budget_fraction: float = 0.8) -> Plan:
+def plan(
+    model: ModelFootprint,
+    node: NodeSpec,
+    context_tokens: int,
+    *,
+    dtype: str = "bfloat16",
+    dtype_bytes: int = 2,
+    users: int | None = None,
+    host_budget: int | None = None,
+    headroom: int = DEFAULT_HEADROOM_BYTES,
+    kv_budget: int | None = None,
+    kv_budget_fraction: float = 0.8,
+) -> Plan:
     """Plan `model` on one replica of `node` at `context_tokens` of context per user.
 
     `kv_budget` defaults to `kv_budget_fraction` of the room left after the weights, as the
@@ -131,8 +147,9 @@ def plan(model: ModelFootprint, node: NodeSpec, context_tokens: int, *, dtype: s
     if context_tokens <= 0:
         raise ValueError(f"context must be positive, not {context_tokens}")
     if context_tokens > model.max_context:
-        raise ValueError(f"context {context_tokens} exceeds {model.name}'s maximum of "
-                         f"{model.max_context} tokens")
+        raise ValueError(
+            f"context {context_tokens} exceeds {model.name}'s maximum of {model.max_context} tokens"
+        )
     memory = node.memory(host_budget, headroom)
     room = {"hbm": memory.device_room_bytes, "host": memory.host_room_bytes}
     sizes = {"read": model.read_params, "experts": model.expert_params, "idle": model.idle_params}
@@ -150,5 +167,18 @@ def plan(model: ModelFootprint, node: NodeSpec, context_tokens: int, *, dtype: s
         raise ValueError(f"users must be positive, not {n}")
     one = _floor(model, node, weights, kv_room, kv_per_user, 1, fit >= 1)
     many = _floor(model, node, weights, kv_room, kv_per_user, n, fit >= n)
-    return Plan(model, node, memory, dtype_bytes, context_tokens, weights, unplaced,
-                kv_per_user, kv_room, budget, one, many, dtype)
+    return Plan(
+        model,
+        node,
+        memory,
+        dtype_bytes,
+        context_tokens,
+        weights,
+        unplaced,
+        kv_per_user,
+        kv_room,
+        budget,
+        one,
+        many,
+        dtype,
+    )

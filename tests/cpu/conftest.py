@@ -21,8 +21,11 @@ PROXY_CALLBACK_VAR = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "deployments.proxy_middleware:middlewares"
 # Small and quick on 2 cores; short stats period so routing sees fresh numbers.
 SERVICE_ARGS = {
-    "model": {"model_id": "builtin:tiny-llama", "served_model_name": "tiny-llama",
-              "max_model_len": 512},
+    "model": {
+        "model_id": "builtin:tiny-llama",
+        "served_model_name": "tiny-llama",
+        "max_model_len": 512,
+    },
     "memory": {"cpu_memory_budget_bytes": "64MiB"},
     "kv_cache": {"budget_bytes": "16MiB"},
     "engine": {"default_max_tokens": 16, "cpu_threads": 1},
@@ -50,9 +53,14 @@ def serve_url():
     # Serve's proxy runs our middleware, as in the image (deployments/proxy_middleware.py).
     os.environ.setdefault(PROXY_CALLBACK_VAR, PROXY_CALLBACK)
     os.environ[SECRET_VAR] = USER_SECRET
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             # Metrics reach the node's /metrics within a second (default: 10 s).
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        # Metrics reach the node's /metrics within a second (default: 10 s).
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

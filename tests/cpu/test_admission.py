@@ -8,9 +8,16 @@ MiB = 1 << 20
 
 
 def stats(kv_bytes=0, budget=16 * MiB, extra=None):
-    return EngineStats(kv_cache_bytes=kv_bytes, kv_budget_bytes=budget, kv_bytes_per_token=2048,
-                       resident_users=[], running_requests=0, waiting_requests=0,
-                       evicted_users=0, extra=extra or {})
+    return EngineStats(
+        kv_cache_bytes=kv_bytes,
+        kv_budget_bytes=budget,
+        kv_bytes_per_token=2048,
+        resident_users=[],
+        running_requests=0,
+        waiting_requests=0,
+        evicted_users=0,
+        extra=extra or {},
+    )
 
 
 def snap(free, resource="host"):
@@ -30,5 +37,4 @@ def test_capacity_counts_other_users_kv_as_reclaimable_but_not_more_than_memory(
 def test_kv_tiers_come_from_the_engine_when_it_reports_them():
     assert kv_bytes_by_tier(stats(kv_bytes=5), snap(1, "managed")) == {"managed": 5}
     split = {"hbm": 3, "lpddr": 2}
-    assert kv_bytes_by_tier(stats(kv_bytes=5, extra={"kv_bytes_by_tier": split}),
-                            snap(1)) == split
+    assert kv_bytes_by_tier(stats(kv_bytes=5, extra={"kv_bytes_by_tier": split}), snap(1)) == split

@@ -23,8 +23,9 @@ def test_key_file_format_and_env_keys(tmp_path):
     path = tmp_path / "keys"
     path.write_text("# comment\nk1\n\n  k2  # trailing comment\n")
     assert parse_keys(path.read_text()) == ["k1", "k2"]
-    ring = load_keys(AuthConfig(api_keys_file=str(path), api_keys_env="KEYS"),
-                     environ={"KEYS": "k3, k4\nk5"})
+    ring = load_keys(
+        AuthConfig(api_keys_file=str(path), api_keys_env="KEYS"), environ={"KEYS": "k3, k4\nk5"}
+    )
     assert len(ring) == 5 and ring.enabled
     assert ring.match("k4") == key_id("k4") and ring.match("k6") is None
     assert ring.match(None) is None and ring.match("") is None
@@ -58,19 +59,24 @@ def test_namespaces_keep_keys_apart():
     # No user id under one key can spell another key's user.
     assert namespaced_user(b, namespaced_user(a, "alice")) != namespaced_user(a, "alice")
     assert namespaced_user(HANDLE_PRINCIPAL, "alice") not in {
-        namespaced_user(a, "alice"), namespaced_user(b, "alice")}
+        namespaced_user(a, "alice"),
+        namespaced_user(b, "alice"),
+    }
 
 
 def make_app(keys=(), max_body=100, rejects=None) -> FastAPI:
     app = FastAPI()
     app.add_middleware(Gate)
-    app.state.gate = GateSettings(KeyRing(keys), max_body,
-                                  (rejects.append if rejects is not None else lambda r: None))
+    app.state.gate = GateSettings(
+        KeyRing(keys), max_body, (rejects.append if rejects is not None else lambda r: None)
+    )
 
     @app.post("/v1/echo")
     async def echo(request: Request) -> dict:
-        return {"size": len(await request.body()),
-                "principal": request.scope.get(PRINCIPAL_SCOPE_KEY)}
+        return {
+            "size": len(await request.body()),
+            "principal": request.scope.get(PRINCIPAL_SCOPE_KEY),
+        }
 
     @app.get("/health")
     async def health() -> dict:
@@ -91,8 +97,9 @@ async def test_gate_checks_keys_except_on_open_paths():
     app = make_app(keys=["secret"], rejects=rejects)
     denied = await call(app, "POST", "/v1/echo", content=b"{}")
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
-    ok = await call(app, "POST", "/v1/echo", content=b"{}",
-                    headers={"Authorization": "Bearer secret"})
+    ok = await call(
+        app, "POST", "/v1/echo", content=b"{}", headers={"Authorization": "Bearer secret"}
+    )
     assert ok.json() == {"size": 2, "principal": key_id("secret")}
     assert (await call(app, "GET", "/health")).status_code == 200
     assert rejects == ["invalid_api_key"]

@@ -42,15 +42,26 @@ def llama_dir(tmp_path_factory):
 
 
 def test_written_without_torch_or_transformers(tmp_path):
-    code = ("import sys, json; from benchmarks.bench_model import write_model_dir; "
-            f"write_model_dir({str(tmp_path / 'm')!r}, json.loads(sys.argv[1])); "
-            "print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(QUICK)], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, json; from benchmarks.bench_model import write_model_dir; "
+        f"write_model_dir({str(tmp_path / 'm')!r}, json.loads(sys.argv[1])); "
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(QUICK)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out) == []
     assert {p.name for p in (tmp_path / "m").iterdir()} == {
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "chat_template.jinja"}
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
 
 
 def test_both_loaders_cover_the_whole_vocabulary(llama_dir):
@@ -63,8 +74,10 @@ def test_both_loaders_cover_the_whole_vocabulary(llama_dir):
     assert len(auto) == vocab and raw.get_vocab_size() == vocab
     tokens = [raw.id_to_token(i) for i in range(vocab)]
     assert None not in tokens and len(set(tokens)) == vocab
-    assert (auto.bos_token_id, auto.eos_token_id) == (LLAMA_31_8B["bos_token_id"],
-                                                       LLAMA_31_8B["eos_token_id"])
+    assert (auto.bos_token_id, auto.eos_token_id) == (
+        LLAMA_31_8B["bos_token_id"],
+        LLAMA_31_8B["eos_token_id"],
+    )
     assert auto.unk_token == UNK and auto.chat_template and "\n" not in auto.chat_template
     # Only bos, eos and unknown decode to nothing; every other id is one visible word.
     special = {marker_ids(LLAMA_31_8B)[t] for t in (BOS, EOS, UNK)}
@@ -90,14 +103,27 @@ def test_chat_template_marks_roles_and_keeps_contents(llama_dir):
 
     auto = AutoTokenizer.from_pretrained(str(llama_dir))
     a, b = visible_ids(LLAMA_31_8B)[10:12]
-    messages = [{"role": "system", "content": words([a])},
-                {"role": "user", "content": words([a, b])},
-                {"role": "assistant", "content": words([b])}]
+    messages = [
+        {"role": "system", "content": words([a])},
+        {"role": "user", "content": words([a, b])},
+        {"role": "assistant", "content": words([b])},
+    ]
     text = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     m = marker_ids(LLAMA_31_8B)
     assert auto(text, add_special_tokens=False)["input_ids"] == [
-        m[BOS], m["<|system|>"], a, m[EOS], m["<|user|>"], a, b, m[EOS],
-        m["<|assistant|>"], b, m[EOS], m["<|assistant|>"]]
+        m[BOS],
+        m["<|system|>"],
+        a,
+        m[EOS],
+        m["<|user|>"],
+        a,
+        b,
+        m[EOS],
+        m["<|assistant|>"],
+        b,
+        m[EOS],
+        m["<|assistant|>"],
+    ]
 
 
 def test_what_the_engine_samples_is_visible_and_encodes_back(quick_dir):
@@ -109,12 +135,17 @@ def test_what_the_engine_samples_is_visible_and_encodes_back(quick_dir):
     from deployments.memory import setup_memory
     from deployments.platform import detect_platform
 
-    args = AppArgs.model_validate({
-        "model": {"model_id": str(quick_dir), "dtype": "float32", "max_model_len": 1024},
-        "memory": {"cpu_memory_budget_bytes": "256MiB"}, "kv_cache": {"budget_bytes": "4MiB"},
-        "engine": {"random_weights": True, "max_batched_tokens": 256, "cpu_threads": 1}})
-    engine = select_engine_class(args)(args, setup_memory(args.memory,
-                                                          detect_platform(use_gpu=False)))
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": str(quick_dir), "dtype": "float32", "max_model_len": 1024},
+            "memory": {"cpu_memory_budget_bytes": "256MiB"},
+            "kv_cache": {"budget_bytes": "4MiB"},
+            "engine": {"random_weights": True, "max_batched_tokens": 256, "cpu_threads": 1},
+        }
+    )
+    engine = select_engine_class(args)(
+        args, setup_memory(args.memory, detect_platform(use_gpu=False))
+    )
     from deployments.detokenizer import IncrementalDetokenizer
     from deployments.tokenizer import TextTokenizer
 
@@ -139,4 +170,5 @@ def test_what_the_engine_samples_is_visible_and_encodes_back(quick_dir):
         pieces.append(piece)
     text = "".join(pieces) + detok.flush()
     assert engine.tokenizer(text, add_special_tokens=False)["input_ids"] == [
-        t for t in ids if t not in special]
+        t for t in ids if t not in special
+    ]

@@ -21,8 +21,13 @@ def test_the_check_asks_for_every_dependency_and_the_gpu_extra_with_torch_pinned
 
 def test_the_check_accepts_every_manylinux_tag_of_a_glibc_2_35_node():
     tags = platforms("aarch64")
-    for wheel_tag in ("manylinux_2_27_aarch64", "manylinux_2_31_aarch64", "manylinux2014_aarch64",
-                      "manylinux_2_17_aarch64", "manylinux_2_35_aarch64"):
+    for wheel_tag in (
+        "manylinux_2_27_aarch64",
+        "manylinux_2_31_aarch64",
+        "manylinux2014_aarch64",
+        "manylinux_2_17_aarch64",
+        "manylinux_2_35_aarch64",
+    ):
         assert wheel_tag in tags
     assert "manylinux_2_36_aarch64" not in tags and not any("x86_64" in t for t in tags)
 

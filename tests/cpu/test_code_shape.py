@@ -34,9 +34,11 @@ def lines(node: Function) -> int:
 
 
 def all_functions() -> list[tuple[str, str, Function]]:
-    return [(str(path.relative_to(ROOT)), name, node)
-            for path in sorted(PACKAGE.rglob("*.py"))
-            for name, node in functions(ast.parse(path.read_text(), str(path)))]
+    return [
+        (str(path.relative_to(ROOT)), name, node)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name, node in functions(ast.parse(path.read_text(), str(path)))
+    ]
 
 
 def test_the_scan_finds_the_package_and_its_nested_functions():
@@ -48,17 +50,24 @@ def test_the_scan_finds_the_package_and_its_nested_functions():
 
 
 def test_no_function_in_deployments_is_longer_than_a_screen():
-    long = [f"{path}:{node.lineno} {name} ({lines(node)} lines)"
-            for path, name, node in all_functions() if lines(node) > MAX_LINES]
+    long = [
+        f"{path}:{node.lineno} {name} ({lines(node)} lines)"
+        for path, name, node in all_functions()
+        if lines(node) > MAX_LINES
+    ]
     assert not long, f"functions over {MAX_LINES} lines (split them):\n" + "\n".join(long)
 
 
 def test_paged_engine_init_is_a_short_list_of_steps():
-    inits = [node for path, name, node in all_functions()
-             if path == "deployments/engine/paged/engine.py" and name == "PagedEngine.__init__"]
+    inits = [
+        node
+        for path, name, node in all_functions()
+        if path == "deployments/engine/paged/engine.py" and name == "PagedEngine.__init__"
+    ]
     assert len(inits) == 1
     assert lines(inits[0]) <= MAX_ENGINE_INIT_LINES, (
-        f"PagedEngine.__init__ is {lines(inits[0])} lines; keep it under 30")
+        f"PagedEngine.__init__ is {lines(inits[0])} lines; keep it under 30"
+    )
 
 
 def test_make_test_runs_the_lint_target_with_the_format_check_first():

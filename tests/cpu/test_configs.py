@@ -14,8 +14,12 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 def test_the_expected_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"local.yaml", "gh200-llama-3.1-70b.yaml", "gb200-llama-4-scout.yaml",
-            "h100-llama-3.1-8b.yaml"} <= names
+    assert {
+        "local.yaml",
+        "gh200-llama-3.1-70b.yaml",
+        "gb200-llama-4-scout.yaml",
+        "h100-llama-3.1-8b.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -56,8 +56,9 @@ def test_a_cuda_12_driver_is_refused_naming_both_versions_and_the_fix():
 
 
 def test_cuda_12_builds_run_on_a_cuda_12_driver():
-    assert driver_problem(12040, [Need("PyTorch 2.11.0 (built for CUDA 12.8)", 12),
-                                  RMM_CU12]) is None
+    assert (
+        driver_problem(12040, [Need("PyTorch 2.11.0 (built for CUDA 12.8)", 12), RMM_CU12]) is None
+    )
 
 
 def test_no_queryable_driver_is_refused_when_cuda_builds_are_installed():

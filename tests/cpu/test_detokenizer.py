@@ -47,8 +47,9 @@ class LegacyDetokenizer:
         if hits:
             self.stopped, self._held = True, ""
             return buffer[: min(hits)], True
-        keep = max([n for s in self._stop for n in range(1, len(s)) if buffer.endswith(s[:n])],
-                   default=0)
+        keep = max(
+            [n for s in self._stop for n in range(1, len(s)) if buffer.endswith(s[:n])], default=0
+        )
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False
 
@@ -105,8 +106,11 @@ def expected(tok, ids, stop):
     cut = first_stop(full, stop)
     if cut is None:
         return full, len(ids)
-    need = next(k for k in range(len(ids) + 1)
-                if first_stop(tok.decode(ids[:k], skip_special_tokens=True), stop) is not None)
+    need = next(
+        k
+        for k in range(len(ids) + 1)
+        if first_stop(tok.decode(ids[:k], skip_special_tokens=True), stop) is not None
+    )
     return full[:cut], need
 
 
@@ -152,8 +156,7 @@ def test_one_push_reports_the_ids_used_through_the_stop(decoder, text_tok):
     delta = IncrementalDetokenizer(decoder, ["world"]).push(ids)
     text, need = expected(text_tok, ids, ["world"])
     assert delta == (text, True, need) and need < len(ids)
-    assert IncrementalDetokenizer(decoder).push(ids) == (
-        text_tok.decode(ids), False, len(ids))
+    assert IncrementalDetokenizer(decoder).push(ids) == (text_tok.decode(ids), False, len(ids))
 
 
 def test_an_unfinished_character_at_the_end_flushes_as_decode_gives_it(decoder, text_tok):
@@ -167,7 +170,7 @@ def random_ids(rng, tok, n_max=60):
     """Ids over the whole vocabulary (bytes that break characters, specials) and beyond it
     (the model's padded vocabulary), mixed with encoded multi-byte text."""
     ids = [rng.randrange(len(tok) + 16) for _ in range(rng.randint(1, n_max))]
-    text = tok.encode_text(MULTIBYTE[rng.randrange(10):]) if hasattr(tok, "encode_text") else []
+    text = tok.encode_text(MULTIBYTE[rng.randrange(10) :]) if hasattr(tok, "encode_text") else []
     at = rng.randrange(len(ids) + 1)
     return ids[:at] + text[: rng.randint(0, 20)] + ids[at:]
 
@@ -176,8 +179,9 @@ def random_stops(rng, text):
     if not text or rng.random() < 0.3:
         return []
     starts = [rng.randrange(len(text)) for _ in range(rng.randint(1, 3))]
-    return [s for s in (text[a : a + rng.randint(1, 4)].replace(REPLACEMENT, "")
-                        for a in starts) if s]
+    return [
+        s for s in (text[a : a + rng.randint(1, 4)].replace(REPLACEMENT, "") for a in starts) if s
+    ]
 
 
 def test_random_ids_both_paths_any_batching_match_full_decode(text_tok):
@@ -213,13 +217,18 @@ def test_same_text_as_the_per_token_detokenizer_it_replaced(text_tok, hf_tok):
 
 
 def word_level(with_cleanup: bool):
-    vocab = {w: i for i, w in enumerate(["[UNK]", "x", "hello", "world", ".", ",", "'s", "?",
-                                          "!", "n't", "日本", "é"])}
+    vocab = {
+        w: i
+        for i, w in enumerate(
+            ["[UNK]", "x", "hello", "world", ".", ",", "'s", "?", "!", "n't", "日本", "é"]
+        )
+    }
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.add_special_tokens(["<eos>"])
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>",
-                                   clean_up_tokenization_spaces=with_cleanup)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<eos>", clean_up_tokenization_spaces=with_cleanup
+    )
 
 
 def test_word_level_without_decoder_joins_tokens_by_spaces_on_the_fast_path():
@@ -240,8 +249,11 @@ def test_a_wrapper_that_rewrites_decoded_text_falls_back_to_the_window_path():
     cleaned = word_level(with_cleanup=True)  # " ." -> "." and so on, in transformers' decode
     assert TokenDecoder(cleaned).table is None
     ids = cleaned.encode("hello world . x 's", add_special_tokens=False)
-    assert "".join(stream(TokenDecoder(cleaned), ids)[0]) == cleaned.decode(ids) == (
-        "hello world. x's")
+    assert (
+        "".join(stream(TokenDecoder(cleaned), ids)[0])
+        == cleaned.decode(ids)
+        == ("hello world. x's")
+    )
 
     class Shouting:  # a decode the table cannot know about
         backend_tokenizer = word_level(with_cleanup=False).backend_tokenizer
@@ -253,8 +265,11 @@ def test_a_wrapper_that_rewrites_decoded_text_falls_back_to_the_window_path():
 
 
 def test_other_decoders_take_the_window_path_and_still_match_decode():
-    vocab = [("<unk>", 0.0), ("▁", -1.0)] + [(c, -2.0) for c in "abcdeé日本"] + [
-        ("▁ab", -1.5), ("cd", -1.5), ("▁日本", -1.2)]
+    vocab = (
+        [("<unk>", 0.0), ("▁", -1.0)]
+        + [(c, -2.0) for c in "abcdeé日本"]
+        + [("▁ab", -1.5), ("cd", -1.5), ("▁日本", -1.2)]
+    )
     core = Tokenizer(models.Unigram(vocab, unk_id=0))
     core.normalizer = normalizers.NFKC()
     core.pre_tokenizer = pre_tokenizers.Metaspace()

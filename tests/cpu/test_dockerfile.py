@@ -35,13 +35,15 @@ def runs() -> list[str]:
 
 
 def makefile_torch() -> str:
-    return re.search(r"^TORCH_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(),
-                     re.M).group(1)
+    return re.search(r"^TORCH_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
 def key(requirement: Requirement) -> tuple:
-    return (canonicalize_name(requirement.name), frozenset(requirement.extras),
-            str(requirement.specifier))
+    return (
+        canonicalize_name(requirement.name),
+        frozenset(requirement.extras),
+        str(requirement.specifier),
+    )
 
 
 def test_the_base_is_cuda_13_on_ubuntu():
@@ -54,9 +56,10 @@ def test_the_base_is_cuda_13_on_ubuntu():
 def test_it_installs_the_dependencies_and_the_gpu_extra_exactly_as_declared():
     [install] = [r for r in runs() if '"ray[serve]' in r]
     words = shlex.split(install)
-    installed = {key(Requirement(w)) for w in words[words.index("install") + 1:]}
-    declared = [Requirement(r) for r in PROJECT["dependencies"]
-                + PROJECT["optional-dependencies"]["gpu"]]
+    installed = {key(Requirement(w)) for w in words[words.index("install") + 1 :]}
+    declared = [
+        Requirement(r) for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["gpu"]
+    ]
     [torch] = [r for r in declared if r.name == "torch"]
     pinned = Requirement(f"torch=={makefile_torch()}")  # the build the README states
     assert makefile_torch() in torch.specifier
@@ -80,8 +83,11 @@ def test_it_has_what_triton_and_kuberays_probes_need_at_run_time():
 
 
 def test_the_build_context_leaves_out_the_venv_but_nothing_copied():
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert {".git", ".venv"} <= set(ignored)
     assert not {"deployments", "configs", "pyproject.toml", PROJECT["readme"]} & set(ignored)
 

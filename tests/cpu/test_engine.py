@@ -30,13 +30,15 @@ def engine():
 
 def chat(engine, *turns):
     roles = ["user", "assistant"]
-    return TOKENIZER.encode_chat([{"role": roles[i % 2], "content": t}
-                                  for i, t in enumerate(turns)])
+    return TOKENIZER.encode_chat(
+        [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    )
 
 
 async def run(engine, user, prompt, max_tokens=12, temperature=0.0, seed=None):
-    req = GenerationRequest("r", user, prompt, SamplingParams(
-        max_tokens, temperature=temperature, seed=seed))
+    req = GenerationRequest(
+        "r", user, prompt, SamplingParams(max_tokens, temperature=temperature, seed=seed)
+    )
     outs = [o async for o in engine.generate(req)]
     return [t for o in outs for t in o.token_ids], outs[-1]
 
@@ -58,10 +60,14 @@ def test_reused_cache_gives_the_logits_of_a_full_recompute(engine):
         cache, reuse = engine._reuse(entry, second)
         assert 0 < reuse < len(second)
         with torch.inference_mode():
-            out = engine.model(input_ids=torch.tensor([second[reuse:]]), use_cache=True,
-                               **{engine._cache_kwarg: cache})
-        torch.testing.assert_close(out.logits[0, -1], full_logits(engine, second),
-                                   rtol=1e-4, atol=1e-4)
+            out = engine.model(
+                input_ids=torch.tensor([second[reuse:]]),
+                use_cache=True,
+                **{engine._cache_kwarg: cache},
+            )
+        torch.testing.assert_close(
+            out.logits[0, -1], full_logits(engine, second), rtol=1e-4, atol=1e-4
+        )
         # Put the cache back as it was for the next case.
         entry.kv, entry.token_ids, entry.kv_tokens = None, saved_tokens, 0
         asyncio.run(run(engine, "alice", saved_tokens[: saved_kv + 1], max_tokens=1))
@@ -75,9 +81,13 @@ def test_second_turn_reuses_the_first_and_matches_hf_generate(engine):
     second = first + tokens1 + engine.tokenizer(next_turn, add_special_tokens=False).input_ids
     tokens2, out2 = asyncio.run(run(engine, "bob", second))
     assert out2.cached_tokens >= len(first)  # the whole first turn came from the cache
-    reference = engine.model.generate(torch.tensor([second]), do_sample=False,
-                                      max_new_tokens=12, min_new_tokens=12,
-                                      pad_token_id=0)[0, len(second):].tolist()
+    reference = engine.model.generate(
+        torch.tensor([second]),
+        do_sample=False,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        pad_token_id=0,
+    )[0, len(second) :].tolist()
     assert tokens2 == reference[: len(tokens2)]
 
 
@@ -131,8 +141,10 @@ def test_many_users_run_concurrently_without_blocking_the_loop(engine):
 
         t = asyncio.create_task(ticker())
         results = await asyncio.gather(
-            *[run(engine, f"user{i}", chat(engine, "hi " * (i + 1)), max_tokens=20)
-              for i in range(8)]
+            *[
+                run(engine, f"user{i}", chat(engine, "hi " * (i + 1)), max_tokens=20)
+                for i in range(8)
+            ]
         )
         t.cancel()
         return results, ticks
@@ -146,8 +158,9 @@ def test_many_users_run_concurrently_without_blocking_the_loop(engine):
 
 def test_closing_a_stream_early_leaves_a_consistent_cache(engine):
     async def main():
-        req = GenerationRequest("r", "dave", chat(engine, "long answer"),
-                                SamplingParams(max_tokens=200, temperature=0))
+        req = GenerationRequest(
+            "r", "dave", chat(engine, "long answer"), SamplingParams(max_tokens=200, temperature=0)
+        )
         gen = engine.generate(req)
         got = [await gen.__anext__() for _ in range(5)]
         await gen.aclose()  # client went away
@@ -176,8 +189,10 @@ def test_cancelling_while_a_step_is_still_queued_releases_the_request(engine):
     """Many concurrent users queue their steps on the one model thread; cancel them all."""
 
     async def main():
-        tasks = [asyncio.create_task(run(engine, f"q{i}", chat(engine, "long " * 20),
-                                         max_tokens=200)) for i in range(12)]
+        tasks = [
+            asyncio.create_task(run(engine, f"q{i}", chat(engine, "long " * 20), max_tokens=200))
+            for i in range(12)
+        ]
         await asyncio.sleep(0.2)  # all started; most have a step waiting in the queue
         for task in tasks:
             task.cancel()

@@ -37,12 +37,14 @@ PROMPT = list(range(5, 25))
 
 
 def engine_args(model_id: str = "builtin:tiny-llama") -> AppArgs:
-    return AppArgs.model_validate({
-        "model": {"model_id": model_id, "dtype": "float32"},
-        "memory": {"cpu_memory_budget_bytes": BUDGET},
-        "kv_cache": {"budget_fraction": 0.05},  # of the memory free once the weights are in
-        "engine": {"cpu_threads": 1},
-    })
+    return AppArgs.model_validate(
+        {
+            "model": {"model_id": model_id, "dtype": "float32"},
+            "memory": {"cpu_memory_budget_bytes": BUDGET},
+            "kv_cache": {"budget_fraction": 0.05},  # of the memory free once the weights are in
+            "engine": {"cpu_threads": 1},
+        }
+    )
 
 
 def build_pair(model_id: str) -> dict:
@@ -73,7 +75,7 @@ def greedy(path: str, prompt: list[int], n: int) -> list[int]:
     with torch.inference_mode():
         for _ in range(n):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +101,11 @@ def eos_checkpoint(tmp_path_factory):
 
 def generate(engine, prompt, user=None, **sampling) -> tuple[list[int], str | None, int]:
     """Tokens, finish reason and cached prompt tokens of one request."""
+
     async def main():
         req = GenerationRequest("r", user, list(prompt), SamplingParams(**sampling))
         return [o async for o in engine.generate(req)]
+
     outs = asyncio.run(main())
     return [t for o in outs for t in o.token_ids], outs[-1].finish_reason, outs[-1].cached_tokens
 
@@ -112,13 +116,21 @@ def both(engines, *args, **kwargs) -> list:
 
 # ---- sampling ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampling", [
-    {"temperature": 0.0},
-    {"temperature": 1.0, "seed": 3},
-    {"temperature": 1.0, "seed": -3},  # negative seeds: the generic engine once keyed them apart
-    {"temperature": 0.8, "seed": 2**62 + 5, "top_p": 0.9, "top_k": 50, "min_p": 0.01},
-    {"temperature": 1.2, "seed": 9, "repetition_penalty": 1.3, "logit_bias": ((42, 4.0),)},
-], ids=["greedy", "seeded", "negative-seed", "truncated", "penalized"])
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0.0},
+        {"temperature": 1.0, "seed": 3},
+        {
+            "temperature": 1.0,
+            "seed": -3,
+        },  # negative seeds: the generic engine once keyed them apart
+        {"temperature": 0.8, "seed": 2**62 + 5, "top_p": 0.9, "top_k": 50, "min_p": 0.01},
+        {"temperature": 1.2, "seed": 9, "repetition_penalty": 1.3, "logit_bias": ((42, 4.0),)},
+    ],
+    ids=["greedy", "seeded", "negative-seed", "truncated", "penalized"],
+)
 def test_the_same_request_draws_the_same_tokens_in_both_engines(engines, sampling):
     paged, generic = both(engines[0], PROMPT, max_tokens=20, ignore_eos=True, **sampling)
     assert paged == generic
@@ -127,22 +139,27 @@ def test_the_same_request_draws_the_same_tokens_in_both_engines(engines, samplin
 
 def test_an_unseeded_request_draws_with_a_fresh_key_in_both_engines(engines):
     for engine in engines[0].values():
-        runs = [generate(engine, PROMPT, max_tokens=12, temperature=1.0, ignore_eos=True)[0]
-                for _ in range(2)]
+        runs = [
+            generate(engine, PROMPT, max_tokens=12, temperature=1.0, ignore_eos=True)[0]
+            for _ in range(2)
+        ]
         assert runs[0] != runs[1]
 
 
 # ---- end of sequence -----------------------------------------------------------------------
+
 
 def test_both_engines_read_the_same_eos_ids_from_a_checkpoint(eos_checkpoint):
     pair, first, base = eos_checkpoint
     assert pair[PagedEngine].eos_token_ids == pair[HFEngine].eos_token_ids == base | {first[2]}
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.7, "seed": 5}],
-                         ids=["greedy", "seeded"])
-def test_eos_and_min_tokens_end_a_request_at_the_same_token_in_both_engines(eos_checkpoint,
-                                                                           sampling):
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0.0}, {"temperature": 0.7, "seed": 5}], ids=["greedy", "seeded"]
+)
+def test_eos_and_min_tokens_end_a_request_at_the_same_token_in_both_engines(
+    eos_checkpoint, sampling
+):
     pair, first, _ = eos_checkpoint
     eos = pair[HFEngine].eos_token_ids
     for min_tokens in (0, 4):
@@ -175,12 +192,15 @@ def test_changed_eos_ids_change_the_ban_in_both_engines(engines):
 
 # ---- kept caches ---------------------------------------------------------------------------
 
+
 def test_a_conversation_gets_the_same_cached_tokens_from_both_engines(engines):
     def conversation(engine) -> list[int]:
         user = f"parity-{type(engine).__name__}"
+
         def turn(prompt, user=user, n=4) -> tuple[list[int], int]:
-            tokens, _, cached = generate(engine, prompt, user, max_tokens=n, temperature=0.0,
-                                         ignore_eos=True)
+            tokens, _, cached = generate(
+                engine, prompt, user, max_tokens=n, temperature=0.0, ignore_eos=True
+            )
             return tokens, cached
 
         out, first = turn(PROMPT, n=8)
@@ -197,8 +217,11 @@ def test_a_users_concurrent_second_request_reuses_nothing_in_both_engines(engine
     async def overlapping(engine) -> tuple[int, int]:
         user = f"busy-{type(engine).__name__}"
         await drain(engine, user, PROMPT)  # the user's kept cache now covers PROMPT
-        first = engine.generate(GenerationRequest("a", user, PROMPT, SamplingParams(
-            400, temperature=0.0, ignore_eos=True)))  # long enough to be running still
+        first = engine.generate(
+            GenerationRequest(
+                "a", user, PROMPT, SamplingParams(400, temperature=0.0, ignore_eos=True)
+            )
+        )  # long enough to be running still
         head = await anext(first)  # the first request runs, holding the user's cache
         second = await drain(engine, user, PROMPT)
         await first.aclose()
@@ -217,8 +240,9 @@ def test_a_kept_cache_supplies_the_same_prefix_to_either_store():
     for case in range(200):
         seen = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
         kv_len = rng.randrange(len(seen) + 1)
-        prompt = seen[:rng.randrange(len(seen) + 1)] + [rng.randrange(4)
-                                                          for _ in range(rng.randrange(3))]
+        prompt = seen[: rng.randrange(len(seen) + 1)] + [
+            rng.randrange(4) for _ in range(rng.randrange(3))
+        ]
         if not prompt:
             continue
         expected = reusable_tokens(seen, kv_len, prompt)
@@ -233,6 +257,7 @@ def test_a_kept_cache_supplies_the_same_prefix_to_either_store():
 
 
 # ---- KV budget and memory ------------------------------------------------------------------
+
 
 def test_both_engines_size_the_same_kv_budget_from_the_same_memory(engines):
     paged, generic = engines[0][PagedEngine], engines[0][HFEngine]

@@ -19,10 +19,15 @@ from tests.cpu.conftest import wait_healthy
 MODEL = "tiny-llama"
 MIN_CASES = 1000
 EXAMPLES_PER_OPERATION = 300  # per POST operation and mode: 2 x 2 x 300 = 1,200
-OPERATIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
-              ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
-              ("GET", "/admin/replicas"), ("GET", "/health"),
-              ("GET", "/ready")]
+OPERATIONS = [
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/admin/replicas"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
+]
 ARGS = {
     "model": {"model_id": "builtin:tiny-llama", "served_model_name": MODEL, "max_model_len": 256},
     "memory": {"cpu_memory_budget_bytes": "64MiB"},
@@ -72,7 +77,8 @@ def check(case) -> None:
     SENT[key] = SENT.get(key, 0) + 1
     assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
     if response.status_code == 200 and "text/event-stream" in response.headers.get(
-            "content-type", ""):
+        "content-type", ""
+    ):
         assert '"type":"server_error"' not in response.text, response.text[-500:]
         assert response.text.rstrip().endswith("data: [DONE]")
     if response.status_code >= 400:
@@ -86,7 +92,8 @@ def test_every_operation_is_fuzzed(api_schema):
 
 # Operations without parameters or body have no schema-violating form.
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
-    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"]
+    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"
+]
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES)
@@ -95,8 +102,13 @@ def test_no_request_gets_a_5xx_or_hangs(api_schema, method, path, mode):
     examples = EXAMPLES_PER_OPERATION if method == "POST" else 20
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate],
+    )
     def fuzz(case):
         check(case)
 
@@ -106,9 +118,15 @@ def test_no_request_gets_a_5xx_or_hangs(api_schema, method, path, mode):
 def test_enough_cases_ran_and_the_service_is_healthy_after(fuzz_url):
     assert sum(SENT.values()) >= MIN_CASES, SENT
     assert httpx.get(f"{fuzz_url}/health", timeout=10).status_code == 200
-    reply = httpx.post(f"{fuzz_url}/v1/chat/completions", timeout=60, json={
-        "model": MODEL, "messages": [{"role": "user", "content": "still fine?"}],
-        "max_tokens": 4})
+    reply = httpx.post(
+        f"{fuzz_url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "still fine?"}],
+            "max_tokens": 4,
+        },
+    )
     assert reply.status_code == 200, reply.text
     rows = httpx.get(f"{fuzz_url}/admin/replicas", timeout=30).json()
     assert [r["running_requests"] for r in rows] == [0]

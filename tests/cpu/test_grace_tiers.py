@@ -46,13 +46,21 @@ class RecordingAdvisor:
 
 
 def make(path: str, budget: int | None, grace: bool, host_pages: int = 0):
-    args = AppArgs.model_validate({
-        "model": {"model_id": path, "dtype": "float32", "device_weight_budget_bytes": budget},
-        "memory": {"cpu_memory_budget_bytes": "256MiB"},
-        "kv_cache": {"budget_bytes": 24 * PAGE_BYTES, "host_tier_bytes": host_pages * PAGE_BYTES},
-        "engine": {"page_size": 4, "max_batched_tokens": 64,
-                   "engine_class": "deployments.engine.paged.engine:PagedEngine"},
-    })
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": path, "dtype": "float32", "device_weight_budget_bytes": budget},
+            "memory": {"cpu_memory_budget_bytes": "256MiB"},
+            "kv_cache": {
+                "budget_bytes": 24 * PAGE_BYTES,
+                "host_tier_bytes": host_pages * PAGE_BYTES,
+            },
+            "engine": {
+                "page_size": 4,
+                "max_batched_tokens": 64,
+                "engine_class": "deployments.engine.paged.engine:PagedEngine",
+            },
+        }
+    )
     memory = setup_memory(args.memory, detect_platform(use_gpu=False))
     advisor = None
     if grace:
@@ -72,8 +80,10 @@ def test_cold_layers_stay_in_host_memory_and_compute_the_same(checkpoint):  # no
     assert advice.preferred[advice.key(grace.pool.buffer)] == "device"
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (9, 21)]
-    seqs = {e: [Sequence("t", None, list(p), SamplingParams(1))
-                for p in prompts] for e in (grace, plain)}
+    seqs = {
+        e: [Sequence("t", None, list(p), SamplingParams(1)) for p in prompts]
+        for e in (grace, plain)
+    }
     a = logits_for(grace, [(s, len(s.token_ids)) for s in seqs[grace]])
     b = logits_for(plain, [(s, len(s.token_ids)) for s in seqs[plain]])
     for x, y in zip(a, b, strict=True):

@@ -34,11 +34,21 @@ ARGS = {
     "memory": {"cpu_memory_budget_bytes": "64MiB"},
     "kv_cache": {"budget_bytes": "512KiB"},  # 256 tokens of tiny-llama KV
     "engine": {"default_max_tokens": 8, "cpu_threads": 1},
-    "replica": {"num_replicas": 1, "num_cpus": 0, "max_replicas_per_node": None,
-                "max_ongoing_requests": 1, "max_queued_requests": 1},
+    "replica": {
+        "num_replicas": 1,
+        "num_cpus": 0,
+        "max_replicas_per_node": None,
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+    },
     "router": {"stats_period_s": 0.25},
-    "ingress": {"num_replicas": 1, "num_cpus": 0, "max_body_bytes": "16KiB",
-                "max_messages": 8, "retry_after_s": 2},
+    "ingress": {
+        "num_replicas": 1,
+        "num_cpus": 0,
+        "max_body_bytes": "16KiB",
+        "max_messages": 8,
+        "retry_after_s": 2,
+    },
 }
 
 
@@ -50,8 +60,15 @@ def guarded(serve_url, tmp_path_factory):
 
     keys = tmp_path_factory.mktemp("keys") / "api-keys.txt"
     keys.write_text(f"# test keys\n{KEY_A}\n\n{KEY_B}  # second\n")
-    args = {**ARGS, "auth": {"api_keys_file": str(keys), "api_keys_env": ENV_KEY_VAR,
-                             "admin_keys_env": ADMIN_KEY_VAR, "user_key_secret_env": SECRET_VAR}}
+    args = {
+        **ARGS,
+        "auth": {
+            "api_keys_file": str(keys),
+            "api_keys_env": ENV_KEY_VAR,
+            "admin_keys_env": ADMIN_KEY_VAR,
+            "user_key_secret_env": SECRET_VAR,
+        },
+    }
     serve.run(build_app(args), name="guarded", route_prefix="/guarded")
     url = f"{serve_url}/guarded"
     wait_healthy(url)
@@ -67,8 +84,12 @@ def post(url, body, key=KEY_A, user=None, path="/v1/chat/completions", **kwargs)
 
 
 def ask(content, **extra):
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}],
-            "max_tokens": 4, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        **extra,
+    }
 
 
 def assert_openai_error(response, status, code=None):
@@ -81,12 +102,26 @@ def assert_openai_error(response, status, code=None):
 
 
 def test_missing_or_wrong_key_is_401_in_openai_shape(guarded):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY_A}"},
-                    {"Authorization": f"Bearer {KEY_A}x"}, {"Authorization": "Bearer"}):
-        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                             ("GET", "/admin/replicas"), ("POST", "/v1/completions")):
-            response = httpx.request(method, f"{guarded}{path}", headers=headers, timeout=30,
-                                     json=ask("hi") if method == "POST" else None)
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY_A}"},
+        {"Authorization": f"Bearer {KEY_A}x"},
+        {"Authorization": "Bearer"},
+    ):
+        for method, path in (
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/models"),
+            ("GET", "/admin/replicas"),
+            ("POST", "/v1/completions"),
+        ):
+            response = httpx.request(
+                method,
+                f"{guarded}{path}",
+                headers=headers,
+                timeout=30,
+                json=ask("hi") if method == "POST" else None,
+            )
             assert_openai_error(response, 401, "invalid_api_key")
             assert response.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{guarded}/health", timeout=10).status_code == 200
@@ -94,8 +129,9 @@ def test_missing_or_wrong_key_is_401_in_openai_shape(guarded):
 
 def test_keys_from_the_file_and_the_environment_are_accepted(guarded):
     for key in (KEY_A, KEY_B, ENV_KEY):
-        response = httpx.get(f"{guarded}/v1/models", timeout=30,
-                             headers={"Authorization": f"Bearer {key}"})
+        response = httpx.get(
+            f"{guarded}/v1/models", timeout=30, headers={"Authorization": f"Bearer {key}"}
+        )
         assert response.status_code == 200, response.text
 
 
@@ -120,10 +156,16 @@ def test_the_same_user_under_two_keys_never_shares_a_cache(guarded):
     assert cached(post(guarded, body2, KEY_A)) == 0  # anonymous, even under A's own key
     # Alice under key A still finds her whole first turn: no one read or extended it.
     assert cached(post(guarded, body2, KEY_A, "alice")) >= first.json()["usage"]["prompt_tokens"]
-    assert_openai_error(httpx.get(f"{guarded}/admin/replicas", timeout=30, headers={
-        "Authorization": f"Bearer {KEY_A}"}), 403, "admin_key_required")
-    rows = httpx.get(f"{guarded}/admin/replicas", timeout=30,
-                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert_openai_error(
+        httpx.get(
+            f"{guarded}/admin/replicas", timeout=30, headers={"Authorization": f"Bearer {KEY_A}"}
+        ),
+        403,
+        "admin_key_required",
+    )
+    rows = httpx.get(
+        f"{guarded}/admin/replicas", timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ).json()
     resident = {u for r in rows for u in r["resident_users"]}
     alice = namespaced_user(key_id(KEY_A), "alice")
     # Resident users are keyed by the deployment's secret: without it, alice's plain hash
@@ -142,15 +184,21 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(guarded):
             yield b"y" * 1000
         yield b'"}]}'
 
-    response = httpx.post(f"{guarded}/v1/chat/completions", content=chunks(), timeout=30,
-                          headers={"Authorization": f"Bearer {KEY_A}",
-                                   "content-type": "application/json"})
+    response = httpx.post(
+        f"{guarded}/v1/chat/completions",
+        content=chunks(),
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY_A}", "content-type": "application/json"},
+    )
     assert_openai_error(response, 413, "request_too_large")
 
 
 def test_too_many_messages_is_a_400_naming_messages(guarded):
-    body = {"model": MODEL, "max_tokens": 2,
-            "messages": [{"role": "user", "content": "m"} for _ in range(9)]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "m"} for _ in range(9)],
+    }
     error = assert_openai_error(post(guarded, body), 400, "too_many_messages")
     assert error["param"] == "messages"
 

@@ -23,23 +23,29 @@ from deployments.platform import detect_platform
 from deployments.tokenizer import TextTokenizer
 
 TOKENIZER = TextTokenizer.load(resolve_model_dir("builtin:tiny-llama", weights=False))
-PROMPTS = [TOKENIZER.encode_text(text) for text in (
-    "Unified memory lets the GPU and the CPU share one address space.",
-    "A replica keeps each user's cache where it was made.",
-    "The router sends a returning user home.",
-)]
+PROMPTS = [
+    TOKENIZER.encode_text(text)
+    for text in (
+        "Unified memory lets the GPU and the CPU share one address space.",
+        "A replica keeps each user's cache where it was made.",
+        "The router sends a returning user home.",
+    )
+]
 
 
 # ---- item 1: a poison row fails its own request only --------------------------------------
 
+
 @pytest.fixture(scope="module")
 def engine():
-    args = AppArgs.model_validate({
-        "model": {"model_id": "builtin:tiny-llama", "max_model_len": 512},
-        "memory": {"cpu_memory_budget_bytes": "64MiB"},
-        "kv_cache": {"budget_bytes": "8MiB"},
-        "engine": {"cpu_threads": 1},
-    })
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": "builtin:tiny-llama", "max_model_len": 512},
+            "memory": {"cpu_memory_budget_bytes": "64MiB"},
+            "kv_cache": {"budget_bytes": "8MiB"},
+            "engine": {"cpu_threads": 1},
+        }
+    )
     cls = select_engine_class(args)
     assert cls is PagedEngine
     eng = cls(args, setup_memory(args.memory, detect_platform(use_gpu=False)))
@@ -47,8 +53,12 @@ def engine():
     asyncio.run(eng.shutdown())
 
 
-async def run(engine: PagedEngine, ids: list[int], sampling: SamplingParams,
-              started: asyncio.Event | None = None) -> list[int] | BaseException:
+async def run(
+    engine: PagedEngine,
+    ids: list[int],
+    sampling: SamplingParams,
+    started: asyncio.Event | None = None,
+) -> list[int] | BaseException:
     """A request's tokens, or the error its stream ended with."""
     tokens: list[int] = []
     try:
@@ -68,6 +78,7 @@ def greedy(n: int = 32) -> SamplingParams:
 def alone(engine: PagedEngine) -> list[list[int]]:
     async def each():
         return [await run(engine, ids, greedy()) for ids in PROMPTS]
+
     return asyncio.run(each())
 
 
@@ -78,8 +89,9 @@ def test_an_out_of_range_sampling_value_joins_a_batch_without_failing_it(engine)
 
     async def main():
         odd = SamplingParams(32, temperature=1.0, top_k=2**70, seed=3, ignore_eos=True)
-        return await asyncio.gather(*(run(engine, ids, greedy()) for ids in PROMPTS),
-                                    run(engine, PROMPTS[0], odd))
+        return await asyncio.gather(
+            *(run(engine, ids, greedy()) for ids in PROMPTS), run(engine, PROMPTS[0], odd)
+        )
 
     *normal, odd = asyncio.run(main())
     assert normal == reference
@@ -105,8 +117,10 @@ def test_a_row_whose_step_fails_fails_alone_and_the_batch_keeps_its_tokens(engin
 
     async def main():
         started = [asyncio.Event() for _ in PROMPTS]
-        normal = [asyncio.create_task(run(engine, ids, greedy(), ev))
-                  for ids, ev in zip(PROMPTS, started, strict=True)]
+        normal = [
+            asyncio.create_task(run(engine, ids, greedy(), ev))
+            for ids, ev in zip(PROMPTS, started, strict=True)
+        ]
         for ev in started:  # every normal request is decoding: the poison joins their batch
             await ev.wait()
         poison = await run(engine, [*PROMPTS[1][:4], marker, *PROMPTS[1][4:]], greedy())
@@ -124,6 +138,7 @@ def test_a_row_whose_step_fails_fails_alone_and_the_batch_keeps_its_tokens(engin
 
 
 # ---- items 3 and 4: undecodable text is a 400; text too long is refused untokenized ---------
+
 
 def _ingress():
     from tests.cpu.test_ingress_failures import FakeHandle, events, ingress
@@ -143,8 +158,10 @@ def test_a_lone_surrogate_anywhere_in_the_text_is_a_400_not_a_503(field):
     if field == "content":
         chat["messages"][0]["content"] = bad
     elif field == "parts":
-        chat["messages"][0]["content"] = [{"type": "text", "text": "x"},
-                                          {"type": "text", "text": bad}]
+        chat["messages"][0]["content"] = [
+            {"type": "text", "text": "x"},
+            {"type": "text", "text": bad},
+        ]
     elif field == "stop":
         chat["stop"] = ["ok", bad]
     handle, obj = _ingress()
@@ -171,8 +188,10 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing():
 
     handle, obj = _ingress()
     huge = [{"role": "user", "content": "ab " * 1_300_000}]
-    for body in ({"model": "tiny-llama", "prompt": "hello world, " * 300_000},
-                 {"model": "tiny-llama", "messages": huge}):
+    for body in (
+        {"model": "tiny-llama", "prompt": "hello world, " * 300_000},
+        {"model": "tiny-llama", "messages": huge},
+    ):
         started = time.perf_counter()
         with pytest.raises(APIError) as err:
             asyncio.run(obj.completion(body) if "prompt" in body else obj.chat(body))
@@ -188,22 +207,40 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing():
 
 # ---- item 2: stalled bodies, silent replicas and one key's flood hold nobody else up --------
 
+
 class AsgiCall:
     """One request into an ASGI app, its body sent up to `sent` and then (if `stall`) never
     finished: the client that sends headers and part of a body, then nothing."""
 
-    def __init__(self, app, path: str = "/v1/echo", body: bytes = b'{"a": 1}',
-                 stall: bool = False, key: str | None = None) -> None:
+    def __init__(
+        self,
+        app,
+        path: str = "/v1/echo",
+        body: bytes = b'{"a": 1}',
+        stall: bool = False,
+        key: str | None = None,
+    ) -> None:
         headers = [(b"content-type", b"application/json")]
         if key is not None:
             headers.append((b"authorization", f"Bearer {key}".encode()))
-        self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                      "method": "POST" if body else "GET", "path": path, "raw_path":
-                      path.encode(), "root_path": "", "query_string": b"", "headers": headers,
-                      "scheme": "http", "server": ("t", 80), "client": ("c", 1), "app": app}
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST" if body else "GET",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": headers,
+            "scheme": "http",
+            "server": ("t", 80),
+            "client": ("c", 1),
+            "app": app,
+        }
         self.app, self.body, self.stall = app, body, stall
         self.sent: list[dict] = []
-        self._parts = [body[: len(body) // 2], body[len(body) // 2:]] if stall else [body]
+        self._parts = [body[: len(body) // 2], body[len(body) // 2 :]] if stall else [body]
 
     async def receive(self) -> dict:
         if self._parts:
@@ -235,9 +272,14 @@ def gate_app(**settings):
     app.add_middleware(Gate)
     keys = settings.pop("keys", ())
     readers = Readers(settings.pop("readers", None), settings.pop("reader_grace_s", 0.0))
-    app.state.gate = GateSettings(KeyRing(keys), 1 << 20, lambda reason: None,
-                                  settings.pop("body_timeout_s", 30.0), Slots(**settings),
-                                  readers=readers)
+    app.state.gate = GateSettings(
+        KeyRing(keys),
+        1 << 20,
+        lambda reason: None,
+        settings.pop("body_timeout_s", 30.0),
+        Slots(**settings),
+        readers=readers,
+    )
 
     @app.post("/v1/echo")
     async def echo(request: Request) -> dict:
@@ -275,8 +317,9 @@ def test_stalled_bodies_time_out_with_408_and_never_keep_others_out():
 
     newcomer, probe, pushed_at, ends, took = asyncio.run(main())
     assert newcomer == (200, {"size": 8}) and probe == (200, {"status": "ok"})
-    assert all(status == 408 and body["error"]["code"] == "request_timeout"
-               for status, body in ends)
+    assert all(
+        status == 408 and body["error"]["code"] == "request_timeout" for status, body in ends
+    )
     messages = [body["error"]["message"] for _, body in ends]
     assert sum("newer request" in m for m in messages) == 2  # pushed out, not timed out
     assert pushed_at < 0.5 and took < 1.5
@@ -363,11 +406,21 @@ def test_the_ingress_keeps_probe_slots_below_serves_limit():
         parse_app_args({"ingress": {"max_ongoing_requests": 8, "probe_slots": 6}})
     from tests.cpu.test_ingress_failures import FakeHandle, ingress
 
-    obj = ingress(FakeHandle(), max_ongoing_requests=100, probe_slots=8, body_slots=30,
-                  max_requests_per_key=5, body_timeout_s=7)
+    obj = ingress(
+        FakeHandle(),
+        max_ongoing_requests=100,
+        probe_slots=8,
+        body_slots=30,
+        max_requests_per_key=5,
+        body_timeout_s=7,
+    )
     gate = obj.__serve_build_asgi_app__().state.gate
     assert (gate.slots.limit, gate.slots.per_key, gate.readers.limit, gate.body_timeout_s) == (
-        62, 5, 30, 7)
+        62,
+        5,
+        30,
+        7,
+    )
 
 
 def test_a_silent_replica_stream_ends_with_an_error_chunk_long_before_the_deadline():
@@ -408,14 +461,17 @@ def test_no_first_token_within_its_own_timeout_is_a_504():
 
 # ---- item 5: a client that goes away cancels its request, whatever headers it sent ---------
 
+
 class LeavingClient(AsgiCall):
     """Sends its whole body, then disconnects after `leave_s`; asked Serve's proxy not to
     watch for that (`x-request-disconnect-disabled: ?1`, `x-request-timeout-seconds: 0`)."""
 
     def __init__(self, app, path: str, leave_s: float) -> None:
         super().__init__(app, path)
-        self.scope["headers"] += [(b"x-request-disconnect-disabled", b"?1"),
-                                  (b"x-request-timeout-seconds", b"0")]
+        self.scope["headers"] += [
+            (b"x-request-disconnect-disabled", b"?1"),
+            (b"x-request-timeout-seconds", b"0"),
+        ]
         self.leave_s = leave_s
 
     async def receive(self) -> dict:
@@ -451,31 +507,46 @@ def test_a_dropped_request_is_cancelled_streamed_or_not():
         async def body():
             yield "data: first\n\n"
             await work("stream")
+
         return StreamingResponse(body(), media_type="text/event-stream")
 
     async def main():
         calls = [LeavingClient(app, path, 0.2) for path in ("/v1/whole", "/v1/stream")]
-        await asyncio.wait_for(asyncio.gather(*(app(c.scope, c.receive, c.send)
-                                                for c in calls)), 2)
+        await asyncio.wait_for(asyncio.gather(*(app(c.scope, c.receive, c.send) for c in calls)), 2)
 
     asyncio.run(main())
     assert ended == {"whole": "cancelled", "stream": "cancelled"}
 
 
-
 # ---- item 8: strict types, no echo of unbounded input ---------------------------------------
 
-@pytest.mark.parametrize("field, value", [("max_tokens", True), ("max_tokens", 4.0),
-                                          ("max_completion_tokens", True), ("n", True),
-                                          ("seed", 1.5), ("min_tokens", False)])
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_tokens", True),
+        ("max_tokens", 4.0),
+        ("max_completion_tokens", True),
+        ("n", True),
+        ("seed", 1.5),
+        ("min_tokens", False),
+    ],
+)
 def test_a_boolean_or_a_float_is_not_an_integer(field, value):
     """`max_tokens: true` once counted as 1; every integer field now takes integers only."""
     from deployments.ingress import APIError
 
     handle, obj = _ingress()
     with pytest.raises(APIError) as err:
-        asyncio.run(obj.chat({"model": "tiny-llama", "messages": [
-            {"role": "user", "content": "hi"}], field: value}))
+        asyncio.run(
+            obj.chat(
+                {
+                    "model": "tiny-llama",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    field: value,
+                }
+            )
+        )
     assert err.value.status == 400 and err.value.body["error"]["param"] == field
     with pytest.raises(APIError) as err:
         asyncio.run(obj.completion({"model": "tiny-llama", "prompt": [5, True, 7]}))
@@ -493,8 +564,8 @@ def test_an_unknown_model_is_named_in_the_404_only_in_part():
     assert err.value.status == 404 and len(message) < 300 and "1048576 characters" in message
 
 
-
 # ---- item 6: a frozen replica is ranked last; /admin/replicas lists the live ones ------------
+
 
 def frozen_and_fresh(now: float, seed: int):
     """Four replicas' stats: a random one froze 30 s ago while having the most room."""
@@ -507,10 +578,15 @@ def frozen_and_fresh(now: float, seed: int):
     views = []
     for i in range(4):
         free = 10_000 if i == frozen else rng.randrange(1_000, 9_000)
-        stats = {"free_unified_memory_bytes": free, "kv_budget_bytes": 10_000,
-                 "kv_cache_bytes": 0, "kv_bytes_per_token": 1, "capacity_bytes": 10_000,
-                 "resident_users": ["home-user"] if i == frozen else [],
-                 "as_of": now - (30.0 if i == frozen else rng.uniform(0, 1.5))}
+        stats = {
+            "free_unified_memory_bytes": free,
+            "kv_budget_bytes": 10_000,
+            "kv_cache_bytes": 0,
+            "kv_bytes_per_token": 1,
+            "capacity_bytes": 10_000,
+            "resident_users": ["home-user"] if i == frozen else [],
+            "as_of": now - (30.0 if i == frozen else rng.uniform(0, 1.5)),
+        }
         views.append(ReplicaView.from_stats(f"r{i}", stats))
     return views, f"r{frozen}"
 
@@ -527,14 +603,16 @@ def test_a_replica_whose_stats_stopped_ranks_after_every_fresh_one(seed):
     for user in ("alice", "bob", "carol"):
         ranks = decide(user, views, PlacementLedger(), policy, now).ranks
         assert ranks[-1] == [frozen] and len(ranks) == 4
-        fresh_only = decide(user, [v for v in views if v.replica_id != frozen],
-                            PlacementLedger(), policy, now).ranks
+        fresh_only = decide(
+            user, [v for v in views if v.replica_id != frozen], PlacementLedger(), policy, now
+        ).ranks
         assert ranks[:-1] == fresh_only  # the others keep their order
     home = decide("home-user", views, PlacementLedger(), policy, now)
     assert home.ranks[-1] == [frozen] and len(home.ranks) == 4  # its user is served elsewhere
     anonymous = decide(None, views, PlacementLedger(), policy, now).ranks
     assert anonymous[-1] == [frozen] and sorted(anonymous[0]) == sorted(
-        v.replica_id for v in views if v.replica_id != frozen)
+        v.replica_id for v in views if v.replica_id != frozen
+    )
     # Without a staleness limit (the old behaviour) the frozen one would lead.
     assert decide("alice", views, PlacementLedger(), PlacementPolicy(), now).ranks[0] == [frozen]
 
@@ -547,8 +625,6 @@ def test_the_router_gets_its_staleness_limit_from_the_config():
     assert kwargs.request_router_kwargs["stale_stats_s"] == 10.0
     kwargs = router_config(parse_app_args({"router": {"stale_stats_s": 3}}).router)
     assert kwargs.request_router_kwargs["stale_stats_s"] == 3.0
-
-
 
 
 def through_proxy_middleware(messages: list[dict], headers: list | None = None):
@@ -578,8 +654,9 @@ def through_proxy_middleware(messages: list[dict], headers: list | None = None):
     return sent, seen["headers"]
 
 
-@pytest.mark.parametrize("status, code", [(408, "timeout"), (429, "queue_full"),
-                                          (503, "service_unavailable")])
+@pytest.mark.parametrize(
+    "status, code", [(408, "timeout"), (429, "queue_full"), (503, "service_unavailable")]
+)
 def test_the_proxys_own_errors_are_openai_shaped_and_name_no_figures(status, code):
     """Serve's proxy answered its 429 (with its queue figures) and 408 as plain text."""
     import json
@@ -589,10 +666,12 @@ def test_the_proxys_own_errors_are_openai_shaped_and_name_no_figures(status, cod
         retry_after_headers,
     )
 
-    text = ("Request dropped due to backpressure (num_queued_requests=5, "
-            "max_queued_requests=5).")
-    sent, _ = through_proxy_middleware(convert_object_to_asgi_messages(
-        text, status_code=status, extra_headers=retry_after_headers(2)))
+    text = "Request dropped due to backpressure (num_queued_requests=5, max_queued_requests=5)."
+    sent, _ = through_proxy_middleware(
+        convert_object_to_asgi_messages(
+            text, status_code=status, extra_headers=retry_after_headers(2)
+        )
+    )
     start, body = sent
     assert start["status"] == status
     headers = dict(start["headers"])
@@ -600,8 +679,7 @@ def test_the_proxys_own_errors_are_openai_shaped_and_name_no_figures(status, cod
     assert headers[b"x-proxy-error"] == b"1"  # the ingress never saw this request
     error = json.loads(body["body"])["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
-    assert "queued" not in error["message"] and int(headers[b"content-length"]) == len(
-        body["body"])
+    assert "queued" not in error["message"] and int(headers[b"content-length"]) == len(body["body"])
 
 
 def test_the_proxy_passes_the_ingress_answers_and_drops_serves_control_headers():
@@ -610,18 +688,30 @@ def test_the_proxy_passes_the_ingress_answers_and_drops_serves_control_headers()
     from deployments.proxy_middleware import middlewares
 
     assert validate_http_proxy_callback_return(middlewares())  # what Serve checks at start
-    ours = [{"type": "http.response.start", "status": 429,
-             "headers": [(b"content-type", b"application/json")]},
-            {"type": "http.response.body", "body": b'{"error": {}}', "more_body": True},
-            {"type": "http.response.body", "body": b"", "more_body": False}]
-    sent, seen = through_proxy_middleware(ours, [
-        (b"x-request-disconnect-disabled", b"?1"), (b"X-Request-Timeout-Seconds", b"0"),
-        (b"x-user-id", b"alice"), (b"x-request-id", b"abc")])
+    ours = [
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [(b"content-type", b"application/json")],
+        },
+        {"type": "http.response.body", "body": b'{"error": {}}', "more_body": True},
+        {"type": "http.response.body", "body": b"", "more_body": False},
+    ]
+    sent, seen = through_proxy_middleware(
+        ours,
+        [
+            (b"x-request-disconnect-disabled", b"?1"),
+            (b"X-Request-Timeout-Seconds", b"0"),
+            (b"x-user-id", b"alice"),
+            (b"x-request-id", b"abc"),
+        ],
+    )
     assert sent == ours
     assert seen == [(b"x-user-id", b"alice"), (b"x-request-id", b"abc")]
 
 
 # ---- item 7: admin routes need an admin key; user hashes are keyed -------------------------
+
 
 def test_with_auth_on_only_an_admin_key_reads_admin_routes():
     """Any key once read /admin/replicas: every key's users, pids and node ids."""
@@ -675,8 +765,7 @@ def test_user_hashes_are_keyed_by_the_deployments_secret(monkeypatch):
     )
 
     secret = b"deployment-secret"
-    assert user_key("alice", secret) == hmac.new(
-        secret, b"alice", hashlib.sha256).hexdigest()[:16]
+    assert user_key("alice", secret) == hmac.new(secret, b"alice", hashlib.sha256).hexdigest()[:16]
     assert user_key("alice", secret) != user_key("alice") != user_key("alice", b"other")
     assert user_key("alice") == hashlib.sha256(b"alice").hexdigest()[:16]  # no secret: as before
     monkeypatch.setenv("GS_HOSTILE_SECRET", secret.decode())
@@ -684,9 +773,15 @@ def test_user_hashes_are_keyed_by_the_deployments_secret(monkeypatch):
     obj = LocalIngress.__new__(LocalIngress)
 
     async def construct() -> None:
-        await obj.__init__(handle, {"ingress": {"request_timeout_s": 5},
-                                    "auth": {"user_key_secret_env": "GS_HOSTILE_SECRET"}})
+        await obj.__init__(
+            handle,
+            {
+                "ingress": {"request_timeout_s": 5},
+                "auth": {"user_key_secret_env": "GS_HOSTILE_SECRET"},
+            },
+        )
         obj._announcer.cancel()  # the start-up line needs Serve's controller
+
     asyncio.run(construct())
     obj._readiness = Readiness(controller(1), retry_after_s=3)
     asyncio.run(obj.chat(REQUEST, user="alice"))
@@ -694,6 +789,7 @@ def test_user_hashes_are_keyed_by_the_deployments_secret(monkeypatch):
 
 
 # ---- on real Serve: the proxy's path, end to end ---------------------------------------------
+
 
 def running(url: str) -> int:
     import httpx
@@ -709,8 +805,13 @@ def test_on_serve_a_dropped_plain_request_stops_generating_despite_serve_headers
 
     import httpx
 
-    body = {"model": "tiny-llama", "prompt": "Unified memory", "max_tokens": 480,
-            "ignore_eos": True, "temperature": 0}
+    body = {
+        "model": "tiny-llama",
+        "prompt": "Unified memory",
+        "max_tokens": 480,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     headers = {"x-request-disconnect-disabled": "?1", "x-request-timeout-seconds": "0"}
     whole = time.monotonic()
     reply = httpx.post(f"{llm_url}/v1/completions", json=body, timeout=60).json()
@@ -728,9 +829,13 @@ def test_on_serve_a_dropped_plain_request_stops_generating_despite_serve_headers
 def test_on_serve_a_lone_surrogate_is_a_400(llm_url):
     import httpx
 
-    chat = ('{"model": "tiny-llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}')
-    reply = httpx.post(f"{llm_url}/v1/chat/completions", content=chat,
-                       headers={"content-type": "application/json"}, timeout=30)
+    chat = '{"model": "tiny-llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    reply = httpx.post(
+        f"{llm_url}/v1/chat/completions",
+        content=chat,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert reply.status_code == 400 and "surrogate" in reply.json()["error"]["message"]
 
 
@@ -753,21 +858,29 @@ def test_on_serve_a_frozen_replica_is_listed_as_unresponsive_and_skipped(llm_url
         assert reply.status_code == 200 and time.monotonic() - started < 8
         assert reply.headers["X-Replicas-Unresponsive"] == "1"
         assert sorted(r["replica_id"] for r in reply.json()) == sorted(
-            r["replica_id"] for r in rows[1:])
+            r["replica_id"] for r in rows[1:]
+        )
         time.sleep(max(0.0, 5.5 - (time.monotonic() - started)))  # its stats are stale now
         served = []
         for i in range(6):
-            chat = httpx.post(f"{llm_url}/v1/chat/completions", timeout=10,
-                              headers={"X-User-Id": f"frozen-test-user-{i}"},
-                              json={"model": "tiny-llama", "max_tokens": 4,
-                                    "messages": [{"role": "user", "content": "hi"}]})
+            chat = httpx.post(
+                f"{llm_url}/v1/chat/completions",
+                timeout=10,
+                headers={"X-User-Id": f"frozen-test-user-{i}"},
+                json={
+                    "model": "tiny-llama",
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
             assert chat.status_code == 200
             served.append(chat.headers["X-Replica-Id"])
         assert frozen["replica_id"] not in served
     finally:
         os.kill(frozen["pid"], signal.SIGCONT)
-    assert httpx.get(f"{llm_url}/admin/replicas", timeout=30).headers[
-        "X-Replicas-Unresponsive"] == "0"
+    assert (
+        httpx.get(f"{llm_url}/admin/replicas", timeout=30).headers["X-Replicas-Unresponsive"] == "0"
+    )
 
 
 def test_on_serve_a_client_cannot_set_the_proxys_timeout(llm_url):
@@ -776,8 +889,12 @@ def test_on_serve_a_client_cannot_set_the_proxys_timeout(llm_url):
     import httpx
 
     body = {"model": "tiny-llama", "prompt": "Unified memory", "max_tokens": 8}
-    reply = httpx.post(f"{llm_url}/v1/completions", json=body, timeout=30,
-                       headers={"x-request-timeout-seconds": "0.001"})
+    reply = httpx.post(
+        f"{llm_url}/v1/completions",
+        json=body,
+        timeout=30,
+        headers={"x-request-timeout-seconds": "0.001"},
+    )
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 8
 
@@ -786,10 +903,12 @@ def test_the_proxy_reads_a_body_whole_before_the_request_goes_on():
     """Chunks arrive as one body; what the client sends after it (a disconnect) still comes."""
     from deployments.proxy_middleware import buffered
 
-    incoming = [{"type": "http.request", "body": b"ab", "more_body": True},
-                {"type": "http.request", "body": b"cd", "more_body": True},
-                {"type": "http.request", "body": b"e", "more_body": False},
-                {"type": "http.disconnect"}]
+    incoming = [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": True},
+        {"type": "http.request", "body": b"e", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
 
     async def receive():
         return incoming.pop(0)
@@ -798,15 +917,18 @@ def test_the_proxy_reads_a_body_whole_before_the_request_goes_on():
         again = await buffered(receive, 1.0, 1 << 20)
         return [await again(), await again()]
 
-    assert asyncio.run(main()) == [{"type": "http.request", "body": b"abcde", "more_body": False},
-                                   {"type": "http.disconnect"}]
+    assert asyncio.run(main()) == [
+        {"type": "http.request", "body": b"abcde", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
 
 
 def test_a_body_past_the_buffer_limit_streams_on_in_order():
     from deployments.proxy_middleware import buffered
 
-    chunks = [{"type": "http.request", "body": bytes([i]) * 10, "more_body": i < 4}
-              for i in range(5)]
+    chunks = [
+        {"type": "http.request", "body": bytes([i]) * 10, "more_body": i < 4} for i in range(5)
+    ]
     incoming = list(chunks)
 
     async def receive():

@@ -23,14 +23,23 @@ REQUEST = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max
 
 
 def events(n_tokens: int = 3, delay_s: float = 0.0) -> list[Any]:
-    out: list[Any] = [{"event": "start", "replica_id": "r1", "prompt_tokens": 5,
-                       "cached_tokens": 0}]
+    out: list[Any] = [
+        {"event": "start", "replica_id": "r1", "prompt_tokens": 5, "cached_tokens": 0}
+    ]
     out += [("sleep", delay_s)] if delay_s else []
     out += [{"event": "delta", "token_ids": [70]} for _ in range(n_tokens)]
-    out.append({"event": "end", "finish_reason": "length",
-                "usage": {"prompt_tokens": 5, "completion_tokens": n_tokens,
-                          "total_tokens": 5 + n_tokens,
-                          "prompt_tokens_details": {"cached_tokens": 0}}})
+    out.append(
+        {
+            "event": "end",
+            "finish_reason": "length",
+            "usage": {
+                "prompt_tokens": 5,
+                "completion_tokens": n_tokens,
+                "total_tokens": 5 + n_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
+        }
+    )
     return out
 
 
@@ -94,8 +103,10 @@ class LocalIngress(OpenAIIngress):
 
 def controller(running: int, starting: int = 0) -> Any:
     """Stands in for the Serve controller's view of LLMReplica (readiness.deployment_counts)."""
+
     async def counts() -> ReplicaCounts:
         return ReplicaCounts(running, starting, "HEALTHY" if running else "UPDATING", "")
+
     return counts
 
 
@@ -106,6 +117,7 @@ def ingress(handle: FakeHandle, running: int = 1, **ingress_args: Any) -> OpenAI
     async def construct() -> None:
         await obj.__init__(handle, args)
         obj._announcer.cancel()  # the start-up line needs Serve's controller
+
     asyncio.run(construct())
     obj._readiness = Readiness(controller(running, starting=1), retry_after_s=3)
     return obj

@@ -20,6 +20,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
+
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -32,10 +33,19 @@ torch_index = load_script("torch_index")
 # Every runtime dependency (and the gpu extras') and the module our code imports it as; None
 # where our code does not import it but a library we call needs it.
 IMPORTED_AS = {
-    "ray": "ray", "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers",
-    "huggingface-hub": "huggingface_hub", "jinja2": "jinja2",
-    "safetensors": "safetensors", "pydantic": "pydantic", "pyyaml": "yaml",
-    "fastapi": "fastapi", "rmm-cu13": "rmm", "rmm-cu12": "rmm", "llguidance": "llguidance",
+    "ray": "ray",
+    "torch": "torch",
+    "transformers": "transformers",
+    "tokenizers": "tokenizers",
+    "huggingface-hub": "huggingface_hub",
+    "jinja2": "jinja2",
+    "safetensors": "safetensors",
+    "pydantic": "pydantic",
+    "pyyaml": "yaml",
+    "fastapi": "fastapi",
+    "rmm-cu13": "rmm",
+    "rmm-cu12": "rmm",
+    "llguidance": "llguidance",
     "accelerate": None,  # transformers' from_pretrained(device_map=...) needs it
 }
 
@@ -97,8 +107,11 @@ def test_a_reachable_cpu_index_is_used(index_url):
     assert torch_index.pip_options(index_url, 3) == ["--index-url", index_url]
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/whl/cpu", "https://no-such-host.invalid/whl"],
-                         ids=["closed-port", "unknown-host"])
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9/whl/cpu", "https://no-such-host.invalid/whl"],
+    ids=["closed-port", "unknown-host"],
+)
 def test_an_unreachable_index_falls_back_quickly(url):
     started = time.monotonic()
     assert torch_index.pip_options(url, 3) == []
@@ -107,8 +120,12 @@ def test_an_unreachable_index_falls_back_quickly(url):
 
 def test_the_script_prints_pip_options_and_says_why_on_fallback(index_url):
     def run(url: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / "torch_index.py"), url],
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "torch_index.py"), url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     used = run(index_url)
     assert used.returncode == 0 and used.stdout.split() == ["--index-url", index_url]

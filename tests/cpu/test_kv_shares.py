@@ -33,6 +33,7 @@ def keep(cache: CacheManager, key: str, tenant: str, tokens: int) -> None:
 
 # ---- the rule ------------------------------------------------------------------------------
 
+
 def test_a_key_within_its_share_is_kept_and_one_beyond_it_is_not():
     shares = KVShares(0.25)
     assert shares.guaranteed(100) == 25
@@ -61,6 +62,7 @@ def test_shares_need_api_keys():
 
 
 # ---- the paged engine's cache manager --------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_a_flood_of_new_users_of_one_key_never_drops_a_key_within_its_share(seed):
@@ -102,8 +104,9 @@ def test_a_key_beyond_its_share_loses_its_least_recently_used_users_first():
 
 
 def test_the_host_tier_drops_only_what_the_shares_allow():
-    cache = CacheManager(num_pages=9, page_size=16, reserved=1, host_pages=8,
-                         shares=KVShares(0.25))  # 16 pages in all: 4 each
+    cache = CacheManager(
+        num_pages=9, page_size=16, reserved=1, host_pages=8, shares=KVShares(0.25)
+    )  # 16 pages in all: 4 each
     keep(cache, "alice", A, 4 * 16)
     cache.complete(cache.start_offload(B))  # alice moves down: kept, not dropped
     keep(cache, "carol", C, 4 * 16)
@@ -128,6 +131,7 @@ def test_a_request_alone_with_no_room_overrides_the_shares_instead_of_waiting_fo
 
 # ---- the generic engine's store --------------------------------------------------------------
 
+
 def test_the_generic_engines_store_keeps_a_key_within_its_share():
     store = UserCacheStore(1000, 10, shares=KVShares(0.3))
     entry = store.acquire("alice", A)
@@ -144,23 +148,32 @@ def test_the_generic_engines_store_keeps_a_key_within_its_share():
 
 # ---- the whole engine: a returning user of one key after another key's flood ---------------
 
+
 def paged_engine(key_share: float | None):
-    args = AppArgs.model_validate({
-        "model": {"model_id": "builtin:tiny-llama", "max_model_len": 512},
-        "memory": {"cpu_memory_budget_bytes": "64MiB"},
-        "kv_cache": {"budget_bytes": "1MiB", "key_share": key_share},  # 32 pages of 16
-        "engine": {"cpu_threads": 1},
-        "auth": {"api_keys_env": "UNUSED_HERE"},
-    })
-    return select_engine_class(args)(args, setup_memory(args.memory,
-                                                        detect_platform(use_gpu=False)))
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": "builtin:tiny-llama", "max_model_len": 512},
+            "memory": {"cpu_memory_budget_bytes": "64MiB"},
+            "kv_cache": {"budget_bytes": "1MiB", "key_share": key_share},  # 32 pages of 16
+            "engine": {"cpu_threads": 1},
+            "auth": {"api_keys_env": "UNUSED_HERE"},
+        }
+    )
+    return select_engine_class(args)(
+        args, setup_memory(args.memory, detect_platform(use_gpu=False))
+    )
 
 
 async def turn(engine, user: str, tenant: str, prompt: list[int]) -> tuple[list[int], int]:
     tokens: list[int] = []
     cached = 0
-    request = GenerationRequest(f"{user}-{len(prompt)}", user, prompt,
-                                SamplingParams(16, temperature=0.0, ignore_eos=True), tenant)
+    request = GenerationRequest(
+        f"{user}-{len(prompt)}",
+        user,
+        prompt,
+        SamplingParams(16, temperature=0.0, ignore_eos=True),
+        tenant,
+    )
     async for out in engine.generate(request):
         tokens += out.token_ids
         cached = out.cached_tokens
@@ -207,9 +220,11 @@ def test_the_ingress_sends_the_callers_key_with_each_request(monkeypatch):
     obj = LocalIngress.__new__(LocalIngress)
 
     async def construct() -> None:
-        await obj.__init__(handle, {"auth": {"api_keys_env": "GS_SHARE_KEYS"},
-                                    "kv_cache": {"key_share": 0.5}})
+        await obj.__init__(
+            handle, {"auth": {"api_keys_env": "GS_SHARE_KEYS"}, "kv_cache": {"key_share": 0.5}}
+        )
         obj._announcer.cancel()  # the start-up line needs Serve's controller
+
     asyncio.run(construct())
     obj._readiness = Readiness(controller(1), retry_after_s=3)
     asyncio.run(obj.chat(REQUEST, user="alice"))

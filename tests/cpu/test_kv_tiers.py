@@ -143,12 +143,16 @@ def test_steps_wait_for_moves_in_flight_instead_of_preempting():
 
 
 def engine(device_pages: int, host_pages: int) -> PagedEngine:
-    args = AppArgs.model_validate({
-        "memory": {"cpu_memory_budget_bytes": "64MiB"},
-        "kv_cache": {"budget_bytes": device_pages * PAGE_BYTES,
-                     "host_tier_bytes": host_pages * PAGE_BYTES},
-        "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine"},
-    })
+    args = AppArgs.model_validate(
+        {
+            "memory": {"cpu_memory_budget_bytes": "64MiB"},
+            "kv_cache": {
+                "budget_bytes": device_pages * PAGE_BYTES,
+                "host_tier_bytes": host_pages * PAGE_BYTES,
+            },
+            "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine"},
+        }
+    )
     return PagedEngine(args, setup_memory(args.memory, detect_platform(use_gpu=False)))
 
 
@@ -205,11 +209,13 @@ def test_a_returning_user_from_the_host_tier_gets_its_cache_and_the_same_tokens(
 
 
 def test_free_unified_memory_counts_the_host_tier():
-    args = AppArgs.model_validate({
-        "memory": {"cpu_memory_budget_bytes": "64MiB"},
-        "kv_cache": {"budget_bytes": 40 * PAGE_BYTES, "host_tier_bytes": 120 * PAGE_BYTES},
-        "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine"},
-    })
+    args = AppArgs.model_validate(
+        {
+            "memory": {"cpu_memory_budget_bytes": "64MiB"},
+            "kv_cache": {"budget_bytes": 40 * PAGE_BYTES, "host_tier_bytes": 120 * PAGE_BYTES},
+            "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine"},
+        }
+    )
     memory = setup_memory(args.memory, detect_platform(use_gpu=False))
     before = memory.snapshot()
     eng = PagedEngine(args, memory)
@@ -220,7 +226,7 @@ def test_free_unified_memory_counts_the_host_tier():
         asyncio.run(turn(eng, f"f{i}", prompt))
     assert eng.cache.host_used_pages() > 0
     after = replica_memory(memory.reading(), eng.stats()).snapshot
-    held = (eng.cache.usable_pages - eng.cache.free_pages + eng.cache.host_used_pages())
+    held = eng.cache.usable_pages - eng.cache.free_pages + eng.cache.host_used_pages()
     assert snap.free_unified_memory_bytes - after.free_unified_memory_bytes == held * PAGE_BYTES
 
     # Shut down, the engine stops counting and nothing keeps it (and its memory) alive.

@@ -21,9 +21,13 @@ from deployments.platform import PlatformInfo
 
 def platform(kind, hbm_gib=80, host_gib=480, available_gib=400):
     return PlatformInfo(
-        kind=kind, device_name="test GPU", device_total_bytes=hbm_gib * GiB,
-        host_total_bytes=host_gib * GiB, host_available_bytes=available_gib * GiB,
-        pageable_memory_access=kind == "grace", uses_host_page_tables=kind == "grace",
+        kind=kind,
+        device_name="test GPU",
+        device_total_bytes=hbm_gib * GiB,
+        host_total_bytes=host_gib * GiB,
+        host_available_bytes=available_gib * GiB,
+        pageable_memory_access=kind == "grace",
+        uses_host_page_tables=kind == "grace",
         concurrent_managed_access=True,
     )
 
@@ -123,8 +127,9 @@ class TestFreeUnifiedMemory:
 
 def test_cpu_setup_needs_no_gpu_libraries():
     cpu = platform("cpu", hbm_gib=0)
-    cpu = PlatformInfo("cpu", None, 0, cpu.host_total_bytes, cpu.host_available_bytes,
-                       False, False, False)
+    cpu = PlatformInfo(
+        "cpu", None, 0, cpu.host_total_bytes, cpu.host_available_bytes, False, False, False
+    )
     assert resolve_mode(MemoryConfig(), cpu) == "off"
     acc = setup_memory(MemoryConfig(cpu_memory_budget_bytes=GiB), cpu)
     assert acc.device == "cpu" and acc.snapshot().capacity_bytes == GiB

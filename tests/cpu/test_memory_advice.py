@@ -82,7 +82,7 @@ def test_an_isolated_tensor_starts_a_block_and_its_storage_owns_its_blocks():
 
 def test_a_packed_tensor_is_advised_exactly_not_beyond_its_storage():
     raw = torch.empty(3 * ADVICE_PAGE, dtype=torch.uint8)
-    inner = raw[100:100 + ADVICE_PAGE].clone()  # its own storage, not block aligned
+    inner = raw[100 : 100 + ADVICE_PAGE].clone()  # its own storage, not block aligned
     ptr, size, isolated = advised_span(inner)
     assert not isolated and (ptr, size) == (inner.data_ptr(), ADVICE_PAGE)
 
@@ -125,13 +125,28 @@ def test_the_check_names_the_first_phase_a_range_went_wrong_and_maps_it(driver):
     wrong = check.check("later")
     assert [w["name"] for w in wrong] == ["layer 1"]
     assert wrong[0]["runs"] == [
-        {"offset": 0, "bytes": ADVICE_PAGE // 2, "preferred": CU_DEVICE_CPU,
-         "prefetched": CU_DEVICE_CPU, "block_offset": 0},
-        {"offset": ADVICE_PAGE // 2, "bytes": ADVICE_PAGE // 2, "preferred": CU_DEVICE_INVALID,
-         "prefetched": 0, "block_offset": ADVICE_PAGE // 2}]
+        {
+            "offset": 0,
+            "bytes": ADVICE_PAGE // 2,
+            "preferred": CU_DEVICE_CPU,
+            "prefetched": CU_DEVICE_CPU,
+            "block_offset": 0,
+        },
+        {
+            "offset": ADVICE_PAGE // 2,
+            "bytes": ADVICE_PAGE // 2,
+            "preferred": CU_DEVICE_INVALID,
+            "prefetched": 0,
+            "block_offset": ADVICE_PAGE // 2,
+        },
+    ]
     check.check("even later")
     report = check.report()
     assert report["first_loss"] == {"layer 1": "later"}
-    assert [h["phase"] for h in report["history"]] == ["advised", "prefetched", "later",
-                                                       "even later"]
+    assert [h["phase"] for h in report["history"]] == [
+        "advised",
+        "prefetched",
+        "later",
+        "even later",
+    ]
     assert all(r["isolated"] and r["block_offset"] == 0 for r in report["ranges"])

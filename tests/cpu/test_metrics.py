@@ -16,13 +16,13 @@ EXPECTED = [
     "ray_grace_serve_prompt_tokens_total",
     "ray_grace_serve_completion_tokens_total",
     "ray_grace_serve_cached_prompt_tokens_total",
-    'ray_grace_serve_kv_cache_bytes{',
+    "ray_grace_serve_kv_cache_bytes{",
     "ray_grace_serve_free_unified_memory_bytes",
     "ray_grace_serve_resident_users",
     "ray_grace_serve_running_requests",
     "ray_grace_serve_evicted_users_so_far",
     "ray_grace_serve_preempted_requests_so_far",
-    'ray_grace_serve_rejected_requests_total{',
+    "ray_grace_serve_rejected_requests_total{",
 ]
 
 
@@ -42,17 +42,25 @@ def test_metrics_appear_on_the_metrics_endpoint_under_load(llm_url):
         messages = [{"role": "user", "content": f"metrics user {i}"}]
         for _ in range(2):  # the second turn hits the cache
             body = {"model": MODEL, "messages": messages, "max_tokens": 6, "stream": i % 2 == 0}
-            response = httpx.post(f"{llm_url}/v1/chat/completions", json=body, timeout=60,
-                                  headers={"X-User-Id": f"metrics-{i}"})
+            response = httpx.post(
+                f"{llm_url}/v1/chat/completions",
+                json=body,
+                timeout=60,
+                headers={"X-User-Id": f"metrics-{i}"},
+            )
             assert response.status_code == 200
-            messages = [*messages, {"role": "assistant", "content": "ok"},
-                        {"role": "user", "content": "more"}]
+            messages = [
+                *messages,
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "more"},
+            ]
 
     threads = [threading.Thread(target=user_turns, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    httpx.post(f"{llm_url}/v1/chat/completions", json={"model": "nope", "messages": []},
-               timeout=30)  # a rejection
+    httpx.post(
+        f"{llm_url}/v1/chat/completions", json={"model": "nope", "messages": []}, timeout=30
+    )  # a rejection
     for t in threads:
         t.join(60)
 
@@ -65,8 +73,11 @@ def test_metrics_appear_on_the_metrics_endpoint_under_load(llm_url):
     assert not missing, missing
     assert 'reason="invalid_request_error"' in text
     assert 'tier="device"' in text  # the paged engine's pool (host memory on a CPU replica)
-    cached = [line for line in text.splitlines()
-              if line.startswith("ray_grace_serve_cached_prompt_tokens_total")]
+    cached = [
+        line
+        for line in text.splitlines()
+        if line.startswith("ray_grace_serve_cached_prompt_tokens_total")
+    ]
     assert any(float(line.rsplit(" ", 1)[1]) > 0 for line in cached), cached
 
 
@@ -98,8 +109,10 @@ def test_the_grafana_dashboard_only_queries_metrics_we_export():
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     names = {name for e in exprs for name in re.findall(r"ray_grace_serve_[a-z_]+", e)}
     # Prometheus adds _bucket to histograms and _total to counters (a gauge may end in _total).
-    used = {name if name in exported else re.sub(r"_(bucket|total)$", "", name)
-            for name in names}
+    used = {name if name in exported else re.sub(r"_(bucket|total)$", "", name) for name in names}
     assert used and used <= exported, used - exported
-    assert {"ray_grace_serve_time_to_first_token_seconds", "ray_grace_serve_kv_cache_bytes",
-            "ray_grace_serve_rejected_requests"} <= used
+    assert {
+        "ray_grace_serve_time_to_first_token_seconds",
+        "ray_grace_serve_kv_cache_bytes",
+        "ray_grace_serve_rejected_requests",
+    } <= used

@@ -19,10 +19,18 @@ def test_a_unified_memory_record_head_is_read_and_other_kinds_skipped():
 
 
 def test_bytes_moved_count_only_records_inside_the_ranges():
-    records = [Record(HTOD, 4096, 1, 0x1000), Record(DTOH, 8192, 2, 0x1800),
-               Record(HTOD, 1 << 20, 3, 0x9000), Record(GPU_PAGE_FAULT, 2, 4, 0x1000)]
+    records = [
+        Record(HTOD, 4096, 1, 0x1000),
+        Record(DTOH, 8192, 2, 0x1800),
+        Record(HTOD, 1 << 20, 3, 0x9000),
+        Record(GPU_PAGE_FAULT, 2, 4, 0x1000),
+    ]
     assert moved(records, [(0x1000, 0x1000)]) == {
-        "htod_bytes": 4096, "dtoh_bytes": 8192, "gpu_fault_groups": 2, "cpu_faults": 0}
+        "htod_bytes": 4096,
+        "dtoh_bytes": 8192,
+        "gpu_fault_groups": 2,
+        "cpu_faults": 0,
+    }
 
 
 def test_the_steady_window_spans_the_decode_steps_of_a_batch(checkpoint, monkeypatch):  # noqa: F811
@@ -49,11 +57,15 @@ def test_the_steady_window_spans_the_decode_steps_of_a_batch(checkpoint, monkeyp
 
 
 def test_without_cupti_the_headline_takes_the_page_table_and_says_so():
-    row = {"device_advised_bytes_moved_per_step": None,
-           "pagemap": {"device_advised": {"bytes_moved_per_step": 0.0, "resident_bytes_max": 0},
-                       "host_advised": {"bytes_moved_per_step": 40.96}},
-           "advice_wrong_after_window": [],
-           "control": {"counters": None, "pagemap": {"sees_migrations": True}}}
+    row = {
+        "device_advised_bytes_moved_per_step": None,
+        "pagemap": {
+            "device_advised": {"bytes_moved_per_step": 0.0, "resident_bytes_max": 0},
+            "host_advised": {"bytes_moved_per_step": 40.96},
+        },
+        "advice_wrong_after_window": [],
+        "control": {"counters": None, "pagemap": {"sees_migrations": True}},
+    }
     top = migration_bench.headline(row, None)
     assert top["bytes_moved_source"] == "pagemap"
     assert top["steady_device_advised_bytes_moved_per_step"] == 0.0
@@ -67,6 +79,10 @@ def test_without_cupti_the_headline_takes_the_page_table_and_says_so():
 
 
 def test_without_a_gpu_the_benchmark_says_so_and_writes_nothing():
-    out = subprocess.run([sys.executable, "-m", "benchmarks.migration_bench"], text=True,
-                         capture_output=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.migration_bench"],
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "skipped" in out.stdout

@@ -45,8 +45,10 @@ def write_shards(source: Path, target: Path, count: int) -> None:
     """`source`'s model.safetensors as `count` shards and an index, as hub repos hold them."""
     tensors = load_file(source / "model.safetensors")
     names = sorted(tensors)
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
-                                            for t in tensors.values())}, "weight_map": {}}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": {},
+    }
     for k in range(count):
         file = f"model-{k + 1:05d}-of-{count:05d}.safetensors"
         part = {n: tensors[n].contiguous() for n in names[k::count]}
@@ -63,8 +65,9 @@ def hub_home(tmp_path_factory) -> Path:
     repo = home / "hub" / "models--grace-test--tiny-llama"
     for commit, sharded in ((MAIN, False), (SHARDED, True), (BROKEN, True)):
         snapshot = repo / "snapshots" / commit
-        shutil.copytree(local, snapshot, ignore=shutil.ignore_patterns(
-            "model.safetensors") if sharded else None)
+        shutil.copytree(
+            local, snapshot, ignore=shutil.ignore_patterns("model.safetensors") if sharded else None
+        )
         if sharded:
             write_shards(local, snapshot, 3)
     (repo / "snapshots" / BROKEN / "model-00002-of-00003.safetensors").unlink()
@@ -120,12 +123,15 @@ def test_a_missing_local_directory_is_named(offline, tmp_path):
     assert resolve_model_dir(str(offline / MAIN)) == str(offline / MAIN)
 
 
-@pytest.mark.parametrize(("error", "reason", "says"), [
-    ("GatedRepoError", "gated", "gated.*accept its terms.*HF_TOKEN"),
-    ("RepositoryNotFoundError", "missing", "not on the Hugging Face hub.*HF_TOKEN"),
-    ("RevisionNotFoundError", "revision", "no revision 'v2'"),
-    ("HfHubHTTPError", "unauthorized", "refused access.*HTTP 401"),
-])
+@pytest.mark.parametrize(
+    ("error", "reason", "says"),
+    [
+        ("GatedRepoError", "gated", "gated.*accept its terms.*HF_TOKEN"),
+        ("RepositoryNotFoundError", "missing", "not on the Hugging Face hub.*HF_TOKEN"),
+        ("RevisionNotFoundError", "revision", "no revision 'v2'"),
+        ("HfHubHTTPError", "unauthorized", "refused access.*HTTP 401"),
+    ],
+)
 def test_hub_refusals_become_clear_errors(monkeypatch, error, reason, says):
     import huggingface_hub
     from huggingface_hub import errors
@@ -144,10 +150,14 @@ def test_hub_refusals_become_clear_errors(monkeypatch, error, reason, says):
 
 
 def engine_args(model_id: str, revision: str | None = None, **engine) -> AppArgs:
-    return AppArgs.model_validate({
-        "model": {"model_id": model_id, "revision": revision, "dtype": "float32"},
-        "memory": {"cpu_memory_budget_bytes": "256MiB"}, "kv_cache": {"budget_bytes": 2**20},
-        "engine": {"page_size": 4, "max_batched_tokens": 64, "cpu_threads": 1, **engine}})
+    return AppArgs.model_validate(
+        {
+            "model": {"model_id": model_id, "revision": revision, "dtype": "float32"},
+            "memory": {"cpu_memory_budget_bytes": "256MiB"},
+            "kv_cache": {"budget_bytes": 2**20},
+            "engine": {"page_size": 4, "max_batched_tokens": 64, "cpu_threads": 1, **engine},
+        }
+    )
 
 
 def greedy(engine, prompt: list[int]) -> list[int]:
@@ -178,9 +188,11 @@ def test_the_paged_engine_loads_by_hub_id_and_shards_with_progress(offline, capl
     assert progress[-1]["layers"] == "4" and progress[-1]["done"] == progress[-1]["total"]
 
 
-SHARD_LINE = re.compile(r"loaded shard (?P<shard>\d)/3 \(model-0000\d-of-00003\.safetensors\): "
-                        r"(?P<done>[\d.]+ MB) of (?P<total>[\d.]+ MB), (?P<layers>\d) of 4 "
-                        r"layers, [\d.]+ s")
+SHARD_LINE = re.compile(
+    r"loaded shard (?P<shard>\d)/3 \(model-0000\d-of-00003\.safetensors\): "
+    r"(?P<done>[\d.]+ MB) of (?P<total>[\d.]+ MB), (?P<layers>\d) of 4 "
+    r"layers, [\d.]+ s"
+)
 
 
 def test_the_generic_engine_loads_by_hub_id(offline):
@@ -211,13 +223,24 @@ def test_serve_run_serves_a_hub_id_from_the_offline_cache(hub_home, tmp_path):
     port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(SERVE_CONFIG.format(port=port, model=HUB_ID))
-    env = {**os.environ, "HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local",
-           "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "HF_HOME": str(hub_home),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ADDRESS": "local",
+        "PYTHONPATH": str(REPO),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("HF_HUB_CACHE", None)
     log = (tmp_path / "serve.log").open("w")
-    serve = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(config)],
-                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)  # its own process group, ended below
+    serve = subprocess.Popen(
+        [str(Path(sys.executable).with_name("serve")), "run", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # its own process group, ended below
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -225,9 +248,15 @@ def test_serve_run_serves_a_hub_id_from_the_offline_cache(hub_home, tmp_path):
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
-        reply = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
-            "model": "tiny-llama", "max_tokens": 4,
-            "messages": [{"role": "user", "content": "Where does the model come from?"}]})
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=30,
+            json={
+                "model": "tiny-llama",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Where does the model come from?"}],
+            },
+        )
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["usage"]["completion_tokens"] >= 1 and reply.headers["x-replica-id"]

@@ -20,8 +20,12 @@ PERIOD_S = SERVICE_ARGS["router"]["stats_period_s"]
 ARGS = {
     **SERVICE_ARGS,  # the single-node service test's app, spread over grace-like nodes:
     "engine": {**SERVICE_ARGS["engine"], "default_max_tokens": 8},
-    "replica": {"num_replicas": 3, "num_cpus": 0, "resources": {"grace_node": 1},
-                "max_replicas_per_node": 1},
+    "replica": {
+        "num_replicas": 3,
+        "num_cpus": 0,
+        "resources": {"grace_node": 1},
+        "max_replicas_per_node": 1,
+    },
     "ingress": {"num_replicas": 2, "num_cpus": 0},  # two routers, sharing only replica stats
 }
 
@@ -34,8 +38,9 @@ def cluster_url():
 
     from deployments.app import build_app
 
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
     for _ in range(3):
         cluster.add_node(num_cpus=1, resources={"grace_node": 1})
     ray.init(address=cluster.address, log_to_driver=False)
@@ -56,8 +61,9 @@ def test_each_grace_node_runs_exactly_one_replica(cluster_url):
     url, _ = cluster_url
     rows = httpx.get(f"{url}/admin/replicas", timeout=30).json()
     assert len(rows) == 3
-    grace_nodes = {n["NodeID"] for n in ray.nodes()
-                   if n["Alive"] and n["Resources"].get("grace_node")}
+    grace_nodes = {
+        n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("grace_node")
+    }
     assert {r["node_id"] for r in rows} == grace_nodes  # one each, none on the head
 
 
@@ -73,13 +79,16 @@ def test_users_stick_across_two_ingress_routers_given_think_time(cluster_url):
                 time.sleep(2 * PERIOD_S)  # new users arrive apart: routers see fresh stats
             messages.append({"role": "user", "content": f"turn {turn}"})
             response = httpx.post(
-                f"{url}/v1/chat/completions", headers={"X-User-Id": user}, timeout=60,
+                f"{url}/v1/chat/completions",
+                headers={"X-User-Id": user},
+                timeout=60,
                 json={"model": "tiny-llama", "messages": messages, "max_tokens": 4},
             )
             assert response.status_code == 200, response.text
             body = response.json()
-            messages.append({"role": "assistant",
-                             "content": body["choices"][0]["message"]["content"]})
+            messages.append(
+                {"role": "assistant", "content": body["choices"][0]["message"]["content"]}
+            )
             homes.setdefault(user, set()).add(response.headers["x-replica-id"])
             if turn:
                 assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

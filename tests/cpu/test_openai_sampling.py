@@ -27,8 +27,9 @@ def ok(response):
 
 
 def sse_chunks(url, path, **body):
-    with httpx.stream("POST", f"{url}/v1/{path}", json={"model": MODEL, "stream": True, **body},
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{url}/v1/{path}", json={"model": MODEL, "stream": True, **body}, timeout=60
+    ) as response:
         assert response.status_code == 200
         lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -36,8 +37,18 @@ def sse_chunks(url, path, **body):
 
 
 def test_chat_logprobs_cover_every_token_and_spell_the_answer(llm_url):
-    body = ok(post(llm_url, "chat/completions", messages=MESSAGES, max_tokens=10,
-                   temperature=0, logprobs=True, top_logprobs=3, user="lp-chat"))
+    body = ok(
+        post(
+            llm_url,
+            "chat/completions",
+            messages=MESSAGES,
+            max_tokens=10,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+            user="lp-chat",
+        )
+    )
     choice = body["choices"][0]
     content = choice["logprobs"]["content"]
     assert len(content) == body["usage"]["completion_tokens"]
@@ -54,11 +65,22 @@ def test_chat_logprobs_cover_every_token_and_spell_the_answer(llm_url):
 
 
 def test_streamed_chat_logprobs_arrive_with_their_chunks(llm_url):
-    chunks = sse_chunks(llm_url, "chat/completions", messages=MESSAGES, max_tokens=8,
-                        temperature=0, ignore_eos=True, logprobs=True,
-                        stream_options={"include_usage": True})
-    entries = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
-               for e in c["choices"][0]["logprobs"]["content"]]
+    chunks = sse_chunks(
+        llm_url,
+        "chat/completions",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        ignore_eos=True,
+        logprobs=True,
+        stream_options={"include_usage": True},
+    )
+    entries = [
+        e
+        for c in chunks
+        if c["choices"] and c["choices"][0]["logprobs"]
+        for e in c["choices"][0]["logprobs"]["content"]
+    ]
     assert len(entries) == chunks[-1]["usage"]["completion_tokens"] == 8
     assert all(e["top_logprobs"] == [] for e in entries)  # logprobs without top_logprobs
 
@@ -70,12 +92,20 @@ def test_chat_without_logprobs_has_null_logprobs(llm_url):
 
 def test_completion_logprobs_have_tokens_offsets_and_top_maps(llm_url):
     for stream in (False, True):
-        request = {"prompt": "Unified memory is", "max_tokens": 6, "temperature": 0,
-                   "ignore_eos": True, "logprobs": 2}
+        request = {
+            "prompt": "Unified memory is",
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": 2,
+        }
         if stream:
             chunks = sse_chunks(llm_url, "completions", **request)
-            parts = [c["choices"][0]["logprobs"] for c in chunks
-                     if c["choices"] and c["choices"][0]["logprobs"]]
+            parts = [
+                c["choices"][0]["logprobs"]
+                for c in chunks
+                if c["choices"] and c["choices"][0]["logprobs"]
+            ]
             lp = {k: [v for p in parts for v in p[k]] for k in parts[0]}
             text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
         else:
@@ -85,55 +115,81 @@ def test_completion_logprobs_have_tokens_offsets_and_top_maps(llm_url):
         assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
         assert "".join(lp["tokens"]) == text
         assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(6)]
-        assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen)
-                   for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"],
-                                          strict=True))
+        assert all(
+            len(top) <= 2 and max(top.values()) == pytest.approx(chosen)
+            for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True)
+        )
 
 
 def test_logit_bias_and_repetition_penalty_steer_greedy_output(llm_url):
     token = TOKENIZER.encode_text("e")[0]
-    base = {"prompt": "eee", "max_tokens": 5, "temperature": 0, "ignore_eos": True,
-            "logprobs": 0}
+    base = {"prompt": "eee", "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 0}
     biased = ok(post(llm_url, "completions", logit_bias={str(token): 100}, **base))
     assert biased["choices"][0]["text"] == "e" * 5
     # The same bias divided by a huge repetition penalty: "e" is in the prompt, so it loses.
-    penalized = ok(post(llm_url, "completions", logit_bias={str(token): 100},
-                        repetition_penalty=1e6, **base))
+    penalized = ok(
+        post(llm_url, "completions", logit_bias={str(token): 100}, repetition_penalty=1e6, **base)
+    )
     assert "e" not in penalized["choices"][0]["logprobs"]["tokens"]
 
 
 def test_json_schema_output_validates(llm_url):
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
-                                               "n": {"type": "integer"}},
-              "required": ["name", "n"], "additionalProperties": False}
-    body = ok(post(llm_url, "chat/completions", messages=MESSAGES, max_tokens=120, seed=1,
-                   response_format={"type": "json_schema",
-                                    "json_schema": {"name": "thing", "schema": schema}}))
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    body = ok(
+        post(
+            llm_url,
+            "chat/completions",
+            messages=MESSAGES,
+            max_tokens=120,
+            seed=1,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "thing", "schema": schema},
+            },
+        )
+    )
     assert body["choices"][0]["finish_reason"] == "stop"
     jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), schema)
-    ok(post(llm_url, "chat/completions", messages=MESSAGES, max_tokens=4,
-            response_format={"type": "text"}))
+    ok(
+        post(
+            llm_url,
+            "chat/completions",
+            messages=MESSAGES,
+            max_tokens=4,
+            response_format={"type": "text"},
+        )
+    )
 
 
-@pytest.mark.parametrize("field, value, param", [
-    ("presence_penalty", 2.5, "presence_penalty"),
-    ("frequency_penalty", -3, "frequency_penalty"),
-    ("repetition_penalty", 0, "repetition_penalty"),
-    ("logit_bias", {"5": 101}, "logit_bias"),
-    ("logit_bias", {"five": 1}, "logit_bias"),
-    ("logit_bias", {"99999999": 1}, "logit_bias"),
-    ("top_logprobs", 3, "top_logprobs"),  # without logprobs: true
-    ("top_logprobs", 21, "top_logprobs"),
-    ("response_format", {"type": "yaml"}, "response_format"),
-    ("response_format", {"type": "json_schema"}, "response_format"),
-    ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
-     "response_format"),
-    ("min_p", 1.5, "min_p"),
-    ("top_k", -2, "top_k"),
-])
+@pytest.mark.parametrize(
+    "field, value, param",
+    [
+        ("presence_penalty", 2.5, "presence_penalty"),
+        ("frequency_penalty", -3, "frequency_penalty"),
+        ("repetition_penalty", 0, "repetition_penalty"),
+        ("logit_bias", {"5": 101}, "logit_bias"),
+        ("logit_bias", {"five": 1}, "logit_bias"),
+        ("logit_bias", {"99999999": 1}, "logit_bias"),
+        ("top_logprobs", 3, "top_logprobs"),  # without logprobs: true
+        ("top_logprobs", 21, "top_logprobs"),
+        ("response_format", {"type": "yaml"}, "response_format"),
+        ("response_format", {"type": "json_schema"}, "response_format"),
+        (
+            "response_format",
+            {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
+            "response_format",
+        ),
+        ("min_p", 1.5, "min_p"),
+        ("top_k", -2, "top_k"),
+    ],
+)
 def test_out_of_range_sampling_values_are_400s_naming_the_field(llm_url, field, value, param):
-    response = post(llm_url, "chat/completions", messages=MESSAGES, max_tokens=2,
-                    **{field: value})
+    response = post(llm_url, "chat/completions", messages=MESSAGES, max_tokens=2, **{field: value})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"] or "").startswith(param or field) or field in error["message"]
@@ -148,9 +204,16 @@ def test_top_k_1_and_min_p_1_make_sampling_greedy(llm_url):
     base = {"prompt": "Unified memory is", "max_tokens": 8, "ignore_eos": True}
     greedy = ok(post(llm_url, "completions", temperature=0, **base))["choices"][0]["text"]
     for extra in ({"top_k": 1}, {"min_p": 1.0}):
-        texts = {ok(post(llm_url, "completions", temperature=1.5, seed=s, **extra,
-                         **base))["choices"][0]["text"] for s in range(3)}
+        texts = {
+            ok(post(llm_url, "completions", temperature=1.5, seed=s, **extra, **base))["choices"][
+                0
+            ]["text"]
+            for s in range(3)
+        }
         assert texts == {greedy}, extra
     # and without them, temperature 1.5 does draw something else
-    assert any(ok(post(llm_url, "completions", temperature=1.5, seed=s, **base))
-               ["choices"][0]["text"] != greedy for s in range(3))
+    assert any(
+        ok(post(llm_url, "completions", temperature=1.5, seed=s, **base))["choices"][0]["text"]
+        != greedy
+        for s in range(3)
+    )

@@ -21,7 +21,7 @@ def rebuilt(lists: list[list[int]]) -> torch.Tensor:
     width = max(len(p) for p in lists)
     out = np.zeros((len(lists), width), dtype=np.int32)
     for i, pages in enumerate(lists):
-        out[i, :len(pages)] = pages
+        out[i, : len(pages)] = pages
     return torch.from_numpy(out)
 
 

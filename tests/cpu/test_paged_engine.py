@@ -21,13 +21,32 @@ from deployments.engine.paged.testing import logits_for
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
 
-SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-         "vocab_size": 448, "initializer_range": 0.2, "tie_word_embeddings": False}
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "vocab_size": 448,
+    "initializer_range": 0.2,
+    "tie_word_embeddings": False,
+}
 ARCHS = {
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 128}}),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128,
+            }
+        },
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
@@ -50,12 +69,14 @@ def checkpoint(request, tmp_path_factory):
 
 
 def make_engine(path: str, **engine) -> PagedEngine:
-    args = AppArgs.model_validate({
-        "model": {"model_id": path, "dtype": "float32"},
-        "memory": {"cpu_memory_budget_bytes": "256MiB"},
-        "kv_cache": {"budget_bytes": engine.pop("kv_bytes", 2**20)},
-        "engine": {"page_size": 4, "max_batched_tokens": 64, **engine},
-    })
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": path, "dtype": "float32"},
+            "memory": {"cpu_memory_budget_bytes": "256MiB"},
+            "kv_cache": {"budget_bytes": engine.pop("kv_bytes", 2**20)},
+            "engine": {"page_size": 4, "max_batched_tokens": 64, **engine},
+        }
+    )
     cls = select_engine_class(args)
     assert cls is PagedEngine
     return cls(args, setup_memory(args.memory, detect_platform(use_gpu=False)))
@@ -107,7 +128,7 @@ async def generate(engine, user, ids, max_tokens=12, temperature=0.0, seed=None)
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     """HF's greedy continuation: at most n tokens, ending at EOS as the engine does."""
     out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def hf_argmax_run(model, ids: list[int], n: int) -> list[int]:
@@ -126,11 +147,13 @@ def test_greedy_outputs_equal_hf_for_concurrent_users_and_follow_up_turns(checkp
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (5, 40, 90, 17)]
 
     async def main():
-        firsts = await asyncio.gather(*[generate(engine, f"u{i}", p) for i, p in
-                                        enumerate(prompts)])
+        firsts = await asyncio.gather(
+            *[generate(engine, f"u{i}", p) for i, p in enumerate(prompts)]
+        )
         follow = [p + t + [7, 8, 9] for p, (t, _) in zip(prompts, firsts, strict=True)]
-        seconds = await asyncio.gather(*[generate(engine, f"u{i}", p) for i, p in
-                                         enumerate(follow)])
+        seconds = await asyncio.gather(
+            *[generate(engine, f"u{i}", p) for i, p in enumerate(follow)]
+        )
         return firsts, follow, seconds
 
     firsts, follow, seconds = asyncio.run(main())

@@ -123,11 +123,16 @@ class TestScheduler:
 
 
 def test_the_pool_admits_users_until_95_percent_of_pages_hold_tokens():
-    args = AppArgs.model_validate({
-        "memory": {"cpu_memory_budget_bytes": "64MiB"},
-        "kv_cache": {"budget_bytes": 200 * 16 * 2048},  # 200 pages of 16 tokens
-        "engine": {"page_size": 16, "engine_class": "deployments.engine.paged.engine:PagedEngine"},
-    })
+    args = AppArgs.model_validate(
+        {
+            "memory": {"cpu_memory_budget_bytes": "64MiB"},
+            "kv_cache": {"budget_bytes": 200 * 16 * 2048},  # 200 pages of 16 tokens
+            "engine": {
+                "page_size": 16,
+                "engine_class": "deployments.engine.paged.engine:PagedEngine",
+            },
+        }
+    )
     engine = PagedEngine(args, setup_memory(args.memory, detect_platform(use_gpu=False)))
     rng = random.Random(3)
 
@@ -152,11 +157,13 @@ def test_the_pool_admits_users_until_95_percent_of_pages_hold_tokens():
 def test_requests_too_big_for_the_pool_are_refused_not_stuck(max_tokens):
     from deployments.engine import CapacityError
 
-    args = AppArgs.model_validate({
-        "memory": {"cpu_memory_budget_bytes": "64MiB"},
-        "kv_cache": {"budget_bytes": 4 * 16 * 2048},  # 4 pages: 64 tokens
-        "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine"},
-    })
+    args = AppArgs.model_validate(
+        {
+            "memory": {"cpu_memory_budget_bytes": "64MiB"},
+            "kv_cache": {"budget_bytes": 4 * 16 * 2048},  # 4 pages: 64 tokens
+            "engine": {"engine_class": "deployments.engine.paged.engine:PagedEngine"},
+        }
+    )
     engine = PagedEngine(args, setup_memory(args.memory, detect_platform(use_gpu=False)))
 
     async def run():

@@ -15,11 +15,16 @@ POLICY = PlacementPolicy(tolerance_fraction=0.01, sticky_max_wait_s=30)
 
 
 def view(rid, free_gb, resident=(), capacity_gb=500, kv_bytes=0, per_token=320 * 1024):
-    return ReplicaView.from_stats(rid, {
-        "free_unified_memory_bytes": int(free_gb * GB), "capacity_bytes": capacity_gb * GB,
-        "resident_users": list(resident), "kv_cache_bytes": kv_bytes,
-        "kv_bytes_per_token": per_token,
-    })
+    return ReplicaView.from_stats(
+        rid,
+        {
+            "free_unified_memory_bytes": int(free_gb * GB),
+            "capacity_bytes": capacity_gb * GB,
+            "resident_users": list(resident),
+            "kv_cache_bytes": kv_bytes,
+            "kv_bytes_per_token": per_token,
+        },
+    )
 
 
 def choose(user, views, ledger=None, now=0.0, waited=0.0, policy=POLICY):
@@ -67,8 +72,10 @@ def test_two_routers_with_the_same_stats_agree():
     views = [view("a", 250), view("b", 251), view("c", 120)]
     for i in range(100):
         user = user_key(f"person{i}")
-        assert choose(user, views, PlacementLedger()).ranks == choose(
-            user, list(reversed(views)), PlacementLedger()).ranks
+        assert (
+            choose(user, views, PlacementLedger()).ranks
+            == choose(user, list(reversed(views)), PlacementLedger()).ranks
+        )
 
 
 def test_a_router_counts_its_own_placements_until_stats_show_them():
@@ -125,21 +132,41 @@ def test_new_user_estimate_comes_from_resident_users():
 def test_room_is_capped_by_the_kv_budget_left():
     # "a" has more free unified memory, but its KV budget is nearly spent: beyond it the engine
     # drops idle users however much memory is free, so the new user belongs on "b".
-    a = ReplicaView.from_stats("a", {
-        "free_unified_memory_bytes": 100 * GB, "capacity_bytes": 500 * GB,
-        "kv_cache_bytes": 195 * GB, "kv_budget_bytes": 200 * GB, "resident_users": ["x"]})
-    b = ReplicaView.from_stats("b", {
-        "free_unified_memory_bytes": 30 * GB, "capacity_bytes": 200 * GB,
-        "kv_cache_bytes": 10 * GB, "kv_budget_bytes": 100 * GB, "resident_users": ["y"]})
+    a = ReplicaView.from_stats(
+        "a",
+        {
+            "free_unified_memory_bytes": 100 * GB,
+            "capacity_bytes": 500 * GB,
+            "kv_cache_bytes": 195 * GB,
+            "kv_budget_bytes": 200 * GB,
+            "resident_users": ["x"],
+        },
+    )
+    b = ReplicaView.from_stats(
+        "b",
+        {
+            "free_unified_memory_bytes": 30 * GB,
+            "capacity_bytes": 200 * GB,
+            "kv_cache_bytes": 10 * GB,
+            "kv_budget_bytes": 100 * GB,
+            "resident_users": ["y"],
+        },
+    )
     assert a.free_bytes == 5 * GB and b.free_bytes == 30 * GB
     assert choose("u1", [a, b]).ranks == [["b"], ["a"]]
 
 
 def budgeted(rid, room_gb, budget_gb=100):
-    return ReplicaView.from_stats(rid, {
-        "free_unified_memory_bytes": 300 * GB, "capacity_bytes": 500 * GB,
-        "kv_cache_bytes": int((budget_gb - room_gb) * GB), "kv_budget_bytes": budget_gb * GB,
-        "resident_users": ["x"]})
+    return ReplicaView.from_stats(
+        rid,
+        {
+            "free_unified_memory_bytes": 300 * GB,
+            "capacity_bytes": 500 * GB,
+            "kv_cache_bytes": int((budget_gb - room_gb) * GB),
+            "kv_budget_bytes": budget_gb * GB,
+            "resident_users": ["x"],
+        },
+    )
 
 
 def test_replicas_fill_in_proportion_to_their_kv_budgets():

@@ -58,16 +58,24 @@ class TestPublishedFigures:
         raw = json.loads(json.dumps(PRESETS[name]))
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
         with torch.device("meta"):
-            model = (Llama4ForConditionalGeneration(config) if name.startswith("llama-4")
-                     else AutoModelForCausalLM.from_config(config))
+            model = (
+                Llama4ForConditionalGeneration(config)
+                if name.startswith("llama-4")
+                else AutoModelForCausalLM.from_config(config)
+            )
         assert resolve_model(name).num_parameters == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize(("model_type", "arch", "extra"), [
-    ("llama", "LlamaForCausalLM", {}), ("mistral", "MistralForCausalLM", {}),
-    ("llama", "LlamaForCausalLM", {"attention_bias": True, "tie_word_embeddings": True}),
-    ("qwen2", "Qwen2ForCausalLM", {}), ("qwen3", "Qwen3ForCausalLM", {}),
-])
+@pytest.mark.parametrize(
+    ("model_type", "arch", "extra"),
+    [
+        ("llama", "LlamaForCausalLM", {}),
+        ("mistral", "MistralForCausalLM", {}),
+        ("llama", "LlamaForCausalLM", {"attention_bias": True, "tie_word_embeddings": True}),
+        ("qwen2", "Qwen2ForCausalLM", {}),
+        ("qwen3", "Qwen3ForCausalLM", {}),
+    ],
+)
 def test_model_spec_counts_parameters_as_transformers_does(model_type, arch, extra):
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -75,9 +83,17 @@ def test_model_spec_counts_parameters_as_transformers_does(model_type, arch, ext
     from deployments.model_spec import ModelSpec
 
     config = AutoConfig.for_model(
-        model_type, architectures=[arch], hidden_size=256, intermediate_size=512,
-        num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-        vocab_size=1000, **extra)
+        model_type,
+        architectures=[arch],
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=1000,
+        **extra,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     expected = sum(p.numel() for p in model.parameters())  # tied weights counted once
@@ -161,51 +177,131 @@ PLAN_SCHEMA = {
     "type": "object",
     "required": ["schema", "model", "node", "memory", "weights", "kv", "decode_floor", "fits"],
     "$defs": {
-        "tiers": {"type": "object", "required": ["hbm", "host"], "additionalProperties": False,
-                  "properties": {"hbm": {"type": "number", "minimum": 0},
-                                 "host": {"type": "number", "minimum": 0}}},
+        "tiers": {
+            "type": "object",
+            "required": ["hbm", "host"],
+            "additionalProperties": False,
+            "properties": {
+                "hbm": {"type": "number", "minimum": 0},
+                "host": {"type": "number", "minimum": 0},
+            },
+        },
         "floor": {
             "type": "object",
-            "required": ["users", "fits", "kv_bytes", "read_bytes", "seconds", "step_seconds",
-                         "tokens_per_s_per_user", "tokens_per_s", "expert_share_read"],
+            "required": [
+                "users",
+                "fits",
+                "kv_bytes",
+                "read_bytes",
+                "seconds",
+                "step_seconds",
+                "tokens_per_s_per_user",
+                "tokens_per_s",
+                "expert_share_read",
+            ],
             "properties": {
-                "users": {"type": "integer", "minimum": 1}, "fits": {"type": "boolean"},
-                "kv_bytes": {"$ref": "#/$defs/tiers"}, "read_bytes": {"$ref": "#/$defs/tiers"},
-                "seconds": {"$ref": "#/$defs/tiers"}, "step_seconds": {"type": ["number", "null"]},
+                "users": {"type": "integer", "minimum": 1},
+                "fits": {"type": "boolean"},
+                "kv_bytes": {"$ref": "#/$defs/tiers"},
+                "read_bytes": {"$ref": "#/$defs/tiers"},
+                "seconds": {"$ref": "#/$defs/tiers"},
+                "step_seconds": {"type": ["number", "null"]},
                 "tokens_per_s": {"type": ["number", "null"]},
             },
         },
     },
     "properties": {
         "schema": {"const": "grace-serve/plan/v1"},
-        "model": {"type": "object", "required": ["name", "parameters", "active_parameters",
-                  "weight_bytes", "bytes_per_parameter", "max_context_tokens", "moe", "kv"]},
-        "node": {"type": "object", "required": ["name", "coherent", "hbm_bytes", "hbm_bandwidth",
-                                                "host_bytes", "host_read_bandwidth"]},
-        "memory": {"type": "object", "required": ["limit_bytes", "headroom_bytes", "room_bytes"],
-                   "properties": {"room_bytes": {"$ref": "#/$defs/tiers"}}},
-        "weights": {"type": "object", "required": ["bytes", "beyond_hbm_bytes", "by_tier",
-                                                   "by_group", "fits", "unplaced_bytes"],
-                    "properties": {"by_tier": {"$ref": "#/$defs/tiers"}, "by_group": {
-                        "type": "object", "required": ["read", "experts", "idle"],
-                        "additionalProperties": {"$ref": "#/$defs/tiers"}}}},
-        "kv": {"type": "object", "required": ["context_tokens", "bytes_per_user", "room_bytes",
-                                              "users_fit", "budget_bytes", "users_fit_in_budget"],
-               "properties": {"users_fit": {"type": "integer", "minimum": 0}}},
-        "decode_floor": {"type": "object", "required": ["one_user", "users"],
-                         "additionalProperties": {"$ref": "#/$defs/floor"}},
+        "model": {
+            "type": "object",
+            "required": [
+                "name",
+                "parameters",
+                "active_parameters",
+                "weight_bytes",
+                "bytes_per_parameter",
+                "max_context_tokens",
+                "moe",
+                "kv",
+            ],
+        },
+        "node": {
+            "type": "object",
+            "required": [
+                "name",
+                "coherent",
+                "hbm_bytes",
+                "hbm_bandwidth",
+                "host_bytes",
+                "host_read_bandwidth",
+            ],
+        },
+        "memory": {
+            "type": "object",
+            "required": ["limit_bytes", "headroom_bytes", "room_bytes"],
+            "properties": {"room_bytes": {"$ref": "#/$defs/tiers"}},
+        },
+        "weights": {
+            "type": "object",
+            "required": [
+                "bytes",
+                "beyond_hbm_bytes",
+                "by_tier",
+                "by_group",
+                "fits",
+                "unplaced_bytes",
+            ],
+            "properties": {
+                "by_tier": {"$ref": "#/$defs/tiers"},
+                "by_group": {
+                    "type": "object",
+                    "required": ["read", "experts", "idle"],
+                    "additionalProperties": {"$ref": "#/$defs/tiers"},
+                },
+            },
+        },
+        "kv": {
+            "type": "object",
+            "required": [
+                "context_tokens",
+                "bytes_per_user",
+                "room_bytes",
+                "users_fit",
+                "budget_bytes",
+                "users_fit_in_budget",
+            ],
+            "properties": {"users_fit": {"type": "integer", "minimum": 0}},
+        },
+        "decode_floor": {
+            "type": "object",
+            "required": ["one_user", "users"],
+            "additionalProperties": {"$ref": "#/$defs/floor"},
+        },
         "fits": {"type": "boolean"},
     },
 }
 
 
 class TestCli:
-    @pytest.mark.parametrize("args", [
-        ["--model", "llama-3.1-70b", "--node", "gh200-96gb", "--context", "131072"],
-        ["--model", "llama-4-scout-17b-16e", "--node", "gb200", "--context", "65536",
-         "--users", "4", "--host-budget", "200GiB"],
-        ["--model", "llama-3.1-70b", "--node", "h200", "--context", "4096"],
-    ])
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["--model", "llama-3.1-70b", "--node", "gh200-96gb", "--context", "131072"],
+            [
+                "--model",
+                "llama-4-scout-17b-16e",
+                "--node",
+                "gb200",
+                "--context",
+                "65536",
+                "--users",
+                "4",
+                "--host-budget",
+                "200GiB",
+            ],
+            ["--model", "llama-3.1-70b", "--node", "h200", "--context", "4096"],
+        ],
+    )
     def test_json_output_follows_the_schema(self, capsys, args):
         status = main([*args, "--json"])
         doc = json.loads(capsys.readouterr().out)
@@ -213,21 +309,29 @@ class TestCli:
         assert status == (0 if doc["fits"] else 1)
 
     def test_table_names_the_done_when_figures(self, capsys):
-        assert main(["--model", "llama-3.1-70b", "--node", "gh200-96gb",
-                     "--context", "131072"]) == 0
+        assert (
+            main(["--model", "llama-3.1-70b", "--node", "gh200-96gb", "--context", "131072"]) == 0
+        )
         out = capsys.readouterr().out
         assert "141.1 GB" in out and "45.1 GB beyond the 96.0 GB of HBM" in out
         assert "40.0 GiB" in out
 
-    @pytest.mark.parametrize(("args", "message"), [
-        (["--model", "llama-9", "--node", "gh200-96gb"], "unknown model 'llama-9'"),
-        (["--model", "llama-3.1-8b", "--node", "tpu"], "unknown node 'tpu'"),
-        (["--model", "llama-3.1-70b", "--node", "h200", "--context", "200000"],
-         "exceeds llama-3.1-70b's maximum of 131072"),
-        (["--model", "llama-3.1-8b", "--node", "h200", "--users", "0"], "must be positive"),
-        (["--model", "llama-3.1-8b", "--node", "gb200", "--host-budget", "340GiB"],
-         "exceeds a gb200 replica's 240.0 GB of host memory"),
-    ])
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--model", "llama-9", "--node", "gh200-96gb"], "unknown model 'llama-9'"),
+            (["--model", "llama-3.1-8b", "--node", "tpu"], "unknown node 'tpu'"),
+            (
+                ["--model", "llama-3.1-70b", "--node", "h200", "--context", "200000"],
+                "exceeds llama-3.1-70b's maximum of 131072",
+            ),
+            (["--model", "llama-3.1-8b", "--node", "h200", "--users", "0"], "must be positive"),
+            (
+                ["--model", "llama-3.1-8b", "--node", "gb200", "--host-budget", "340GiB"],
+                "exceeds a gb200 replica's 240.0 GB of host memory",
+            ),
+        ],
+    )
     def test_errors_are_clear_and_exit_2(self, capsys, args, message):
         if "--context" not in args:
             args = [*args, "--context", "1024"]
@@ -249,13 +353,16 @@ class TestCli:
         assert exc.value.code == 2 and "not a byte size" in capsys.readouterr().err
 
     def test_runs_as_a_module_without_torch(self):
-        code = ("import sys, runpy; sys.argv = ['plan', '--model', 'llama-3.1-70b', '--node', "
-                "'gh200-96gb', '--context', '131072', '--json']\n"
-                "try:\n    runpy.run_module('deployments.plan', run_name='__main__')\n"
-                "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-                "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60, cwd=ROOT)
+        code = (
+            "import sys, runpy; sys.argv = ['plan', '--model', 'llama-3.1-70b', '--node', "
+            "'gh200-96gb', '--context', '131072', '--json']\n"
+            "try:\n    runpy.run_module('deployments.plan', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["kv"]["bytes_per_user"] == 40 * GiB
 
@@ -267,10 +374,14 @@ class TestOneMemoryModel:
         node = NODES[name]
         # A replica on this node, finding its share of the host memory available at start.
         host_total = node.host_bytes * node.replicas_per_node
-        platform = PlatformInfo("grace", name, node.hbm_bytes, host_total, node.host_bytes,
-                                True, True, True)
-        replica = plan_gpu_memory(MemoryConfig(host_memory_budget_bytes=budget), platform,
-                                  device_free_bytes=node.hbm_bytes)
+        platform = PlatformInfo(
+            "grace", name, node.hbm_bytes, host_total, node.host_bytes, True, True, True
+        )
+        replica = plan_gpu_memory(
+            MemoryConfig(host_memory_budget_bytes=budget),
+            platform,
+            device_free_bytes=node.hbm_bytes,
+        )
         planner = plan_of(node=name, context=1024, host_budget=budget)
         assert replica.limit_bytes == planner.memory.limit_bytes
         assert planner.memory.room_bytes == replica.limit_bytes - DEFAULT_HEADROOM_BYTES
@@ -278,20 +389,28 @@ class TestOneMemoryModel:
     @pytest.mark.parametrize("name", DISCRETE)
     def test_and_on_a_discrete_gpus(self, name):
         node = NODES[name]
-        platform = PlatformInfo("discrete", name, node.hbm_bytes, 512 * GiB, 500 * GiB,
-                                False, False, True)
+        platform = PlatformInfo(
+            "discrete", name, node.hbm_bytes, 512 * GiB, 500 * GiB, False, False, True
+        )
         replica = plan_gpu_memory(MemoryConfig(), platform, device_free_bytes=node.hbm_bytes)
         assert replica.limit_bytes == plan_of(node=name, context=1024).memory.room_bytes
 
-    @pytest.mark.parametrize(("module", "allowed"), [
-        ("capacity", {"deployments.config"}),
-        ("memory", {"deployments.config", "deployments.capacity", "deployments.platform"}),
-    ])
+    @pytest.mark.parametrize(
+        ("module", "allowed"),
+        [
+            ("capacity", {"deployments.config"}),
+            ("memory", {"deployments.config", "deployments.capacity", "deployments.platform"}),
+        ],
+    )
     def test_dependency_rule(self, module, allowed):
         tree = ast.parse((ROOT / "deployments" / f"{module}.py").read_text())
-        ours = {node.module for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module
-                and node.module.startswith("deployments")}
+        ours = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("deployments")
+        }
         assert ours <= allowed  # memory: platform only for type hints (TYPE_CHECKING)
 
 

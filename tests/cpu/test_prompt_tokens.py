@@ -40,8 +40,7 @@ def tokenizer_dir(kind: str, root: Path) -> Path:
 
 @pytest.fixture(scope="module", params=KINDS)
 def tokenizer(request, tmp_path_factory) -> TextTokenizer:
-    return TextTokenizer.load(tokenizer_dir(request.param, tmp_path_factory.mktemp(
-        request.param)))
+    return TextTokenizer.load(tokenizer_dir(request.param, tmp_path_factory.mktemp(request.param)))
 
 
 def growth(rng: random.Random, tokenizer: TextTokenizer) -> str:
@@ -49,12 +48,14 @@ def growth(rng: random.Random, tokenizer: TextTokenizer) -> str:
     if tokenizer.backend_tokenizer.model.__class__.__name__ == "WordLevel":
         words = list(tokenizer.backend_tokenizer.get_vocab())
         return " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 60)))
-    return rng.choice([
-        lambda: chat_models.random_text(rng, 120),
-        lambda: " " + chat_models.random_text(rng, 40),
-        lambda: rng.choice(["ing", "ed", "s", "ory", "42"]),  # the last word goes on
-        lambda: rng.choice([" ", "  ", "\n", "\n\n", " \t "]),
-    ])()
+    return rng.choice(
+        [
+            lambda: chat_models.random_text(rng, 120),
+            lambda: " " + chat_models.random_text(rng, 40),
+            lambda: rng.choice(["ing", "ed", "s", "ory", "42"]),  # the last word goes on
+            lambda: rng.choice([" ", "  ", "\n", "\n\n", " \t "]),
+        ]
+    )()
 
 
 def test_growing_texts_get_the_ids_of_a_whole_encoding(tokenizer):
@@ -77,8 +78,10 @@ def test_growing_chats_get_the_ids_of_a_whole_encoding(tokenizer):
         for _ in range(10):
             got = builder._encode_chat(f"user-{user}", chat)
             assert got.tolist() == tokenizer.encode_chat(chat)
-            chat += [{"role": "assistant", "content": chat_models.random_text(rng, 80)},
-                     {"role": "user", "content": chat_models.random_text(rng, 80)}]
+            chat += [
+                {"role": "assistant", "content": chat_models.random_text(rng, 80)},
+                {"role": "user", "content": chat_models.random_text(rng, 80)},
+            ]
     assert builder.tokens.reused >= 4 * 9 // 2
 
 
@@ -100,7 +103,8 @@ def test_without_a_user_nothing_is_kept(tokenizer):
     text = chat_models.random_text(random.Random(1), 300)
     for extra in ("", " more", " more words"):
         assert tokens.encode(None, text + extra, True).tolist() == tokenizer.encode_text(
-            text + extra)
+            text + extra
+        )
     assert tokens.reused == 0 and not tokens._kept
 
 
@@ -119,7 +123,8 @@ def test_a_tokenizer_that_appends_tokens_is_always_encoded_whole(tmp_path):
     backend = TextTokenizer.load(root).backend_tokenizer
     eos = "<|end_of_text|>"
     backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {eos}", special_tokens=[(eos, backend.token_to_id(eos))])
+        single=f"$A {eos}", special_tokens=[(eos, backend.token_to_id(eos))]
+    )
     backend.save(str(root / "tokenizer.json"))
     tokenizer = TextTokenizer.load(root)
     tokens = PromptTokens(tokenizer)

@@ -18,8 +18,11 @@ import ray
 from deployments.readiness import Readiness, ReplicaCounts, judge
 from tests.cpu.conftest import SERVICE_ARGS, wait_healthy
 
-CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "are you there?"}],
-        "max_tokens": 2}
+CHAT = {
+    "model": "tiny-llama",
+    "messages": [{"role": "user", "content": "are you there?"}],
+    "max_tokens": 2,
+}
 
 
 # ---- the verdict ---------------------------------------------------------------------------
@@ -36,12 +39,16 @@ def test_replicas_still_starting_mean_the_model_is_loading():
     assert "2 model replica(s) starting" in verdict.message
 
 
-@pytest.mark.parametrize("counts", [
-    ReplicaCounts(0, 1, "UPDATING", "failed to start 3 times", "REPLICA_STARTUP_FAILED"),
-    ReplicaCounts(0, 1, "UNHEALTHY", "", "HEALTH_CHECK_FAILED"),
-    ReplicaCounts(0, 0, "DEPLOY_FAILED", ""),
-    ReplicaCounts(0, 0, "MISSING", "no deployment"),
-], ids=["crash-loop", "failing-health-checks", "deploy-failed", "missing"])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        ReplicaCounts(0, 1, "UPDATING", "failed to start 3 times", "REPLICA_STARTUP_FAILED"),
+        ReplicaCounts(0, 1, "UNHEALTHY", "", "HEALTH_CHECK_FAILED"),
+        ReplicaCounts(0, 0, "DEPLOY_FAILED", ""),
+        ReplicaCounts(0, 0, "MISSING", "no deployment"),
+    ],
+    ids=["crash-loop", "failing-health-checks", "deploy-failed", "missing"],
+)
 def test_failing_or_absent_replicas_mean_no_replica(counts):
     verdict = judge(counts)
     assert not verdict.ready and verdict.code == "no_replica"
@@ -49,8 +56,9 @@ def test_failing_or_absent_replicas_mean_no_replica(counts):
 
 def test_serves_own_message_is_never_sent_to_clients():
     """Serve's status message may hold a constructor's traceback: it stays in the logs."""
-    verdict = judge(ReplicaCounts(0, 1, "UPDATING", "Traceback: /secret/path.py", "REPLICA_"
-                                  "STARTUP_FAILED"))
+    verdict = judge(
+        ReplicaCounts(0, 1, "UPDATING", "Traceback: /secret/path.py", "REPLICA_STARTUP_FAILED")
+    )
     assert "/secret/path.py" not in verdict.message
 
 
@@ -128,8 +136,10 @@ def deploy(name: str, args: dict) -> str:
 
     from deployments.app import build_app
 
-    serve.run_many([serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}")],
-                   wait_for_applications_running=False)
+    serve.run_many(
+        [serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}")],
+        wait_for_applications_running=False,
+    )
     return name
 
 
@@ -140,8 +150,10 @@ def wait_for_status(url: str, path: str, status: int, timeout_s: float = 120) ->
             response = httpx.get(f"{url}{path}", timeout=10)
             # Until the ingress runs, Serve's proxy answers with its own 404 or 503 (plain
             # text, or JSON marked X-Proxy-Error where it runs proxy_middleware).
-            ours = response.headers.get("content-type", "").startswith(
-                "application/json") and "x-proxy-error" not in response.headers
+            ours = (
+                response.headers.get("content-type", "").startswith("application/json")
+                and "x-proxy-error" not in response.headers
+            )
             if response.status_code == status and ours:
                 return response
         except httpx.HTTPError:
@@ -173,8 +185,10 @@ def slow_start_url(serve_url):
     free = int(ray.available_resources().get("CPU", 0))
     hog = CpuHog.options(num_cpus=free).remote()
     ray.get(hog.ready.remote())
-    args = {**SERVICE_ARGS, "replica": {**SERVICE_ARGS["replica"], "num_replicas": 1,
-                                        "num_cpus": 1}}
+    args = {
+        **SERVICE_ARGS,
+        "replica": {**SERVICE_ARGS["replica"], "num_replicas": 1, "num_cpus": 1},
+    }
     name = deploy("slowstart", args)
     yield f"{serve_url}/{name}", hog
     ray.kill(hog)
@@ -193,8 +207,11 @@ def test_ready_is_503_while_the_model_loads_and_200_after(slow_start_url):
 
     started = time.monotonic()
     chat = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=30)
-    completion = httpx.post(f"{url}/v1/completions", timeout=30,
-                            json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
+    completion = httpx.post(
+        f"{url}/v1/completions",
+        timeout=30,
+        json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2},
+    )
     models = httpx.get(f"{url}/v1/models", timeout=30)  # listed, without the context yet
     assert time.monotonic() - started < 5  # answered, not queued behind an absent replica
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny-llama"
@@ -221,16 +238,24 @@ def deploy_with_broken_replicas(name: str) -> str:
     from deployments.ingress import OpenAIIngress
     from deployments.replica import LLMReplica
 
-    cfg = parse_app_args({**SERVICE_ARGS,
-                          "replica": {**SERVICE_ARGS["replica"], "num_replicas": 1}})
+    cfg = parse_app_args(
+        {**SERVICE_ARGS, "replica": {**SERVICE_ARGS["replica"], "num_replicas": 1}}
+    )
     options = replica_options(cfg)
-    options["ray_actor_options"] = {**options["ray_actor_options"], "runtime_env": {
-        "env_vars": {"GRACE_SERVE_CACHE": "/proc/grace-serve-no-cache"}}}
+    options["ray_actor_options"] = {
+        **options["ray_actor_options"],
+        "runtime_env": {"env_vars": {"GRACE_SERVE_CACHE": "/proc/grace-serve-no-cache"}},
+    }
     replica = serve.deployment(LLMReplica).options(**options).bind(cfg)
-    ingress = serve.deployment(OpenAIIngress).options(
-        name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}).bind(replica, cfg)
-    serve.run_many([serve.RunTarget(ingress, name=name, route_prefix=f"/{name}")],
-                   wait_for_applications_running=False)
+    ingress = (
+        serve.deployment(OpenAIIngress)
+        .options(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0})
+        .bind(replica, cfg)
+    )
+    serve.run_many(
+        [serve.RunTarget(ingress, name=name, route_prefix=f"/{name}")],
+        wait_for_applications_running=False,
+    )
     return name
 
 
@@ -245,8 +270,9 @@ def test_a_crash_looping_model_is_no_replica(serve_url):
             time.sleep(1)
             failing = httpx.get(f"{url}/ready", timeout=10)
         assert_unavailable(failing, "no_replica")
-        assert_unavailable(httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=30),
-                           "no_replica")
+        assert_unavailable(
+            httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=30), "no_replica"
+        )
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     finally:
         serve.delete("crashloop")
@@ -255,5 +281,8 @@ def test_a_crash_looping_model_is_no_replica(serve_url):
 def test_the_shared_service_is_ready(llm_url):
     wait_healthy(llm_url)
     body = httpx.get(f"{llm_url}/ready", timeout=10).json()
-    assert body == {"status": "ready", "model": "tiny-llama",
-                    "model_replicas": SERVICE_ARGS["replica"]["num_replicas"]}
+    assert body == {
+        "status": "ready",
+        "model": "tiny-llama",
+        "model_replicas": SERVICE_ARGS["replica"]["num_replicas"],
+    }

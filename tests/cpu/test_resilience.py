@@ -70,10 +70,20 @@ class Stream(threading.Thread):
         self.started = threading.Event()
 
     def run(self) -> None:
-        body = {"model": MODEL, "messages": self.messages, "max_tokens": self.max_tokens,
-                "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=60,
-                          headers={"X-User-Id": self.user}) as response:
+        body = {
+            "model": MODEL,
+            "messages": self.messages,
+            "max_tokens": self.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream(
+            "POST",
+            f"{self.url}/v1/chat/completions",
+            json=body,
+            timeout=60,
+            headers={"X-User-Id": self.user},
+        ) as response:
             assert response.status_code == 200, response.read()
             self.replica = response.headers["x-replica-id"]
             for line in response.iter_lines():
@@ -82,7 +92,7 @@ class Stream(threading.Thread):
                 if line == "data: [DONE]":
                     self.done_marker = True
                 else:
-                    self.chunks.append(json.loads(line[len("data: "):]))
+                    self.chunks.append(json.loads(line[len("data: ") :]))
                     self.started.set()
         self.finished_at = time.monotonic()
 
@@ -91,13 +101,18 @@ class Stream(threading.Thread):
         return [c["error"] for c in self.chunks if "error" in c]
 
     def text(self) -> str:
-        return "".join(c["choices"][0]["delta"].get("content") or ""
-                       for c in self.chunks if c.get("choices"))
+        return "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in self.chunks if c.get("choices")
+        )
 
 
 def chat(url, user, messages, max_tokens=4):
-    response = httpx.post(f"{url}/v1/chat/completions", headers={"X-User-Id": user}, timeout=60,
-                          json={"model": MODEL, "messages": messages, "max_tokens": max_tokens})
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"X-User-Id": user},
+        timeout=60,
+        json={"model": MODEL, "messages": messages, "max_tokens": max_tokens},
+    )
     assert response.status_code == 200, response.text
     return response
 
@@ -106,8 +121,9 @@ def test_killing_a_replica_mid_stream_fails_only_its_users_once(loss_url):
     time.sleep(1)
     before = {r["replica_id"] for r in rows(loss_url)}
     assert len(before) == REPLICAS
-    first_turn = {f"loss-{i}": [{"role": "user", "content": f"Tell me a long story, {i}."}]
-                  for i in range(10)}
+    first_turn = {
+        f"loss-{i}": [{"role": "user", "content": f"Tell me a long story, {i}."}] for i in range(10)
+    }
     streams = [Stream(loss_url, user, messages) for user, messages in first_turn.items()]
     for stream in streams:
         stream.start()
@@ -134,9 +150,11 @@ def test_killing_a_replica_mid_stream_fails_only_its_users_once(loss_url):
 
     # Next turns: all succeed; the victim's users are recomputed elsewhere, the rest hit cache.
     for stream in streams:
-        messages = [*first_turn[stream.user],
-                    {"role": "assistant", "content": stream.text()[:40]},
-                    {"role": "user", "content": "And then?"}]
+        messages = [
+            *first_turn[stream.user],
+            {"role": "assistant", "content": stream.text()[:40]},
+            {"role": "user", "content": "And then?"},
+        ]
         body = chat(loss_url, stream.user, messages).json()
         cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
         if stream.replica == victim:
@@ -152,8 +170,12 @@ def test_killing_a_replica_mid_stream_fails_only_its_users_once(loss_url):
     current = wait_for(replaced, 120, "the killed replica was not replaced")
     (fresh,) = current - before
     time.sleep(4 * SERVICE_ARGS["router"]["stats_period_s"])
-    served = {chat(loss_url, f"after-loss-{i}", [{"role": "user", "content": "hello"}])
-              .headers["x-replica-id"] for i in range(3)}
+    served = {
+        chat(loss_url, f"after-loss-{i}", [{"role": "user", "content": "hello"}]).headers[
+            "x-replica-id"
+        ]
+        for i in range(3)
+    }
     assert fresh in served, (fresh, served)
 
 
@@ -163,10 +185,19 @@ def test_client_disconnect_cancels_generation_at_once(llm_url):
 
     wait_for(lambda: running() == 0, 30, "requests still running before the test")
     for attempt in range(5):  # a random model may end a stream early: try another prompt
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Go on, {attempt}."}],
-                "max_tokens": 450, "stream": True}
-        with httpx.stream("POST", f"{llm_url}/v1/chat/completions", json=body, timeout=60,
-                          headers={"X-User-Id": f"leaver-{attempt}"}) as response:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"Go on, {attempt}."}],
+            "max_tokens": 450,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST",
+            f"{llm_url}/v1/chat/completions",
+            json=body,
+            timeout=60,
+            headers={"X-User-Id": f"leaver-{attempt}"},
+        ) as response:
             lines = response.iter_lines()
             for _ in range(4):
                 next(lines)

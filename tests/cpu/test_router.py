@@ -22,16 +22,24 @@ def make_router(**kwargs):
 
 
 def replica(rid, free_gb, resident=()):
-    return NS(replica_id=NS(unique_id=rid), routing_stats={
-        "free_unified_memory_bytes": int(free_gb * GB), "capacity_bytes": 500 * GB,
-        "resident_users": [user_key(u) for u in resident], "kv_bytes_per_token": 1024,
-    })
+    return NS(
+        replica_id=NS(unique_id=rid),
+        routing_stats={
+            "free_unified_memory_bytes": int(free_gb * GB),
+            "capacity_bytes": 500 * GB,
+            "resident_users": [user_key(u) for u in resident],
+            "kv_bytes_per_token": 1024,
+        },
+    )
 
 
 def choose(router, replicas, user_id):
     async def route():
-        request = PendingRequest(args=[], kwargs={
-            "request": {}, "shape": RequestShape(user_key(user_id), 8, 8)}, metadata=None)
+        request = PendingRequest(
+            args=[],
+            kwargs={"request": {}, "shape": RequestShape(user_key(user_id), 8, 8)},
+            metadata=None,
+        )
         return await router.choose_replicas(replicas, request), request
 
     ranks, request = asyncio.run(route())
@@ -67,8 +75,10 @@ def test_kwargs_from_the_serve_config_reach_the_policy():
 def test_the_request_footprint_is_the_ingress_shape_at_the_replicas_bytes_per_token():
     async def figures(kwargs):
         request = PendingRequest(args=[], kwargs=kwargs, metadata=None)
-        return (UnifiedMemoryRouter._request_bytes(request, [replica("a", 1)]),
-                UnifiedMemoryRouter._user(request))
+        return (
+            UnifiedMemoryRouter._request_bytes(request, [replica("a", 1)]),
+            UnifiedMemoryRouter._user(request),
+        )
 
     assert asyncio.run(figures({"shape": RequestShape("k", 300, 100)})) == (400 * 1024, "k")
     assert asyncio.run(figures({})) == (0, None)  # model info, stats: no shape, no user
@@ -76,17 +86,25 @@ def test_the_request_footprint_is_the_ingress_shape_at_the_replicas_bytes_per_to
 
 def test_a_long_first_prompt_goes_to_the_replica_it_fills_least():
     def budgeted(rid, room_gb, budget_gb):
-        return NS(replica_id=NS(unique_id=rid), routing_stats={
-            "free_unified_memory_bytes": 300 * GB, "capacity_bytes": 500 * GB,
-            "kv_cache_bytes": (budget_gb - room_gb) * GB, "kv_budget_bytes": budget_gb * GB,
-            "resident_users": [], "kv_bytes_per_token": 10**6})
+        return NS(
+            replica_id=NS(unique_id=rid),
+            routing_stats={
+                "free_unified_memory_bytes": 300 * GB,
+                "capacity_bytes": 500 * GB,
+                "kv_cache_bytes": (budget_gb - room_gb) * GB,
+                "kv_budget_bytes": budget_gb * GB,
+                "resident_users": [],
+                "kv_bytes_per_token": 10**6,
+            },
+        )
 
     replicas = [budgeted("big", 100, 200), budgeted("small", 30, 50)]
     assert choose(make_router(), replicas, "bob")[0][0] == ["small"]
 
     async def route(tokens):
-        request = PendingRequest(args=[], kwargs={
-            "shape": RequestShape(user_key("carol"), tokens, 0)}, metadata=None)
+        request = PendingRequest(
+            args=[], kwargs={"shape": RequestShape(user_key("carol"), tokens, 0)}, metadata=None
+        )
         return await make_router().choose_replicas(replicas, request)
 
     ranks = asyncio.run(route(20_000))  # 20k tokens x 1 MB: 20 GB of KV
@@ -96,18 +114,33 @@ def test_a_long_first_prompt_goes_to_the_replica_it_fills_least():
 def test_a_new_users_footprint_counts_what_it_will_generate():
     router = make_router(free_memory_tolerance_fraction=0.001)
     mib = 1 << 20
-    replicas = [NS(replica_id=NS(unique_id=rid), routing_stats={  # equal, 64 MiB each
-        "free_unified_memory_bytes": 60 * mib, "capacity_bytes": 64 * mib,
-        "kv_budget_bytes": 16 * mib, "kv_cache_bytes": 0, "resident_users": [],
-        "kv_bytes_per_token": 2048}) for rid in ("a", "b", "c", "d")]
+    replicas = [
+        NS(
+            replica_id=NS(unique_id=rid),
+            routing_stats={  # equal, 64 MiB each
+                "free_unified_memory_bytes": 60 * mib,
+                "capacity_bytes": 64 * mib,
+                "kv_budget_bytes": 16 * mib,
+                "kv_cache_bytes": 0,
+                "resident_users": [],
+                "kv_bytes_per_token": 2048,
+            },
+        )
+        for rid in ("a", "b", "c", "d")
+    ]
 
     async def place(user):
-        request = PendingRequest(args=[], kwargs={
-            "shape": RequestShape(user_key(user), 3, 4000)}, metadata=None)
+        request = PendingRequest(
+            args=[], kwargs={"shape": RequestShape(user_key(user), 3, 4000)}, metadata=None
+        )
         ranks = await router.choose_replicas(replicas, request)
         first = ranks[0][0]
-        router._ledger.record(user_key(user), first.replica_id.unique_id,
-                              router._request_bytes(request, replicas), time.time())
+        router._ledger.record(
+            user_key(user),
+            first.replica_id.unique_id,
+            router._request_bytes(request, replicas),
+            time.time(),
+        )
         return first.replica_id.unique_id
 
     placed = [asyncio.run(place(f"u{i}")) for i in range(4)]

@@ -59,8 +59,12 @@ def test_every_policy_sees_the_same_requests_and_every_metric_is_defined(quick):
     rows = quick["headline"]["by_policy"].values()
     assert len({(r["requests"], r["returning_requests"]) for r in rows}) == 1
     assert "re-implemented" in quick["policies"]["power_of_two"]
-    for key in ("served_from_kept_cache", "users_admitted_before_first_eviction", "evictions",
-                "free_kv_share_spread"):
+    for key in (
+        "served_from_kept_cache",
+        "users_admitted_before_first_eviction",
+        "evictions",
+        "free_kv_share_spread",
+    ):
         assert key in quick["definitions"]
 
 
@@ -99,15 +103,19 @@ def test_the_simulated_policy_chooses_as_the_real_router_does():
         cluster.add(f"r{i}", node)
     for n in range(40):  # some users resident, unevenly
         cluster.serve(f"r{n % 3}", user_key(f"old{n}"), 20_000 + 500 * n, now=n, end=n + 1)
-    fakes = [NS(replica_id=NS(unique_id=rid), routing_stats=r.stats())
-             for rid, r in cluster.replicas.items()]
-    router = UnifiedMemoryRouter(deployment_id=NS(name="LLMReplica", app_name="llm"),
-                                 handle_source=NS(value="UNKNOWN"))
+    fakes = [
+        NS(replica_id=NS(unique_id=rid), routing_stats=r.stats())
+        for rid, r in cluster.replicas.items()
+    ]
+    router = UnifiedMemoryRouter(
+        deployment_id=NS(name="LLMReplica", app_name="llm"), handle_source=NS(value="UNKNOWN")
+    )
     router.initialize_state()
 
     async def real(user_id):
-        request = PendingRequest(args=[], kwargs={
-            "shape": RequestShape(user_key(user_id), 0, 0)}, metadata=None)
+        request = PendingRequest(
+            args=[], kwargs={"shape": RequestShape(user_key(user_id), 0, 0)}, metadata=None
+        )
         return (await router.choose_replicas(fakes, request))[0][0].replica_id.unique_id
 
     for user_id in [f"new{n}" for n in range(30)] + ["old3", "old7"]:

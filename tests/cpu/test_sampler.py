@@ -28,8 +28,9 @@ from deployments.engine.paged.sampler import (
 )
 
 
-def brute_kept(x: np.ndarray, temp: float, top_p: float, top_k: int, min_p: float,
-               slack: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+def brute_kept(
+    x: np.ndarray, temp: float, top_p: float, top_k: int, min_p: float, slack: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray]:
     """(kept, unsure) for one row of logits (-inf: banned), straight from the rules in float64;
     `unsure` marks tokens within float32 rounding of the min_p or top_p cut."""
     finite = np.isfinite(x)
@@ -57,11 +58,16 @@ def plan_tensors(plan: SamplingPlan) -> tuple[torch.Tensor, ...]:
 
 
 def random_plan(rows: int, gen: np.random.Generator) -> SamplingPlan:
-    params = [SamplingParams(8, temperature=float(gen.choice([0.0, gen.uniform(0.05, 2.0)])),
-                             top_p=float(gen.choice([1.0, gen.uniform(0.01, 1.0)])),
-                             top_k=int(gen.choice([0, gen.integers(1, 30)])),
-                             min_p=float(gen.choice([0.0, gen.uniform(0.0, 0.4)])))
-              for _ in range(rows)]
+    params = [
+        SamplingParams(
+            8,
+            temperature=float(gen.choice([0.0, gen.uniform(0.05, 2.0)])),
+            top_p=float(gen.choice([1.0, gen.uniform(0.01, 1.0)])),
+            top_k=int(gen.choice([0, gen.integers(1, 30)])),
+            min_p=float(gen.choice([0.0, gen.uniform(0.0, 0.4)])),
+        )
+        for _ in range(rows)
+    ]
     seeds = [draw_seed(int(gen.integers(0, 2**62)), i) for i in range(rows)]
     return build_plan(params, seeds, gen.random(rows) < 0.3)
 
@@ -70,9 +76,11 @@ EOS = torch.tensor([2, 5], dtype=torch.int32)
 
 
 def test_build_plan_normalises_degenerate_values():
-    params = [SamplingParams(4, temperature=1e-40, top_p=1e-46, top_k=2**40, min_p=0.5),
-              SamplingParams(4, temperature=float("nan"), top_p=float("nan")),
-              SamplingParams(4, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1)]
+    params = [
+        SamplingParams(4, temperature=1e-40, top_p=1e-46, top_k=2**40, min_p=0.5),
+        SamplingParams(4, temperature=float("nan"), top_p=float("nan")),
+        SamplingParams(4, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1),
+    ]
     plan = build_plan(params, [-1, 2**64 + 3, 7], [True, False, True])
     assert plan.temperature.tolist() == [0.0, 0.0, pytest.approx(0.7)]
     assert 0 < plan.top_p[0] < 1e-30 and plan.top_p[1] == 1.0
@@ -87,14 +95,19 @@ def test_tiny_temperature_or_top_p_is_greedy_and_leaves_other_rows_alone():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 300, generator=gen) * 4
     normal = [SamplingParams(4, temperature=1.0, top_p=0.9), SamplingParams(4, temperature=0.8)]
-    odd = [SamplingParams(4, temperature=1e-40), SamplingParams(4, temperature=1.5, top_p=1e-46),
-           SamplingParams(4, temperature=MIN_TEMPERATURE, top_k=3),
-           SamplingParams(4, temperature=1.0, min_p=1.0)]
+    odd = [
+        SamplingParams(4, temperature=1e-40),
+        SamplingParams(4, temperature=1.5, top_p=1e-46),
+        SamplingParams(4, temperature=MIN_TEMPERATURE, top_k=3),
+        SamplingParams(4, temperature=1.0, min_p=1.0),
+    ]
     seeds = [draw_seed(11, i) for i in range(6)]
-    mixed = sample_reference(logits, *plan_tensors(build_plan(normal + odd, seeds, [False] * 6)),
-                             EOS)
-    alone = sample_reference(logits[:2], *plan_tensors(build_plan(normal, seeds[:2], [False] * 2)),
-                             EOS)
+    mixed = sample_reference(
+        logits, *plan_tensors(build_plan(normal + odd, seeds, [False] * 6)), EOS
+    )
+    alone = sample_reference(
+        logits[:2], *plan_tensors(build_plan(normal, seeds[:2], [False] * 2)), EOS
+    )
     assert torch.equal(mixed[:2], alone)
     assert torch.equal(mixed[2:], logits[2:].argmax(-1))  # each of these keeps only the top
     assert not torch.isnan(torch.exp2(logits / MIN_TEMPERATURE - logits.amax() / 1e-5)).all()
@@ -108,12 +121,18 @@ def test_reference_kept_set_is_the_rules_token_by_token():
     plan = random_plan(rows, gen)
     x = ban_logits(logits, torch.from_numpy(plan.ban_eos), EOS)
     temp = torch.from_numpy(np.where(plan.temperature > 0, plan.temperature, 1.0))
-    kept = reference_kept(x, temp, *(torch.from_numpy(a) for a in
-                                     (plan.top_p, plan.top_k, plan.min_p)))
+    kept = reference_kept(
+        x, temp, *(torch.from_numpy(a) for a in (plan.top_p, plan.top_k, plan.min_p))
+    )
     unsure_total = 0
     for i in range(rows):
-        want, unsure = brute_kept(x[i].double().numpy(), float(temp[i]), float(plan.top_p[i]),
-                                  int(plan.top_k[i]), float(plan.min_p[i]))
+        want, unsure = brute_kept(
+            x[i].double().numpy(),
+            float(temp[i]),
+            float(plan.top_p[i]),
+            int(plan.top_k[i]),
+            float(plan.min_p[i]),
+        )
         differ = kept[i].numpy() != want
         assert not (differ & ~unsure).any(), (i, np.flatnonzero(differ))
         unsure_total += int(unsure.sum())
@@ -169,12 +188,17 @@ def test_a_seed_draws_the_same_token_at_any_batch_position():
         batch = torch.cat([others[:at], row, others[at:]])
         seeds = [draw_seed(size, i) for i in range(size)]
         seeds.insert(at, 1234)
-        rows = ([SamplingParams(4, temperature=0.9)] * at + [params]
-                + [SamplingParams(4, top_p=0.5)] * (size - at))
+        rows = (
+            [SamplingParams(4, temperature=0.9)] * at
+            + [params]
+            + [SamplingParams(4, top_p=0.5)] * (size - at)
+        )
         plan = build_plan(rows, seeds, [False] * (size + 1))
         assert sample_reference(batch, *plan_tensors(plan), EOS)[at] == alone[0]
-    other_seeds = [sample_reference(row, *plan_tensors(build_plan([params], [s], [False])),
-                                    EOS)[0] for s in range(30)]
+    other_seeds = [
+        sample_reference(row, *plan_tensors(build_plan([params], [s], [False])), EOS)[0]
+        for s in range(30)
+    ]
     assert len(set(map(int, other_seeds))) > 3  # the seed does matter
 
 
@@ -212,8 +236,11 @@ def test_plan_words_round_trip_through_device_views():
     words = torch.from_numpy(plan.words())
     assert words.dtype == torch.int32 and words.numel() == 35
     views = SamplingPlan.device_views(words, torch.from_numpy(plan.seed))
-    for name, array in zip(views._fields, (plan.temperature, plan.top_p, plan.top_k,
-                                           plan.min_p, plan.seed, plan.ban_eos), strict=True):
+    for name, array in zip(
+        views._fields,
+        (plan.temperature, plan.top_p, plan.top_k, plan.min_p, plan.seed, plan.ban_eos),
+        strict=True,
+    ):
         assert np.array_equal(getattr(views, name).numpy(), array), name
 
 

@@ -34,9 +34,12 @@ from deployments.memory import setup_memory
 from deployments.model_files import resolve_model_dir
 from deployments.platform import detect_platform
 
-ARGS = {"model": {"model_id": "builtin:tiny-llama", "dtype": "float32"},
-        "memory": {"cpu_memory_budget_bytes": "256MiB"}, "kv_cache": {"budget_bytes": 2**22},
-        "engine": {"cpu_threads": 1}}
+ARGS = {
+    "model": {"model_id": "builtin:tiny-llama", "dtype": "float32"},
+    "memory": {"cpu_memory_budget_bytes": "256MiB"},
+    "kv_cache": {"budget_bytes": 2**22},
+    "engine": {"cpu_threads": 1},
+}
 
 
 @pytest.fixture(scope="module", params=[PagedEngine, HFEngine], ids=["paged", "hf"])
@@ -57,6 +60,7 @@ def generate(engine, prompt, **sampling):
     async def main():
         req = GenerationRequest("r", None, prompt, SamplingParams(**sampling))
         return [o async for o in engine.generate(req)]
+
     outs = asyncio.run(main())
     return [t for o in outs for t in o.token_ids], [e for o in outs for e in o.logprobs or ()]
 
@@ -65,13 +69,22 @@ def test_logprobs_are_the_raw_distribution_of_the_reference_model(engine, refere
     rng = random.Random(7)
     prompt = [rng.randrange(300) for _ in range(rng.randrange(5, 30))]
     # Penalties, a bias and temperature change what is drawn, never the reported logprobs.
-    ids, entries = generate(engine, prompt, max_tokens=12, temperature=1.3, seed=11,
-                            logprobs=5, frequency_penalty=1.5, repetition_penalty=1.4,
-                            logit_bias=((42, 3.0),), ignore_eos=True)
+    ids, entries = generate(
+        engine,
+        prompt,
+        max_tokens=12,
+        temperature=1.3,
+        seed=11,
+        logprobs=5,
+        frequency_penalty=1.5,
+        repetition_penalty=1.4,
+        logit_bias=((42, 3.0),),
+        ignore_eos=True,
+    )
     assert len(entries) == len(ids) == 12
     with torch.inference_mode():
         logits = reference(input_ids=torch.tensor([prompt + ids])).logits[0].double()
-    expected = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]  # the row each token came from
+    expected = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]  # the row each token came from
     for row, token, (chosen, top) in zip(expected, ids, entries, strict=True):
         assert chosen == pytest.approx(float(row[token]), abs=1e-4)
         assert len(top) == 5
@@ -83,8 +96,9 @@ def test_logprobs_are_the_raw_distribution_of_the_reference_model(engine, refere
 def test_no_logprobs_unless_asked_and_zero_gives_only_the_drawn_token(engine):
     _, entries = generate(engine, [5, 6, 7], max_tokens=3, temperature=0.0, ignore_eos=True)
     assert entries == []
-    _, entries = generate(engine, [5, 6, 7], max_tokens=3, temperature=0.0, logprobs=0,
-                            ignore_eos=True)
+    _, entries = generate(
+        engine, [5, 6, 7], max_tokens=3, temperature=0.0, logprobs=0, ignore_eos=True
+    )
     assert len(entries) == 3 and all(top == () for _, top in entries)
 
 
@@ -107,11 +121,16 @@ def test_penalties_and_bias_match_a_per_row_reference_on_random_logits():
     gen = torch.Generator().manual_seed(3)
     rows, vocab = 5, 97
     rng = random.Random(3)
-    params = [SamplingParams(
-        8, presence_penalty=rng.uniform(-2, 2), frequency_penalty=rng.uniform(-2, 2),
-        repetition_penalty=rng.uniform(0.5, 2.0),
-        logit_bias=tuple((t, rng.uniform(-100, 100)) for t in rng.sample(range(vocab), 4)))
-        for _ in range(rows)]
+    params = [
+        SamplingParams(
+            8,
+            presence_penalty=rng.uniform(-2, 2),
+            frequency_penalty=rng.uniform(-2, 2),
+            repetition_penalty=rng.uniform(0.5, 2.0),
+            logit_bias=tuple((t, rng.uniform(-100, 100)) for t in rng.sample(range(vocab), 4)),
+        )
+        for _ in range(rows)
+    ]
     params[2] = SamplingParams(8)  # a row without rules is left as it is
     counts = TokenCounts(vocab, torch.device("cpu"), slots=2)  # grows as slots are handed out
     slots = [counts.assign() for _ in range(rows)]
@@ -151,8 +170,11 @@ def test_a_slot_handed_out_again_starts_from_zero_counts():
 def test_draw_counts_what_it_draws_and_a_strong_penalty_avoids_repeats():
     vocab = 64
     counts = TokenCounts(vocab, torch.device("cpu"))
-    params = [SamplingParams(8, temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0,
-                             repetition_penalty=2.0)]
+    params = [
+        SamplingParams(
+            8, temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0, repetition_penalty=2.0
+        )
+    ]
     slot = counts.assign()
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5))
     drawn, eos = [], torch.zeros(0, dtype=torch.int32)
@@ -171,12 +193,14 @@ def test_raw_logprobs_match_float64_log_softmax_on_random_logits():
     tokens = torch.randint(0, 300, (4,), generator=gen)
     lp = raw_logprobs(logits, tokens, 7)
     ref = torch.log_softmax(logits.double(), -1)
-    torch.testing.assert_close(lp.chosen.double(), ref.gather(1, tokens[:, None])[:, 0],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        lp.chosen.double(), ref.gather(1, tokens[:, None])[:, 0], atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(lp.top_values.double(), ref.topk(7).values, atol=1e-5, rtol=0)
 
 
 # ---- response_format --------------------------------------------------------------------------
+
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
     """A random schema whose every instance is short: bounded strings, arrays and numbers."""
@@ -195,13 +219,20 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
     if kind == "enum":
         return {"enum": rng.sample(["a", "bb", "ccc", 1, 2, True, None], rng.randint(1, 4))}
     if kind == "array":
-        return {"type": "array", "items": random_schema(rng, depth + 1),
-                "maxItems": rng.randint(0, 3)}
+        return {
+            "type": "array",
+            "items": random_schema(rng, depth + 1),
+            "maxItems": rng.randint(0, 3),
+        }
     names = rng.sample(["id", "name", "tags", "ok", "score", "kind", "x"], rng.randint(1, 4))
     props = {n: random_schema(rng, depth + 1) for n in names}
     required = [n for n in names if rng.random() < 0.7]
-    return {"type": "object", "properties": props, "required": required,
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+    }
 
 
 def test_json_schema_output_parses_and_validates_for_20_random_schemas(engine):
@@ -210,16 +241,28 @@ def test_json_schema_output_parses_and_validates_for_20_random_schemas(engine):
     for i in range(20):
         schema = random_schema(rng)
         fmt = json.dumps({"type": "json_schema", "json_schema": {"schema": schema}})
-        ids, _ = generate(engine, [rng.randrange(300) for _ in range(6)], max_tokens=200,
-                          temperature=1.0, seed=i, response_format=fmt)
+        ids, _ = generate(
+            engine,
+            [rng.randrange(300) for _ in range(6)],
+            max_tokens=200,
+            temperature=1.0,
+            seed=i,
+            response_format=fmt,
+        )
         assert ids[-1] in engine.eos_token_ids, f"schema {schema}: no end within 200 tokens"
         text = tok.decode(ids[:-1])
         jsonschema.validate(json.loads(text), schema)
 
 
 def test_json_object_output_is_an_object(engine):
-    ids, _ = generate(engine, [1, 2, 3], max_tokens=300, temperature=0.7, seed=4,
-                      response_format=json.dumps({"type": "json_object"}))
+    ids, _ = generate(
+        engine,
+        [1, 2, 3],
+        max_tokens=300,
+        temperature=0.7,
+        seed=4,
+        response_format=json.dumps({"type": "json_object"}),
+    )
     if ids[-1] in engine.eos_token_ids:
         assert isinstance(json.loads(engine.tokenizer.decode(ids[:-1])), dict)
     else:  # cut at max_tokens: still a prefix of an object
@@ -245,10 +288,17 @@ class PlainEngine(Engine):
         raise NotImplementedError
 
 
-@pytest.mark.parametrize("field, value", [
-    ("logprobs", 2), ("logit_bias", ((3, 1.0),)), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0), ("repetition_penalty", 1.1),
-    ("response_format", '{"type": "json_object"}')])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logprobs", 2),
+        ("logit_bias", ((3, 1.0),)),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1.0),
+        ("repetition_penalty", 1.1),
+        ("response_format", '{"type": "json_object"}'),
+    ],
+)
 def test_an_engine_that_cannot_honour_a_field_refuses_it_by_name(field, value):
     req = GenerationRequest("r", None, [1], SamplingParams(2, **{field: value}))
     with pytest.raises(RequestError) as err:

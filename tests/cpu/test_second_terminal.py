@@ -25,12 +25,19 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "python_handle.py"
 
 
-def second_terminal(env: dict[str, str], *args: str, timeout_s: float = 180
-                    ) -> subprocess.CompletedProcess:
+def second_terminal(
+    env: dict[str, str], *args: str, timeout_s: float = 180
+) -> subprocess.CompletedProcess:
     """Run the handle example as a user would from another shell (not from the repo root)."""
     env = {**env, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(EXAMPLE), *args], env=env, cwd="/", text=True,
-                          capture_output=True, timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), *args],
+        env=env,
+        cwd="/",
+        text=True,
+        capture_output=True,
+        timeout=timeout_s,
+    )
 
 
 def without(env: dict[str, str], *names: str) -> dict[str, str]:
@@ -65,8 +72,10 @@ def test_without_token_mode_the_cluster_refuses_the_driver(serve_url):
     """Why attach_env sets RAY_AUTH_MODE: an explicit address does not turn token auth on."""
     import ray
 
-    env = {**without(dict(os.environ), "RAY_AUTH_MODE"),
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {
+        **without(dict(os.environ), "RAY_AUTH_MODE"),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    }
     result = second_terminal(env, timeout_s=120)
     assert result.returncode != 0
     assert "auth" in (result.stdout + result.stderr).lower()
@@ -81,18 +90,34 @@ def make_run(tmp_path_factory):
     config["http_options"]["port"] = free_port()
     config["applications"][0]["args"]["replica"]["num_replicas"] = 1
     (work / "local.yaml").write_text(yaml.safe_dump(config))
-    ports = {"--ray-port": free_port(), "--dashboard-port": free_port(),
-             "--metrics-port": free_port()}
+    ports = {
+        "--ray-port": free_port(),
+        "--dashboard-port": free_port(),
+        "--metrics-port": free_port(),
+    }
     ray_tmp = Path("/tmp") / f"gs-launch-{os.getpid()}"  # short: Ray's socket paths
     ray_tmp.mkdir(exist_ok=True)
-    env = {**without(dict(os.environ), "RAY_ADDRESS", "RAY_AUTH_MODE"),
-           "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **without(dict(os.environ), "RAY_ADDRESS", "RAY_AUTH_MODE"),
+        "RAY_TMPDIR": str(ray_tmp),
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     console = open(work / "console.log", "w+")  # noqa: SIM115 (closed below)
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "deployments.launch", str(work / "local.yaml"),
-         *[str(x) for kv in ports.items() for x in kv]],
-        env=env, cwd=ROOT, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "deployments.launch",
+            str(work / "local.yaml"),
+            *[str(x) for kv in ports.items() for x in kv],
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=console,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     yield launcher, work / "console.log", serve_target(config), ports, env
     if launcher.poll() is None:
         launcher.send_signal(signal.SIGTERM)

@@ -42,11 +42,11 @@ def test_configs_validate_and_admit_256_streams(name):
 
 
 def test_gpu_config_is_one_managed_replica_whose_kv_budget_holds_the_kept_users():
-    args = parse_app_args(yaml.safe_load((CONFIGS / "serve-llama-8b.yaml").read_text())
-                          ["applications"][0]["args"])
+    args = parse_app_args(
+        yaml.safe_load((CONFIGS / "serve-llama-8b.yaml").read_text())["applications"][0]["args"]
+    )
     assert args.memory.mode == "managed" and args.replica.num_gpus == 1
-    expect = kv_expectation(FULL, 128 << 10, args.engine.page_size,
-                            int(args.kv_cache.budget_bytes))
+    expect = kv_expectation(FULL, 128 << 10, args.engine.page_size, int(args.kv_cache.budget_bytes))
     assert expect["fits"] and expect["share_of_budget"] < 0.85
 
 
@@ -79,11 +79,21 @@ class FakeTransport:
     async def __call__(self, call: Call) -> Reply:
         self.calls.append(call)
         text = " ".join(["w"] * self.reply_words)
-        prompt = (sum(len(m["content"].split()) for m in call.messages) if call.messages
-                  else len(call.prompt.split()))
-        return Reply(start=0.0, end=1.0, chunk_t=[0.1, 0.2, 0.3], chunk_n=[1, 1, 1],
-                     text=text, prompt_tokens=prompt, completion_tokens=self.reply_words,
-                     cached_tokens=self.cached)
+        prompt = (
+            sum(len(m["content"].split()) for m in call.messages)
+            if call.messages
+            else len(call.prompt.split())
+        )
+        return Reply(
+            start=0.0,
+            end=1.0,
+            chunk_t=[0.1, 0.2, 0.3],
+            chunk_n=[1, 1, 1],
+            text=text,
+            prompt_tokens=prompt,
+            completion_tokens=self.reply_words,
+            cached_tokens=self.cached,
+        )
 
 
 def test_chat_user_sends_its_growing_conversation_and_counts_what_was_held():
@@ -140,6 +150,7 @@ def test_request_body_asks_for_exact_lengths_and_usage():
 
 def test_http_transport_times_content_chunks_and_reads_usage():
     """Against a small aiohttp server streaming OpenAI-shaped completion chunks."""
+
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         assert request.headers["X-User-Id"] == "u1" and body["stream"]
@@ -147,15 +158,18 @@ def test_http_transport_times_content_chunks_and_reads_usage():
         await response.prepare(request)
         # One event, then two events in one write (one delivery), then a finish chunk.
         for texts in (["a"], [" b", " c"], [""]):
-            chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]}
-                      for t in texts]
-            await response.write("".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
-                                 .encode())
+            chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in texts]
+            await response.write("".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode())
             await asyncio.sleep(0.02)
-        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
-                 "prompt_tokens_details": {"cached_tokens": 4}}
-        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-                             "data: [DONE]\n\n".encode())
+        usage = {
+            "prompt_tokens": 5,
+            "completion_tokens": 3,
+            "total_tokens": 8,
+            "prompt_tokens_details": {"cached_tokens": 4},
+        }
+        await response.write(
+            f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode()
+        )
         return response
 
     async def run() -> Reply:
@@ -180,17 +194,30 @@ def test_http_transport_times_content_chunks_and_reads_usage():
 
 
 def record(start: float, times: list[float], n: list[int], **extra) -> dict:
-    return {"session": "s", "turn": 0, "measured": True, "max_tokens": sum(n),
-            "held_tokens": 0, "start": start, "end": start + times[-1], "chunk_t": times,
-            "chunk_n": n, "prompt_tokens": 10, "completion_tokens": sum(n),
-            "cached_tokens": 0, "error": None, **extra}
+    return {
+        "session": "s",
+        "turn": 0,
+        "measured": True,
+        "max_tokens": sum(n),
+        "held_tokens": 0,
+        "start": start,
+        "end": start + times[-1],
+        "chunk_t": times,
+        "chunk_n": n,
+        "prompt_tokens": 10,
+        "completion_tokens": sum(n),
+        "cached_tokens": 0,
+        "error": None,
+        **extra,
+    }
 
 
 def test_summary_definitions():
-    records = [record(0.0, [0.1, 0.2, 0.4], [1, 1, 2]),
-               record(0.5, [0.3, 0.4, 0.5], [1, 1, 1], turn=1, held_tokens=20,
-                      cached_tokens=19),
-               record(0.0, [9.0], [1], measured=False)]
+    records = [
+        record(0.0, [0.1, 0.2, 0.4], [1, 1, 2]),
+        record(0.5, [0.3, 0.4, 0.5], [1, 1, 1], turn=1, held_tokens=20, cached_tokens=19),
+        record(0.0, [9.0], [1], measured=False),
+    ]
     row = summarize(records, "multi_turn")
     assert row["requests"] == 2 and row["output_tokens"] == 7 and row["seconds"] == 1.0
     assert row["output_tokens_per_s"] == 7.0
@@ -208,24 +235,35 @@ def test_changes_reports_moved_numbers_only():
 
 
 def _row(side: str, step: str, **figures) -> dict:
-    base = {"side": side, "step": step, "warmup": False, "requests": 10,
-            "output_tokens_per_s": 100.0, "ttft_ms": {"p50": 20.0, "p99": 30.0},
-            "itl_ms": {"p50": 5.0, "p99": 9.0}}
+    base = {
+        "side": side,
+        "step": step,
+        "warmup": False,
+        "requests": 10,
+        "output_tokens_per_s": 100.0,
+        "ttft_ms": {"p50": 20.0, "p99": 30.0},
+        "itl_ms": {"p50": 5.0, "p99": 9.0},
+    }
     return {**base, **figures}
 
 
 def test_headlines_are_ratios_between_the_two_sides_of_one_step():
     cache = {"cached_share": 0.97, "returning_ttft_ms": {"p50": 20.0, "p99": 40.0}}
-    rows = [_row("in_process", "fixed-c64-sampled", decode_step_ms=10.0, step_over_floor=1.2),
-            _row("http", "fixed-c64-sampled", output_tokens_per_s=95.0),
-            _row("in_process", "fixed-c1-greedy", decode_step_ms=4.9),
-            _row("http", "fixed-c1-greedy", ttft_ms={"p50": 24.0, "p99": 30.0},
-                 client={"client_kept_up": True}),
-            _row("in_process", "returning", cache={**cache,
-                                                   "returning_ttft_ms": {"p50": 18.0}}),
-            _row("http", "returning", cache=cache),
-            _row("http", "multi_turn", cache=cache), _row("in_process", "multi_turn",
-                                                          cache=cache)]
+    rows = [
+        _row("in_process", "fixed-c64-sampled", decode_step_ms=10.0, step_over_floor=1.2),
+        _row("http", "fixed-c64-sampled", output_tokens_per_s=95.0),
+        _row("in_process", "fixed-c1-greedy", decode_step_ms=4.9),
+        _row(
+            "http",
+            "fixed-c1-greedy",
+            ttft_ms={"p50": 24.0, "p99": 30.0},
+            client={"client_kept_up": True},
+        ),
+        _row("in_process", "returning", cache={**cache, "returning_ttft_ms": {"p50": 18.0}}),
+        _row("http", "returning", cache=cache),
+        _row("http", "multi_turn", cache=cache),
+        _row("in_process", "multi_turn", cache=cache),
+    ]
     head = headlines(rows)
     assert head["c64_sampled_tokens_per_s_http_over_in_process"] == 0.95
     assert head["c1_greedy_itl_p50_over_in_process_step"] == pytest.approx(5.0 / 4.9, 1e-3)
@@ -259,10 +297,16 @@ def test_steps_are_chosen_by_name_or_by_a_names_start():
 
     every = [s.name for s in steps(FULL)]
     assert [s.name for s in steps(FULL, "fixed-c64,returning")] == [
-        "fixed-c64-sampled-warmup", "fixed-c64-sampled", "fixed-c64-greedy-warmup",
-        "fixed-c64-greedy", "returning"]
+        "fixed-c64-sampled-warmup",
+        "fixed-c64-sampled",
+        "fixed-c64-greedy-warmup",
+        "fixed-c64-greedy",
+        "returning",
+    ]
     assert [s.name for s in steps(FULL, "fixed-c1-greedy")] == [
-        "fixed-c1-greedy-warmup", "fixed-c1-greedy"]  # a step brings its warm-up
+        "fixed-c1-greedy-warmup",
+        "fixed-c1-greedy",
+    ]  # a step brings its warm-up
     assert [s.name for s in steps(FULL, None)] == every
     with pytest.raises(ValueError, match="fixed-c6"):
         steps(FULL, "fixed-c6")  # a prefix only matches up to a dash: not fixed-c64
@@ -272,7 +316,9 @@ def test_direct_ingress_env_names_the_port_range():
     from deployments.direct_ingress import direct_ingress_env
 
     assert direct_ingress_env(range(30500, 30506)) == {
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "30500",
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "30506"}
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "30500",
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "30506",
+    }
     with pytest.raises(ValueError):
         direct_ingress_env(range(0))

@@ -31,10 +31,18 @@ def read(pattern: str) -> str:
 
 # What each LLMReplica logs while it starts, and the module that logs it.
 REPLICA_LINES = {
-    "deployments.replica": ["starting on CPU only", "memory: host on cpu",
-                            "ready in", "serving tiny-llama, context 512 tokens"],
-    "deployments.engine.paged.engine": ["weights: ", "PagedEngine ready", "KV pages of",
-                                        "decode CUDA graphs off: no GPU"],
+    "deployments.replica": [
+        "starting on CPU only",
+        "memory: host on cpu",
+        "ready in",
+        "serving tiny-llama, context 512 tokens",
+    ],
+    "deployments.engine.paged.engine": [
+        "weights: ",
+        "PagedEngine ready",
+        "KV pages of",
+        "decode CUDA graphs off: no GPU",
+    ],
 }
 
 
@@ -78,14 +86,24 @@ def test_direct_ingress_urls_come_from_the_apps_target_groups():
     replicas."""
     from deployments.announce import direct_urls
 
-    details = {"target_groups": [
-        {"app_name": "", "protocol": "HTTP", "targets": [{"ip": "10.0.0.1", "port": 8000}]},
-        {"app_name": "llm", "protocol": "HTTP", "targets": [
-            {"ip": "10.0.0.2", "port": 30001}, {"ip": "10.0.0.1", "port": 30000}]},
-        {"app_name": "llm", "protocol": "gRPC", "targets": [{"ip": "10.0.0.1", "port": 40000}]},
-        {"app_name": "other", "protocol": "HTTP", "targets": [{"ip": "10.0.0.3", "port": 1}]}]}
-    assert direct_urls(details, "llm", "/") == ["http://10.0.0.1:30000/v1",
-                                                "http://10.0.0.2:30001/v1"]
+    details = {
+        "target_groups": [
+            {"app_name": "", "protocol": "HTTP", "targets": [{"ip": "10.0.0.1", "port": 8000}]},
+            {
+                "app_name": "llm",
+                "protocol": "HTTP",
+                "targets": [{"ip": "10.0.0.2", "port": 30001}, {"ip": "10.0.0.1", "port": 30000}],
+            },
+            {"app_name": "llm", "protocol": "gRPC", "targets": [{"ip": "10.0.0.1", "port": 40000}]},
+            {"app_name": "other", "protocol": "HTTP", "targets": [{"ip": "10.0.0.3", "port": 1}]},
+        ]
+    }
+    assert direct_urls(details, "llm", "/") == [
+        "http://10.0.0.1:30000/v1",
+        "http://10.0.0.2:30001/v1",
+    ]
     assert direct_urls(details, "llm", "/api", "127.0.0.1") == [
-        "http://127.0.0.1:30000/api/v1", "http://127.0.0.1:30001/api/v1"]
+        "http://127.0.0.1:30000/api/v1",
+        "http://127.0.0.1:30001/api/v1",
+    ]
     assert direct_urls({"target_groups": details["target_groups"][:1]}, "llm", "/") == []

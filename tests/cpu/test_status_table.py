@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("status_table", ROOT / "scripts" /
-                                                  "status_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "status_table", ROOT / "scripts" / "status_table.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -19,7 +20,8 @@ def load():
 def test_the_readme_table_matches_the_gpu_runs_and_the_results():
     table = load()
     assert table.readme_table(ROOT / "README.md") == table.build(), (
-        "README.md's status table is stale: run `python scripts/status_table.py --write`")
+        "README.md's status table is stale: run `python scripts/status_table.py --write`"
+    )
 
 
 def test_every_gpu_run_row_is_used_and_grace_hardware_reads_none_yet():
@@ -43,7 +45,8 @@ def test_a_result_on_a_grace_card_shows_in_its_column(tmp_path):
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
     (results / "migration-NVIDIA-GH200-480GB.json").write_text(
-        '{"card": "NVIDIA-GH200-480GB", "git_commit": "abcdef0123", "date": "2027-01-01"}')
+        '{"card": "NVIDIA-GH200-480GB", "git_commit": "abcdef0123", "date": "2027-01-01"}'
+    )
     line = next(ln for ln in table.build(tmp_path).splitlines() if ln.startswith("| Grace"))
     assert "migration results measured at `abcdef0`" in line.split(" | ")[3]
     assert "`abcdef0` (2027-01-01, NVIDIA-GH200-480GB)" in line

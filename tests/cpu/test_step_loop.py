@@ -22,9 +22,13 @@ def test_a_request_in_the_inbox_runs_even_when_its_kick_was_taken():
 
     async def main() -> list[int]:
         stream = TokenStream(asyncio.get_running_loop())
-        seq = Sequence(request_id="r", user_key=None, token_ids=[65, 66, 67, 68],
-                       sampling=SamplingParams(4, temperature=0.0, ignore_eos=True),
-                       stream=stream)
+        seq = Sequence(
+            request_id="r",
+            user_key=None,
+            token_ids=[65, 66, 67, 68],
+            sampling=SamplingParams(4, temperature=0.0, ignore_eos=True),
+            stream=stream,
+        )
         with engine._wake:  # the state that iteration left: inbox full, no kick pending
             engine._inbox.append(seq)
             engine._kicked = False
@@ -32,6 +36,7 @@ def test_a_request_in_the_inbox_runs_even_when_its_kick_was_taken():
 
         async def tokens() -> list[int]:
             return [t async for batch in stream for t in batch]
+
         return await asyncio.wait_for(tokens(), 20)
 
     try:

@@ -39,9 +39,13 @@ def replica():
 
 def greedy(max_tokens: int = 24, **extra) -> dict:
     """A replica call's keyword arguments, as the ingress makes them."""
-    return {"request": {"prompt_token_ids": PROMPT,
-                        "sampling": {"max_tokens": max_tokens, "temperature": 0, **extra}},
-            "shape": RequestShape(None, len(PROMPT), max_tokens)}
+    return {
+        "request": {
+            "prompt_token_ids": PROMPT,
+            "sampling": {"max_tokens": max_tokens, "temperature": 0, **extra},
+        },
+        "shape": RequestShape(None, len(PROMPT), max_tokens),
+    }
 
 
 async def messages_of(rep: LLMReplica, call: dict) -> list[list[dict]]:

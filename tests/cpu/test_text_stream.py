@@ -27,11 +27,20 @@ def messages(ids: list[int], sizes: list[int]) -> list[list[dict]]:
     """Replica messages carrying `ids` in batches of `sizes`, then the replica's end."""
     out, at = [], 0
     for n in sizes:
-        out.append([{"event": "delta", "token_ids": ids[at:at + n]}])
+        out.append([{"event": "delta", "token_ids": ids[at : at + n]}])
         at += n
-    out[-1].append({"event": "end", "finish_reason": "length", "usage": {
-        "prompt_tokens": 7, "completion_tokens": len(ids), "total_tokens": 7 + len(ids),
-        "prompt_tokens_details": {"cached_tokens": 3}}})
+    out[-1].append(
+        {
+            "event": "end",
+            "finish_reason": "length",
+            "usage": {
+                "prompt_tokens": 7,
+                "completion_tokens": len(ids),
+                "total_tokens": 7 + len(ids),
+                "prompt_tokens_details": {"cached_tokens": 3},
+            },
+        }
+    )
     return out
 
 
@@ -67,7 +76,7 @@ def test_a_stop_string_ends_the_text_before_it_with_the_tokens_used():
         assert end["finish_reason"] == "stop"
         used = end["usage"]["completion_tokens"]
         assert used < len(ids) and "STOP" in TOKENIZER.decode(ids[:used])
-        assert "STOP" not in TOKENIZER.decode(ids[:used - 1])
+        assert "STOP" not in TOKENIZER.decode(ids[: used - 1])
         assert end["usage"]["prompt_tokens_details"]["cached_tokens"] == 3
 
 
@@ -79,14 +88,18 @@ def test_stop_strings_count_only_after_min_tokens():
 
 
 def test_over_http_a_stop_string_ends_the_answer_and_its_usage(llm_url):
-    body = {"model": "tiny-llama", "prompt": "Numbers: 0 1 2 3", "max_tokens": 40,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": "tiny-llama",
+        "prompt": "Numbers: 0 1 2 3",
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     full = httpx.post(f"{llm_url}/v1/completions", json=body, timeout=60).json()
     text = full["choices"][0]["text"]
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), text
-    cut = httpx.post(f"{llm_url}/v1/completions", json={**body, "stop": [stop]},
-                     timeout=60).json()
-    assert cut["choices"][0]["text"] == text[:text.index(stop)]
+    cut = httpx.post(f"{llm_url}/v1/completions", json={**body, "stop": [stop]}, timeout=60).json()
+    assert cut["choices"][0]["text"] == text[: text.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
     assert cut["usage"]["completion_tokens"] < full["usage"]["completion_tokens"] == 40

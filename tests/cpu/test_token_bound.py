@@ -14,10 +14,15 @@ from deployments.tokenizer import TextTokenizer
 
 # ASCII, Latin with combining marks, fullwidth letters (NFKC: 3 bytes -> 1), Hangul jamo
 # (NFC: three 3-byte jamo -> one 3-byte syllable), CJK, emoji, ligatures.
-ALPHABET = (list("abcdefghij klmnop,.!?0123456789\n\t") + ["e\u0301", "\u0301"]
-            + [chr(c) for c in range(0xFF21, 0xFF3B)]
-            + [chr(0x1100 + i) + chr(0x1161 + i) + chr(0x11A8 + i) for i in range(10)]
-            + list("统一内存") + ["😀", "🚀"] + ["ﬁ", "ﬂ"])
+ALPHABET = (
+    list("abcdefghij klmnop,.!?0123456789\n\t")
+    + ["e\u0301", "\u0301"]
+    + [chr(c) for c in range(0xFF21, 0xFF3B)]
+    + [chr(0x1100 + i) + chr(0x1161 + i) + chr(0x11A8 + i) for i in range(10)]
+    + list("统一内存")
+    + ["😀", "🚀"]
+    + ["ﬁ", "ﬂ"]
+)
 CORPUS = ["unified memory hello world 한국어 ＡＢＣ ﬁ café", "the router sends 가나다 home"] * 40
 
 
@@ -26,10 +31,12 @@ def trained(normalizer=None, pre=None, byte_fallback: bool = False) -> Tokenizer
     if normalizer is not None:
         tok.normalizer = normalizer
     tok.pre_tokenizer = pre
-    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(
-        pre, pre_tokenizers.ByteLevel) else []
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=alphabet, show_progress=False))
+    alphabet = (
+        pre_tokenizers.ByteLevel.alphabet() if isinstance(pre, pre_tokenizers.ByteLevel) else []
+    )
+    tok.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False)
+    )
     return tok
 
 
@@ -39,11 +46,16 @@ def random_texts(seed: int, n: int = 200) -> list[str]:
 
 
 BOUNDED = {
-    "builtin": lambda: TextTokenizer.load(
-        resolve_model_dir("builtin:tiny-llama", weights=False)).backend_tokenizer,
+    "builtin": lambda: (
+        TextTokenizer.load(resolve_model_dir("builtin:tiny-llama", weights=False)).backend_tokenizer
+    ),
     "nfkc-bytelevel": lambda: trained(normalizers.NFKC(), pre_tokenizers.ByteLevel()),
-    "nfc-split-bytelevel": lambda: trained(normalizers.NFC(), pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel()])),
+    "nfc-split-bytelevel": lambda: trained(
+        normalizers.NFC(),
+        pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel()]
+        ),
+    ),
 }
 
 
@@ -59,8 +71,10 @@ def test_no_text_has_fewer_tokens_than_its_bytes_allow(name):
 
 def test_tokenizers_that_can_drop_text_give_no_bound():
     spaces = " " * 1000  # 1,000 bytes that these tokenize to (almost) nothing
-    for tok in (trained(None, pre_tokenizers.Whitespace(), byte_fallback=True),
-                trained(normalizers.Strip(), pre_tokenizers.ByteLevel())):
+    for tok in (
+        trained(None, pre_tokenizers.Whitespace(), byte_fallback=True),
+        trained(normalizers.Strip(), pre_tokenizers.ByteLevel()),
+    ):
         assert len(tok.encode(spaces).ids) <= 1
         assert max_bytes_per_token(tok) is None
     no_bytes = trained(None, pre_tokenizers.Metaspace())  # unknown characters vanish

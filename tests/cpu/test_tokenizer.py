@@ -67,7 +67,8 @@ def test_decode_matches_with_and_without_special_tokens(pair):
         ids = [rng.randrange(len(auto)) for _ in range(rng.randint(0, 40))]
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == auto.decode(
-                ids, skip_special_tokens=skip)
+                ids, skip_special_tokens=skip
+            )
 
 
 def test_random_conversations_render_and_encode_as_transformers_does(pair):
@@ -83,10 +84,12 @@ def test_random_conversations_render_and_encode_as_transformers_does(pair):
         extra = {"date_string": "02 Dec 2026"} if trial % 4 == 0 else {}
         want_text = hf_chat(auto, chat, False, tools=tools, add_generation_prompt=prompt, **extra)
         want_ids = hf_chat(auto, chat, True, tools=tools, add_generation_prompt=prompt, **extra)
-        assert ours.render_chat(chat, tools=tools, add_generation_prompt=prompt,
-                                **extra) == want_text
-        assert ours.encode_chat(chat, tools=tools, add_generation_prompt=prompt,
-                                **extra) == want_ids
+        assert (
+            ours.render_chat(chat, tools=tools, add_generation_prompt=prompt, **extra) == want_text
+        )
+        assert (
+            ours.encode_chat(chat, tools=tools, add_generation_prompt=prompt, **extra) == want_ids
+        )
 
 
 def test_documents_and_template_variables_reach_the_template(tmp_path):
@@ -102,9 +105,16 @@ def test_documents_and_template_variables_reach_the_template(tmp_path):
 def test_a_template_refusal_is_a_chat_template_error(tmp_path):
     root = chat_models.llama31_dir(tmp_path / "l")
     ours, auto = TextTokenizer.load(root), AutoTokenizer.from_pretrained(root)
-    two_calls = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
-        {"function": {"name": "a", "arguments": {}}}, {"function": {"name": "b",
-                                                                     "arguments": {}}}]}]
+    two_calls = [
+        {"role": "user", "content": "x"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"function": {"name": "a", "arguments": {}}},
+                {"function": {"name": "b", "arguments": {}}},
+            ],
+        },
+    ]
     with pytest.raises(jinja2.TemplateError, match="single tool-calls"):
         hf_chat(auto, two_calls, False)
     with pytest.raises(ChatTemplateError, match="single tool-calls"):
@@ -132,7 +142,8 @@ def test_named_templates_pick_tool_use_when_tools_are_given(tmp_path):
     (root / "chat_template.jinja").write_text(BLOCKS_TEMPLATE)
     (root / "additional_chat_templates").mkdir()
     (root / "additional_chat_templates" / "tool_use.jinja").write_text(
-        "TOOLS {{ tools | tojson }}{% for m in messages %}{{ m.content }}{% endfor %}")
+        "TOOLS {{ tools | tojson }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
     ours, auto = TextTokenizer.load(root), AutoTokenizer.from_pretrained(root)
     chat, tools = [{"role": "user", "content": "héllo"}], [{"name": "f", "d": "ü"}]
     want = hf_chat(auto, chat, False, tools=tools, add_generation_prompt=True)
@@ -149,14 +160,21 @@ def test_without_a_chat_template_chats_render_as_the_engine_always_did(tmp_path)
     ours = TextTokenizer.load(root)
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert ours.render_chat(chat) == "system: be brief\nuser: hi\nassistant:"
-    assert ours.encode_chat(chat) == ours.backend_tokenizer.encode(
-        "system: be brief\nuser: hi\nassistant:", add_special_tokens=False).ids
+    assert (
+        ours.encode_chat(chat)
+        == ours.backend_tokenizer.encode(
+            "system: be brief\nuser: hi\nassistant:", add_special_tokens=False
+        ).ids
+    )
 
 
 def test_a_directory_without_tokenizer_json_says_a_fast_tokenizer_is_needed(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    with pytest.raises(TokenizerNotFound, match=r"no tokenizer\.json.*fast tokenizer.*"
-                                                r"save_pretrained"):
+    with pytest.raises(
+        TokenizerNotFound,
+        match=r"no tokenizer\.json.*fast tokenizer.*"
+        r"save_pretrained",
+    ):
         TextTokenizer.load(tmp_path)
 
 
@@ -166,10 +184,13 @@ def test_builtin_tokenizer_files_are_what_save_pretrained_writes(tmp_path):
     ours = tmp_path / "ours"
     builtin_tokenizer.write_tokenizer(ours)
     reference = PreTrainedTokenizerFast(
-        tokenizer_object=builtin_tokenizer.build_tokenizer(), chat_template=
-        builtin_tokenizer.CHAT_TEMPLATE, bos_token=builtin_tokenizer.BOS_TOKEN,
-        eos_token=builtin_tokenizer.EOS_TOKEN, pad_token=builtin_tokenizer.PAD_TOKEN,
-        model_max_length=builtin_tokenizer.MODEL_MAX_LENGTH)
+        tokenizer_object=builtin_tokenizer.build_tokenizer(),
+        chat_template=builtin_tokenizer.CHAT_TEMPLATE,
+        bos_token=builtin_tokenizer.BOS_TOKEN,
+        eos_token=builtin_tokenizer.EOS_TOKEN,
+        pad_token=builtin_tokenizer.PAD_TOKEN,
+        model_max_length=builtin_tokenizer.MODEL_MAX_LENGTH,
+    )
     reference.save_pretrained(tmp_path / "ref")
     written = sorted(p.name for p in (tmp_path / "ref").iterdir())
     assert written == sorted(p.name for p in ours.iterdir())
@@ -195,8 +216,12 @@ heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
 assert not heavy, heavy
 """
     env = {**os.environ, "GRACE_SERVE_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in next(tmp_path.glob("tiny-llama-*")).iterdir()) == [
-        "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]  # no weights built
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]  # no weights built

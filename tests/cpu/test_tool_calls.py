@@ -26,33 +26,49 @@ from deployments.tool_choice import plan_tools, tool_events
 TEMPLATES = Path(__file__).parent / "templates"
 LLAMA = (TEMPLATES / "llama31_instruct.jinja").read_text(encoding="utf-8")
 QWEN = (TEMPLATES / "qwen25_instruct.jinja").read_text(encoding="utf-8")
-WORDS = ["Paris", "unified memory", "ü", "日本", "a \"quote\"", "back\\slash", "}{", "</x>"]
+WORDS = ["Paris", "unified memory", "ü", "日本", 'a "quote"', "back\\slash", "}{", "</x>"]
 
 
 def random_arguments(rng: random.Random) -> dict:
     args = {}
     for i in range(rng.randint(0, 4)):
-        value = rng.choice([rng.choice(WORDS), rng.randint(-99, 99), rng.random() < 0.5,
-                            None, [rng.choice(WORDS), 1.5], {"k": rng.choice(WORDS)}])
+        value = rng.choice(
+            [
+                rng.choice(WORDS),
+                rng.randint(-99, 99),
+                rng.random() < 0.5,
+                None,
+                [rng.choice(WORDS), 1.5],
+                {"k": rng.choice(WORDS)},
+            ]
+        )
         args[f"arg_{i}"] = value
     return args
 
 
 def random_calls(rng: random.Random, n: int) -> list[dict]:
-    return [{"name": rng.choice(["get_weather", "search", "sum_2"]),
-             "arguments": random_arguments(rng)} for _ in range(n)]
+    return [
+        {"name": rng.choice(["get_weather", "search", "sum_2"]), "arguments": random_arguments(rng)}
+        for _ in range(n)
+    ]
 
 
 def rendered_answer(template: str, calls: list[dict], content: str = "") -> str:
     """The assistant turn the real template writes for `calls` (its text, no headers)."""
     history = [{"role": "user", "content": "hi"}]
-    before = chat_template.render(template, history, add_generation_prompt=True,
-                                  bos_token="<|begin_of_text|>")
-    turn = {"role": "assistant", "content": content, "tool_calls": [
-        {"id": f"c{i}", "type": "function", "function": c} for i, c in enumerate(calls)]}
+    before = chat_template.render(
+        template, history, add_generation_prompt=True, bos_token="<|begin_of_text|>"
+    )
+    turn = {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [
+            {"id": f"c{i}", "type": "function", "function": c} for i, c in enumerate(calls)
+        ],
+    }
     whole = chat_template.render(template, [*history, turn], bos_token="<|begin_of_text|>")
     assert whole.startswith(before)
-    answer = whole[len(before):]
+    answer = whole[len(before) :]
     for end in ("<|im_end|>\n", "<|eot_id|>"):
         answer = answer.removesuffix(end)
     return answer
@@ -72,7 +88,7 @@ def streamed(parser: str, text: str, rng: random.Random) -> list:
     stream, items, at = ToolCallStream(parser), [], 0
     while at < len(text):
         step = rng.randint(1, 7)
-        items += stream.feed(text[at:at + step])
+        items += stream.feed(text[at : at + step])
         at += step
     return items + stream.finish()
 
@@ -109,29 +125,39 @@ def test_llama_python_tag_and_semicolon_separated_calls():
     rng = random.Random(7)
     calls = random_calls(rng, 3)
     text = "<|python_tag|>" + "; ".join(
-        json.dumps({"name": c["name"], "parameters": c["arguments"]}) for c in calls)
-    assert [(c.name, json.loads(c.arguments)) for c in parse_llama3_json(text)] == \
-        as_reference(calls)
+        json.dumps({"name": c["name"], "parameters": c["arguments"]}) for c in calls
+    )
+    assert [(c.name, json.loads(c.arguments)) for c in parse_llama3_json(text)] == as_reference(
+        calls
+    )
 
 
 @pytest.mark.parametrize("parser", ["hermes", "llama3_json"])
 def test_plain_answers_stay_content(parser):
     rng = random.Random(3)
-    for text in ["Hello there.", "{not json", '{"a": 1}', "<tool_call>{bad}</tool_call> x",
-                 "  spaced  ", "<tool_c"]:
+    for text in [
+        "Hello there.",
+        "{not json",
+        '{"a": 1}',
+        "<tool_call>{bad}</tool_call> x",
+        "  spaced  ",
+        "<tool_c",
+    ]:
         assert parsed(streamed(parser, text, rng)) == (text, []), text
 
 
 # ---- through the replica's event stream --------------------------------------------------
 
-TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
-         for n in ("get_weather", "search", "sum_2")]
+TOOLS = [
+    {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+    for n in ("get_weather", "search", "sum_2")
+]
 
 
 def request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
-         **fields})
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, **fields}
+    )
 
 
 async def replica_events(text: str, rng: random.Random):
@@ -139,10 +165,10 @@ async def replica_events(text: str, rng: random.Random):
     pieces, at = [], 0
     while at < len(text):
         step = rng.randint(1, 9)
-        pieces.append({"event": "delta", "text": text[at:at + step]})
+        pieces.append({"event": "delta", "text": text[at : at + step]})
         at += step
     end = {"event": "end", "finish_reason": "stop", "usage": {"completion_tokens": 3}}
-    messages = [pieces[i:i + 3] for i in range(0, len(pieces), 3)]
+    messages = [pieces[i : i + 3] for i in range(0, len(pieces), 3)]
     messages[-1:] = [messages[-1] + [end]] if messages else [[end]]
     for message in messages:
         yield message
@@ -160,7 +186,8 @@ def client_view(chunks: list[dict]) -> tuple[str, list[dict], str | None]:
                 call = calls.setdefault(piece["index"], {"function": {"arguments": ""}})
                 call.update({k: v for k, v in piece.items() if k in ("id", "type")})
                 call["function"]["name"] = piece["function"].get(
-                    "name", call["function"].get("name"))
+                    "name", call["function"].get("name")
+                )
                 call["function"]["arguments"] += piece["function"].get("arguments", "")
             finish = choice["finish_reason"] or finish
     return content, [calls[i] for i in sorted(calls)], finish
@@ -169,9 +196,16 @@ def client_view(chunks: list[dict]) -> tuple[str, list[dict], str | None]:
 async def both_ways(text: str, plan, seed: int):
     first = {"replica_id": "r"}
     answer = await collect(first, tool_events(replica_events(text, random.Random(seed)), plan))
-    chunks = [c async for batch in chat_events(
-        "m", tool_events(replica_events(text, random.Random(seed + 1)), plan), False,
-        lambda reason: None) for c in batch]
+    chunks = [
+        c
+        async for batch in chat_events(
+            "m",
+            tool_events(replica_events(text, random.Random(seed + 1)), plan),
+            False,
+            lambda reason: None,
+        )
+        for c in batch
+    ]
     return answer, client_view(chunks)
 
 
@@ -181,14 +215,17 @@ def test_auto_answers_collected_and_streamed_agree(seed):
     calls = random_calls(rng, rng.randint(1, 3))
     plan = plan_tools(request(tool_choice="auto"), "hermes")
     answer, (content, streamed_calls, finish) = asyncio.run(
-        both_ways(rendered_answer(QWEN, calls), plan, seed))
+        both_ways(rendered_answer(QWEN, calls), plan, seed)
+    )
     assert answer.finish_reason == finish == "tool_calls"
     assert answer.text.strip() == content.strip() == ""
-    got = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
-           for c in answer.tool_calls]
+    got = [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in answer.tool_calls
+    ]
     assert got == as_reference(calls)
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
-            for c in streamed_calls] == got
+    assert [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in streamed_calls
+    ] == got
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in streamed_calls)
 
 
@@ -204,18 +241,21 @@ def test_named_choice_continues_the_forced_opening(parser):
     """The prompt ends inside a call of the named function; the model writes its arguments."""
     choice = {"type": "function", "function": {"name": "search"}}
     plan = plan_tools(request(tool_choice=choice), parser)
-    assert plan.forced.endswith('"search", "arguments": ' if parser == "hermes"
-                                else '"search", "parameters": ')
+    assert plan.forced.endswith(
+        '"search", "arguments": ' if parser == "hermes" else '"search", "parameters": '
+    )
     args = random_arguments(random.Random(5))
     rest = json.dumps(args) + ("}\n</tool_call>" if parser == "hermes" else "}")
     answer, _ = asyncio.run(both_ways(rest, plan, 0))
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
-            for c in answer.tool_calls] == [("search", args)]
+    assert [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in answer.tool_calls
+    ] == [("search", args)]
     assert answer.finish_reason == "tool_calls"
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function",
-                                                 "function": {"name": "search"}}])
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "search"}}]
+)
 def test_a_forced_call_the_model_does_not_make_is_an_error(choice):
     plan = plan_tools(request(tool_choice=choice), "hermes")
     for text in ["just chatting", 'nope", "arguments": {}}</tool_call>']:
@@ -238,6 +278,7 @@ def test_tool_choice_none_reads_no_calls_and_a_model_without_a_format_refuses_au
 
 # ---- the prompt: history turns, tools and the forced opening ------------------------------
 
+
 @pytest.fixture(scope="module")
 def builder(tmp_path_factory):
     from deployments.prompts import PromptBuilder
@@ -252,27 +293,48 @@ def builder(tmp_path_factory):
 def test_the_prompt_is_the_template_with_history_calls_and_the_forced_opening(builder, seed):
     rng = random.Random(seed)
     call = random_calls(rng, 1)[0]
-    history = [{"role": "user", "content": "hi"},
-               {"role": "assistant", "content": None, "tool_calls": [{
-                   "id": "c1", "type": "function", "function": {
-                       "name": call["name"], "arguments": json.dumps(call["arguments"])}}]},
-               {"role": "tool", "tool_call_id": "c1", "content": rng.choice(WORDS)},
-               {"role": "user", "content": "and now?"}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": rng.choice(WORDS)},
+        {"role": "user", "content": "and now?"},
+    ]
     choice = {"type": "function", "function": {"name": "search"}}
-    prepared = asyncio.run(builder.chat(request(messages=history, tool_choice=choice), None,
-                                        4096))
+    prepared = asyncio.run(builder.chat(request(messages=history, tool_choice=choice), None, 4096))
     view = [dict(m) for m in history]
-    view[1] = {**view[1], "content": "", "tool_calls": [{
-        "id": "c1", "type": "function", "function": call}]}
+    view[1] = {
+        **view[1],
+        "content": "",
+        "tool_calls": [{"id": "c1", "type": "function", "function": call}],
+    }
     text = builder.tokenizer.render_chat(view, TOOLS) + '{"name": "search", "parameters": '
-    assert list(prepared.payload["prompt_token_ids"]) == \
-        builder.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert (
+        list(prepared.payload["prompt_token_ids"])
+        == builder.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    )
     assert prepared.tools.mode == "named"
 
 
 def test_history_call_arguments_that_are_not_a_json_object_are_a_400(builder):
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{
-        "id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}
+            ],
+        },
+    ]
     with pytest.raises(APIError) as err:
         asyncio.run(builder.chat(request(messages=history), None, 4096))
     assert err.value.status == 400 and "arguments" in err.value.body["error"]["message"]

@@ -43,11 +43,22 @@ def test_prefill_kernel_matches_reference(heads, kv_heads, splits):
     q = torch.randn(starts[-1], heads, dim)
     table = torch.stack([torch.randperm(pages)[:20] for _ in shapes]).int()
     out = torch.full_like(q, float("nan"))
-    prefill_attention(q, k, v, table, torch.tensor([c for _, c in shapes], dtype=torch.int32),
-                      starts, lens, list(range(len(shapes))), dim ** -0.5, out, splits=splits)
+    prefill_attention(
+        q,
+        k,
+        v,
+        table,
+        torch.tensor([c for _, c in shapes], dtype=torch.int32),
+        starts,
+        lens,
+        list(range(len(shapes))),
+        dim**-0.5,
+        out,
+        splits=splits,
+    )
     for i, (n, c) in enumerate(shapes):
-        ref = reference_attention(q[starts[i]:starts[i] + n], k, v, table[i], c, dim ** -0.5)
-        torch.testing.assert_close(out[starts[i]:starts[i] + n], ref, atol=1e-4, rtol=1e-4)
+        ref = reference_attention(q[starts[i] : starts[i] + n], k, v, table[i], c, dim**-0.5)
+        torch.testing.assert_close(out[starts[i] : starts[i] + n], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_decode_kernel_matches_reference_with_splits_and_empty_rows():
@@ -58,13 +69,14 @@ def test_decode_kernel_matches_reference_with_splits_and_empty_rows():
     table = torch.stack([torch.randperm(pages)[:10] for _ in contexts]).int()
     q = torch.randn(len(contexts), heads, dim)
     for splits in (1, 4):
-        out = decode_attention(q, k, v, table, torch.tensor(contexts, dtype=torch.int32),
-                               dim ** -0.5, splits=splits)
+        out = decode_attention(
+            q, k, v, table, torch.tensor(contexts, dtype=torch.int32), dim**-0.5, splits=splits
+        )
         for i, c in enumerate(contexts):
             if c == 0:
                 assert torch.all(out[i] == 0)
                 continue
-            ref = reference_attention(q[i:i + 1], k, v, table[i], c, dim ** -0.5)[0]
+            ref = reference_attention(q[i : i + 1], k, v, table[i], c, dim**-0.5)[0]
             torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=1e-4)
 
 
@@ -76,18 +88,41 @@ def test_fused_layer_kernels_match_their_pytorch_versions():
     torch.testing.assert_close(got_x, ref_x)
     torch.testing.assert_close(got_h, ref_h, atol=1e-5, rtol=1e-5)
     gate_up = torch.randn(5, 2 * 200)
-    torch.testing.assert_close(silu_mul(gate_up, True), silu_mul(gate_up, False), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        silu_mul(gate_up, True), silu_mul(gate_up, False), atol=1e-5, rtol=1e-5
+    )
     heads, kv_heads, dim, pages, page = 4, 2, 16, 8, 4
     qkv = torch.randn(6, (heads + 2 * kv_heads) * dim)
     cos, sin = torch.randn(32, dim), torch.randn(32, dim)
     positions = torch.tensor([0, 3, 5, 9, 20, 31])
     where = (torch.tensor([1, 2, 2, 5, 7, 3]), torch.tensor([0, 3, 1, 2, 0, 1]))
     caches = [torch.zeros(pages, page, kv_heads, dim) for _ in range(4)]
-    q_ref = rope_store(qkv, heads, kv_heads, dim, cos, sin, positions, caches[0], caches[1],
-                       *where, use_triton=False)
-    q_got = rope_store(qkv, heads, kv_heads, dim, cos, sin, positions, caches[2], caches[3],
-                       *where, use_triton=True)
+    q_ref = rope_store(
+        qkv,
+        heads,
+        kv_heads,
+        dim,
+        cos,
+        sin,
+        positions,
+        caches[0],
+        caches[1],
+        *where,
+        use_triton=False,
+    )
+    q_got = rope_store(
+        qkv,
+        heads,
+        kv_heads,
+        dim,
+        cos,
+        sin,
+        positions,
+        caches[2],
+        caches[3],
+        *where,
+        use_triton=True,
+    )
     torch.testing.assert_close(q_got, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[2], caches[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[3], caches[1])
@@ -107,22 +142,27 @@ def test_a_mixed_step_gives_every_layer_the_reference_attention():
     table = torch.stack([torch.randperm(pages) for _ in shapes]).int()
     positions = torch.cat([torch.arange(c - n, c) for n, c in shapes])
     meta = AttentionMetadata(
-        positions=positions, write_pages=torch.zeros_like(positions),
-        write_offsets=torch.zeros_like(positions), page_table=table,
-        context_lens=torch.tensor(contexts, dtype=torch.int32), query_lens=lens,
-        context_lens_host=contexts, decode_only=False,
+        positions=positions,
+        write_pages=torch.zeros_like(positions),
+        write_offsets=torch.zeros_like(positions),
+        page_table=table,
+        context_lens=torch.tensor(contexts, dtype=torch.int32),
+        query_lens=lens,
+        context_lens_host=contexts,
+        decode_only=False,
     )
     for _layer in range(2):
         k, v = torch.randn(pages, page, kv_heads, dim), torch.randn(pages, page, kv_heads, dim)
         q = torch.randn(sum(lens), heads, dim)
-        fast = paged_attention(q, k, v, meta, dim ** -0.5, use_triton=True, triton_prefill=True)
-        ref = paged_attention(q, k, v, meta, dim ** -0.5, use_triton=False)
+        fast = paged_attention(q, k, v, meta, dim**-0.5, use_triton=True, triton_prefill=True)
+        ref = paged_attention(q, k, v, meta, dim**-0.5, use_triton=False)
         torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
     # Built by the first layer, reused by the second; the long histories' keys were split.
     assert meta.plans[("mixed", True, True)][2].splits > 1
 
 
 # ---- the sampler kernel (triton_sampler.py) against the reference (sampler.py) -------------
+
 
 def _sampler():
     from deployments.engine.paged import sampler
@@ -137,8 +177,9 @@ SMALL = {"block": 64, "cap": 128}  # small tiles and scratch: every path shows o
 
 def _kernel(logits, plan, eos=EOS_IDS, **kw):
     sampler, triton_sample = _sampler()
-    return triton_sample(logits, *plan.to_device("cpu"), eos, sampler.MIN_TEMPERATURE,
-                         **{**SMALL, **kw})
+    return triton_sample(
+        logits, *plan.to_device("cpu"), eos, sampler.MIN_TEMPERATURE, **{**SMALL, **kw}
+    )
 
 
 def _reference(logits, plan, eos=EOS_IDS, block=SMALL["block"]):
@@ -162,8 +203,13 @@ def _assert_inside(logits, plan, got, eos=EOS_IDS):
     sampler, _ = _sampler()
     x = sampler.ban_logits(logits, torch.from_numpy(plan.ban_eos), eos)
     for i in np.flatnonzero(plan.temperature > 0):
-        keep, unsure = brute_kept(x[i].double().numpy(), float(plan.temperature[i]),
-                                  float(plan.top_p[i]), int(plan.top_k[i]), float(plan.min_p[i]))
+        keep, unsure = brute_kept(
+            x[i].double().numpy(),
+            float(plan.temperature[i]),
+            float(plan.top_p[i]),
+            int(plan.top_k[i]),
+            float(plan.min_p[i]),
+        )
         assert keep[got[i]] or unsure[got[i]], (i, int(got[i]))
 
 
@@ -185,11 +231,19 @@ def test_sampler_kernel_repeats_a_seed_at_any_batch_position():
     first = _kernel(logits, plan)
     assert torch.equal(_kernel(logits, plan), first)
     order = [4, 0, 5, 2, 1, 3]
-    moved = sampler.SamplingPlan(*(getattr(plan, f)[order] for f in
-                                   ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")))
+    moved = sampler.SamplingPlan(
+        *(
+            getattr(plan, f)[order]
+            for f in ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")
+        )
+    )
     assert torch.equal(_kernel(logits[order], moved), first[order])
-    one = sampler.SamplingPlan(*(getattr(plan, f)[4:5] for f in
-                                 ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")))
+    one = sampler.SamplingPlan(
+        *(
+            getattr(plan, f)[4:5]
+            for f in ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")
+        )
+    )
     assert _kernel(logits[4:5], one)[0] == first[4]
 
 
@@ -201,8 +255,9 @@ def test_sampler_kernel_follows_the_distribution_on_a_small_vocab():
     vocab, draws = 10, 240  # the interpreter runs ~0.25 s a row
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 1.2
     params = SamplingParams(4, temperature=0.9, top_p=0.92, top_k=8)
-    plan = sampler.build_plan([params] * draws, [sampler.draw_seed(7, i) for i in range(draws)],
-                              [False] * draws)
+    plan = sampler.build_plan(
+        [params] * draws, [sampler.draw_seed(7, i) for i in range(draws)], [False] * draws
+    )
     got = _kernel(row.expand(draws, vocab).contiguous(), plan, torch.zeros(0, dtype=torch.int32))
     keep, unsure = brute_kept(row.double().numpy(), 0.9, 0.92, 8, 0.0)
     assert not unsure.any() and keep.sum() >= 4
@@ -239,8 +294,9 @@ def test_sampler_kernel_keeps_near_ties_within_the_documented_distance():
     row = torch.full((vocab,), -4.0)
     row[:400] = 1.0 + torch.arange(400) * 2e-6  # 400 distinct logits within 1e-3
     params = SamplingParams(4, temperature=1.0, top_p=0.5)
-    plan = sampler.build_plan([params] * rows, [sampler.draw_seed(9, i) for i in range(rows)],
-                              [False] * rows)
+    plan = sampler.build_plan(
+        [params] * rows, [sampler.draw_seed(9, i) for i in range(rows)], [False] * rows
+    )
     got = _kernel(row.expand(rows, vocab).contiguous(), plan, cap=16, full_passes=passes)
     keep, _ = brute_kept(row.double().numpy(), 1.0, 0.5, 0, 0.0)
     cut = float(row[torch.from_numpy(keep)].min())
@@ -263,21 +319,30 @@ def test_sampler_kernel_edge_rows():
     logits[6:] = -10.0
     logits[6:, 50:250] = -1.8  # p / p_max = exp(-1.8 / 0.5) < min_p: only token 40 stays
     logits[6:, 40] = 0.0
-    params = [SamplingParams(4, temperature=1.0), SamplingParams(4, temperature=1.0, top_k=100),
-              SamplingParams(4, temperature=1.0, top_p=0.3, top_k=5),
-              SamplingParams(4, temperature=1e-5, min_p=0.5),
-              SamplingParams(4, temperature=2.0, min_p=0.3),
-              SamplingParams(4, temperature=1.0, top_p=1e-46)]
+    params = [
+        SamplingParams(4, temperature=1.0),
+        SamplingParams(4, temperature=1.0, top_k=100),
+        SamplingParams(4, temperature=1.0, top_p=0.3, top_k=5),
+        SamplingParams(4, temperature=1e-5, min_p=0.5),
+        SamplingParams(4, temperature=2.0, min_p=0.3),
+        SamplingParams(4, temperature=1.0, top_p=1e-46),
+    ]
     params += [SamplingParams(4, temperature=0.5, min_p=0.05)] * 3
-    params += [SamplingParams(4, temperature=float("inf"), top_p=0.5),  # every p equal
-               SamplingParams(4, temperature=1e30, top_k=7, min_p=1.0)]
+    params += [
+        SamplingParams(4, temperature=float("inf"), top_p=0.5),  # every p equal
+        SamplingParams(4, temperature=1e30, top_k=7, min_p=1.0),
+    ]
     logits = torch.cat([logits, torch.randn(2, vocab) * 3])
     logits[9, 100:] = float("-inf")
-    plan = sampler.build_plan(params, [sampler.draw_seed(1, i) for i in range(11)],
-                              [False, False, False, True] + [False] * 7)
+    plan = sampler.build_plan(
+        params,
+        [sampler.draw_seed(1, i) for i in range(11)],
+        [False, False, False, True] + [False] * 7,
+    )
     got = _kernel(logits, plan)
     assert torch.equal(got, _reference(logits, plan))
     assert got[0] == 0 and got[1] < 20 and got[3] != 3 and got[5] == logits[5].argmax()
     assert (got[6:9] == 40).all() and got[9] < 100
-    assert torch.equal(_kernel(logits, plan, block=2048, cap=16384),
-                       _reference(logits, plan, block=2048))
+    assert torch.equal(
+        _kernel(logits, plan, block=2048, cap=16384), _reference(logits, plan, block=2048)
+    )

@@ -18,9 +18,17 @@ from deployments.engine.paged.weights import layer_numel
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
 
-CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-          "vocab_size": 448, "initializer_range": 0.2, "tie_word_embeddings": False}
+CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "vocab_size": 448,
+    "initializer_range": 0.2,
+    "tie_word_embeddings": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +42,18 @@ def checkpoint(tmp_path_factory):
 
 
 def make(path: str, budget: int | None) -> PagedEngine:
-    args = AppArgs.model_validate({
-        "model": {"model_id": path, "dtype": "float32", "device_weight_budget_bytes": budget},
-        "memory": {"cpu_memory_budget_bytes": "256MiB"},
-        "kv_cache": {"budget_bytes": 2**20},
-        "engine": {"page_size": 4, "max_batched_tokens": 64,
-                   "engine_class": "deployments.engine.paged.engine:PagedEngine"},
-    })
+    args = AppArgs.model_validate(
+        {
+            "model": {"model_id": path, "dtype": "float32", "device_weight_budget_bytes": budget},
+            "memory": {"cpu_memory_budget_bytes": "256MiB"},
+            "kv_cache": {"budget_bytes": 2**20},
+            "engine": {
+                "page_size": 4,
+                "max_batched_tokens": 64,
+                "engine_class": "deployments.engine.paged.engine:PagedEngine",
+            },
+        }
+    )
     return PagedEngine(args, setup_memory(args.memory, detect_platform(use_gpu=False)))
 
 
@@ -54,8 +67,9 @@ def budget_for(resident_layers: int) -> int:
 def _spec():
     from deployments.model_spec import ModelSpec
 
-    return ModelSpec.from_hf_config(transformers.LlamaConfig(
-        **CONFIG, architectures=["LlamaForCausalLM"]))
+    return ModelSpec.from_hf_config(
+        transformers.LlamaConfig(**CONFIG, architectures=["LlamaForCausalLM"])
+    )
 
 
 @pytest.mark.parametrize("resident", [0, 1, 4])
@@ -66,8 +80,7 @@ def test_streamed_layers_give_exactly_the_resident_logits(checkpoint, resident):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (12, 30, 7)]
     for eng in (streamed, whole):
-        eng.seqs = [Sequence("t", None, list(p), SamplingParams(1))
-                    for p in prompts]
+        eng.seqs = [Sequence("t", None, list(p), SamplingParams(1)) for p in prompts]
     a = logits_for(streamed, [(s, len(s.token_ids)) for s in streamed.seqs])
     b = logits_for(whole, [(s, len(s.token_ids)) for s in whole.seqs])
     for x, y in zip(a, b, strict=True):

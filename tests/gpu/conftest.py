@@ -31,11 +31,17 @@ def run_isolated(code: str, timeout: int = 600) -> dict:
     """Run `code` in a new Python process; it must print `RESULT <json>` once."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-        timeout=timeout, env=env, cwd=ROOT,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise AssertionError(f"isolated run failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
-                             f"\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+        raise AssertionError(
+            f"isolated run failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
+            f"\n{proc.stderr[-6000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -23,13 +23,14 @@ def test_triton_decode_attention_matches_the_reference_on_gpu():
     q = torch.randn(len(contexts), heads, dim, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor(contexts, device="cuda", dtype=torch.int32)
     for splits in (None, 1, 8):
-        out = decode_attention(q, k, v, table, lens, dim ** -0.5, splits=splits)
+        out = decode_attention(q, k, v, table, lens, dim**-0.5, splits=splits)
         for i, ctx in enumerate(contexts):
             if ctx == 0:
                 assert torch.all(out[i] == 0)
                 continue
-            ref = reference_attention(q[i:i + 1].float(), k.float(), v.float(), table[i], ctx,
-                                      dim ** -0.5)[0]
+            ref = reference_attention(
+                q[i : i + 1].float(), k.float(), v.float(), table[i], ctx, dim**-0.5
+            )[0]
             torch.testing.assert_close(out[i].float(), ref, atol=2e-2, rtol=2e-2)
 
 
@@ -43,29 +44,48 @@ def test_kernels_address_pages_beyond_two_to_the_31_elements():
 
     layers, page, kv_heads, dim, heads = 4, 16, 8, 128, 32
     pages = (9 << 30) // (2 * layers * page * kv_heads * dim * 2) // 2  # ~4.5 GiB
-    buffer = torch.zeros(pages, 2, layers, page, kv_heads, dim, dtype=torch.bfloat16,
-                         device="cuda")
+    buffer = torch.zeros(pages, 2, layers, page, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
     k_cache, v_cache = buffer[:, 0, 3], buffer[:, 1, 3]  # the last layer: largest offsets
     last = torch.arange(pages - 4, pages, device="cuda")
     qkv = torch.randn(64, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
     cos = torch.ones(64, dim, device="cuda", dtype=torch.bfloat16)
     sin = torch.zeros_like(cos)
     positions = torch.arange(64, device="cuda")
-    q = rope_store(qkv, heads, kv_heads, dim, cos, sin, positions, k_cache, v_cache,
-                   last.repeat_interleave(16), positions % 16, use_triton=True)
+    q = rope_store(
+        qkv,
+        heads,
+        kv_heads,
+        dim,
+        cos,
+        sin,
+        positions,
+        k_cache,
+        v_cache,
+        last.repeat_interleave(16),
+        positions % 16,
+        use_triton=True,
+    )
     torch.cuda.synchronize()
     stored = k_cache[last].reshape(64, kv_heads, dim)
-    torch.testing.assert_close(stored, qkv[:, heads * dim:(heads + kv_heads) * dim].reshape(
-        64, kv_heads, dim))
+    torch.testing.assert_close(
+        stored, qkv[:, heads * dim : (heads + kv_heads) * dim].reshape(64, kv_heads, dim)
+    )
     table = last.int()[None, :]
-    out = decode_attention(q[-1:], k_cache, v_cache, table,
-                           torch.tensor([64], device="cuda", dtype=torch.int32), dim ** -0.5)
-    ref = reference_attention(q[-1:].float(), k_cache.float(), v_cache.float(), table[0], 64,
-                              dim ** -0.5)
+    out = decode_attention(
+        q[-1:],
+        k_cache,
+        v_cache,
+        table,
+        torch.tensor([64], device="cuda", dtype=torch.int32),
+        dim**-0.5,
+    )
+    ref = reference_attention(
+        q[-1:].float(), k_cache.float(), v_cache.float(), table[0], 64, dim**-0.5
+    )
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-PROGRAM = '''
+PROGRAM = """
     import asyncio, functools, json, tempfile
     import torch, transformers
     from deployments.config import AppArgs
@@ -172,7 +192,7 @@ PROGRAM = '''
     report["torch_reserved"] = torch.cuda.memory_reserved()
     report["snapshot"] = [snap.capacity_bytes, snap.used_bytes, snap.free_unified_memory_bytes]
     print("RESULT " + json.dumps(report))
-'''
+"""
 
 
 def test_bf16_logits_graphs_and_managed_memory_for_each_architecture():
@@ -208,10 +228,24 @@ def test_triton_prefill_attention_matches_the_reference_on_gpu():
     ctx = torch.tensor([c for _, c in shapes], device="cuda", dtype=torch.int32)
     for splits in (1, 8, None):  # None: as the engine calls it, splits from the contexts
         out = torch.empty_like(q)
-        prefill_attention(q, k, v, table, ctx, starts, lens, list(range(len(shapes))),
-                          dim ** -0.5, out, [c for _, c in shapes], splits=splits)
+        prefill_attention(
+            q,
+            k,
+            v,
+            table,
+            ctx,
+            starts,
+            lens,
+            list(range(len(shapes))),
+            dim**-0.5,
+            out,
+            [c for _, c in shapes],
+            splits=splits,
+        )
         for i, (n, c) in enumerate(shapes):
-            ref = reference_attention(q[starts[i]:starts[i] + n].float(), k.float(), v.float(),
-                                      table[i], c, dim ** -0.5)
-            torch.testing.assert_close(out[starts[i]:starts[i] + n].float(), ref, atol=2e-2,
-                                       rtol=2e-2)
+            ref = reference_attention(
+                q[starts[i] : starts[i] + n].float(), k.float(), v.float(), table[i], c, dim**-0.5
+            )
+            torch.testing.assert_close(
+                out[starts[i] : starts[i] + n].float(), ref, atol=2e-2, rtol=2e-2
+            )

@@ -47,28 +47,41 @@ def mixed_plan(rows: int, seed: int):
     from deployments.engine.interface import SamplingParams
 
     plan = random_plan(rows, np.random.default_rng(seed))
-    common = [SamplingParams(4), SamplingParams(4, top_p=0.95),
-              SamplingParams(4, top_p=0.95, top_k=50)]
-    fixed = sampler.build_plan([common[i % 3] for i in range(rows)],
-                               [sampler.draw_seed(seed, i) for i in range(rows)], [False] * rows)
+    common = [
+        SamplingParams(4),
+        SamplingParams(4, top_p=0.95),
+        SamplingParams(4, top_p=0.95, top_k=50),
+    ]
+    fixed = sampler.build_plan(
+        [common[i % 3] for i in range(rows)],
+        [sampler.draw_seed(seed, i) for i in range(rows)],
+        [False] * rows,
+    )
     pick = np.arange(rows) % 2 == 0  # half the rows random, half common
-    return sampler.SamplingPlan(*(np.where(pick, getattr(plan, f), getattr(fixed, f))
-                                  for f in ("temperature", "top_p", "top_k", "min_p", "seed",
-                                            "ban_eos")))
+    return sampler.SamplingPlan(
+        *(
+            np.where(pick, getattr(plan, f), getattr(fixed, f))
+            for f in ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")
+        )
+    )
 
 
 def near_cut(x: torch.Tensor, token: int, plan, i: int) -> bool:
     """Whether `token` is within float32 rounding of row i's top_p cut (float64 check)."""
     sampler, _ = _modules()
     temp = float(plan.temperature[i])
-    kept = sampler.reference_kept(x[i:i + 1], torch.tensor([temp], device="cuda"),
-                                  torch.ones(1, device="cuda"),
-                                  torch.tensor([int(plan.top_k[i])], device="cuda"),
-                                  torch.tensor([float(plan.min_p[i])], device="cuda"))[0]
+    kept = sampler.reference_kept(
+        x[i : i + 1],
+        torch.tensor([temp], device="cuda"),
+        torch.ones(1, device="cuda"),
+        torch.tensor([int(plan.top_k[i])], device="cuda"),
+        torch.tensor([float(plan.min_p[i])], device="cuda"),
+    )[0]
     p = torch.where(kept, torch.exp((x[i].double() - x[i].max().double()) / temp), 0.0)
     before = p[x[i] > x[i, token]].sum()
-    return bool(kept[token]) and abs(float(before) - plan.top_p[i] * float(p.sum())) \
-        <= 1e-5 * float(p.sum())
+    return bool(kept[token]) and abs(
+        float(before) - plan.top_p[i] * float(p.sum())
+    ) <= 1e-5 * float(p.sum())
 
 
 @pytest.mark.parametrize("rows", [1, 64, 256])
@@ -84,9 +97,13 @@ def test_kernel_draws_the_references_tokens(rows):
     greedy = torch.from_numpy(plan.temperature == 0).cuda()
     assert torch.equal(got[greedy], x[greedy].argmax(-1))
     assert not torch.isin(got[device_plan.ban_eos != 0], eos.long()).any()
-    kept = sampler.reference_kept(x, torch.where(device_plan.temperature > 0,
-                                                 device_plan.temperature, 1.0),
-                                  device_plan.top_p, device_plan.top_k, device_plan.min_p)
+    kept = sampler.reference_kept(
+        x,
+        torch.where(device_plan.temperature > 0, device_plan.temperature, 1.0),
+        device_plan.top_p,
+        device_plan.top_k,
+        device_plan.min_p,
+    )
     for i in torch.nonzero(~greedy).flatten().tolist():
         token = int(got[i])
         assert kept[i, token] or near_cut(x, token, plan, i), (i, token)
@@ -103,8 +120,9 @@ def test_kernel_never_waits_for_the_device_nor_recompiles_for_a_batch_size():
         words = np.concatenate([np.zeros(rows + 1, np.int32), plan.words()])
         upload = torch.from_numpy(words).pin_memory().cuda(non_blocking=True)
         seeds = torch.from_numpy(plan.seed).pin_memory().cuda(non_blocking=True)
-        cases.append((llm_logits(rows, 7), sampler.SamplingPlan.device_views(
-            upload[rows + 1:], seeds)))
+        cases.append(
+            (llm_logits(rows, 7), sampler.SamplingPlan.device_views(upload[rows + 1 :], seeds))
+        )
     logits, plan = cases[0]
     sampler.sample(logits, *plan, eos)  # compile once
     torch.cuda.synchronize()
@@ -129,19 +147,27 @@ def test_a_seed_draws_the_same_token_at_any_batch_position_on_the_gpu():
     plan = mixed_plan(64, 3)
     first = sampler.sample(logits, *plan.to_device("cuda"), eos)
     order = np.random.default_rng(0).permutation(64)
-    moved = sampler.SamplingPlan(*(getattr(plan, f)[order] for f in
-                                   ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")))
+    moved = sampler.SamplingPlan(
+        *(
+            getattr(plan, f)[order]
+            for f in ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")
+        )
+    )
     again = sampler.sample(logits[torch.from_numpy(order).cuda()], *moved.to_device("cuda"), eos)
     assert torch.equal(again, first[torch.from_numpy(order).cuda()])
     for i in (0, 1, 2):
-        one = sampler.SamplingPlan(*(getattr(plan, f)[i:i + 1] for f in
-                                     ("temperature", "top_p", "top_k", "min_p", "seed",
-                                      "ban_eos")))
-        assert sampler.sample(logits[i:i + 1], *one.to_device("cuda"), eos)[0] == first[i]
+        one = sampler.SamplingPlan(
+            *(
+                getattr(plan, f)[i : i + 1]
+                for f in ("temperature", "top_p", "top_k", "min_p", "seed", "ban_eos")
+            )
+        )
+        assert sampler.sample(logits[i : i + 1], *one.to_device("cuda"), eos)[0] == first[i]
 
 
-@pytest.mark.parametrize(("temperature", "top_p", "top_k"), [(1.0, 1.0, 0), (0.7, 0.9, 0),
-                                                             (1.3, 0.95, 6)])
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "top_k"), [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 0.95, 6)]
+)
 def test_kernel_draws_follow_the_distribution_at_full_vocab(temperature, top_p, top_k):
     """20,000 draws from one row (broadcast, so no 10 GB of logits) with 12 likely tokens."""
     sampler, _ = _modules()
@@ -153,8 +179,9 @@ def test_kernel_draws_follow_the_distribution_at_full_vocab(temperature, top_p, 
     likely = torch.randperm(VOCAB, generator=gen, device="cuda")[:12]
     row[likely] = torch.randn(12, generator=gen, device="cuda")
     params = SamplingParams(4, temperature=temperature, top_p=top_p, top_k=top_k)
-    plan = sampler.build_plan([params] * draws, [sampler.draw_seed(11, i) for i in range(draws)],
-                              [False] * draws)
+    plan = sampler.build_plan(
+        [params] * draws, [sampler.draw_seed(11, i) for i in range(draws)], [False] * draws
+    )
     eos = torch.tensor(EOS, dtype=torch.int32, device="cuda")
     got = sampler.sample(row.expand(draws, VOCAB), *plan.to_device("cuda"), eos)
     x = row.double().cpu().numpy()

@@ -22,13 +22,25 @@ def test_rules_and_logprobs_on_cuda_match_the_cpu_without_host_waits():
     )
 
     rng, rows, vocab = random.Random(1), 64, 128_256
-    params = [SamplingParams(8, presence_penalty=rng.uniform(-2, 2),
-                             frequency_penalty=rng.uniform(-2, 2),
-                             repetition_penalty=rng.uniform(0.5, 2),
-                             logit_bias=tuple((rng.randrange(vocab), rng.uniform(-100, 100))
-                                              for _ in range(8))) for _ in range(rows)]
-    masks = [(r, torch.randint(-2**31, 2**31 - 1, (vocab // 32,), dtype=torch.int64)
-              .to(torch.int32).numpy()) for r in range(0, rows, 3)]
+    params = [
+        SamplingParams(
+            8,
+            presence_penalty=rng.uniform(-2, 2),
+            frequency_penalty=rng.uniform(-2, 2),
+            repetition_penalty=rng.uniform(0.5, 2),
+            logit_bias=tuple((rng.randrange(vocab), rng.uniform(-100, 100)) for _ in range(8)),
+        )
+        for _ in range(rows)
+    ]
+    masks = [
+        (
+            r,
+            torch.randint(-(2**31), 2**31 - 1, (vocab // 32,), dtype=torch.int64)
+            .to(torch.int32)
+            .numpy(),
+        )
+        for r in range(0, rows, 3)
+    ]
     results = {}
     for device in ("cpu", "cuda"):
         gen = torch.Generator().manual_seed(2)
@@ -58,7 +70,9 @@ def test_rules_and_logprobs_on_cuda_match_the_cpu_without_host_waits():
 
 
 def test_engine_steps_with_logprobs_penalties_bias_and_grammar_never_synchronize():
-    result = run_isolated(PRELUDE + '''
+    result = run_isolated(
+        PRELUDE
+        + """
     from deployments.engine.interface import RequestProgress
     async def run_lp(req):
         progress = RequestProgress()
@@ -83,7 +97,8 @@ def test_engine_steps_with_logprobs_penalties_bias_and_grammar_never_synchronize
     print("RESULT " + json.dumps({"lengths": [len(ids) for ids, _ in outs],
                                   "logprobs": [len(lp) for _, lp in outs],
                                   "json": [engine.tokenizer.decode(ids) for ids, _ in outs[::4]]}))
-    ''')
+    """
+    )
     assert result["logprobs"] == result["lengths"]
     assert all(n == 24 for i, n in enumerate(result["lengths"]) if i % 4)  # no EOS ids here
     # The engine's EOS ids are cleared here, so after the object only the tokenizer's EOS

@@ -35,13 +35,23 @@ def gpu_service():
 def test_gpu_replica_serves_from_managed_memory_and_keeps_caches(gpu_service):
     url = gpu_service
     messages = [{"role": "user", "content": "hello from the GPU"}]
-    first = httpx.post(f"{url}/v1/chat/completions", headers={"X-User-Id": "g"}, timeout=120,
-                       json={"model": "tiny-llama", "messages": messages, "max_tokens": 8})
+    first = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"X-User-Id": "g"},
+        timeout=120,
+        json={"model": "tiny-llama", "messages": messages, "max_tokens": 8},
+    )
     assert first.status_code == 200, first.text
-    messages += [{"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
-                 {"role": "user", "content": "again"}]
-    second = httpx.post(f"{url}/v1/chat/completions", headers={"X-User-Id": "g"}, timeout=120,
-                        json={"model": "tiny-llama", "messages": messages, "max_tokens": 8})
+    messages += [
+        {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "again"},
+    ]
+    second = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"X-User-Id": "g"},
+        timeout=120,
+        json={"model": "tiny-llama", "messages": messages, "max_tokens": 8},
+    )
     usage = second.json()["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] >= first.json()["usage"]["prompt_tokens"]
     [row] = httpx.get(f"{url}/admin/replicas", timeout=30).json()

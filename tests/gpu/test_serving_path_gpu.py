@@ -7,7 +7,7 @@ from tests.gpu.conftest import run_isolated
 
 pytestmark = pytest.mark.gpu
 
-PRELUDE = '''
+PRELUDE = """
     import asyncio, json, random, tempfile, pathlib
     import torch
     from deployments.config import AppArgs
@@ -45,11 +45,13 @@ PRELUDE = '''
 
     async def many(reqs):
         return await asyncio.gather(*[run(r) for r in reqs])
-'''
+"""
 
 
 def test_no_kernel_compiles_once_the_engine_has_started():
-    result = run_isolated(PRELUDE + '''
+    result = run_isolated(
+        PRELUDE
+        + """
     started = compiled_variants()
     history = prompt(8192)
     for turn in range(12):  # a returning user: 40-90 new tokens each time
@@ -62,13 +64,16 @@ def test_no_kernel_compiles_once_the_engine_has_started():
                                             SamplingParams(rng.randint(2, 40), temperature=0))
                           for i in range(batch)]))
     print("RESULT " + json.dumps({"started": started, "after": compiled_variants()}))
-    ''')
+    """
+    )
     assert result["started"] > 0  # the counter sees Triton's caches
     assert result["after"] == result["started"]
 
 
 def test_sampled_steps_never_synchronize_the_host():
-    result = run_isolated(PRELUDE + '''
+    result = run_isolated(
+        PRELUDE
+        + """
     asyncio.run(many([GenerationRequest("warm", None, prompt(64),
                                         SamplingParams(8, temperature=1.0, top_p=0.9))]))
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call now raises
@@ -78,5 +83,6 @@ def test_sampled_steps_never_synchronize_the_host():
                              for i in range(48)]))
     torch.cuda.set_sync_debug_mode("default")
     print("RESULT " + json.dumps({"lengths": [len(o) for o in outs]}))
-    ''')
+    """
+    )
     assert result["lengths"] == [48] * 48

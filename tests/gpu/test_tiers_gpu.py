@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 # An 8-layer Llama checkpoint saved to a temporary folder, and a small managed pool planned
 # for this discrete card (never beyond its free memory): the start of an isolated run.
-EIGHT_LAYERS = '''
+EIGHT_LAYERS = """
 import json, tempfile
 import torch, transformers
 from deployments.config import AppArgs
@@ -30,7 +30,7 @@ write_tokenizer(path)
 memory = setup_memory(AppArgs.model_validate({"memory": {"mode": "managed",
     "pool_size_bytes": "2GiB"}, "replica": {"num_gpus": 1}}).memory,
     detect_platform(), torch_allocator="native")
-'''
+"""
 
 
 def test_pages_round_trip_through_pinned_host_memory_asynchronously():
@@ -41,8 +41,9 @@ def test_pages_round_trip_through_pinned_host_memory_asynchronously():
     from deployments.engine.paged.kv_pool import KVPool
     from deployments.model_spec import ModelSpec
 
-    spec = ModelSpec("llama", 1000, 512, 1024, 4, 8, 2, 64, 1e-5, 4096, False, False, False,
-                     False, None)
+    spec = ModelSpec(
+        "llama", 1000, 512, 1024, 4, 8, 2, 64, 1e-5, 4096, False, False, False, False, None
+    )
     pool = KVPool(spec, 64, 16, torch.bfloat16, "cuda")
     pool.buffer.normal_()
     original = pool.buffer.clone()
@@ -64,7 +65,7 @@ def test_pages_round_trip_through_pinned_host_memory_asynchronously():
 
 
 def test_generation_with_the_host_tier_equals_generation_without_on_gpu():
-    result = run_isolated('''
+    result = run_isolated("""
         import asyncio, json, random
         from deployments.config import AppArgs
         from deployments.engine import GenerationRequest, SamplingParams
@@ -103,13 +104,15 @@ def test_generation_with_the_host_tier_equals_generation_without_on_gpu():
         print("RESULT " + json.dumps({"same": same and a[0] == b[0], "cached": [a[1], b[1]],
             "offloaded": tiered.cache.offloaded_users, "restored": tiered.cache.restored_users,
             "evicted": tiered.cache.evicted_users}))
-    ''')
+    """)
     assert result["same"] and result["offloaded"] > 0 and result["restored"] >= 1
     assert result["cached"][0] == result["cached"][1] > 0 and result["evicted"] == 0
 
 
 def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
-    result = run_isolated(EIGHT_LAYERS + textwrap.dedent('''
+    result = run_isolated(
+        EIGHT_LAYERS
+        + textwrap.dedent("""
         def make(budget):
             return PagedEngine(AppArgs.model_validate({
                 "model": {"model_id": path, "dtype": "bfloat16",
@@ -132,14 +135,17 @@ def test_streamed_weights_compute_exactly_what_resident_weights_do_on_gpu():
         on_host = streamed.runner.model.w.blocks[-1].is_pinned()
         print("RESULT " + json.dumps({"same": same, "streamed": len(
             streamed.runner.model.streamer.streamed), "pinned": on_host}))
-    '''))
+    """)
+    )
     assert result["same"] and result["streamed"] == 7 and result["pinned"]
 
 
 def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
     """The Grace path with the platform faked on a discrete GPU (concurrent managed access):
     the driver reports the advice took effect, and the engine computes what it does without."""
-    result = run_isolated(EIGHT_LAYERS + textwrap.dedent('''
+    result = run_isolated(
+        EIGHT_LAYERS
+        + textwrap.dedent("""
         import asyncio, dataclasses
         from deployments.engine import GenerationRequest
         from deployments.memory_advice import CU_DEVICE_CPU, DriverAdvisor
@@ -205,14 +211,16 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
             "streamer": grace.runner.model.streamer is not None, "same_logits": same_logits,
             "same": same, "offloaded": grace.cache.offloaded_users,
             "restored": grace.cache.restored_users, "layout": layout}))
-    '''))
+    """)
+    )
     print("advice layout:", result["layout"])  # shown with -s: where each range's parts live
     advice = result["advice"]
     print("advice first lost:", advice["first_loss"])
     cpu = result["cpu"]
     assert not advice["first_loss"] and not result["mismatches"], (
         "advised ranges lost their advice; first phase each read wrong: "
-        f"{advice['first_loss']}; every phase: {advice['history']}; ranges: {advice['ranges']}")
+        f"{advice['first_loss']}; every phase: {advice['history']}; ranges: {advice['ranges']}"
+    )
     assert result["where"] == [0, 0, 0] + [cpu] * 5, result
     assert result["prefetched"] == result["where"]
     assert result["host_pool"] == cpu and result["device_pool"] == 0
@@ -223,7 +231,9 @@ def test_grace_advice_places_cold_layers_and_the_host_tier_in_host_memory():
 def test_grace_advice_holds_after_100_decode_steps_and_a_tier_move():
     """The advice read back (every range, whole and in sub-ranges on a mismatch) after 100
     decode steps of a batch, and after users moved down to the host tier and one back up."""
-    result = run_isolated(EIGHT_LAYERS + textwrap.dedent('''
+    result = run_isolated(
+        EIGHT_LAYERS
+        + textwrap.dedent("""
         import asyncio, dataclasses
         from deployments.engine import GenerationRequest
         page = 16 * 2 * 8 * 2 * 64 * 2
@@ -255,11 +265,13 @@ def test_grace_advice_holds_after_100_decode_steps_and_a_tier_move():
             "tokens": [len(o) for o in outs], "offloaded": grace.cache.offloaded_users,
             "restored": grace.cache.restored_users, "report": grace.advice.report(),
             "mismatches": grace._placer.advisor.mismatches}))
-    '''))
+    """)
+    )
     print("advice first lost:", result["report"]["first_loss"])
     assert result["tokens"] == [100] * 4 and result["decode_steps"] >= 99, result
     assert result["offloaded"] > 0 and result["restored"] >= 1, result
     assert not result["built"] and not result["mismatches"], result["report"]
     assert not result["after_decode"], (
-        f"advice moved during 100 decode steps: {result['after_decode']}")
+        f"advice moved during 100 decode steps: {result['after_decode']}"
+    )
     assert not result["after_move"], f"advice moved with a tier move: {result['after_move']}"

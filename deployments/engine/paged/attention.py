@@ -41,8 +41,12 @@ class AttentionMetadata:
 
 
 def reference_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
-    context_len: int, scale: float,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pages: torch.Tensor,
+    context_len: int,
+    scale: float,
 ) -> torch.Tensor:
     """One sequence: q [n, H, D] against its first `context_len` cached tokens -> [n, H, D]."""
     n, heads, dim = q.shape
@@ -56,19 +60,26 @@ def reference_attention(
     first = context_len - n  # absolute position of the first query token
     if first == 0:
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale)
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
+        )
     else:
         key_pos = torch.arange(context_len, device=q.device)
         query_pos = torch.arange(first, context_len, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        )
     return out.transpose(0, 1)
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, use_triton: bool, triton_prefill: bool = False,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    use_triton: bool,
+    triton_prefill: bool = False,
 ) -> torch.Tensor:
     """All sequences of a step: q [T, H, D] -> [T, H, D].
 
@@ -84,27 +95,31 @@ def paged_attention(
     key = _plan_key(use_triton, triton_prefill)
     plan = meta.plans.get(key)
     if plan is None:
-        plan = meta.plans[key] = _mixed_plan(meta, q.device, k_cache.shape[2], use_triton,
-                                             triton_prefill)
+        plan = meta.plans[key] = _mixed_plan(
+            meta, q.device, k_cache.shape[2], use_triton, triton_prefill
+        )
     decode, prefill_rows, prefill = plan
     if decode is not None:
         from deployments.engine.paged.triton_attention import decode_attention
 
         rows, seqs = decode
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, meta.page_table[seqs],
-                                     meta.context_lens[seqs], scale)
+        out[rows] = decode_attention(
+            q[rows], k_cache, v_cache, meta.page_table[seqs], meta.context_lens[seqs], scale
+        )
     if triton_prefill and prefill_rows:
         from deployments.engine.paged.triton_prefill import run_prefill
 
         if prefill is not None:
-            run_prefill(q, k_cache, v_cache, meta.page_table, meta.context_lens, prefill, scale,
-                        out)
+            run_prefill(
+                q, k_cache, v_cache, meta.page_table, meta.context_lens, prefill, scale, out
+            )
         return out
     for i in prefill_rows:
         n = meta.query_lens[i]
         lo = starts[i]
-        out[lo:lo + n] = reference_attention(q[lo:lo + n], k_cache, v_cache, meta.page_table[i],
-                                             meta.context_lens_host[i], scale)
+        out[lo : lo + n] = reference_attention(
+            q[lo : lo + n], k_cache, v_cache, meta.page_table[i], meta.context_lens_host[i], scale
+        )
     return out
 
 
@@ -119,21 +134,32 @@ def with_prefill_plan(meta: AttentionMetadata, plan: Any) -> AttentionMetadata:
     return meta
 
 
-def _mixed_plan(meta: AttentionMetadata, device: torch.device, kv_heads: int, use_triton: bool,
-                triton_prefill: bool) -> tuple[Any, list[int], Any]:
+def _mixed_plan(
+    meta: AttentionMetadata,
+    device: torch.device,
+    kv_heads: int,
+    use_triton: bool,
+    triton_prefill: bool,
+) -> tuple[Any, list[int], Any]:
     """A mixed step's row selections, copied to the device once for all layers: (decode rows
     and their sequences, or None), the prefill sequences, and the prefill kernel's plan."""
     starts = meta.query_starts
     decode_rows = [i for i, n in enumerate(meta.query_lens) if n == 1] if use_triton else []
     decode = None
     if decode_rows:
-        decode = tuple(upload([np.asarray([starts[i] for i in decode_rows]),
-                               np.asarray(decode_rows)], np.int64, torch.device(device)))
+        decode = tuple(
+            upload(
+                [np.asarray([starts[i] for i in decode_rows]), np.asarray(decode_rows)],
+                np.int64,
+                torch.device(device),
+            )
+        )
     prefill_rows = [i for i, n in enumerate(meta.query_lens) if n > 1 or not use_triton]
     prefill = None
     if triton_prefill and prefill_rows:
         from deployments.engine.paged.triton_prefill import plan_prefill
 
-        prefill = plan_prefill(starts, meta.query_lens, prefill_rows, kv_heads, device,
-                               meta.context_lens_host)
+        prefill = plan_prefill(
+            starts, meta.query_lens, prefill_rows, kv_heads, device, meta.context_lens_host
+        )
     return decode, prefill_rows, prefill

@@ -49,16 +49,26 @@ def torch_dtype(layout: Layout) -> torch.dtype:
     return getattr(torch, layout.dtype)
 
 
-def load_weights(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccountant,
-                 placer: Placer | None, path: str) -> ModelWeights:
+def load_weights(
+    layout: Layout,
+    spec: ModelSpec,
+    args: AppArgs,
+    memory: MemoryAccountant,
+    placer: Placer | None,
+    path: str,
+) -> ModelWeights:
     """The weights, allocated and filled: streamed layers in pinned host memory, cold ones
     advised to the host (Grace), the rest on the device."""
     start = time.perf_counter()
     cold = frozenset(layout.cold_layers)
     with memory.allocation_scope():
-        weights = allocate(spec, torch_dtype(layout), layout.device,
-                           frozenset(layout.streamed_layers),
-                           isolate=placer is not None and placer.isolate)
+        weights = allocate(
+            spec,
+            torch_dtype(layout),
+            layout.device,
+            frozenset(layout.streamed_layers),
+            isolate=placer is not None and placer.isolate,
+        )
         if placer:  # before the first touch, so pages start where they belong
             for index, block in enumerate(weights.blocks):
                 placer.prefer(f"layer {index}", block, "host" if index in cold else "device")
@@ -73,27 +83,43 @@ def load_weights(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryA
             placer.prefetch(f"layer {index}", block, "host" if index in cold else "device")
         placer.phase("layer blocks prefetched")
         if cold:
-            logger.info("keeping %d of %d layers (%.2f GB) in host memory, read in place "
-                        "over the coherent link", len(cold), spec.num_layers,
-                        sum(weights.blocks[i].nbytes for i in cold) / 1e9)
+            logger.info(
+                "keeping %d of %d layers (%.2f GB) in host memory, read in place "
+                "over the coherent link",
+                len(cold),
+                spec.num_layers,
+                sum(weights.blocks[i].nbytes for i in cold) / 1e9,
+            )
     logger.info("weights: %.2f GB in %.1f s", weights.nbytes / 1e9, time.perf_counter() - start)
     return weights
 
 
-def build_kv(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccountant,
-             placer: Placer | None) -> KVParts:
+def build_kv(
+    layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccountant, placer: Placer | None
+) -> KVParts:
     """The device pool, its cache manager, and the host tier (managed and advised to the
     host on Grace, pinned elsewhere) with the mover between them."""
     isolate = placer is not None and placer.isolate
     with memory.allocation_scope():
-        pool = KVPool(spec, layout.num_pages, layout.page_size, torch_dtype(layout),
-                      layout.device, isolate=isolate)
+        pool = KVPool(
+            spec,
+            layout.num_pages,
+            layout.page_size,
+            torch_dtype(layout),
+            layout.device,
+            isolate=isolate,
+        )
     if placer:
         placer.prefer("device KV pool", pool.buffer, "device")
         placer.prefetch("device KV pool", pool.buffer, "device")
         placer.phase("device KV pool advised")
-    cache = CacheManager(layout.num_pages, layout.page_size, reserved=1,
-                         host_pages=layout.host_pages, shares=KVShares(args.kv_cache.key_share))
+    cache = CacheManager(
+        layout.num_pages,
+        layout.page_size,
+        reserved=1,
+        host_pages=layout.host_pages,
+        shares=KVShares(args.kv_cache.key_share),
+    )
     host_pool = None
     if layout.host_pages and placer:  # in the replica's own resource, already in its limit
         with memory.allocation_scope():
@@ -107,9 +133,16 @@ def build_kv(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccou
     return KVParts(pool, cache, host_pool, mover)
 
 
-def build_runner(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryAccountant,
-                 weights: ModelWeights, kv: KVParts, eos_ids: frozenset[int],
-                 placer: Placer | None = None) -> ModelRunner:
+def build_runner(
+    layout: Layout,
+    spec: ModelSpec,
+    args: AppArgs,
+    memory: MemoryAccountant,
+    weights: ModelWeights,
+    kv: KVParts,
+    eos_ids: frozenset[int],
+    placer: Placer | None = None,
+) -> ModelRunner:
     """The model over the weights and KV pool (with its weight streamer when layers
     stream), its decode CUDA graphs where the layout allows them, and the runner."""
     use_gpu = layout.device.startswith("cuda")
@@ -117,16 +150,27 @@ def build_runner(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryA
     if layout.streamed_layers:
         with memory.allocation_scope():
             streamer = WeightStreamer(weights, spec, list(layout.streamed_layers))
-        logger.info("streaming %d of %d layers (%.2f GB a pass) from pinned host memory; "
-                    "decode steps run without CUDA graphs", len(layout.streamed_layers),
-                    spec.num_layers, streamer.bytes_per_pass / 1e9)
+        logger.info(
+            "streaming %d of %d layers (%.2f GB a pass) from pinned host memory; "
+            "decode steps run without CUDA graphs",
+            len(layout.streamed_layers),
+            spec.num_layers,
+            streamer.bytes_per_pass / 1e9,
+        )
     model = DecoderModel(
-        spec, weights, kv.pool, layout.max_model_len, use_triton=use_gpu,
-        triton_prefill=use_gpu and args.engine.prefill_attention == "triton", streamer=streamer)
+        spec,
+        weights,
+        kv.pool,
+        layout.max_model_len,
+        use_triton=use_gpu,
+        triton_prefill=use_gpu and args.engine.prefill_attention == "triton",
+        streamer=streamer,
+    )
     graphs = prefill_graphs = None
     if layout.decode_graphs:
-        graphs = DecodeGraphs(model, args.engine.max_num_seqs,
-                              layout.pages_for(layout.max_model_len))
+        graphs = DecodeGraphs(
+            model, args.engine.max_num_seqs, layout.pages_for(layout.max_model_len)
+        )
         prefill_graphs = _prefill_graphs(model, args, layout, graphs.pool)
     else:
         logger.info("decode CUDA graphs off: %s", layout.graphs_off_reason)
@@ -135,8 +179,9 @@ def build_runner(layout: Layout, spec: ModelSpec, args: AppArgs, memory: MemoryA
     return ModelRunner(model, layout.page_size, graphs, eos_ids, prefill_graphs)
 
 
-def _prefill_graphs(model: DecoderModel, args: AppArgs, layout: Layout, pool: tuple
-                    ) -> PrefillGraphs | None:
+def _prefill_graphs(
+    model: DecoderModel, args: AppArgs, layout: Layout, pool: tuple
+) -> PrefillGraphs | None:
     """Short one-sequence prefill chunks as CUDA graphs, where the config asks for them."""
     tokens = min(args.engine.prefill_graph_tokens, args.engine.max_batched_tokens)
     if tokens < 2 or not model.triton_prefill:

@@ -69,8 +69,14 @@ class Reuse:
 
 
 class CacheManager:
-    def __init__(self, num_pages: int, page_size: int, reserved: int = 0,
-                 host_pages: int = 0, shares: KVShares | None = None) -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        reserved: int = 0,
+        host_pages: int = 0,
+        shares: KVShares | None = None,
+    ) -> None:
         """Pages [0, reserved) are never handed out (page 0: scratch for padding rows);
         `shares` says whose idle users a tenant's request may drop (default: anyone's)."""
         self.num_pages = num_pages
@@ -194,15 +200,28 @@ class CacheManager:
         self._drop(keys[0])
         return keys[0]
 
-    def _victims(self, pages_of: Callable[[UserKV], int], need: int, requester: str | None,
-                 ignore_shares: bool = False) -> list[str] | None:
+    def _victims(
+        self,
+        pages_of: Callable[[UserKV], int],
+        need: int,
+        requester: str | None,
+        ignore_shares: bool = False,
+    ) -> list[str] | None:
         """Idle users, least recently used first, whose drops free at least `need` of the
         pages `pages_of` counts, each one the shares let `requester` drop once the earlier
         ones are gone (kv_shares.victims); None when no such choice frees enough."""
-        idle = (Idle(u.key, u.tenant, pages_of(u) or None, len(u.pages) + len(u.host_pages))
-                for u in self._users.values() if not u.busy)
-        keys, enough = victims(KVShares() if ignore_shares else self.shares, idle, need,
-                               requester, self.usable_pages + self.host_pages_total)
+        idle = (
+            Idle(u.key, u.tenant, pages_of(u) or None, len(u.pages) + len(u.host_pages))
+            for u in self._users.values()
+            if not u.busy
+        )
+        keys, enough = victims(
+            KVShares() if ignore_shares else self.shares,
+            idle,
+            need,
+            requester,
+            self.usable_pages + self.host_pages_total,
+        )
         return keys if enough else None
 
     def _drop(self, key: str) -> None:
@@ -276,6 +295,8 @@ class CacheManager:
         for i, pages in enumerate(running):
             claim(device, self.num_pages, pages, f"running sequence {i}")
         assert len(device) == self.num_pages, (
-            f"{self.num_pages - len(device)} device pages are owned by nobody (leaked)")
+            f"{self.num_pages - len(device)} device pages are owned by nobody (leaked)"
+        )
         assert len(host) == self.host_pages_total, (
-            f"{self.host_pages_total - len(host)} host pages are owned by nobody (leaked)")
+            f"{self.host_pages_total - len(host)} host pages are owned by nobody (leaked)"
+        )

@@ -32,9 +32,12 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384
 PREFILL_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # multiples of BLOCK_M
 
 
-def _capture(model: DecoderModel, sizes: list[int], pool: tuple,
-             inputs: Callable[[int], tuple[torch.Tensor, AttentionMetadata, torch.Tensor]]
-             ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+def _capture(
+    model: DecoderModel,
+    sizes: list[int],
+    pool: tuple,
+    inputs: Callable[[int], tuple[torch.Tensor, AttentionMetadata, torch.Tensor]],
+) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
     """One graph per size, largest first (later captures reuse its memory), each warmed up
     twice first (Triton compiles, cuBLAS picks kernels); their logits outputs."""
     graphs, outputs = {}, {}
@@ -69,16 +72,23 @@ class DecodeGraphs:
         self.rows = torch.arange(big, device=device)
         self.pool = torch.cuda.graph_pool_handle()  # the prefill graphs share it
         self.graphs, self.outputs = _capture(
-            model, self.buckets, self.pool,
-            lambda size: (self.tokens[:size], self._meta(size), self.rows[:size]))
+            model,
+            self.buckets,
+            self.pool,
+            lambda size: (self.tokens[:size], self._meta(size), self.rows[:size]),
+        )
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            positions=self.positions[:size], write_pages=self.write_pages[:size],
-            write_offsets=self.write_offsets[:size], page_table=self.page_table[:size],
-            context_lens=self.context_lens[:size], query_lens=[1] * size,
-            context_lens_host=[], decode_only=True,
+            positions=self.positions[:size],
+            write_pages=self.write_pages[:size],
+            write_offsets=self.write_offsets[:size],
+            page_table=self.page_table[:size],
+            context_lens=self.context_lens[:size],
+            query_lens=[1] * size,
+            context_lens_host=[],
+            decode_only=True,
         )
 
     def fits(self, batch_size: int) -> bool:
@@ -88,9 +98,12 @@ class DecodeGraphs:
         """Replay the smallest graph that fits; logits for the real rows only."""
         n = tokens.shape[0]
         size = next(b for b in self.buckets if b >= n)
-        _fill([self.tokens, self.positions, self.write_pages, self.write_offsets,
-               self.context_lens], [tokens, meta.positions, meta.write_pages,
-                                    meta.write_offsets, meta.context_lens], n, size)
+        _fill(
+            [self.tokens, self.positions, self.write_pages, self.write_offsets, self.context_lens],
+            [tokens, meta.positions, meta.write_pages, meta.write_offsets, meta.context_lens],
+            n,
+            size,
+        )
         width = meta.page_table.shape[1]
         self.page_table[:n, :width].copy_(meta.page_table)
         self.graphs[size].replay()
@@ -110,8 +123,7 @@ class PrefillGraphs:
     """One sequence's prefill chunk of up to `max_tokens` tokens, replayed as a CUDA graph
     (needs the Triton prefill kernel: the reference path plans on the host)."""
 
-    def __init__(self, model: DecoderModel, max_tokens: int, max_pages: int, pool: tuple
-                 ) -> None:
+    def __init__(self, model: DecoderModel, max_tokens: int, max_pages: int, pool: tuple) -> None:
         from deployments.engine.paged.triton_prefill import BLOCK_M, fixed_plan
 
         device = model.w.embed.device
@@ -124,18 +136,29 @@ class PrefillGraphs:
         self.context_lens = _zeros(device, 1, dtype=torch.int32)
         self.query_lens = _zeros(device, 1, dtype=torch.int32)
         self.last = _zeros(device, 1)  # the chunk's last token: the logits row
-        self.plans = {size: fixed_plan(size, self.query_lens, model.pool.keys(0).shape[2],
-                                       model.cos.shape[0], device) for size in self.buckets}
+        self.plans = {
+            size: fixed_plan(
+                size, self.query_lens, model.pool.keys(0).shape[2], model.cos.shape[0], device
+            )
+            for size in self.buckets
+        }
         self.graphs, self.outputs = _capture(
-            model, self.buckets, pool,
-            lambda size: (self.tokens[:size], self._meta(size), self.last))
+            model,
+            self.buckets,
+            pool,
+            lambda size: (self.tokens[:size], self._meta(size), self.last),
+        )
         logger.info("captured prefill CUDA graphs for chunks of %s tokens", self.buckets)
 
     def _meta(self, size: int) -> AttentionMetadata:
         meta = AttentionMetadata(
-            positions=self.positions[:size], write_pages=self.write_pages[:size],
-            write_offsets=self.write_offsets[:size], page_table=self.page_table,
-            context_lens=self.context_lens, query_lens=[size], context_lens_host=[],
+            positions=self.positions[:size],
+            write_pages=self.write_pages[:size],
+            write_offsets=self.write_offsets[:size],
+            page_table=self.page_table,
+            context_lens=self.context_lens,
+            query_lens=[size],
+            context_lens_host=[],
             decode_only=False,
         )
         return with_prefill_plan(meta, self.plans[size])
@@ -147,8 +170,12 @@ class PrefillGraphs:
         """Replay the smallest graph that holds the chunk; logits [1, vocab] of its last token."""
         n = tokens.shape[0]
         size = next(b for b in self.buckets if b >= n)
-        _fill([self.tokens, self.positions, self.write_pages, self.write_offsets],
-              [tokens, meta.positions, meta.write_pages, meta.write_offsets], n, size)
+        _fill(
+            [self.tokens, self.positions, self.write_pages, self.write_offsets],
+            [tokens, meta.positions, meta.write_pages, meta.write_offsets],
+            n,
+            size,
+        )
         width = meta.page_table.shape[1]
         self.page_table[:, :width].copy_(meta.page_table)
         self.context_lens.copy_(meta.context_lens)

@@ -62,8 +62,9 @@ def load_spec(args: AppArgs) -> tuple[str, ModelSpec]:
     from transformers import AutoConfig
 
     path = resolve_model_path(args.model.model_id, args.model.revision)
-    config = AutoConfig.from_pretrained(path, revision=args.model.revision,
-                                        trust_remote_code=args.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        path, revision=args.model.revision, trust_remote_code=args.model.trust_remote_code
+    )
     return path, ModelSpec.from_hf_config(config)
 
 
@@ -77,8 +78,9 @@ class PagedEngine(Engine):
     # only to reproduce the packed layout in diagnostics (scripts/advice_diagnosis.py).
     isolate_advised_ranges = True
 
-    def __init__(self, args: AppArgs, memory: MemoryAccountant,
-                 advisor: MemoryAdvisor | None = None) -> None:
+    def __init__(
+        self, args: AppArgs, memory: MemoryAccountant, advisor: MemoryAdvisor | None = None
+    ) -> None:
         """Plan the layout (deployments/layout.py), then allocate from it (build.py); on
         Grace, `advisor` places managed memory (default: the CUDA driver's advice)."""
         path, self.spec = load_spec(args)
@@ -92,13 +94,19 @@ class PagedEngine(Engine):
         warm(self.runner, self.layout, self._placer)  # every kernel compiled: none on requests
         self._start_loop()
 
-    def _plan_layout(self, args: AppArgs, memory: MemoryAccountant,
-                     advisor: MemoryAdvisor | None) -> None:
+    def _plan_layout(
+        self, args: AppArgs, memory: MemoryAccountant, advisor: MemoryAdvisor | None
+    ) -> None:
         """The layout, planned before a byte is allocated (the snapshot is all free), and the
         placer of managed memory (Grace only)."""
         self.layout = plan_layout(
-            self.spec, args, memory.platform, memory.snapshot().free_unified_memory_bytes,
-            device=self.device, managed=memory.managed or advisor is not None)
+            self.spec,
+            args,
+            memory.platform,
+            memory.snapshot().free_unified_memory_bytes,
+            device=self.device,
+            managed=memory.managed or advisor is not None,
+        )
         self.dtype, self.max_model_len = torch_dtype(self.layout), self.layout.max_model_len
         self.page_bytes, self.host_tier_kind = self.layout.page_bytes, self.layout.host_tier
         advisor = (advisor or DriverAdvisor()) if self.layout.advise else None  # Grace only
@@ -110,12 +118,18 @@ class PagedEngine(Engine):
         weights = load_weights(self.layout, self.spec, args, memory, placer, path)
         self.weights_bytes = weights.nbytes
         kv = build_kv(self.layout, self.spec, args, memory, placer)
-        self.pool, self.cache, self.mover, self._host_pool = (kv.pool, kv.cache, kv.mover,
-                                                              kv.host_pool)
-        self.runner = build_runner(self.layout, self.spec, args, memory, weights, kv,
-                                   self._eos_token_ids, placer)
-        self.scheduler = Scheduler(self.cache, args.engine.max_num_seqs,
-                                   args.engine.max_batched_tokens, self.mover)
+        self.pool, self.cache, self.mover, self._host_pool = (
+            kv.pool,
+            kv.cache,
+            kv.mover,
+            kv.host_pool,
+        )
+        self.runner = build_runner(
+            self.layout, self.spec, args, memory, weights, kv, self._eos_token_ids, placer
+        )
+        self.scheduler = Scheduler(
+            self.cache, args.engine.max_num_seqs, args.engine.max_batched_tokens, self.mover
+        )
 
     @property
     def advice(self) -> AdviceCheck | None:
@@ -135,9 +149,15 @@ class PagedEngine(Engine):
         self._steps = StepTimes()  # recent step timings: stats, and testing.step_log
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
-        logger.info("PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), "
-                    "context %d", self.model_name, self.spec.arch, self.cache.usable_pages,
-                    self.layout.page_size, self.pool.nbytes / 2**30, self.max_model_len)
+        logger.info(
+            "PagedEngine ready: %s (%s), %d KV pages of %d tokens (%.2f GiB), context %d",
+            self.model_name,
+            self.spec.arch,
+            self.cache.usable_pages,
+            self.layout.page_size,
+            self.pool.nbytes / 2**30,
+            self.max_model_len,
+        )
 
     @property
     def eos_token_ids(self) -> frozenset[int]:  # type: ignore[override]
@@ -192,15 +212,17 @@ class PagedEngine(Engine):
             # A request still in the inbox is work even when its kick was taken by an
             # iteration that only landed a step (it may not launch while the inbox is full).
             while not (self._stopping or in_flight or self._kicked or self._inbox) and (
-                    stalled or not self.scheduler.has_work()):
+                stalled or not self.scheduler.has_work()
+            ):
                 timeout = MOVE_POLL_S if stalled and self.cache.moves else None
                 if not self._wake.wait(timeout) and timeout is not None:
                     break  # a copy may be done: schedule again
             self._kicked = False
             return not self._stopping
 
-    def _launch_next(self, feed: Launched | None
-                     ) -> tuple[Launched | None, tuple[Batch, Exception] | None]:
+    def _launch_next(
+        self, feed: Launched | None
+    ) -> tuple[Launched | None, tuple[Batch, Exception] | None]:
         """Take the inbox and aborts, schedule, launch and advance the next step: the step (None
         when nothing could be scheduled) or the batch that failed to launch, with its error."""
         with self._lock:
@@ -257,8 +279,12 @@ class PagedEngine(Engine):
         if len(batch) == 1:
             self._fail(batch, exc)
             return
-        logger.warning("a step of %d rows failed (%s: %s); running its rows one by one",
-                       len(batch), type(exc).__name__, exc)
+        logger.warning(
+            "a step of %d rows failed (%s: %s); running its rows one by one",
+            len(batch),
+            type(exc).__name__,
+            exc,
+        )
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             if seq.status is not Status.RUNNING or seq.aborted:
                 continue  # ended by the tokens just delivered, or gone
@@ -283,8 +309,9 @@ class PagedEngine(Engine):
                         self._outbox.end(seq.stream, exc)
         self._outbox.flush()
 
-    def _deliver(self, batch: Batch, tokens: list[int | None],
-                 logprobs: list[TokenLogprob | None]) -> None:
+    def _deliver(
+        self, batch: Batch, tokens: list[int | None], logprobs: list[TokenLogprob | None]
+    ) -> None:
         """The one place a sampled token lands: in its sequence (and grammar), then in its
         stream (with its logprobs). A row whose delivery fails ends with that error; the
         others still get their tokens."""
@@ -313,8 +340,9 @@ class PagedEngine(Engine):
                 self._outbox.end(seq.stream)
 
     def _ends(self, seq: Sequence, token: int) -> bool:
-        return seq.sampling.finish_reason(token in self.eos_token_ids,
-                                          seq.num_generated) is not None
+        return (
+            seq.sampling.finish_reason(token in self.eos_token_ids, seq.num_generated) is not None
+        )
 
     # ---- event-loop side ------------------------------------------------------------------
 
@@ -324,7 +352,8 @@ class PagedEngine(Engine):
             raise CapacityError(
                 f"this request needs {need} KV pages but the replica's pool has "
                 f"{self.cache.usable_pages} ({self.cache.usable_pages * self.cache.page_size} "
-                "tokens); shorten the prompt or max_tokens")
+                "tokens); shorten the prompt or max_tokens"
+            )
 
     async def stream_tokens(
         self, request: GenerationRequest, progress: RequestProgress
@@ -332,14 +361,21 @@ class PagedEngine(Engine):
         self._check_capacity(request)
         stream = TokenStream(asyncio.get_running_loop())
         seq = Sequence(
-            request_id=request.request_id, user_key=request.user_key,
-            token_ids=list(request.prompt_token_ids), sampling=request.sampling, stream=stream,
+            request_id=request.request_id,
+            user_key=request.user_key,
+            token_ids=list(request.prompt_token_ids),
+            sampling=request.sampling,
+            stream=stream,
             tenant=request.tenant,
         )
         seq.sample_seed = draw_base(request.sampling.seed)  # the generic engine's too
         if request.sampling.response_format is not None:  # a bad schema: RequestError, a 400
-            seq.grammar = Grammar(request.sampling.response_format, self.tokenizer,
-                                  self.spec.vocab_size, self.eos_token_ids)
+            seq.grammar = Grammar(
+                request.sampling.response_format,
+                self.tokenizer,
+                self.spec.vocab_size,
+                self.eos_token_ids,
+            )
         progress.logprobs = stream.logprobs  # filled on this loop as tokens land
         with self._wake:
             self._inbox.append(seq)
@@ -368,28 +404,36 @@ class PagedEngine(Engine):
                 running_requests=len(self.scheduler.running),
                 waiting_requests=len(self.scheduler.waiting) + len(self._inbox),
                 evicted_users=cache.evicted_users,
-                extra={**self._kv_extra(used), **self._steps.recent_decode(),
-                       "preempted_requests": self.scheduler.preemptions,
-                       "kv_share_overrides": self.cache.share_overrides,
-                       "steps_launched_ahead": self.steps_ahead,
-                       "steps_by_path": dict(self.runner.steps_by_path),
-                       "kernel_variants_compiled": compiled_variants()},
+                extra={
+                    **self._kv_extra(used),
+                    **self._steps.recent_decode(),
+                    "preempted_requests": self.scheduler.preemptions,
+                    "kv_share_overrides": self.cache.share_overrides,
+                    "steps_launched_ahead": self.steps_ahead,
+                    "steps_by_path": dict(self.runner.steps_by_path),
+                    "kernel_variants_compiled": compiled_variants(),
+                },
                 memory=self._memory(),
             )
 
     def _kv_extra(self, used: int) -> dict[str, Any]:
         """The KV pages and tiers, for the routing report and metrics (under the lock)."""
         cache, page = self.cache, self.page_bytes
-        return {"kv_pages_total": cache.usable_pages, "kv_pages_free": cache.free_pages,
-                "kv_page_size": cache.page_size,
-                "kv_bytes_by_tier": {"device": used * page, **(
-                    {"host": cache.host_used_pages() * page} if cache.host_pages_total else {})},
-                "kv_host_pages_total": cache.host_pages_total,
-                "kv_host_tier": self.host_tier_kind,
-                "kv_host_pages_free": cache.host_free_pages,
-                "offloaded_users": cache.offloaded_users,
-                "restored_users": cache.restored_users,
-                "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0}
+        return {
+            "kv_pages_total": cache.usable_pages,
+            "kv_pages_free": cache.free_pages,
+            "kv_page_size": cache.page_size,
+            "kv_bytes_by_tier": {
+                "device": used * page,
+                **({"host": cache.host_used_pages() * page} if cache.host_pages_total else {}),
+            },
+            "kv_host_pages_total": cache.host_pages_total,
+            "kv_host_tier": self.host_tier_kind,
+            "kv_host_pages_free": cache.host_free_pages,
+            "offloaded_users": cache.offloaded_users,
+            "restored_users": cache.restored_users,
+            "kv_bytes_moved": self.mover.bytes_moved if self.mover else 0,
+        }
 
     def _memory(self) -> EngineMemory:
         """What this engine holds (under the lock). Empty pages are free unified memory: the
@@ -398,10 +442,16 @@ class PagedEngine(Engine):
         cache, page = self.cache, self.page_bytes
         host = self._host_pool.nbytes if self._host_pool is not None else 0
         if self.layout.advise:
-            return EngineMemory(self.weights_bytes + self.pool.nbytes + host,
-                                (cache.free_pages + cache.host_free_pages) * page)
-        return EngineMemory(self.weights_bytes + self.pool.nbytes, cache.free_pages * page,
-                            host, cache.host_used_pages() * page if host else 0)
+            return EngineMemory(
+                self.weights_bytes + self.pool.nbytes + host,
+                (cache.free_pages + cache.host_free_pages) * page,
+            )
+        return EngineMemory(
+            self.weights_bytes + self.pool.nbytes,
+            cache.free_pages * page,
+            host,
+            cache.host_used_pages() * page if host else 0,
+        )
 
     def check_integrity(self) -> None:
         """Raise AssertionError if pages leaked or are shared (tests call this)."""

@@ -18,8 +18,9 @@ from deployments.memory_advice import isolated_empty
 
 
 class HostKVPool:
-    def __init__(self, like: KVPool, num_pages: int, managed: bool = False,
-                 isolate: bool = True) -> None:
+    def __init__(
+        self, like: KVPool, num_pages: int, managed: bool = False, isolate: bool = True
+    ) -> None:
         """`isolate` (managed only): alone in whole 2 MiB blocks, so its advice is its own."""
         if num_pages <= 0:
             raise ValueError("the host KV tier needs at least one page")
@@ -27,8 +28,11 @@ class HostKVPool:
         shape, dtype = (num_pages, *like.buffer.shape[1:]), like.buffer.dtype
         if managed:  # allocated in the caller's allocation scope (the managed resource)
             device = like.buffer.device
-            self.buffer = (isolated_empty(math.prod(shape), dtype, device).view(shape) if isolate
-                           else torch.empty(shape, dtype=dtype, device=device))
+            self.buffer = (
+                isolated_empty(math.prod(shape), dtype, device).view(shape)
+                if isolate
+                else torch.empty(shape, dtype=dtype, device=device)
+            )
         else:
             self.buffer = torch.empty(shape, dtype=dtype, pin_memory=like.buffer.is_cuda)
 

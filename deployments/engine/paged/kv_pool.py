@@ -19,8 +19,13 @@ from deployments.model_spec import ModelSpec
 
 class KVPool:
     def __init__(
-        self, spec: ModelSpec, num_pages: int, page_size: int, dtype: torch.dtype,
-        device: str | torch.device, isolate: bool = False,
+        self,
+        spec: ModelSpec,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        isolate: bool = False,
     ) -> None:
         """`isolate`: the pool sits alone in whole 2 MiB blocks (for advice on managed memory)."""
         if num_pages <= 0:
@@ -37,8 +42,13 @@ class KVPool:
     @staticmethod
     def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype) -> int:
         """Bytes of one page (all layers, keys and values)."""
-        return 2 * spec.num_layers * page_size * spec.kv_size * torch.empty(
-            (), dtype=dtype).element_size()
+        return (
+            2
+            * spec.num_layers
+            * page_size
+            * spec.kv_size
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
     @property
     def nbytes(self) -> int:

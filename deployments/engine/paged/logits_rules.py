@@ -59,14 +59,34 @@ class HostRules:
         g, w = self.mask_words.shape
         slots, fresh, prompt, bias_i, rows = upload(
             [self.slots, self.fresh, self.prompt_index, self.bias_index, self.mask_rows],
-            np.int64, device)
+            np.int64,
+            device,
+        )
         pens, bias_v, words = upload(
-            [self.penalties.view(np.int32), self.bias_value.view(np.int32),
-             self.mask_words.ravel()], np.int32, device)
+            [
+                self.penalties.view(np.int32),
+                self.bias_value.view(np.int32),
+                self.mask_words.ravel(),
+            ],
+            np.int32,
+            device,
+        )
         pens = pens.view(torch.float32).view(3, -1)
-        return DeviceRules(slots, fresh, prompt, pens[0], pens[1], pens[2], bias_i,
-                           bias_v.view(torch.float32), rows, words.view(g, w),
-                           self.penalized, len(self.bias_value) > 0, g > 0)
+        return DeviceRules(
+            slots,
+            fresh,
+            prompt,
+            pens[0],
+            pens[1],
+            pens[2],
+            bias_i,
+            bias_v.view(torch.float32),
+            rows,
+            words.view(g, w),
+            self.penalized,
+            len(self.bias_value) > 0,
+            g > 0,
+        )
 
 
 class DeviceRules(NamedTuple):
@@ -85,28 +105,41 @@ class DeviceRules(NamedTuple):
     masked: bool
 
 
-def build_rules(params: list[SamplingParams], slots: list[int], fresh: list[tuple[int, list[int]]],
-                vocab: int, masks: list[tuple[int, np.ndarray]]) -> HostRules:
+def build_rules(
+    params: list[SamplingParams],
+    slots: list[int],
+    fresh: list[tuple[int, list[int]]],
+    vocab: int,
+    masks: list[tuple[int, np.ndarray]],
+) -> HostRules:
     """Rules for rows with these params and TokenCounts slots; `fresh`: (slot, prompt ids) of
     sequences whose counts start now; `masks`: (row, int32 words) of rows under a grammar."""
     rows = len(params)
-    bias = [(r * vocab + t, b) for r, p in enumerate(params) for t, b in p.logit_bias
-            if 0 <= t < vocab]
+    bias = [
+        (r * vocab + t, b) for r, p in enumerate(params) for t, b in p.logit_bias if 0 <= t < vocab
+    ]
     prompt = [s * vocab + t for s, ids in fresh for t in set(ids) if 0 <= t < vocab]
     width = -(-vocab // MASK_BITS)
     return HostRules(
         slots=np.asarray(slots, dtype=np.int64).reshape(rows),
         fresh=np.asarray([s for s, _ in fresh], dtype=np.int64),
         prompt_index=np.asarray(prompt, dtype=np.int64),
-        penalties=np.asarray([[p.presence_penalty for p in params],
-                              [p.frequency_penalty for p in params],
-                              [p.repetition_penalty for p in params]],
-                             dtype=np.float32).reshape(3 * rows),
+        penalties=np.asarray(
+            [
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+                [p.repetition_penalty for p in params],
+            ],
+            dtype=np.float32,
+        ).reshape(3 * rows),
         bias_index=np.asarray([i for i, _ in bias], dtype=np.int64),
         bias_value=np.asarray([b for _, b in bias], dtype=np.float32),
         mask_rows=np.asarray([r for r, _ in masks], dtype=np.int64),
-        mask_words=(np.stack([w[:width] for _, w in masks]).astype(np.int32) if masks
-                    else np.zeros((0, width), dtype=np.int32)),
+        mask_words=(
+            np.stack([w[:width] for _, w in masks]).astype(np.int32)
+            if masks
+            else np.zeros((0, width), dtype=np.int32)
+        ),
     )
 
 
@@ -155,8 +188,9 @@ class TokenCounts:
         self.counts.view(-1).scatter_add_(0, index, torch.ones_like(index, dtype=torch.int32))
 
 
-def apply_rules(logits: torch.Tensor, rules: DeviceRules, counts: TokenCounts | None
-                ) -> torch.Tensor:
+def apply_rules(
+    logits: torch.Tensor, rules: DeviceRules, counts: TokenCounts | None
+) -> torch.Tensor:
     """float32 logits [R, V] after the grammar mask, logit_bias and penalties (a new tensor;
     `logits` is left as it is, for the raw logprobs)."""
     x = logits.to(torch.float32, copy=True)
@@ -168,15 +202,25 @@ def apply_rules(logits: torch.Tensor, rules: DeviceRules, counts: TokenCounts | 
     if rules.biased:
         x.view(-1).index_add_(0, rules.bias_index, rules.bias_value)
     if rules.penalized and counts is not None:
-        x = penalize(x, counts.counts.index_select(0, rules.slots),
-                     counts.prompt.index_select(0, rules.slots),
-                     rules.presence, rules.frequency, rules.repetition)
+        x = penalize(
+            x,
+            counts.counts.index_select(0, rules.slots),
+            counts.prompt.index_select(0, rules.slots),
+            rules.presence,
+            rules.frequency,
+            rules.repetition,
+        )
     return x
 
 
-def penalize(x: torch.Tensor, counts: torch.Tensor, prompt_seen: torch.Tensor,
-             presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor
-             ) -> torch.Tensor:
+def penalize(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    prompt_seen: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    repetition: torch.Tensor,
+) -> torch.Tensor:
     """vLLM's penalties on float32 logits [R, V]: counts [R, V] of output tokens, prompt_seen
     [R, V] bool; presence, frequency, repetition [R]."""
     out_seen = counts > 0
@@ -193,14 +237,20 @@ def unpack_mask(words: torch.Tensor, vocab: int) -> torch.Tensor:
     """bool [G, vocab] from int32 words [G, W]: token t allowed iff bit t % 32 of word t // 32."""
     shifts = _SHIFTS.get(words.device)
     if shifts is None:
-        shifts = _SHIFTS[words.device] = torch.arange(MASK_BITS, dtype=torch.int32,
-                                                      device=words.device)
+        shifts = _SHIFTS[words.device] = torch.arange(
+            MASK_BITS, dtype=torch.int32, device=words.device
+        )
     bits = (words[:, :, None] >> shifts) & 1
     return bits.view(words.shape[0], -1)[:, :vocab] != 0
 
 
-def draw(logits: torch.Tensor, plan: tuple[torch.Tensor, ...], rules: DeviceRules | None,
-         counts: TokenCounts | None, eos_ids: torch.Tensor) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor,
+    plan: tuple[torch.Tensor, ...],
+    rules: DeviceRules | None,
+    counts: TokenCounts | None,
+    eos_ids: torch.Tensor,
+) -> torch.Tensor:
     """The rows' tokens: the rules on a copy of the logits, then the sampler (sampler.sample);
     drawn tokens are counted for penalties, on the device."""
     if rules is None:
@@ -214,6 +264,7 @@ def draw(logits: torch.Tensor, plan: tuple[torch.Tensor, ...], rules: DeviceRule
 
 
 # ---- logprobs --------------------------------------------------------------------------------
+
 
 class DeviceLogprobs(NamedTuple):
     """A step's logprobs on the device: of each row's drawn token and its top k."""
@@ -232,8 +283,9 @@ def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> DeviceLo
     return DeviceLogprobs(chosen, values, ids)
 
 
-def host_entries(chosen: list[float], values: list[list[float]], ids: list[list[int]],
-                 wanted: list[int | None]) -> list[TokenLogprob | None]:
+def host_entries(
+    chosen: list[float], values: list[list[float]], ids: list[list[int]], wanted: list[int | None]
+) -> list[TokenLogprob | None]:
     """Per row, the API's entry (its own k of the top) or None where the row asks none."""
     out: list[TokenLogprob | None] = []
     for r, k in enumerate(wanted):

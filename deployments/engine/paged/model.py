@@ -19,8 +19,9 @@ from deployments.engine.paged.weights import ModelWeights
 from deployments.model_spec import ModelSpec
 
 
-def rope_tables(spec: ModelSpec, length: int, dtype: torch.dtype, device: torch.device | str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    spec: ModelSpec, length: int, dtype: torch.dtype, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [length, head_dim] exactly as transformers computes them for this config."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -32,21 +33,29 @@ def rope_tables(spec: ModelSpec, length: int, dtype: torch.dtype, device: torch.
 
 
 class DecoderModel:
-    def __init__(self, spec: ModelSpec, weights: ModelWeights, pool: KVPool, max_len: int,
-                 use_triton: bool, triton_prefill: bool = False,
-                 streamer: WeightStreamer | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: ModelWeights,
+        pool: KVPool,
+        max_len: int,
+        use_triton: bool,
+        triton_prefill: bool = False,
+        streamer: WeightStreamer | None = None,
+    ) -> None:
         self.spec = spec
         self.w = weights
         self.pool = pool
         self.use_triton = use_triton
         self.triton_prefill = triton_prefill
         self.streamer = streamer  # layers beyond the device budget stream in from host memory
-        self.scale = spec.head_dim ** -0.5
+        self.scale = spec.head_dim**-0.5
         self.cos, self.sin = rope_tables(spec, max_len, weights.embed.dtype, weights.embed.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata,
-                logits_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, meta: AttentionMetadata, logits_index: torch.Tensor
+    ) -> torch.Tensor:
         """tokens [T] -> float32 logits [len(logits_index), vocab]; writes the tokens' KV."""
         spec, eps, fast = self.spec, self.spec.rms_norm_eps, self.use_triton
         n = tokens.shape[0]
@@ -61,19 +70,41 @@ class DecoderModel:
             if layer.q_norm is not None:  # Qwen3: RMSNorm each q and k head before RoPE
                 q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
                 q = rms_norm_ref(q.reshape(n, spec.num_heads, spec.head_dim), layer.q_norm, eps)
-                k = rms_norm_ref(k.reshape(n, spec.num_kv_heads, spec.head_dim), layer.k_norm,
-                                 eps)
+                k = rms_norm_ref(k.reshape(n, spec.num_kv_heads, spec.head_dim), layer.k_norm, eps)
                 qkv = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v], dim=-1)
-            q = rope_store(qkv, spec.num_heads, spec.num_kv_heads, spec.head_dim, self.cos,
-                           self.sin, meta.positions, self.pool.keys(index),
-                           self.pool.values(index), meta.write_pages, meta.write_offsets, fast)
-            attn = paged_attention(q, self.pool.keys(index), self.pool.values(index), meta,
-                                   self.scale, fast, self.triton_prefill)
+            q = rope_store(
+                qkv,
+                spec.num_heads,
+                spec.num_kv_heads,
+                spec.head_dim,
+                self.cos,
+                self.sin,
+                meta.positions,
+                self.pool.keys(index),
+                self.pool.values(index),
+                meta.write_pages,
+                meta.write_offsets,
+                fast,
+            )
+            attn = paged_attention(
+                q,
+                self.pool.keys(index),
+                self.pool.values(index),
+                meta,
+                self.scale,
+                fast,
+                self.triton_prefill,
+            )
             out = F.linear(attn.reshape(n, spec.q_size), layer.o, layer.o_bias)
             x, h = add_rms_norm(x, out, layer.post_norm, eps, fast)
             delta = F.linear(silu_mul(F.linear(h, layer.gate_up), fast), layer.down)
             if self.streamer is not None:
                 self.streamer.done(index)
-        _, h = add_rms_norm(x[logits_index], delta[logits_index] if delta is not None else None,
-                            self.w.norm, eps, fast)
+        _, h = add_rms_norm(
+            x[logits_index],
+            delta[logits_index] if delta is not None else None,
+            self.w.norm,
+            eps,
+            fast,
+        )
         return F.linear(h, self.w.lm_head).float()

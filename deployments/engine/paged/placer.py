@@ -47,6 +47,12 @@ class Placer:
         if self.check is None:
             return
         for wrong in self.check.check(phase):
-            logger.warning("after %s, %s (advised to the %s) reads preferred %d, last "
-                           "prefetched %d: %s", phase, wrong["name"], wrong["where"],
-                           wrong["preferred"], wrong["prefetched"], wrong["runs"])
+            logger.warning(
+                "after %s, %s (advised to the %s) reads preferred %d, last prefetched %d: %s",
+                phase,
+                wrong["name"],
+                wrong["where"],
+                wrong["preferred"],
+                wrong["prefetched"],
+                wrong["runs"],
+            )

@@ -71,8 +71,9 @@ class Launched:
         out: list[TokenLogprob | None] = [None] * len(self.batch)
         if self.logprobs_host is not None:
             chosen, values, ids = (t.tolist() for t in self.logprobs_host)
-            for i, entry in zip(self.rows, host_entries(chosen, values, ids,
-                                                        self.logprobs_wanted), strict=True):
+            for i, entry in zip(
+                self.rows, host_entries(chosen, values, ids, self.logprobs_wanted), strict=True
+            ):
                 out[i] = entry
         return out
 
@@ -94,15 +95,22 @@ def sampling_plan(seqs: list[Sequence]) -> SamplingPlan:
     sequence's seed and the token's index (reproducible however batches form), EOS banned
     while min_tokens is not reached."""
     drawn = [s.num_generated + s.in_flight for s in seqs]  # tokens drawn before this one
-    return build_plan([s.sampling for s in seqs],
-                      [draw_seed(s.sample_seed, n) for s, n in zip(seqs, drawn, strict=True)],
-                      [n < s.sampling.min_tokens for s, n in zip(seqs, drawn, strict=True)])
+    return build_plan(
+        [s.sampling for s in seqs],
+        [draw_seed(s.sample_seed, n) for s, n in zip(seqs, drawn, strict=True)],
+        [n < s.sampling.min_tokens for s, n in zip(seqs, drawn, strict=True)],
+    )
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, page_size: int, graphs: DecodeGraphs | None,
-                 eos_token_ids: frozenset[int], prefill_graphs: PrefillGraphs | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        model: DecoderModel,
+        page_size: int,
+        graphs: DecodeGraphs | None,
+        eos_token_ids: frozenset[int],
+        prefill_graphs: PrefillGraphs | None = None,
+    ) -> None:
         self.model = model
         self.page_size = page_size
         self.device = model.w.embed.device
@@ -118,8 +126,7 @@ class ModelRunner:
 
     def set_eos(self, eos_token_ids: frozenset[int]) -> None:
         """The end-of-sequence ids a draw may be banned from (min_tokens)."""
-        self.eos_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.int32,
-                                    device=self.device)
+        self.eos_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.int32, device=self.device)
 
     def _rules(self, seqs: list[Sequence]) -> HostRules | None:
         """The sampling rows' logit rules (None when no row has any): TokenCounts slots for
@@ -140,10 +147,11 @@ class ModelRunner:
                     self.counts = TokenCounts(self.vocab, self.device)
                 seq.counts_slot = self.counts.assign()
                 self._counted.append(seq)
-                fresh.append((seq.counts_slot, seq.token_ids[:seq.prompt_len]))
+                fresh.append((seq.counts_slot, seq.token_ids[: seq.prompt_len]))
         masks = [(r, s.grammar.mask_words()) for r, s in enumerate(seqs) if s.grammar]
-        return build_rules([s.sampling for s in seqs], [s.counts_slot for s in seqs], fresh,
-                           self.vocab, masks)
+        return build_rules(
+            [s.sampling for s in seqs], [s.counts_slot for s in seqs], fresh, self.vocab, masks
+        )
 
     def _prepare(self, batch: Batch, feed: Launched | None = None) -> StepInputs:
         """A step's device inputs, in one int64 and one int32 upload."""
@@ -156,22 +164,38 @@ class ModelRunner:
         plan = sampling_plan(sampling_seqs) if host.sampling_rows else None
         rules = self._rules(sampling_seqs) if host.sampling_rows else None
         tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d, slots_d, cleared_d = upload(
-            [np.asarray(host.tokens), host.positions, host.write_pages, host.positions % page,
-             np.asarray(host.logits_index), np.asarray(host.fed),
-             plan.seed if plan else np.zeros(0), np.asarray(slots), np.asarray(cleared)],
-            np.int64, self.device)
+            [
+                np.asarray(host.tokens),
+                host.positions,
+                host.write_pages,
+                host.positions % page,
+                np.asarray(host.logits_index),
+                np.asarray(host.fed),
+                plan.seed if plan else np.zeros(0),
+                np.asarray(slots),
+                np.asarray(cleared),
+            ],
+            np.int64,
+            self.device,
+        )
         writes_d, contexts_d, words_d = upload(
             [writes, np.asarray(contexts), plan.words() if plan else np.zeros(0)],
-            np.int32, self.device)
+            np.int32,
+            self.device,
+        )
         self.table.apply(cleared_d, writes_d)
         if host.feeds:
             assert feed.tokens is not None
             tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
         meta = AttentionMetadata(
-            positions=positions_d, write_pages=pages_d, write_offsets=offsets_d,
+            positions=positions_d,
+            write_pages=pages_d,
+            write_offsets=offsets_d,
             page_table=self.table.rows(slots_d, width),
-            context_lens=contexts_d, query_lens=list(batch.num_tokens),
-            context_lens_host=contexts, decode_only=batch.decode_only,
+            context_lens=contexts_d,
+            query_lens=list(batch.num_tokens),
+            context_lens_host=contexts,
+            decode_only=batch.decode_only,
         )
         device_plan = SamplingPlan.device_views(words_d, seed_d) if plan else None
         device_rules = rules.to_device(self.device) if rules is not None else None
@@ -202,8 +226,9 @@ class ModelRunner:
             step.logprobs_host = lp
         return step
 
-    def _forward(self, tokens: torch.Tensor, meta: AttentionMetadata,
-                 logits_index: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, tokens: torch.Tensor, meta: AttentionMetadata, logits_index: torch.Tensor
+    ) -> torch.Tensor:
         """The step's logits: a decode or prefill CUDA graph's where one fits, else eager."""
         if meta.decode_only and self.graphs is not None and self.graphs.fits(len(tokens)):
             path, logits = "decode_graph", self.graphs.run(meta, tokens)
@@ -214,8 +239,9 @@ class ModelRunner:
         self.steps_by_path[path] += 1
         return logits
 
-    def _draw(self, logits: torch.Tensor, plan: tuple[torch.Tensor, ...],
-              rules: DeviceRules | None) -> torch.Tensor:
+    def _draw(
+        self, logits: torch.Tensor, plan: tuple[torch.Tensor, ...], rules: DeviceRules | None
+    ) -> torch.Tensor:
         return draw(logits, plan, rules, self.counts, self.eos_ids)
 
 
@@ -243,14 +269,18 @@ def _host_rows(batch: Batch, page: int, feed: Launched | None) -> _HostRows:
     flight (`feed`) samples is read from its tokens on the device."""
     tokens, positions, write_pages, fed, sampling_rows, logits_index = [], [], [], [], [], []
     count, feeds = 0, False
-    for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_tokens,
-                                            strict=True)):
+    for i, (seq, start, n) in enumerate(
+        zip(batch.seqs, batch.starts, batch.num_tokens, strict=True)
+    ):
         pos = np.arange(start, start + n, dtype=np.int64)
         positions.append(pos)
         first = start // page
-        write_pages.append(np.asarray(seq.pages[first:-(-(start + n) // page)],
-                                      dtype=np.int64)[pos // page - first])
-        chunk = seq.token_ids[start:start + n]
+        write_pages.append(
+            np.asarray(seq.pages[first : -(-(start + n) // page)], dtype=np.int64)[
+                pos // page - first
+            ]
+        )
+        chunk = seq.token_ids[start : start + n]
         if len(chunk) < n:  # sampled by the step in flight: read on the device
             feeds = True
             fed.append(_fed_row(seq, n, feed))
@@ -262,13 +292,21 @@ def _host_rows(batch: Batch, page: int, feed: Launched | None) -> _HostRows:
         if batch.sampling[i]:
             sampling_rows.append(i)
             logits_index.append(count - 1)
-    return _HostRows(tokens, np.concatenate(positions), np.concatenate(write_pages), fed,
-                     sampling_rows, logits_index, feeds)
+    return _HostRows(
+        tokens,
+        np.concatenate(positions),
+        np.concatenate(write_pages),
+        fed,
+        sampling_rows,
+        logits_index,
+        feeds,
+    )
 
 
 def _fed_row(seq: Sequence, n: int, feed: Launched | None) -> int:
     """The row of `feed`'s tokens that holds `seq`'s token in flight."""
     if n != 1 or feed is None or id(seq) not in feed.row_of:
-        raise RuntimeError(f"sequence {seq.request_id}: a token in flight is "
-                           "needed by a step that cannot read it")
+        raise RuntimeError(
+            f"sequence {seq.request_id}: a token in flight is needed by a step that cannot read it"
+        )
     return feed.row_of[id(seq)]

@@ -18,8 +18,7 @@ BIG = tl.constexpr(2147483647)
 
 
 @triton.jit
-def load_tile(row_ptr, start, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK: tl.constexpr,
-              step=1):
+def load_tile(row_ptr, start, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK: tl.constexpr, step=1):
     """Tokens [start, start + BLOCK) of the row as a [1, BLOCK] float32 tile. `step`: 1, but
     a runtime 1 hides the ids' contiguity, so the tile gets the layout of a scatter (compact)."""
     cols = start + tl.arange(0, BLOCK)[None, :] * step
@@ -86,8 +85,21 @@ def _accumulate(x, lanes, top, s, acc, MASS: tl.constexpr):
 
 
 @triton.jit
-def count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, top, s,
-              MASS: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
+def count_row(
+    row_ptr,
+    V,
+    Eos,
+    n_eos,
+    ban,
+    eos_lo,
+    eos_hi,
+    lanes,
+    top,
+    s,
+    MASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    LANES: tl.constexpr,
+):
     """For each lane, the mass (MASS) or the count (as float32: exact, as a slot adds at most
     V / BLOCK ones) of the row's tokens at or above it."""
     acc = tl.zeros([LANES, BLOCK], tl.float32)
@@ -102,8 +114,9 @@ def count_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, lanes, top, s,
 
 
 @triton.jit
-def count_scratch(ScrV, n_s, lanes, hi, top, s, MASS: tl.constexpr, BLOCK: tl.constexpr,
-                  LANES: tl.constexpr):
+def count_scratch(
+    ScrV, n_s, lanes, hi, top, s, MASS: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr
+):
     """For each lane, the mass (count) of the scratch's tokens in [lane, hi) (read from L2:
     this program wrote them)."""
     acc = tl.zeros([LANES, BLOCK], tl.float32)
@@ -116,8 +129,21 @@ def count_scratch(ScrV, n_s, lanes, hi, top, s, MASS: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, lo, hi,
-            BLOCK: tl.constexpr, CAP: tl.constexpr):
+def compact(
+    row_ptr,
+    V,
+    Eos,
+    n_eos,
+    ban,
+    eos_lo,
+    eos_hi,
+    ScrV,
+    ScrI,
+    lo,
+    hi,
+    BLOCK: tl.constexpr,
+    CAP: tl.constexpr,
+):
     """Copy to the scratch, value and id in draw order (by id % BLOCK, then id), the row's
     tokens at or above lo if there are at most CAP, else those in [lo, hi) if they fit.
     Returns how many tokens that range holds and its upper end (+inf: all at or above lo);
@@ -145,8 +171,9 @@ def compact(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, ScrV, ScrI, lo, hi,
         b = load_tile(row_ptr, BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK, one)
         for start in range(0, V, BLOCK):
             x, a = a, b
-            b = load_tile(row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi,
-                          BLOCK, one)
+            b = load_tile(
+                row_ptr, start + 2 * BLOCK, V, Eos, n_eos, ban, eos_lo, eos_hi, BLOCK, one
+            )
             keep = (x >= lo) & (x < top)
             tl.store(ScrV + pos, x, mask=keep)
             tl.store(ScrI + pos, start + tl.arange(0, BLOCK)[None, :] * one, mask=keep)
@@ -167,8 +194,21 @@ def _pick(p, ids, carry, target):
 
 
 @triton.jit
-def draw_row(row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi, t, top, s, u,
-             BLOCK: tl.constexpr, TILES: tl.constexpr):
+def draw_row(
+    row_ptr,
+    V,
+    Eos,
+    n_eos,
+    ban,
+    eos_lo,
+    eos_hi,
+    t,
+    top,
+    s,
+    u,
+    BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+):
     """Inverse CDF at u over the row's tokens at or above t, in draw order (by id % BLOCK,
     then id): one pass sums each slot's mass, a scan finds the slot where the mass passes
     u * total, and that slot's TILES (>= V / BLOCK) tokens are walked."""

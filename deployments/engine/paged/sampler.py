@@ -96,15 +96,23 @@ class SamplingPlan:
     def words(self) -> np.ndarray:
         """The 32-bit fields as one int32 array [5R] (floats by their bits): temperature,
         top_p, min_p, top_k, ban_eos. With `seed` (int64) that is the whole plan."""
-        return np.concatenate([self.temperature.view(np.int32), self.top_p.view(np.int32),
-                               self.min_p.view(np.int32), self.top_k, self.ban_eos])
+        return np.concatenate(
+            [
+                self.temperature.view(np.int32),
+                self.top_p.view(np.int32),
+                self.min_p.view(np.int32),
+                self.top_k,
+                self.ban_eos,
+            ]
+        )
 
     @staticmethod
     def device_views(words: torch.Tensor, seed: torch.Tensor) -> DevicePlan:
         """Views (no copies) of an uploaded `words()` [5R] int32 and `seed` [R] int64."""
         t, p, m, k, b = words.view(5, -1).unbind(0)
-        return DevicePlan(t.view(torch.float32), p.view(torch.float32), k,
-                          m.view(torch.float32), seed, b)
+        return DevicePlan(
+            t.view(torch.float32), p.view(torch.float32), k, m.view(torch.float32), seed, b
+        )
 
     def to_device(self, device: torch.device | str) -> DevicePlan:
         """Upload (pinned and asynchronous on CUDA); for callers outside the runner."""
@@ -115,8 +123,9 @@ class SamplingPlan:
         return self.device_views(words, seed)
 
 
-def build_plan(params: Sequence[SamplingParams], seeds: Sequence[int],
-               ban_eos: Sequence[bool]) -> SamplingPlan:
+def build_plan(
+    params: Sequence[SamplingParams], seeds: Sequence[int], ban_eos: Sequence[bool]
+) -> SamplingPlan:
     """The plan for rows with these params, draw keys (draw_seed) and EOS bans. Normalises:
     temperature below MIN_TEMPERATURE (or NaN) -> 0, top_p into [tiny, 1], min_p into [0, 1],
     top_k into [0, 2**31), seeds to 63 bits."""
@@ -135,17 +144,26 @@ def build_plan(params: Sequence[SamplingParams], seeds: Sequence[int],
     )
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           top_k: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, ban_eos: torch.Tensor,
-           eos_ids: torch.Tensor) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    ban_eos: torch.Tensor,
+    eos_ids: torch.Tensor,
+) -> torch.Tensor:
     """One token per row of logits [R, V] (float32; bf16/fp16 are read as float32), as int64
     [R] on the logits' device. The plan's tensors (DevicePlan) and `eos_ids` (int32, the
     model's end-of-sequence ids) must be on that device too. On CUDA with Triton: one kernel
     launch, no host synchronisation; elsewhere `sample_reference`."""
     plan = (temperature, top_p, top_k, min_p, seed, ban_eos, eos_ids)
     if any(t.device != logits.device for t in plan):
-        raise ValueError("sample: the plan and eos_ids must be on the logits' device "
-                         f"({logits.device}); upload them with the step's inputs")
+        raise ValueError(
+            "sample: the plan and eos_ids must be on the logits' device "
+            f"({logits.device}); upload them with the step's inputs"
+        )
     if logits.is_cuda and _triton_sample() is not None:
         return _triton_sample()(logits, *_typed(*plan), MIN_TEMPERATURE)
     return sample_reference(logits, *plan)
@@ -153,8 +171,15 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
 
 def _typed(*plan: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The plan in the kernel's dtypes (no copy when they already are; never a sync)."""
-    dtypes = (torch.float32, torch.float32, torch.int32, torch.float32, torch.int64,
-              torch.int32, torch.int32)
+    dtypes = (
+        torch.float32,
+        torch.float32,
+        torch.int32,
+        torch.float32,
+        torch.int64,
+        torch.int32,
+        torch.int32,
+    )
     return tuple(t.to(d).contiguous() for t, d in zip(plan, dtypes, strict=True))
 
 
@@ -174,6 +199,7 @@ _TRITON = False  # not looked up yet
 
 
 # ---- the reference: what the kernel computes, in PyTorch ----------------------------------
+
 
 def philox_uniform(seed: torch.Tensor) -> torch.Tensor:
     """float32 [R] in [0, 1): Triton's tl.rand(seed, 0) for each int64 seed (Philox4x32-10,
@@ -225,8 +251,7 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (mid >> 16) + (total_low >> 32), total_low & 0xFFFFFFFF
 
 
-def ban_logits(logits: torch.Tensor, ban_eos: torch.Tensor, eos_ids: torch.Tensor
-               ) -> torch.Tensor:
+def ban_logits(logits: torch.Tensor, ban_eos: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
     """float32 copy of logits with -inf at eos_ids in rows that ban them (ids past the
     vocabulary are ignored, as the kernel does)."""
     x = logits.to(torch.float32, copy=True)
@@ -235,8 +260,13 @@ def ban_logits(logits: torch.Tensor, ban_eos: torch.Tensor, eos_ids: torch.Tenso
     return torch.where((ban_eos.to(x.device)[:, None] != 0) & hit, float("-inf"), x)
 
 
-def reference_kept(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                   top_k: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def reference_kept(
+    x: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
     """bool [R, V]: the kept set of each row of (already banned) float32 logits x, by the
     rules in this module's docstring, in float32 as the kernel computes them."""
     vocab = x.shape[1]
@@ -252,8 +282,9 @@ def reference_kept(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tens
     floor = torch.maximum(floor, torch.where(minp > 0, by_minp, float("-inf")))
     base = (x > float("-inf")) & (x >= floor)
     in_sorted = (ordered > float("-inf")) & (ordered >= floor)
-    mass = torch.where(in_sorted, torch.exp2((ordered - top) * (LOG2E / temp).clamp(min=1e-30)),
-                       0.0)
+    mass = torch.where(
+        in_sorted, torch.exp2((ordered - top) * (LOG2E / temp).clamp(min=1e-30)), 0.0
+    )
     cum = mass.cumsum(-1)
     before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
     stays = in_sorted & (before < top_p[:, None].float() * cum[:, -1:])
@@ -263,17 +294,26 @@ def reference_kept(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tens
 
 
 @functools.lru_cache(maxsize=8)
-def draw_order(vocab: int, device: torch.device | str = "cpu", block: int = DRAW_BLOCK
-               ) -> torch.Tensor:
+def draw_order(
+    vocab: int, device: torch.device | str = "cpu", block: int = DRAW_BLOCK
+) -> torch.Tensor:
     """Token ids in draw order: by id % block, then by id (cached: the same every step)."""
     ids = torch.arange(vocab, device=device)
     return torch.argsort(ids % block * vocab + ids)
 
 
-def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                     top_k: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
-                     ban_eos: torch.Tensor, eos_ids: torch.Tensor, *,
-                     order_block: int = DRAW_BLOCK) -> torch.Tensor:
+def sample_reference(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    ban_eos: torch.Tensor,
+    eos_ids: torch.Tensor,
+    *,
+    order_block: int = DRAW_BLOCK,
+) -> torch.Tensor:
     """`sample` in PyTorch (a sort per row): the definition the kernel is tested against,
     and the path on CPU. Same arguments and result (order_block: the draw order's period,
     for tests of a kernel built with other tiles)."""

@@ -70,8 +70,13 @@ class Room(enum.Enum):
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_num_seqs: int, max_batched_tokens: int,
-                 mover: Mover | None = None) -> None:
+    def __init__(
+        self,
+        cache: CacheManager,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+        mover: Mover | None = None,
+    ) -> None:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
@@ -141,8 +146,9 @@ class Scheduler:
             self.poll()
         return Room.OK
 
-    def _reserve(self, seq: Sequence, n: int, scheduled: set[int], may_preempt: bool = True
-                 ) -> Room:
+    def _reserve(
+        self, seq: Sequence, n: int, scheduled: set[int], may_preempt: bool = True
+    ) -> Room:
         """Give `seq` pages for `n` more tokens (see `_make_room` for how room is made)."""
         need = self.cache.pages_for(seq.num_computed + n) - len(seq.pages)
         room = self._make_room(need, seq, scheduled, may_preempt)
@@ -150,8 +156,7 @@ class Scheduler:
             seq.pages += self.cache.allocate(need)
         return room
 
-    def _make_room(self, need: int, seq: Sequence, scheduled: set[int], may_preempt: bool
-                   ) -> Room:
+    def _make_room(self, need: int, seq: Sequence, scheduled: set[int], may_preempt: bool) -> Room:
         """Free device pages: move idle users down, drop idle users, preempt newer sequences."""
         while not self.cache.can_allocate(need):
             if self.cache.free_pages + self.cache.draining_pages() >= need:
@@ -163,8 +168,9 @@ class Scheduler:
             alone = all(s is seq for s in self.running) and not self.cache.moves
             if alone and self.cache.evict_lru_idle(seq.tenant, override=True) is not None:
                 continue
-            victim = next((s for s in reversed(self.running)
-                           if s is not seq and id(s) not in scheduled), None)
+            victim = next(
+                (s for s in reversed(self.running) if s is not seq and id(s) not in scheduled), None
+            )
             if not may_preempt or victim is None:
                 return Room.WAIT if self.cache.moves else Room.NO
             self.preempt(victim)
@@ -193,9 +199,11 @@ class Scheduler:
 
     def keep_free(self, pages: int) -> None:
         """Between steps: move idle users down until `pages` device pages are free or freeing."""
-        while (self.mover is not None
-               and self.cache.free_pages + self.cache.draining_pages() < pages
-               and self._offload_one(BACKGROUND)):
+        while (
+            self.mover is not None
+            and self.cache.free_pages + self.cache.draining_pages() < pages
+            and self._offload_one(BACKGROUND)
+        ):
             pass
 
     def preempt(self, seq: Sequence) -> None:

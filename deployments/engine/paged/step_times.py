@@ -36,5 +36,7 @@ class StepTimes:
         recent = list(self._decode)  # one C-level copy: safe beside the engine thread
         if not recent:
             return {"decode_step_ms_p50": None, "decode_batch_p50": None}
-        return {"decode_step_ms_p50": statistics.median(s for _, s in recent) * 1e3,
-                "decode_batch_p50": statistics.median(n for n, _ in recent)}
+        return {
+            "decode_step_ms_p50": statistics.median(s for _, s in recent) * 1e3,
+            "decode_batch_p50": statistics.median(n for n, _ in recent),
+        }

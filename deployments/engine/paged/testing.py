@@ -27,14 +27,15 @@ def logits_for(engine: Any, plan: list[tuple[Sequence, int]]) -> list[torch.Tens
     batch = Batch()
     for seq, n in plan:
         seq.pages += engine.cache.allocate(
-            engine.cache.pages_for(seq.num_computed + n) - len(seq.pages))
+            engine.cache.pages_for(seq.num_computed + n) - len(seq.pages)
+        )
         batch.add(seq, n)
     tokens, meta, *_ = engine.runner._prepare(batch)
     every = torch.arange(tokens.shape[0], device=tokens.device)
     logits = engine.runner.model.forward(tokens, meta, every)
     out, start = [], 0
     for seq, n in plan:
-        out.append(logits[start:start + n])
+        out.append(logits[start : start + n])
         start += n
         seq.num_computed += n
     return out

@@ -36,20 +36,23 @@ class CopyMover:
 
     def launch(self, move: Move) -> None:
         """Start copying `move.src` to `move.dst`; sets `move.handle` (None: already done)."""
-        src, dst = ((self.device.buffer, self.host.buffer) if move.down
-                    else (self.host.buffer, self.device.buffer))
+        src, dst = (
+            (self.device.buffer, self.host.buffer)
+            if move.down
+            else (self.host.buffer, self.device.buffer)
+        )
         runs = contiguous_runs(move.src, move.dst)
         self.bytes_moved += len(move.src) * src[0].numel() * src.element_size()
         if self._stream is None:
             for s, d, n in runs:
-                dst[d:d + n].copy_(src[s:s + n])
+                dst[d : d + n].copy_(src[s : s + n])
             move.handle = None
             return
         # Pages the model wrote are final once the compute stream's work so far is done.
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             for s, d, n in runs:
-                dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+                dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         move.handle = event

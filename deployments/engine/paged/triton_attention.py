@@ -26,10 +26,16 @@ def load_kv(kv, t, valid, d, PAGE: tl.constexpr):
     # int64: page * stride passes 2**31 elements in pools over 4 GiB.
     page = tl.load(Pages + t // PAGE, mask=valid, other=0).to(tl.int64)
     slot = t % PAGE
-    k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh
-                + d[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh
-                + d[None, :], mask=valid[:, None], other=0.0)
+    k = tl.load(
+        K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )
     return k, v
 
 
@@ -63,8 +69,19 @@ def split_range(n, split, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
 
 
 @triton.jit
-def attend_keys(q, qpos, kv, d, lo, hi, end, scale, PAGE: tl.constexpr, BLOCK: tl.constexpr,
-                CAUSAL: tl.constexpr):
+def attend_keys(
+    q,
+    qpos,
+    kv,
+    d,
+    lo,
+    hi,
+    end,
+    scale,
+    PAGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     """Rows of `q` [R, D] over the keys in [lo, hi) before `end` (`kv`: load_kv's) with an
     online softmax from nothing seen; CAUSAL: row r only up to its position qpos[r]. Returns
     finish's output [R, D] (float32) and log-sum-exp [R]."""
@@ -84,11 +101,32 @@ def attend_keys(q, qpos, kv, d, lo, hi, end, scale, PAGE: tl.constexpr, BLOCK: t
 # The page table's width varies step by step: no specialization on its value (see upload.py).
 @triton.jit(do_not_specialize=["stride_pt"])
 def _split_kernel(
-    Q, K, V, PageTable, CtxLens, MidO, MidLse,
-    stride_qs, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_pt, stride_ms, stride_mh, stride_mk, scale,
-    PAGE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+    Q,
+    K,
+    V,
+    PageTable,
+    CtxLens,
+    MidO,
+    MidLse,
+    stride_qs,
+    stride_qh,
+    stride_kp,
+    stride_kt,
+    stride_kh,
+    stride_vp,
+    stride_vt,
+    stride_vh,
+    stride_pt,
+    stride_ms,
+    stride_mh,
+    stride_mk,
+    scale,
+    PAGE: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -98,8 +136,9 @@ def _split_kernel(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     heads = kvh * G + g
-    q = tl.load(Q + s * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                mask=g[:, None] < G, other=0.0)
+    q = tl.load(
+        Q + s * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < G, other=0.0
+    )
     pages = PageTable + s * stride_pt  # the sequence's page-table row
     kv = (K, V, pages, kvh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
     out, lse = attend_keys(q, end, kv, d, start, end, end, scale, PAGE, BLOCK, False)
@@ -109,8 +148,20 @@ def _split_kernel(
 
 
 @triton.jit
-def merge_splits(MidO, MidLse, Out, row, h, stride_mr, stride_mh, stride_mk, stride_or,
-                 stride_oh, D: tl.constexpr, SPLITS: tl.constexpr):
+def merge_splits(
+    MidO,
+    MidLse,
+    Out,
+    row,
+    h,
+    stride_mr,
+    stride_mh,
+    stride_mk,
+    stride_or,
+    stride_oh,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
     """Combine one (row, head)'s SPLITS partial results [SPLITS, D] by their log-sum-exp."""
     d = tl.arange(0, D)
     k = tl.arange(0, SPLITS)
@@ -126,16 +177,41 @@ def merge_splits(MidO, MidLse, Out, row, h, stride_mr, stride_mh, stride_mk, str
 
 
 @triton.jit
-def _merge_kernel(MidO, MidLse, Out, stride_ms, stride_mh, stride_mk, stride_os, stride_oh,
-                  D: tl.constexpr, SPLITS: tl.constexpr):
-    merge_splits(MidO, MidLse, Out, tl.program_id(0), tl.program_id(1), stride_ms, stride_mh,
-                 stride_mk, stride_os, stride_oh, D, SPLITS)
+def _merge_kernel(
+    MidO,
+    MidLse,
+    Out,
+    stride_ms,
+    stride_mh,
+    stride_mk,
+    stride_os,
+    stride_oh,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    merge_splits(
+        MidO,
+        MidLse,
+        Out,
+        tl.program_id(0),
+        tl.program_id(1),
+        stride_ms,
+        stride_mh,
+        stride_mk,
+        stride_os,
+        stride_oh,
+        D,
+        SPLITS,
+    )
 
 
 def choose_splits(num_seqs: int, kv_heads: int, max_context: int) -> int:
     """Enough programs to cover the GPU at small batches; a power of two, at most 32."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
+    sms = (
+        torch.cuda.get_device_properties(0).multi_processor_count
+        if torch.cuda.is_available()
         else 128
+    )
     want = max(1, (2 * sms) // max(1, num_seqs * kv_heads))
     cap = max(1, -(-max_context // BLOCK_N))
     splits = 1
@@ -145,8 +221,13 @@ def choose_splits(num_seqs: int, kv_heads: int, max_context: int) -> int:
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, splits: int | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """q [S, H, D] (one token per sequence) over paged k/v [pages, page, kv_heads, D]."""
     num_seqs, heads, dim = q.shape
@@ -158,15 +239,43 @@ def decode_attention(
     mid_lse = torch.empty(num_seqs, heads, splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     _split_kernel[(num_seqs, kv_heads, splits)](
-        q, k_cache, v_cache, page_table, context_lens, mid_o, mid_lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), scale,
-        PAGE=page_size, D=dim, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK=BLOCK_N, SPLITS=splits,
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        context_lens,
+        mid_o,
+        mid_lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        page_table.stride(0),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        scale,
+        PAGE=page_size,
+        D=dim,
+        G=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK=BLOCK_N,
+        SPLITS=splits,
     )
     _merge_kernel[(num_seqs, heads)](
-        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        out.stride(0), out.stride(1), D=dim, SPLITS=splits,
+        mid_o,
+        mid_lse,
+        out,
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        out.stride(0),
+        out.stride(1),
+        D=dim,
+        SPLITS=splits,
     )
     return out

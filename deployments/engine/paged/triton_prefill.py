@@ -32,11 +32,40 @@ BLOCK_N = 64  # keys per iteration
 # The page table's width varies step by step: no specialization on its value (see upload.py).
 @triton.jit(do_not_specialize=["stride_pt"])
 def _prefill_kernel(
-    Q, K, V, Out, PageTable, CtxLens, QueryStart, QueryLen, BlockSeq, BlockStart,
-    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_pt, scale, MidO, MidLse, stride_mt, stride_mh, stride_mk,
-    PAGE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    PageTable,
+    CtxLens,
+    QueryStart,
+    QueryLen,
+    BlockSeq,
+    BlockStart,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_kt,
+    stride_kh,
+    stride_vp,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_pt,
+    scale,
+    MidO,
+    MidLse,
+    stride_mt,
+    stride_mh,
+    stride_mk,
+    PAGE: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     block = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -56,8 +85,7 @@ def _prefill_kernel(
     lo, hi = split_range(end, split, BLOCK_N, SPLITS)
     out, lse = attend_keys(q, qpos, kv, d, lo, hi, end, scale, PAGE, BLOCK_N, True)
     mid = (MidO, MidLse, stride_mt, stride_mh, stride_mk)
-    _store_block(out, lse, rows, head, d, row_ok, split, Out, stride_ot, stride_oh, mid, D,
-                 SPLITS)
+    _store_block(out, lse, rows, head, d, row_ok, split, Out, stride_ot, stride_oh, mid, D, SPLITS)
 
 
 @triton.jit
@@ -78,13 +106,29 @@ def _at(P, rows, head, d, stride_t, stride_h):
 
 
 @triton.jit
-def _store_block(out, lse, rows, head, d, row_ok, split, Out, stride_ot, stride_oh, mid,
-                 D: tl.constexpr, SPLITS: tl.constexpr):
+def _store_block(
+    out,
+    lse,
+    rows,
+    head,
+    d,
+    row_ok,
+    split,
+    Out,
+    stride_ot,
+    stride_oh,
+    mid,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
     """The block's output into Out; with key splits, this split's partial output and its
     log-sum-exp (`mid`: MidO, MidLse and their strides), merged by _merge_kernel."""
     if SPLITS == 1:
-        tl.store(_at(Out, rows, head, d, stride_ot, stride_oh), out.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(
+            _at(Out, rows, head, d, stride_ot, stride_oh),
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
     else:  # a partial result
         MidO, MidLse, stride_mt, stride_mh, stride_mk = mid
         base = rows.to(tl.int64) * stride_mt + head * stride_mh + split * stride_mk
@@ -93,18 +137,44 @@ def _store_block(out, lse, rows, head, d, row_ok, split, Out, stride_ot, stride_
 
 
 @triton.jit
-def _merge_kernel(MidO, MidLse, Out, Rows, stride_mt, stride_mh, stride_mk, stride_ot,
-                  stride_oh, D: tl.constexpr, SPLITS: tl.constexpr):
+def _merge_kernel(
+    MidO,
+    MidLse,
+    Out,
+    Rows,
+    stride_mt,
+    stride_mh,
+    stride_mk,
+    stride_ot,
+    stride_oh,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
     row = tl.load(Rows + tl.program_id(0)).to(tl.int64)  # a prefill token's row
-    merge_splits(MidO, MidLse, Out, row, tl.program_id(1), stride_mt, stride_mh, stride_mk,
-                 stride_ot, stride_oh, D, SPLITS)
+    merge_splits(
+        MidO,
+        MidLse,
+        Out,
+        row,
+        tl.program_id(1),
+        stride_mt,
+        stride_mh,
+        stride_mk,
+        stride_ot,
+        stride_oh,
+        D,
+        SPLITS,
+    )
 
 
 def choose_splits(programs: int, max_context: int) -> int:
     """Key splits so that at least ~2 programs per SM run; a power of two, at most 16, and
     each split at least 4 key blocks long."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() \
+    sms = (
+        torch.cuda.get_device_properties(0).multi_processor_count
+        if torch.cuda.is_available()
         else 128
+    )
     want = max(1, (2 * sms) // max(1, programs))
     cap = max(1, max_context // (4 * BLOCK_N))
     splits = 1
@@ -126,9 +196,15 @@ class PrefillPlan:
     rows: torch.Tensor  # [R] int32, every prefill token's row (for the merge)
 
 
-def plan_prefill(query_starts: list[int], query_lens: list[int], seqs: list[int], kv_heads: int,
-                 device: torch.device, context_lens_host: list[int] | None = None,
-                 splits: int | None = None) -> PrefillPlan | None:
+def plan_prefill(
+    query_starts: list[int],
+    query_lens: list[int],
+    seqs: list[int],
+    kv_heads: int,
+    device: torch.device,
+    context_lens_host: list[int] | None = None,
+    splits: int | None = None,
+) -> PrefillPlan | None:
     """Blocks of `BLOCK_M` query tokens for sequences `seqs`, copied up in one transfer; None
     if there is nothing to compute. `splits` (default: chosen from the number of programs and
     `context_lens_host`) splits each block's keys into that many ranges, merged afterwards."""
@@ -140,19 +216,21 @@ def plan_prefill(query_starts: list[int], query_lens: list[int], seqs: list[int]
     if not block_seq:
         return None
     if splits is None:
-        longest = max((context_lens_host[s] for s in seqs), default=0) if context_lens_host \
-            else 0
+        longest = max((context_lens_host[s] for s in seqs), default=0) if context_lens_host else 0
         splits = choose_splits(len(block_seq) * kv_heads, longest)
     rows = [t for s in seqs for t in range(query_starts[s], query_starts[s] + query_lens[s])]
     n = len(query_lens)
-    qs, ql, bs, bst, rw = upload([np.asarray(p) for p in (
-        query_starts[:n], query_lens, block_seq, block_start, rows)], np.int32,
-        torch.device(device))
+    qs, ql, bs, bst, rw = upload(
+        [np.asarray(p) for p in (query_starts[:n], query_lens, block_seq, block_start, rows)],
+        np.int32,
+        torch.device(device),
+    )
     return PrefillPlan(len(block_seq), splits, qs, ql, bs, bst, rw)
 
 
-def fixed_plan(tokens: int, query_lens: torch.Tensor, kv_heads: int, max_context: int,
-               device: torch.device) -> PrefillPlan:
+def fixed_plan(
+    tokens: int, query_lens: torch.Tensor, kv_heads: int, max_context: int, device: torch.device
+) -> PrefillPlan:
     """The plan of a CUDA graph's prefill chunk: one sequence, blocks over all `tokens` (a
     multiple of BLOCK_M; rows past the chunk's length, read from `query_lens` [1] on the
     device, are masked), and the key splits the longest context would choose."""
@@ -162,27 +240,49 @@ def fixed_plan(tokens: int, query_lens: torch.Tensor, kv_heads: int, max_context
     def ints(values: torch.Tensor) -> torch.Tensor:
         return values.to(device=device, dtype=torch.int32)
 
-    return PrefillPlan(blocks, splits, ints(torch.zeros(1)), query_lens,
-                       ints(torch.zeros(blocks)), ints(torch.arange(0, tokens, BLOCK_M)),
-                       ints(torch.arange(tokens)))
+    return PrefillPlan(
+        blocks,
+        splits,
+        ints(torch.zeros(1)),
+        query_lens,
+        ints(torch.zeros(blocks)),
+        ints(torch.arange(0, tokens, BLOCK_M)),
+        ints(torch.arange(tokens)),
+    )
 
 
 def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-    context_lens: torch.Tensor, query_starts: list[int], query_lens: list[int],
-    seqs: list[int], scale: float, out: torch.Tensor, context_lens_host: list[int] | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_starts: list[int],
+    query_lens: list[int],
+    seqs: list[int],
+    scale: float,
+    out: torch.Tensor,
+    context_lens_host: list[int] | None = None,
     splits: int | None = None,
 ) -> None:
     """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`."""
-    plan = plan_prefill(query_starts, query_lens, seqs, k_cache.shape[2], q.device,
-                        context_lens_host, splits)
+    plan = plan_prefill(
+        query_starts, query_lens, seqs, k_cache.shape[2], q.device, context_lens_host, splits
+    )
     if plan is not None:
         run_prefill(q, k_cache, v_cache, page_table, context_lens, plan, scale, out)
 
 
-def run_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                page_table: torch.Tensor, context_lens: torch.Tensor, plan: PrefillPlan,
-                scale: float, out: torch.Tensor) -> None:
+def run_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    plan: PrefillPlan,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
     """One layer's prefill attention for the blocks of `plan` into `out`."""
     heads, dim = q.shape[1], q.shape[2]
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -190,20 +290,46 @@ def run_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     splits = plan.splits
     mid_o, mid_lse, strides = _partials(q, splits, out)
     _prefill_kernel[(plan.num_blocks, kv_heads, splits)](
-        q, k_cache, v_cache, out, page_table, context_lens, plan.query_starts, plan.query_lens,
-        plan.block_seq, plan.block_start,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        page_table.stride(0), scale, mid_o, mid_lse, *strides,
-        PAGE=page_size, D=dim, G=group, G_PAD=triton.next_power_of_2(group),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        page_table,
+        context_lens,
+        plan.query_starts,
+        plan.query_lens,
+        plan.block_seq,
+        plan.block_start,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        page_table.stride(0),
+        scale,
+        mid_o,
+        mid_lse,
+        *strides,
+        PAGE=page_size,
+        D=dim,
+        G=group,
+        G_PAD=triton.next_power_of_2(group),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        SPLITS=splits,
     )
     if splits > 1:
         _merge(mid_o, mid_lse, out, plan.rows, strides, splits)
 
 
-def _partials(q: torch.Tensor, splits: int, out: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+def _partials(
+    q: torch.Tensor, splits: int, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
     """The key splits' partial outputs [T, H, splits, D] and log-sum-exps [T, H, splits]
     (float32), and the outputs' first three strides; with one split, `out` (never read) and
     zeros."""
@@ -215,12 +341,25 @@ def _partials(q: torch.Tensor, splits: int, out: torch.Tensor
     return mid_o, mid_lse, (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
 
 
-def _merge(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
-           strides: tuple[int, int, int], splits: int) -> None:
+def _merge(
+    mid_o: torch.Tensor,
+    mid_lse: torch.Tensor,
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    strides: tuple[int, int, int],
+    splits: int,
+) -> None:
     """Every prefill row's key splits (`_partials`) merged into `out`, one program per
     (row, head)."""
     heads, dim = mid_o.shape[1], mid_o.shape[3]  # [T, H, splits, D]
     _merge_kernel[(rows.shape[0], heads)](
-        mid_o, mid_lse, out, rows, *strides, out.stride(0), out.stride(1),
-        D=dim, SPLITS=splits,
+        mid_o,
+        mid_lse,
+        out,
+        rows,
+        *strides,
+        out.stride(0),
+        out.stride(1),
+        D=dim,
+        SPLITS=splits,
     )

@@ -115,9 +115,21 @@ def _fits(lo, q_lo, q_hi, top, s, MASS: tl.constexpr, CAP: tl.constexpr):
 
 
 @triton.jit
-def _search(src, scr, top, s, goal, lo, base, MASS: tl.constexpr, BLOCK: tl.constexpr,
-            LANES: tl.constexpr, CAP: tl.constexpr, FULL_PASSES: tl.constexpr,
-            WIDE: tl.constexpr):
+def _search(
+    src,
+    scr,
+    top,
+    s,
+    goal,
+    lo,
+    base,
+    MASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    LANES: tl.constexpr,
+    CAP: tl.constexpr,
+    FULL_PASSES: tl.constexpr,
+    WIDE: tl.constexpr,
+):
     """The largest c >= lo whose tokens at or above it reach the goal: `goal` tokens, or
     (MASS) the share `goal` of the mass at or above lo. `base` (>= lo) is known to reach it;
     the first pass spreads its lanes from there. `scr`: (ScrV, ScrI, s_lo, s_hi, n_s), the
@@ -172,9 +184,28 @@ def _narrow(lanes, q, target, lo, q_lo, hi, q_hi):
 
 
 @triton.jit
-def _filter_draw(src, ScrV, ScrI, row, temp, s, top, n_fin, low, total, TopP, TopK, MinP, Seed,
-                 BLOCK: tl.constexpr, LANES: tl.constexpr, CAP: tl.constexpr,
-                 FULL_PASSES: tl.constexpr, WIDE: tl.constexpr, TILES: tl.constexpr):
+def _filter_draw(
+    src,
+    ScrV,
+    ScrI,
+    row,
+    temp,
+    s,
+    top,
+    n_fin,
+    low,
+    total,
+    TopP,
+    TopK,
+    MinP,
+    Seed,
+    BLOCK: tl.constexpr,
+    LANES: tl.constexpr,
+    CAP: tl.constexpr,
+    FULL_PASSES: tl.constexpr,
+    WIDE: tl.constexpr,
+    TILES: tl.constexpr,
+):
     """A sampled row: the top_k, min_p and top_p thresholds (in that order), then the draw.
     The kept set is always {x >= f}. n_f: an upper bound on its size; m_f: its mass when
     `known` (else unknown). The draw sums the kept mass itself."""
@@ -186,8 +217,9 @@ def _filter_draw(src, ScrV, ScrI, row, temp, s, top, n_fin, low, total, TopP, To
     if (top_k > 0) & (top_k < n_fin):
         goal = top_k.to(tl.float32)
         scr = (ScrV, ScrI, s_lo, s_hi, n_s)
-        f, n_f, s_lo, s_hi, n_s = _search(src, scr, top, s, goal, low, low, False, BLOCK, LANES,
-                                          CAP, FULL_PASSES, WIDE)
+        f, n_f, s_lo, s_hi, n_s = _search(
+            src, scr, top, s, goal, low, low, False, BLOCK, LANES, CAP, FULL_PASSES, WIDE
+        )
         known = known * 0
     if min_p > 0:
         floor = top + temp * tl.log(min_p)  # p >= min_p * p_max, as a logit
@@ -201,8 +233,9 @@ def _filter_draw(src, ScrV, ScrI, row, temp, s, top, n_fin, low, total, TopP, To
         mass_floor = tl.where(known != 0, m_f, 1.0)
         base = tl.maximum(f, top + temp * tl.log((1.0 - top_p) * mass_floor / n_f))
         scr = (ScrV, ScrI, s_lo, s_hi, n_s)
-        f, m_f, s_lo, s_hi, n_s = _search(src, scr, top, s, top_p, f, base, True, BLOCK, LANES,
-                                          CAP, FULL_PASSES, WIDE)
+        f, m_f, s_lo, s_hi, n_s = _search(
+            src, scr, top, s, top_p, f, base, True, BLOCK, LANES, CAP, FULL_PASSES, WIDE
+        )
     u = tl.max(tl.rand(tl.load(Seed + row), tl.zeros([2], tl.int32)), 0)  # Philox, offset 0
     if (s_lo <= f) & (s_hi == POS):
         tok = draw_scratch(ScrV, ScrI, n_s, f, top, s, u, BLOCK)
@@ -212,14 +245,49 @@ def _filter_draw(src, ScrV, ScrI, row, temp, s, top, n_fin, low, total, TopP, To
 
 
 @triton.jit
-def _sample_row(src, ScrV, ScrI, row, temp, s, TopP, TopK, MinP, Seed, BLOCK: tl.constexpr,
-                LANES: tl.constexpr, CAP: tl.constexpr, FULL_PASSES: tl.constexpr,
-                WIDE: tl.constexpr, TILES: tl.constexpr):
+def _sample_row(
+    src,
+    ScrV,
+    ScrI,
+    row,
+    temp,
+    s,
+    TopP,
+    TopK,
+    MinP,
+    Seed,
+    BLOCK: tl.constexpr,
+    LANES: tl.constexpr,
+    CAP: tl.constexpr,
+    FULL_PASSES: tl.constexpr,
+    WIDE: tl.constexpr,
+    TILES: tl.constexpr,
+):
     """A sampled row; one whose tokens are all -inf (or banned) gives argmax's answer."""
     top, tok, n_fin, low, total = scan_stats(*src, s, BLOCK)
     if top > NEG:
-        tok = _filter_draw(src, ScrV, ScrI, row, temp, s, top, n_fin, low, total, TopP, TopK,
-                           MinP, Seed, BLOCK, LANES, CAP, FULL_PASSES, WIDE, TILES)
+        tok = _filter_draw(
+            src,
+            ScrV,
+            ScrI,
+            row,
+            temp,
+            s,
+            top,
+            n_fin,
+            low,
+            total,
+            TopP,
+            TopK,
+            MinP,
+            Seed,
+            BLOCK,
+            LANES,
+            CAP,
+            FULL_PASSES,
+            WIDE,
+            TILES,
+        )
     return tok
 
 
@@ -240,12 +308,33 @@ def _row_source(L, stride, row, V, Ban, Eos, n_eos):
     return row_ptr, V, Eos, n_eos, ban, eos_lo, eos_hi
 
 
-@triton.jit(do_not_specialize=["n_eos"],
-            do_not_specialize_on_alignment=["Temp", "TopP", "TopK", "MinP", "Seed", "Ban", "Eos"])
-def _sample_kernel(L, stride, V, Temp, TopP, TopK, MinP, Seed, Ban, Eos, n_eos, Out, ScrV, ScrI,
-                   MIN_T: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr,
-                   CAP: tl.constexpr, FULL_PASSES: tl.constexpr, WIDE: tl.constexpr,
-                   TILES: tl.constexpr):
+@triton.jit(
+    do_not_specialize=["n_eos"],
+    do_not_specialize_on_alignment=["Temp", "TopP", "TopK", "MinP", "Seed", "Ban", "Eos"],
+)
+def _sample_kernel(
+    L,
+    stride,
+    V,
+    Temp,
+    TopP,
+    TopK,
+    MinP,
+    Seed,
+    Ban,
+    Eos,
+    n_eos,
+    Out,
+    ScrV,
+    ScrI,
+    MIN_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+    LANES: tl.constexpr,
+    CAP: tl.constexpr,
+    FULL_PASSES: tl.constexpr,
+    WIDE: tl.constexpr,
+    TILES: tl.constexpr,
+):
     row = tl.program_id(0)
     src = _row_source(L, stride, row, V, Ban, Eos, n_eos)
     scratch = row.to(tl.int64) * CAP
@@ -253,18 +342,45 @@ def _sample_kernel(L, stride, V, Temp, TopP, TopK, MinP, Seed, Ban, Eos, n_eos, 
     if temp >= MIN_T:  # NaN: greedy
         s = tl.maximum(LOG2E / temp, 1e-30)  # exp((x - top) / T) = exp2((x - top) * s);
         # never 0 (T = inf), where -inf * s would be NaN
-        tok = _sample_row(src, ScrV + scratch, ScrI + scratch, row, temp, s, TopP, TopK, MinP,
-                          Seed, BLOCK, LANES, CAP, FULL_PASSES, WIDE, TILES)
+        tok = _sample_row(
+            src,
+            ScrV + scratch,
+            ScrI + scratch,
+            row,
+            temp,
+            s,
+            TopP,
+            TopK,
+            MinP,
+            Seed,
+            BLOCK,
+            LANES,
+            CAP,
+            FULL_PASSES,
+            WIDE,
+            TILES,
+        )
     else:
         _, tok = scan_max(*src, BLOCK)
     tl.store(Out + row, tok.to(tl.int64))
 
 
-def triton_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  top_k: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
-                  ban_eos: torch.Tensor, eos_ids: torch.Tensor, min_temperature: float, *,
-                  block: int = BLOCK, cap: int = CAP, full_passes: int = FULL_PASSES,
-                  num_warps: int = NUM_WARPS) -> torch.Tensor:
+def triton_sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    ban_eos: torch.Tensor,
+    eos_ids: torch.Tensor,
+    min_temperature: float,
+    *,
+    block: int = BLOCK,
+    cap: int = CAP,
+    full_passes: int = FULL_PASSES,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
     """One launch, one program per row; arguments as `sampler.sample` takes them (dtypes
     already right). block/cap/full_passes/num_warps exist for tests of the rarer paths."""
     rows, vocab = logits.shape
@@ -277,8 +393,27 @@ def triton_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     scratch_i = torch.empty(rows, cap, dtype=torch.int32, device=logits.device)
     eos = eos_ids if eos_ids.numel() else scratch_i  # never read when n_eos is 0
     _sample_kernel[(rows,)](
-        logits, logits.stride(0), vocab, temperature, top_p, top_k, min_p, seed, ban_eos, eos,
-        eos_ids.numel(), out, scratch_v, scratch_i, MIN_T=min_temperature, BLOCK=block,
-        LANES=LANES, CAP=cap, FULL_PASSES=full_passes, WIDE=WIDE,
-        TILES=triton.next_power_of_2(triton.cdiv(vocab, block)), num_warps=num_warps)
+        logits,
+        logits.stride(0),
+        vocab,
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        seed,
+        ban_eos,
+        eos,
+        eos_ids.numel(),
+        out,
+        scratch_v,
+        scratch_i,
+        MIN_T=min_temperature,
+        BLOCK=block,
+        LANES=LANES,
+        CAP=cap,
+        FULL_PASSES=full_passes,
+        WIDE=WIDE,
+        TILES=triton.next_power_of_2(triton.cdiv(vocab, block)),
+        num_warps=num_warps,
+    )
     return out

@@ -39,8 +39,9 @@ def to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def upload(pieces: Sequence[np.ndarray], dtype: np.dtype, device: torch.device
-           ) -> list[torch.Tensor]:
+def upload(
+    pieces: Sequence[np.ndarray], dtype: np.dtype, device: torch.device
+) -> list[torch.Tensor]:
     """`pieces` on `device` through one packed copy, as aligned views of it."""
     host, slices = pack(pieces, dtype)
     packed = to_device(host, device)

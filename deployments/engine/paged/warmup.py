@@ -34,12 +34,18 @@ def _jit_kernels() -> tuple:
     except ImportError:
         return ()
 
-    kernels = [triton_attention._split_kernel, triton_attention._merge_kernel,
-               triton_prefill._prefill_kernel, triton_prefill._merge_kernel,
-               triton_sampler._sample_kernel]
-    kernels += [getattr(fused, name) for name in
-                ("_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel")
-                if hasattr(fused, name)]
+    kernels = [
+        triton_attention._split_kernel,
+        triton_attention._merge_kernel,
+        triton_prefill._prefill_kernel,
+        triton_prefill._merge_kernel,
+        triton_sampler._sample_kernel,
+    ]
+    kernels += [
+        getattr(fused, name)
+        for name in ("_add_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel")
+        if hasattr(fused, name)
+    ]
     return tuple(kernels)
 
 
@@ -47,8 +53,11 @@ def compiled_variants() -> int | None:
     """Kernel variants Triton has compiled in this process (None where it cannot tell)."""
     kernels = _jit_kernels()
     try:
-        return sum(len(cache[0]) for kernel in kernels
-                   for cache in kernel.device_caches.values()) if kernels else None
+        return (
+            sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+            if kernels
+            else None
+        )
     except (AttributeError, IndexError, TypeError):
         return None
 
@@ -58,12 +67,15 @@ def _meta(query_lens: list[int], device: torch.device, page_size: int) -> Attent
     total = sum(query_lens)
     positions = torch.cat([torch.arange(n) for n in query_lens]).to(device)
     return AttentionMetadata(
-        positions=positions, write_pages=torch.zeros(total, dtype=torch.long, device=device),
+        positions=positions,
+        write_pages=torch.zeros(total, dtype=torch.long, device=device),
         write_offsets=positions % page_size,
         page_table=torch.zeros(len(query_lens), 1, dtype=torch.int32, device=device),
         context_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
-        query_lens=list(query_lens), context_lens_host=list(query_lens),
-        decode_only=all(n == 1 for n in query_lens))
+        query_lens=list(query_lens),
+        context_lens_host=list(query_lens),
+        decode_only=all(n == 1 for n in query_lens),
+    )
 
 
 def _attention_variants(model: DecoderModel, page_size: int) -> None:
@@ -79,8 +91,9 @@ def _attention_variants(model: DecoderModel, page_size: int) -> None:
         decode_attention(q, keys, values, table, ctx, model.scale, splits=splits)
     out = torch.empty_like(q)
     for splits in PREFILL_SPLITS:
-        prefill_attention(q, keys, values, table[:1], ctx[:1], [0], [2], [0], model.scale, out,
-                          splits=splits)
+        prefill_attention(
+            q, keys, values, table[:1], ctx[:1], [0], [2], [0], model.scale, out, splits=splits
+        )
 
 
 def _sampler(model: DecoderModel, eos_ids: torch.Tensor) -> None:
@@ -90,9 +103,14 @@ def _sampler(model: DecoderModel, eos_ids: torch.Tensor) -> None:
 
     device = model.w.embed.device
     logits = torch.randn(2, model.spec.vocab_size, device=device)
-    plan = build_plan([SamplingParams(1, temperature=0),
-                       SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01)],
-                      [1, 2], [False, True])
+    plan = build_plan(
+        [
+            SamplingParams(1, temperature=0),
+            SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01),
+        ],
+        [1, 2],
+        [False, True],
+    )
     sample(logits, *plan.to_device(device), eos_ids)
 
 
@@ -114,6 +132,8 @@ def warm_up(model: DecoderModel, page_size: int, eos_ids: torch.Tensor) -> None:
         model.forward(tokens, meta, ends)
     torch.cuda.synchronize()
     after = compiled_variants()
-    logger.info("warmed up kernels in %.1f s (%s variants compiled)",
-                time.perf_counter() - started,
-                "?" if after is None or before is None else after - before)
+    logger.info(
+        "warmed up kernels in %.1f s (%s variants compiled)",
+        time.perf_counter() - started,
+        "?" if after is None or before is None else after - before,
+    )

@@ -18,16 +18,18 @@ from deployments.model_spec import ModelSpec
 
 
 class WeightStreamer:
-    def __init__(self, weights: ModelWeights, spec: ModelSpec, streamed: list[int],
-                 slots: int = 3) -> None:
+    def __init__(
+        self, weights: ModelWeights, spec: ModelSpec, streamed: list[int], slots: int = 3
+    ) -> None:
         self.weights = weights
         self.streamed = sorted(streamed)
         self._order = {layer: k for k, layer in enumerate(self.streamed)}
         device = weights.embed.device
         numel = weights.blocks[self.streamed[0]].numel() if self.streamed else 0
         self.slots = min(slots, len(self.streamed))
-        self._buffers = [torch.empty(numel, dtype=weights.embed.dtype, device=device)
-                         for _ in range(self.slots)]
+        self._buffers = [
+            torch.empty(numel, dtype=weights.embed.dtype, device=device) for _ in range(self.slots)
+        ]
         self._views = [layer_views(b, spec) for b in self._buffers]
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream() if self._cuda else None

@@ -70,8 +70,12 @@ def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     h, i = spec.hidden_size, spec.intermediate_size
     qkv = spec.q_size + 2 * spec.kv_size
     shapes: dict[str, tuple[int, ...]] = {
-        "qkv": (qkv, h), "o": (h, spec.q_size), "gate_up": (2 * i, h), "down": (h, i),
-        "input_norm": (h,), "post_norm": (h,),
+        "qkv": (qkv, h),
+        "o": (h, spec.q_size),
+        "gate_up": (2 * i, h),
+        "down": (h, i),
+        "input_norm": (h,),
+        "post_norm": (h,),
     }
     if spec.qkv_bias:
         shapes["qkv_bias"] = (qkv,)
@@ -91,33 +95,42 @@ def layer_views(block: torch.Tensor, spec: ModelSpec) -> LayerWeights:
     views, offset = {}, 0
     for name, shape in layer_shapes(spec).items():
         n = math.prod(shape)
-        views[name] = block[offset:offset + n].view(shape)
+        views[name] = block[offset : offset + n].view(shape)
         offset += n
     return LayerWeights(**views)
 
 
-def allocate(spec: ModelSpec, dtype: torch.dtype, device: str | torch.device,
-             host_layers: frozenset[int] = frozenset(), isolate: bool = False) -> ModelWeights:
+def allocate(
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    host_layers: frozenset[int] = frozenset(),
+    isolate: bool = False,
+) -> ModelWeights:
     """Allocate the model; layers in `host_layers` go to pinned host memory (streamed). With
     `isolate` each layer block sits alone in whole 2 MiB blocks (advised one by one)."""
+
     def empty(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device=device)
 
     def block() -> torch.Tensor:
-        return isolated_empty(layer_numel(spec), dtype, device) if isolate else empty(
-            layer_numel(spec))
+        return (
+            isolated_empty(layer_numel(spec), dtype, device)
+            if isolate
+            else empty(layer_numel(spec))
+        )
 
     pin = torch.device(device).type == "cuda"
     blocks = [
-        torch.empty(layer_numel(spec), dtype=dtype, pin_memory=pin) if index in host_layers
+        torch.empty(layer_numel(spec), dtype=dtype, pin_memory=pin)
+        if index in host_layers
         else block()
         for index in range(spec.num_layers)
     ]
     h = spec.hidden_size
     embed = empty(spec.vocab_size, h)
     lm_head = embed if spec.tie_word_embeddings else empty(spec.vocab_size, h)
-    return ModelWeights(embed, [layer_views(b, spec) for b in blocks], empty(h), lm_head,
-                        blocks)
+    return ModelWeights(embed, [layer_views(b, spec) for b in blocks], empty(h), lm_head, blocks)
 
 
 def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
@@ -134,15 +147,19 @@ def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
     layer, rest = w.layers[int(m.group(1))], m.group(2)
     q, kv, inter = spec.q_size, spec.kv_size, spec.intermediate_size
     qkv_slices = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
-    if (pm := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)):
+    if pm := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
         full = layer.qkv if pm.group(2) == "weight" else layer.qkv_bias
         return None if full is None else full[qkv_slices[pm.group(1)]]
     simple = {
-        "self_attn.o_proj.weight": layer.o, "self_attn.o_proj.bias": layer.o_bias,
-        "mlp.down_proj.weight": layer.down, "input_layernorm.weight": layer.input_norm,
+        "self_attn.o_proj.weight": layer.o,
+        "self_attn.o_proj.bias": layer.o_bias,
+        "mlp.down_proj.weight": layer.down,
+        "input_layernorm.weight": layer.input_norm,
         "post_attention_layernorm.weight": layer.post_norm,
-        "self_attn.q_norm.weight": layer.q_norm, "self_attn.k_norm.weight": layer.k_norm,
-        "mlp.gate_proj.weight": layer.gate_up[:inter], "mlp.up_proj.weight": layer.gate_up[inter:],
+        "self_attn.q_norm.weight": layer.q_norm,
+        "self_attn.k_norm.weight": layer.k_norm,
+        "mlp.gate_proj.weight": layer.gate_up[:inter],
+        "mlp.up_proj.weight": layer.gate_up[inter:],
     }
     return simple.get(rest)
 
@@ -152,10 +169,17 @@ def expected_names(spec: ModelSpec) -> set[str]:
     names = {"model.embed_tokens.weight", "model.norm.weight"}
     if not spec.tie_word_embeddings:
         names.add("lm_head.weight")
-    per_layer = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                 "mlp.down_proj.weight", "input_layernorm.weight",
-                 "post_attention_layernorm.weight"]
+    per_layer = [
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ]
     if spec.qkv_bias:
         per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
     if spec.o_bias:
@@ -178,8 +202,9 @@ def copy_tensors(
         if target is None:
             continue
         if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
-                             f"{tuple(target.shape)}")
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}"
+            )
         target.copy_(tensor)
         loaded.add(name)
     return loaded
@@ -224,8 +249,11 @@ def shard_items(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def layers_loaded(spec: ModelSpec, loaded: set[str]) -> int:
     """How many decoder layers have every tensor they need."""
-    incomplete = {int(m.group(1)) for name in expected_names(spec) - loaded
-                  if (m := LAYER.match(name)) is not None}
+    incomplete = {
+        int(m.group(1))
+        for name in expected_names(spec) - loaded
+        if (m := LAYER.match(name)) is not None
+    }
     return spec.num_layers - len(incomplete)
 
 
@@ -242,9 +270,17 @@ def load_checkpoint(weights: ModelWeights, spec: ModelSpec, path: str | Path) ->
     for number, file in enumerate(files, 1):
         loaded |= copy_tensors(weights, spec, shard_items(file))
         done += file.stat().st_size
-        logger.info("loaded shard %d/%d (%s): %s of %s, %d of %d layers, %.1f s", number,
-                    len(files), file.name, _size(done), _size(total),
-                    layers_loaded(spec, loaded), spec.num_layers, time.perf_counter() - start)
+        logger.info(
+            "loaded shard %d/%d (%s): %s of %s, %d of %d layers, %.1f s",
+            number,
+            len(files),
+            file.name,
+            _size(done),
+            _size(total),
+            layers_loaded(spec, loaded),
+            spec.num_layers,
+            time.perf_counter() - start,
+        )
     check_complete(spec, loaded)
 
 
