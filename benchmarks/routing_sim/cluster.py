@@ -113,8 +113,9 @@ class Cluster:
     def holds(self, replica_id: str, user: str) -> bool:
         return replica_id in self.holders.get(user, ())
 
-    def serve(self, replica_id: str, user: str, context_tokens: int, now: float,
-              end: float) -> Served:
+    def serve(
+        self, replica_id: str, user: str, context_tokens: int, now: float, end: float
+    ) -> Served:
         served = self.replicas[replica_id].serve(user, context_tokens, now, end)
         self.holders.setdefault(user, set()).add(replica_id)
         for other, _ in served.evicted:

@@ -60,14 +60,22 @@ class RoutingPolicy(ABC):
 
 class OursPolicy(RoutingPolicy):
     name = "ours"
-    driven = ("deployments.placement.decide with ReplicaView.from_stats of each replica's "
-              "stats as of the last period, and one PlacementLedger per router process "
-              "recording placements as UnifiedMemoryRouter.on_request_routed does (real code), "
-              "each request's KV counted as the ingress's RequestShape counts it (prompt plus "
-              "completion)")
+    driven = (
+        "deployments.placement.decide with ReplicaView.from_stats of each replica's "
+        "stats as of the last period, and one PlacementLedger per router process "
+        "recording placements as UnifiedMemoryRouter.on_request_routed does (real code), "
+        "each request's KV counted as the ingress's RequestShape counts it (prompt plus "
+        "completion)"
+    )
 
-    def __init__(self, routers: int, seed: int, tolerance_fraction: float = 0.01,
-                 sticky_max_wait_s: float = 30.0, placement_ttl_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        routers: int,
+        seed: int,
+        tolerance_fraction: float = 0.01,
+        sticky_max_wait_s: float = 30.0,
+        placement_ttl_s: float = 30.0,
+    ) -> None:
         self.policy = PlacementPolicy(tolerance_fraction, sticky_max_wait_s)
         self.ledgers = [PlacementLedger(placement_ttl_s) for _ in range(routers)]
         self.rng = random.Random(seed)
@@ -91,8 +99,9 @@ class OursPolicy(RoutingPolicy):
     async def choose(self, user: str, cluster: Cluster, now: float, request_tokens: int) -> str:
         ledger = self.ledgers[self.rng.randrange(len(self.ledgers))]
         nbytes = request_tokens * KV_BYTES_PER_TOKEN
-        decision = decide(user, self._ordered, ledger, self.policy, now, waited_s=0.0,
-                          request_bytes=nbytes)
+        decision = decide(
+            user, self._ordered, ledger, self.policy, now, waited_s=0.0, request_bytes=nbytes
+        )
         chosen = decision.ranks[0][0]
         view = self._views[chosen]
         if user not in view.resident:  # as UnifiedMemoryRouter.on_request_routed
@@ -139,8 +148,9 @@ class _ServeRouterPolicy(RoutingPolicy):
     async def _ranks(self, user: str) -> list[list[str]]:
         self._requests += 1
         request_id = f"req{self._requests}"
-        metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id,
-                                   session_id=user)
+        metadata = RequestMetadata(
+            request_id=request_id, internal_request_id=request_id, session_id=user
+        )
         pending = PendingRequest(args=[], kwargs={"user_id": user}, metadata=metadata)
         ranks = await self.router.choose_replicas(self.router._replicas_list, pending)
         return [[r.replica_id.unique_id for r in rank] for rank in ranks]
@@ -150,17 +160,22 @@ def _running_replica(replica_id: str) -> SimpleNamespace:
     """What a RequestRouter reads of a RunningReplica (no actor behind it)."""
     return SimpleNamespace(
         replica_id=ReplicaID(unique_id=replica_id, deployment_id=_DEPLOYMENT),
-        node_id=f"node-{replica_id}", availability_zone=None, multiplexed_model_ids=set(),
-        max_ongoing_requests=64, routing_stats={},
+        node_id=f"node-{replica_id}",
+        availability_zone=None,
+        multiplexed_model_ids=set(),
+        max_ongoing_requests=64,
+        routing_stats={},
     )
 
 
 class PowerOfTwoPolicy(_ServeRouterPolicy):
     name = "power_of_two"
-    driven = ("ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter"
-              ".choose_replicas (real code) picks two random replicas; Serve's queue-length "
-              "probe is re-implemented: the request goes to the one with fewer requests "
-              "running at that moment (ties: the first of the two)")
+    driven = (
+        "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter"
+        ".choose_replicas (real code) picks two random replicas; Serve's queue-length "
+        "probe is re-implemented: the request goes to the one with fewer requests "
+        "running at that moment (ties: the first of the two)"
+    )
     router_cls = PowerOfTwoChoicesRequestRouter
 
     def __init__(self, seed: int) -> None:
@@ -174,9 +189,11 @@ class PowerOfTwoPolicy(_ServeRouterPolicy):
 
 class ConsistentHashPolicy(_ServeRouterPolicy):
     name = "consistent_hash"
-    driven = ("ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
-              ".choose_replicas (real code; session id = user id, 100 virtual nodes per "
-              "replica); the request goes to its first rank (no replica rejects)")
+    driven = (
+        "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
+        ".choose_replicas (real code; session id = user id, 100 virtual nodes per "
+        "replica); the request goes to its first rank (no replica rejects)"
+    )
     router_cls = ConsistentHashRouter
 
     async def choose(self, user: str, cluster: Cluster, now: float, request_tokens: int) -> str:

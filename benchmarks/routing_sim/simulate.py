@@ -62,8 +62,14 @@ class MoveCounter:
         self.left: str | None = None
 
     def track(self, kind: str, cluster: Cluster, live_users: set[str], **detail: Any) -> None:
-        self.counts[kind] = {"tracked": 0, "stayed": 0, "moved_must": 0, "moved_needless": 0,
-                             "cache_evicted_meanwhile": 0, **detail}
+        self.counts[kind] = {
+            "tracked": 0,
+            "stayed": 0,
+            "moved_must": 0,
+            "moved_needless": 0,
+            "cache_evicted_meanwhile": 0,
+            **detail,
+        }
         for user in live_users:
             holders = cluster.holders.get(user)
             if holders:
@@ -86,9 +92,11 @@ class MoveCounter:
             counts["cache_evicted_meanwhile"] += 1
 
 
-async def simulate(scenario: Scenario, policy_name: str,
-                   built: tuple[list[NodeType], list[Conversation], float] | None = None,
-                   ) -> dict[str, Any]:
+async def simulate(
+    scenario: Scenario,
+    policy_name: str,
+    built: tuple[list[NodeType], list[Conversation], float] | None = None,
+) -> dict[str, Any]:
     """Run every request of the scenario through one policy; returns its figures."""
     types, conversations, _ = built or scenario.make()
     cluster = Cluster()
@@ -111,8 +119,11 @@ async def simulate(scenario: Scenario, policy_name: str,
     next_refresh = 0.0
 
     def live_users() -> set[str]:
-        return {conversations[c].user for c, k in enumerate(next_turn)
-                if 0 < k < len(conversations[c].turns)}
+        return {
+            conversations[c].user
+            for c, k in enumerate(next_turn)
+            if 0 < k < len(conversations[c].turns)
+        }
 
     for now, c, k in events:
         if now >= next_refresh:

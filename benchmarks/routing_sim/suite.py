@@ -47,12 +47,14 @@ class SuiteConfig:
     join_at: float = 0.7  # ... and when one joins
 
     def scenario(self, load: float, seed: int) -> Scenario:
-        return Scenario(replicas=self.replicas, shape=WorkloadShape(users=self.users),
-                        load=load, seed=seed)
+        return Scenario(
+            replicas=self.replicas, shape=WorkloadShape(users=self.users), load=load, seed=seed
+        )
 
 
-FULL = SuiteConfig(replicas=64, users=10_000, loads=(0.5, 0.9, 1.0, 1.1, 1.25), headline_load=1.0,
-                   seeds=(0, 1, 2))
+FULL = SuiteConfig(
+    replicas=64, users=10_000, loads=(0.5, 0.9, 1.0, 1.1, 1.25), headline_load=1.0, seeds=(0, 1, 2)
+)
 QUICK = SuiteConfig(replicas=8, users=1_250, loads=(1.0,), headline_load=1.0, seeds=(0,))
 
 
@@ -61,19 +63,26 @@ def _percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def describe(types: list[NodeType], conversations: list[Conversation], scale: float,
-             shape: WorkloadShape) -> dict[str, Any]:
+def describe(
+    types: list[NodeType], conversations: list[Conversation], scale: float, shape: WorkloadShape
+) -> dict[str, Any]:
     """The headline scenario's replicas and workload, in numbers."""
     finals = [c.final_tokens for c in conversations]
     budget = sum(t.kv_budget_bytes for t in types)
     nodes = {}
     for t in types:
-        row = nodes.setdefault(t.name, {
-            "replicas": 0, "limit_gib": round(t.limit_bytes / GiB, 1),
-            "kv_budget_gib": round(t.kv_budget_bytes / GiB, 1),
-            "slack_beyond_budget_gib": round(
-                (t.limit_bytes - WEIGHTS_BYTES - t.kv_budget_bytes) / GiB, 1),
-            "note": t.note})
+        row = nodes.setdefault(
+            t.name,
+            {
+                "replicas": 0,
+                "limit_gib": round(t.limit_bytes / GiB, 1),
+                "kv_budget_gib": round(t.kv_budget_bytes / GiB, 1),
+                "slack_beyond_budget_gib": round(
+                    (t.limit_bytes - WEIGHTS_BYTES - t.kv_budget_bytes) / GiB, 1
+                ),
+                "note": t.note,
+            },
+        )
         row["replicas"] += 1
     return {
         "node_types": nodes,
@@ -83,8 +92,12 @@ def describe(types: list[NodeType], conversations: list[Conversation], scale: fl
         "conversations": len(conversations),
         "requests": sum(len(c.turns) for c in conversations),
         "mean_turns": round(sum(len(c.turns) for c in conversations) / len(conversations), 2),
-        "final_context_tokens": {"p50": _percentile(finals, 0.5), "p99": _percentile(finals, 0.99),
-                                 "mean": round(sum(finals) / len(finals)), "max": max(finals)},
+        "final_context_tokens": {
+            "p50": _percentile(finals, 0.5),
+            "p99": _percentile(finals, 0.99),
+            "mean": round(sum(finals) / len(finals)),
+            "max": max(finals),
+        },
         "demand_gib": round(sum(finals) * KV_BYTES_PER_TOKEN / GiB, 1),
     }
 
@@ -98,8 +111,10 @@ def _strip(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("timeline", "moves")}
 
 
-def targets(by_policy: dict[str, dict[str, Any]], churn: dict[str, dict[str, Any]],
-            ) -> list[dict[str, Any]]:
+def targets(
+    by_policy: dict[str, dict[str, Any]],
+    churn: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
     """The issue's claims for our router, each with its figure and whether it holds."""
     ours, ch = by_policy["ours"], by_policy["consistent_hash"]
     rows = [
@@ -119,11 +134,24 @@ def targets(by_policy: dict[str, dict[str, Any]], churn: dict[str, dict[str, Any
 def git_commit() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "deployments",
-                                "benchmarks/routing_sim", "benchmarks/routing.py"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--",
+                "deployments",
+                "benchmarks/routing_sim",
+                "benchmarks/routing.py",
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": head, "dirty": bool(dirty)}
@@ -139,40 +167,68 @@ async def run_suite(config: SuiteConfig, mode: str) -> dict[str, Any]:
         types, conversations, _ = scenario.make()
         excess = demand_bytes(conversations) - sum(t.kv_budget_bytes for t in types)
         by_policy = await _all_policies(scenario)
-        sweep.append({"load": load, "evicted_gib_lower_bound": round(max(0, excess) / GiB, 1),
-                      "by_policy": {p: _strip(r) for p, r in by_policy.items()}})
+        sweep.append(
+            {
+                "load": load,
+                "evicted_gib_lower_bound": round(max(0, excess) / GiB, 1),
+                "by_policy": {p: _strip(r) for p, r in by_policy.items()},
+            }
+        )
         if load == config.headline_load:
             headline = by_policy
     base = config.scenario(config.headline_load, seed0)
     window = base.shape.arrival_window_s
-    churn_scenario = replace(base, leave_at_s=config.leave_at * window,
-                             join_at_s=config.join_at * window)
+    churn_scenario = replace(
+        base, leave_at_s=config.leave_at * window, join_at_s=config.join_at * window
+    )
     churn = {p: r["moves"] for p, r in (await _all_policies(churn_scenario)).items()}
     seeds = [{"seed": seed0, "targets": targets(headline, churn)[:3]}]  # by_policy: headline
     for seed in config.seeds[1:]:
         by_policy = await _all_policies(config.scenario(config.headline_load, seed))
-        seeds.append({"seed": seed, "by_policy": {p: _strip(r) for p, r in by_policy.items()},
-                      "targets": targets(by_policy, churn)[:3]})
+        seeds.append(
+            {
+                "seed": seed,
+                "by_policy": {p: _strip(r) for p, r in by_policy.items()},
+                "targets": targets(by_policy, churn)[:3],
+            }
+        )
     return {
         "benchmark": "routing",
         "command": "python -m benchmarks.routing" + (" --quick" if mode == "quick" else ""),
         "mode": mode,
         "git": git_commit(),
-        "model": {"name": "Llama 3.1 70B bf16", "kv_bytes_per_token": KV_BYTES_PER_TOKEN,
-                  "weights_bytes": WEIGHTS_BYTES},
-        "scenario": {"replicas": config.replicas, "seed": seed0,
-                     "stats_period_s": base.stats_period_s, "router_processes": base.routers,
-                     "ours_settings": {"free_memory_tolerance_fraction": 0.01,
-                                       "placement_ttl_s": 30.0, "sticky_max_wait_s": 30.0},
-                     **describe(*base.make(), base.shape)},
+        "model": {
+            "name": "Llama 3.1 70B bf16",
+            "kv_bytes_per_token": KV_BYTES_PER_TOKEN,
+            "weights_bytes": WEIGHTS_BYTES,
+        },
+        "scenario": {
+            "replicas": config.replicas,
+            "seed": seed0,
+            "stats_period_s": base.stats_period_s,
+            "router_processes": base.routers,
+            "ours_settings": {
+                "free_memory_tolerance_fraction": 0.01,
+                "placement_ttl_s": 30.0,
+                "sticky_max_wait_s": 30.0,
+            },
+            **describe(*base.make(), base.shape),
+        },
         "policies": {name: cls.driven for name, cls in POLICIES.items()},
         "not_modelled": NOT_MODELLED,
         "definitions": DEFINITIONS,
-        "headline": {"load": config.headline_load, "seed": seed0,
-                     "by_policy": {p: _strip(r) for p, r in headline.items()},
-                     "targets": targets(headline, churn)},
-        "churn": {"load": config.headline_load, "leave_at_s": churn_scenario.leave_at_s,
-                  "join_at_s": churn_scenario.join_at_s, "by_policy": churn},
+        "headline": {
+            "load": config.headline_load,
+            "seed": seed0,
+            "by_policy": {p: _strip(r) for p, r in headline.items()},
+            "targets": targets(headline, churn),
+        },
+        "churn": {
+            "load": config.headline_load,
+            "leave_at_s": churn_scenario.leave_at_s,
+            "join_at_s": churn_scenario.join_at_s,
+            "by_policy": churn,
+        },
         "sweep": sweep,
         "seeds": seeds,
         "timeline": {p: r["timeline"] for p, r in headline.items()},

@@ -36,21 +36,37 @@ class NodeType:
     note: str
 
     @classmethod
-    def grace(cls, name: str, hbm_bytes: int, host_bytes: int, note: str,
-              kv_budget_bytes: int | None = None) -> NodeType:
+    def grace(
+        cls,
+        name: str,
+        hbm_bytes: int,
+        host_bytes: int,
+        note: str,
+        kv_budget_bytes: int | None = None,
+    ) -> NodeType:
         limit = hbm_bytes + host_bytes
         budget = kv_budget_bytes or int(DEFAULT_KV_BUDGET_FRACTION * (limit - WEIGHTS_BYTES))
         return cls(name, limit, budget, note)
 
 
 NODE_TYPES: tuple[NodeType, ...] = (
-    NodeType.grace("gh200-96gb", 96 * GB, 340 * GiB, "configs/gh200-llama-3.1-70b.yaml",
-                   kv_budget_bytes=200 * GiB),
+    NodeType.grace(
+        "gh200-96gb",
+        96 * GB,
+        340 * GiB,
+        "configs/gh200-llama-3.1-70b.yaml",
+        kv_budget_bytes=200 * GiB,
+    ),
     NodeType.grace("gh200-144gb", 144 * GB, 340 * GiB, "HBM3e variant, default KV budget"),
-    NodeType.grace("gb200-gpu", 186 * GB, 200 * GiB,
-                   "one replica per Blackwell GPU, half the LPDDR5X each"),
-    NodeType.grace("gh200-96gb-shared", 96 * GB, 120 * GiB,
-                   "host memory shared with other work, default KV budget"),
+    NodeType.grace(
+        "gb200-gpu", 186 * GB, 200 * GiB, "one replica per Blackwell GPU, half the LPDDR5X each"
+    ),
+    NodeType.grace(
+        "gh200-96gb-shared",
+        96 * GB,
+        120 * GiB,
+        "host memory shared with other work, default KV budget",
+    ),
 )
 
 
@@ -117,16 +133,26 @@ def _draw(shape: WorkloadShape, rng: random.Random) -> list[_Draws]:
     for _ in range(shape.users):
         t += rng.expovariate(rate)
         turns = min(shape.max_turns, 1 + int(math.log(1.0 - rng.random()) / math.log(1.0 - p)))
-        draws.append(_Draws(
-            arrival=t,
-            first=rng.lognormvariate(math.log(shape.first_prompt_median), shape.first_prompt_sigma),
-            messages=tuple(rng.lognormvariate(math.log(shape.message_median), shape.message_sigma)
-                           for _ in range(turns - 1)),
-            replies=tuple(rng.lognormvariate(math.log(shape.reply_median), shape.reply_sigma)
-                          for _ in range(turns)),
-            thinks=tuple(rng.lognormvariate(math.log(shape.think_median_s), shape.think_sigma)
-                         for _ in range(turns - 1)),
-        ))
+        draws.append(
+            _Draws(
+                arrival=t,
+                first=rng.lognormvariate(
+                    math.log(shape.first_prompt_median), shape.first_prompt_sigma
+                ),
+                messages=tuple(
+                    rng.lognormvariate(math.log(shape.message_median), shape.message_sigma)
+                    for _ in range(turns - 1)
+                ),
+                replies=tuple(
+                    rng.lognormvariate(math.log(shape.reply_median), shape.reply_sigma)
+                    for _ in range(turns)
+                ),
+                thinks=tuple(
+                    rng.lognormvariate(math.log(shape.think_median_s), shape.think_sigma)
+                    for _ in range(turns - 1)
+                ),
+            )
+        )
     return draws
 
 
