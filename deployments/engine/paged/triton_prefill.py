@@ -82,6 +82,7 @@ def _prefill_kernel(
     pages = PageTable + s * stride_pt  # the sequence's page-table row
     kv = (K, V, pages, kvh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
     end = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # the block's last token sees this far
+    end = tl.where(m0 < n, end, 0)  # a block wholly past the chunk (graph padding): no keys
     lo, hi = split_range(end, split, BLOCK_N, SPLITS)
     out, lse = attend_keys(q, qpos, kv, d, lo, hi, end, scale, PAGE, BLOCK_N, True)
     mid = (MidO, MidLse, stride_mt, stride_mh, stride_mk)
