@@ -113,11 +113,8 @@ def load_model(path: str, cfg: ModelConfig, device: str) -> Any:
 
 def kv_bytes_per_token(model_config: Any, dtype_size: int) -> int:
     """Bytes of keys and values one token takes across all layers."""
-    cfg = (
-        model_config.get_text_config()
-        if hasattr(model_config, "get_text_config")
-        else (model_config)
-    )
+    text = getattr(model_config, "get_text_config", None)
+    cfg = text() if text is not None else model_config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

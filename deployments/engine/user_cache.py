@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine.kv_reuse import common_prefix_len as common_prefix_len  # re-exported
 from deployments.engine.kv_reuse import reusable_tokens
 from deployments.engine.kv_shares import Idle, KVShares, victims
 

@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from deployments.engine.user_cache import UserCacheStore, common_prefix_len
+from deployments.engine.kv_reuse import common_prefix_len
+from deployments.engine.user_cache import UserCacheStore
 
 
 def store(budget_tokens, per_token=10):
