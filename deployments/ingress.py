@@ -244,6 +244,7 @@ class OpenAIIngress:
         if start["event"] == "error":
             raise error_from_event(start)
         first_at = time.monotonic()
+        self._readiness.served()
         self._metrics.request_done(endpoint, first_at - arrived, None)
         start = {
             **start,

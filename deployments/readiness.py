@@ -4,9 +4,12 @@
 whether a model replica can serve. The answer comes from the Serve controller's view of the
 LLMReplica deployment (`serve.status()`: how many replicas are RUNNING, i.e. constructed and
 passing health checks, and how many are starting), not from calls to the replicas, so it costs
-one controller call per cache period whatever the load, and a busy replica still counts as
-serving. Verdicts are cached (a ready one for `ready_ttl_s`, a not-ready one for the shorter
-`not_ready_ttl_s`) and concurrent callers share one probe.
+one controller call per cache period at most, and a busy replica still counts as serving.
+Verdicts are cached (a ready one for `ready_ttl_s`, a not-ready one for the shorter
+`not_ready_ttl_s`) and concurrent callers share one probe. A first token from a replica is a
+verdict too (`served`): while requests are answered the controller is not asked at all; its
+answer (`serve.status()`, ~10-20 ms of pickling with the GIL held) would otherwise stall the
+ingress's event loop, and whichever first token was in flight, once a period.
 
 While none is RUNNING the answer is a 503 in OpenAI's shape: `model_loading` while replicas are
 starting and none has failed, `no_replica` when replicas fail to start or fail their health
@@ -133,6 +136,15 @@ class Readiness:
         if cached is not None and cached.ready:
             return cached
         return await asyncio.shield(self._inflight)
+
+    def served(self) -> None:
+        """A model replica just answered a request (its first message arrived): ready now,
+        as fresh as a probe's verdict."""
+        running = self._verdict.running if self._verdict and self._verdict.ready else 1
+        if not (self._verdict and self._verdict.ready):
+            logger.info("readiness: a model replica answered a request")
+        self._verdict = Verdict(True, running, None, f"{running} model replica(s) running")
+        self._checked_at = self._clock()
 
     def _probed(self, task: asyncio.Task[Verdict]) -> None:
         if self._inflight is task:

@@ -105,6 +105,42 @@ def test_a_ready_verdict_is_reused_for_its_ttl_and_a_not_ready_one_for_less():
     asyncio.run(scenario())
 
 
+def test_answered_requests_stand_in_for_the_controller_while_they_flow():
+    now = [0.0]
+    controller = Controller(ReplicaCounts(1, 0, "HEALTHY", ""))
+    readiness = Readiness(controller, ready_ttl_s=1.0, clock=lambda: now[0])
+
+    async def scenario():
+        assert (await readiness.check()).ready and controller.calls == 1
+        for step in range(1, 10):  # a first token every 0.5 s for 4.5 s
+            now[0] = step * 0.5
+            readiness.served()
+            assert (await readiness.check()).ready
+        assert controller.calls == 1  # never asked while requests were answered
+        controller.counts = ReplicaCounts(0, 0, "UNHEALTHY", "")
+        now[0] = 6.0  # traffic stopped: the next check probes again (in the background)
+        assert (await readiness.check()).ready
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert controller.calls == 2
+        assert not (await readiness.check()).ready
+
+    asyncio.run(scenario())
+
+
+def test_a_served_request_makes_a_not_ready_verdict_ready():
+    now = [0.0]
+    controller = Controller(ReplicaCounts(0, 1, "UPDATING", ""))
+    readiness = Readiness(controller, not_ready_ttl_s=0.25, clock=lambda: now[0])
+
+    async def scenario():
+        assert not (await readiness.check()).ready
+        readiness.served()
+        assert (await readiness.check()).ready and controller.calls == 1
+
+    asyncio.run(scenario())
+
+
 def test_concurrent_callers_share_one_probe():
     controller = Controller(ReplicaCounts(1, 0, "HEALTHY", ""), delay_s=0.05)
     readiness = Readiness(controller)
