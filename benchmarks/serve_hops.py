@@ -219,8 +219,9 @@ def serve_rows(requests: int) -> dict[str, Any]:
     ports = range(base, base + 4)
     os.environ.update(direct_ingress_env(ports))  # before Ray starts: every process reads it
     root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(
-        address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": root}}
+        address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
