@@ -25,12 +25,11 @@ ROUTER_CLASS = "deployments.router:UnifiedMemoryRouter"
 # cluster-wide, see direct_ingress.py): user code runs on the replica's own event loop and
 # the ingress's handle routes on that loop too, so a request and each streamed message skip
 # a hop between threads; objects built at start-up (an engine's, a tokenizer's) are frozen
-# out of the garbage collector's scans, which would otherwise pause every thread with the GIL;
-# request-path log lines (an access line a request in each process) are written in batches of
-# up to 1,000 (at once for an ERROR line) instead of one file flush each, work that otherwise
-# lands on the event loop just as a client's next request arrives.
+# out of the garbage collector's scans, which would otherwise pause every thread with the GIL.
+# Not taken: the mode's buffered request-path logs (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE),
+# which hold a replica's start-up lines back from its log file until 1,000 lines have gathered
+# (tests/cpu/test_startup_logs.py).
 SERVE_ENV = {
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
