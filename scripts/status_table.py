@@ -64,7 +64,7 @@ FEATURES = (
         "Grace tiers: advice on managed memory, migrations",
         ("test_grace_tiers.py", "test_memory_advice.py", "test_migration_bench.py"),
         ("test_tiers_gpu (Grace advice, Grace faked)",),
-        ("migration", "advice-diagnosis"),
+        ("residency", "advice-diagnosis"),
     ),
     Feature(
         "Serve app, OpenAI API, router, serving path",
