@@ -55,6 +55,7 @@ class MoveCounts:
     failed: int = 0  # moves whose call to the receiver failed (the user stayed here)
     last_move_s: float = 0.0
     last_move_bytes: int = 0
+    last_import_s: float = 0.0  # the last arriving user's copy into this engine
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +87,7 @@ class CacheMover:
         self._arriving = 0  # imports in progress
         self.settle_s = settle_s
         self._commits: set[asyncio.Task[str]] = set()  # moves waiting for settle_s to commit
+        self.last_timing: dict[str, float] = {}  # the last move out's phases (seconds)
 
     # ---- the sender's side ----------------------------------------------------------------
 
@@ -131,6 +133,7 @@ class CacheMover:
             export = await asyncio.to_thread(self.engine.export_user, user.key)
             if export is None:
                 return "busy"
+            called = time.perf_counter()
             try:
                 call = self._call("accept_user", target, export=export)
                 generation = await asyncio.wait_for(call, self.cfg.call_timeout_s)
@@ -139,6 +142,11 @@ class CacheMover:
                 self.counts.failed += 1
                 return "failed"
             self._pending.append((time.time(), target, export.nbytes))
+            self.last_timing = {
+                "export_s": export.copy_s,
+                "stage_s": export.stage_s,
+                "call_s": time.perf_counter() - called,
+            }
             if generation is None:
                 return "refused"
         commit = self._commit(export, target, generation, start)
@@ -206,6 +214,18 @@ class CacheMover:
             "kept_users": len(resident),
         }
 
+    async def move_key(self, key: str, to: str | None = None) -> dict[str, Any]:
+        """Move one user now (to `to`, else where the policy says): its outcome, bytes and
+        phases (benchmarks, operators)."""
+        user = next((u for u in self.engine.movable_users() if u.key == key), None)
+        if user is None:
+            return {"outcome": "busy"}
+        views = await self.peers()
+        if to is not None:
+            views = [v for v in views if v.replica_id == to]
+        outcome = await self.move_user(user, views)
+        return {"outcome": outcome, "bytes": user.nbytes, "to": to, **self.last_timing}
+
     def _pressured(self) -> bool:
         view = ReplicaView.from_stats(self.replica_id, self._report())
         return under_pressure(view, self.cfg.pressure_free_fraction)
@@ -247,8 +267,10 @@ class CacheMover:
         if self.draining:
             return None
         self._arriving += 1
+        start = time.perf_counter()
         try:
             generation = await asyncio.to_thread(self.engine.import_user, export)
+            self.counts.last_import_s = time.perf_counter() - start
         except LayoutMismatch as exc:
             logger.warning("refused a user's cache: %s", exc)
             return None

@@ -383,6 +383,15 @@ class LLMReplica:
         """Undo an `accept_user` whose sender kept the user (a request ran on it meanwhile)."""
         return self._moves is not None and await self._moves.withdraw(key, generation)
 
+    async def move_user(
+        self, *, key: str, to: str | None = None, target_replica_id: str | None = None
+    ) -> dict[str, Any]:
+        """Move one idle user's cache to replica `to` (else the peer the policy picks) now:
+        its outcome and the move's phases in seconds (benchmarks/cache_move_bench.py)."""
+        if self._moves is None:
+            return {"outcome": "off"}
+        return await self._moves.move_key(key, to)
+
     async def drain(self, *, target_replica_id: str | None = None) -> dict[str, Any]:
         """Stop taking new users and move every idle user to peers with room (POST
         /admin/replicas/{id}/drain): what moved and what stayed."""

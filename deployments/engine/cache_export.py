@@ -37,8 +37,10 @@ class UserCacheExport:
     layout: str  # engine kind, model, dtype and unit shape: must equal the receiver's
     buffers: list[np.ndarray] = field(default_factory=list)  # uint8, the engine's own order
     generation: int = 0  # the sender's count of the user's requests when copied
-    # Seconds the sender spent copying out (device to host, on a GPU), for the move's metrics.
+    # Seconds the sender spent copying out (device to host, on a GPU), for the move's metrics,
+    # and of those, allocating the host buffer it copied into (pinned memory on a GPU).
     copy_s: float = 0.0
+    stage_s: float = 0.0
 
     @property
     def nbytes(self) -> int:

@@ -194,3 +194,16 @@ def test_memory_pressure_moves_idle_users_to_peers_and_drops_only_when_all_are_f
     moved_user = next(k for k in sent if holder.get(k) not in (None, home))
     start = turn(handle, moved_user, [*prompts[moved_user], 5, 6])
     assert start["replica_id"] == holder[moved_user] and start["cached_tokens"] >= 300
+
+
+def test_an_admin_drain_moves_what_fits_and_takes_no_new_users(moves_url):
+    assert httpx.post(f"{moves_url}/admin/replicas/nobody/drain", timeout=30).status_code == 404
+    target = min(rows(moves_url), key=lambda r: len(r["resident_users"]))
+    held = len(target["resident_users"])
+    response = httpx.post(f"{moves_url}/admin/replicas/{target['replica_id']}/drain", timeout=120)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["replica_id"] == target["replica_id"]
+    assert result["moved_users"] + result["kept_users"] == held  # a drain drops nobody
+    after = next(r for r in rows(moves_url) if r["replica_id"] == target["replica_id"])
+    assert after["draining"] and after["cache_moves"]["users_out"] >= result["moved_users"]

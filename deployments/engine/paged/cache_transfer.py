@@ -69,6 +69,7 @@ class CacheTransfer:
         src = self._tier(bool(user.pages))
         n = seen[1] or seen[2]
         out = torch.empty((n, *self.page_shape), dtype=src.dtype, pin_memory=src.is_cuda)
+        staged = time.perf_counter() - start
         with self._lock:
             user = self.cache.idle(key)
             if user is None or (user.generation, len(user.pages), len(user.host_pages)) != seen:
@@ -81,7 +82,7 @@ class CacheTransfer:
         if done is not None:
             done.synchronize()
         copied.buffers = [as_bytes(out)]
-        copied.copy_s = time.perf_counter() - start
+        copied.copy_s, copied.stage_s = time.perf_counter() - start, staged
         return copied
 
     def _copy_out(self, user: UserKV, out: torch.Tensor) -> torch.cuda.Event | None:
