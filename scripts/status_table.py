@@ -72,6 +72,12 @@ FEATURES = (
         ("test_serve_gpu", "test_serving_path_gpu"),
         ("serve", "serve-4ingress", "serve-merged", "serve-paths", "serve-refactor-check"),
     ),
+    Feature(
+        "Cache moves between replicas (pressure, shutdown, drain)",
+        ("test_cache_moves.py", "test_cache_moves_serve.py", "test_cache_move_bench.py"),
+        (),
+        ("migration",),
+    ),
     Feature("Routing simulation (CPU by design)", ("test_routing_sim.py",), (), ()),
 )
 
