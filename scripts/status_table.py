@@ -75,7 +75,7 @@ FEATURES = (
     Feature(
         "Cache moves between replicas (pressure, shutdown, drain)",
         ("test_cache_moves.py", "test_cache_moves_serve.py", "test_cache_move_bench.py"),
-        ("test_cache_moves_gpu",),
+        (),
         ("migration",),
     ),
     Feature("Routing simulation (CPU by design)", ("test_routing_sim.py",), (), ()),

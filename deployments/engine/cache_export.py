@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only where bytes are made: the engine package's interface (and the
+    import torch  # ingress, which imports it) must load without torch
 
 
 class LayoutMismatch(ValueError):
@@ -67,12 +70,16 @@ class MovableUser:
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     """A CPU tensor's bytes as a flat uint8 array (no copy when it is contiguous)."""
+    import torch
+
     return tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
 def from_bytes(data: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """`as_bytes`'s inverse, without a copy: a (possibly read-only) array from Ray's object
     store viewed as a tensor of `dtype` and `shape`; only ever read."""
+    import torch
+
     want = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     if data.nbytes != want:
         raise ValueError(f"a buffer of {data.nbytes} bytes for {shape} of {dtype} ({want})")
