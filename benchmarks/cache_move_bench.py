@@ -135,6 +135,7 @@ def move_row(
     if moved["outcome"] != "moved":
         raise RuntimeError(f"the move did not happen: {moved}")
     wait_resident(url, key, b)
+    time.sleep(2.0)  # a user's think time: every router has B's stats by its next turn
     imported = next(r for r in replicas(url) if r["replica_id"] == b)["cache_moves"]
     follow = prompt + [rng.randrange(100, vocab - 1) for _ in range(64)]
     back = turn(handle, key, follow)

@@ -74,9 +74,9 @@ class CacheMover:
     ) -> None:
         """`handle`: a DeploymentHandle of this replica's own deployment; `report`: this
         replica's routing stats now; `on_move(seconds, bytes)` after each move out;
-        `settle_s`: how long a receiver's stats take to reach every router (two stats
-        periods): the sender keeps reporting the user that long, so no router ever sees it
-        nowhere."""
+        `settle_s`: how long a receiver's stats take to reach every router (four stats
+        periods, at least a second): the sender keeps reporting the user that long, so no
+        router ever sees it nowhere."""
         self.engine, self.replica_id, self.cfg = engine, replica_id, cfg
         self._handle, self._report, self._on_move = handle, report, on_move
         self.counts = MoveCounts()

@@ -143,7 +143,8 @@ class LLMReplica:
             handle,
             self._report,
             self.metrics.cache_moved,
-            settle_s=2 * self.args.router.stats_period_s,
+            # Four stats periods, at least a second: Serve's polls and pushes to every router.
+            settle_s=max(1.0, 4 * self.args.router.stats_period_s),
         )
         self._moves_task = loop.create_task(mover.run())
         return mover
