@@ -21,7 +21,9 @@ say which (`bytes_moved_source`).
 
 Never asks for more managed memory than is free: the RMM limit is a quarter of the card's free
 memory, at most 8 GiB, and the model (~1 GB) and pools are sized inside it. Without a GPU it
-says so and exits. Writes benchmarks/results/migration-<card>.json.
+says so and exits. Writes benchmarks/results/residency-<card>.json (where managed memory
+lives, per decode step; migration-<card>.json is cache_move_bench's: caches moved between
+replicas).
 """
 
 from __future__ import annotations
@@ -325,7 +327,7 @@ def main() -> None:
         asyncio.run(engine.shutdown())  # the limit holds both engines: nothing to free
     top = headline(rows[0], counters)
     out = write_result(
-        "migration",
+        "residency",
         {
             "model": "8-layer Llama (hidden 2048), random bf16 weights",
             "rmm_limit_bytes": limit,

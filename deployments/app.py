@@ -79,7 +79,7 @@ def replica_options(cfg: AppArgs) -> dict[str, Any]:
         "health_check_period_s": cfg.replica.health_check_period_s,
         # Loading a 70B model into unified memory takes minutes, not Serve's default seconds.
         "health_check_timeout_s": max(60.0, cfg.replica.health_check_period_s * 3),
-        "graceful_shutdown_timeout_s": 30,
+        "graceful_shutdown_timeout_s": cfg.replica.graceful_shutdown_timeout_s,
         "request_router_config": router_config(cfg.router),
     }
     if cfg.replica.max_replicas_per_node is not None:

@@ -199,6 +199,38 @@ class ReplicaConfig(_Section):
         description="Requests each caller (ingress replica, driver) may hold waiting for a "
         "free LLMReplica; beyond that a request is refused at once (HTTP 429 with Retry-After).",
     )
+    graceful_shutdown_timeout_s: float = Field(
+        30,
+        gt=0,
+        description="Seconds Serve gives a stopping replica (scale-down, a new version, a "
+        "drained node): its requests finish, then its idle users' caches move to peers "
+        "(cache_moves) until this runs out; the rest are dropped and counted.",
+    )
+
+
+class CacheMovesConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Move idle users' kept KV caches to other replicas instead of dropping "
+        "them: under memory pressure, on graceful shutdown and on POST "
+        "/admin/replicas/{id}/drain (README: Cache moves).",
+    )
+    pressure_free_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Under memory pressure: when less than this share of a replica's KV "
+        "budget is free, its least recently used idle users move to the peer with the most "
+        "room that keeps this share free after taking them.",
+    )
+    check_period_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a replica checks its memory pressure (also after every request).",
+    )
+    call_timeout_s: float = Field(
+        60.0, gt=0, description="Longest one move's transfer to a peer may take."
+    )
 
 
 class RouterConfig(_Section):
@@ -380,6 +412,9 @@ class AppArgs(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine choice.")
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig, description="LLMReplica.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Routing.")
+    cache_moves: CacheMovesConfig = Field(
+        default_factory=CacheMovesConfig, description="Users' caches moved between replicas."
+    )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP ingress.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off if unset).")
 

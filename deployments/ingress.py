@@ -406,6 +406,12 @@ class OpenAIIngress:
         rows, missing = await replica_rows(self._llm, "replica_info", self._limits.admin_timeout_s)
         return JSONResponse(rows, headers={UNRESPONSIVE_HEADER: str(missing)})
 
+    @app.post("/admin/replicas/{replica_id}/drain")
+    async def admin_drain(self, replica_id: str) -> dict[str, Any]:
+        """Drain one model replica: it stops taking new users and moves every idle user's
+        cache to the peers with room (README: Cache moves). Answers what moved and stayed."""
+        return await self.drain_replica(replica_id)
+
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         """Liveness of this ingress replica; says nothing about the model (see /ready)."""
@@ -460,6 +466,18 @@ class OpenAIIngress:
         req = self._validate(CompletionRequest, request)
         _, body = await self._counted(self._answer(req, self._handle_user(user, req.user)))
         return body
+
+    async def drain_replica(self, replica_id: str) -> dict[str, Any]:
+        """The same as POST /admin/replicas/{replica_id}/drain; 404 for an unknown replica."""
+        rows, _ = await replica_rows(self._llm, "replica_info", self._limits.admin_timeout_s)
+        if replica_id not in {row["replica_id"] for row in rows}:
+            raise APIError(
+                404, f"no model replica {replica_id!r} answers", code="replica_not_found"
+            )
+        # Routed by our router to that replica alone (router.TARGET_KWARG).
+        call = self._llm.options(method_name="drain").remote(target_replica_id=replica_id)
+        timeout = 2 * self._args.cache_moves.call_timeout_s + self._limits.admin_timeout_s
+        return await asyncio.wait_for(call, timeout)
 
     async def replicas(self) -> list[dict[str, Any]]:
         """The same rows as GET /admin/replicas."""

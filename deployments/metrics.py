@@ -13,7 +13,11 @@ Ray exports them on every node's metrics port with a `ray_` prefix (counters als
   `_preempted_requests_so_far`, present before the first event); gauges
   `grace_serve_kv_cache_bytes` (by `tier`), `_free_unified_memory_bytes`, `_resident_users`,
   `_running_requests`, `_waiting_requests`, `_kv_pages_total`, `_kv_pages_free` (the last
-  two only from engines that page their KV).
+  two only from engines that page their KV); users' caches moved between replicas
+  (cache_moves.py): counters `grace_serve_cache_moved_users` (by `direction`, out / in),
+  `_cache_moved_bytes` (by `direction`), `_cache_move_dropped_users` (let go on shutdown: no
+  replica had room, or no time) and `_cache_move_failed` (moves that failed or were undone
+  by a racing request), and histogram `grace_serve_cache_move_seconds` (copy out to commit).
 
 Never imports torch or rmm (the ingress uses it).
 """
@@ -27,6 +31,17 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 PREFIX = "grace_serve_"
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+MOVE_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+# Move counts in a replica report's `cache_moves` -> (counter, its tags).
+MOVE_COUNTS = {
+    "users_out": ("cache_moved_users", {"direction": "out"}),
+    "users_in": ("cache_moved_users", {"direction": "in"}),
+    "bytes_out": ("cache_moved_bytes", {"direction": "out"}),
+    "bytes_in": ("cache_moved_bytes", {"direction": "in"}),
+    "dropped_no_room": ("cache_move_dropped_users", {}),
+    "failed": ("cache_move_failed", {}),
+    "raced": ("cache_move_failed", {}),
+}
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5]
 
 
@@ -106,6 +121,33 @@ class ReplicaMetrics:
         }
         self._seen: dict[str, int] = {"evicted": 0, "preempted": 0}
         self._tiers: set[str] = set()
+        self._moves = {
+            name: Counter(PREFIX + name, f"{name.replace('_', ' ')} (cache moves).", tag_keys=tags)
+            for name, tags in (
+                ("cache_moved_users", ("direction",)),
+                ("cache_moved_bytes", ("direction",)),
+                ("cache_move_dropped_users", ()),
+                ("cache_move_failed", ()),
+            )
+        }
+        self.move_seconds = Histogram(
+            PREFIX + "cache_move_seconds",
+            "Seconds one user's cache move took, from its copy out to its commit.",
+            MOVE_BUCKETS,
+        )
+        self._moves_seen: dict[str, int] = {}
+
+    def cache_moved(self, seconds: float, nbytes: int) -> None:
+        """One user's cache moved out of this replica (its counts come with the report)."""
+        self.move_seconds.observe(seconds)
+
+    def _update_moves(self, counts: Mapping[str, Any] | None) -> None:
+        for field, (name, tags) in MOVE_COUNTS.items():
+            total = int((counts or {}).get(field, 0))
+            delta = total - self._moves_seen.get(field, 0)
+            if delta > 0:
+                self._moves[name].inc(delta, tags=tags or None)
+            self._moves_seen[field] = max(total, self._moves_seen.get(field, 0))
 
     def request_started(self, prompt_tokens: int, cached_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
@@ -141,3 +183,4 @@ class ReplicaMetrics:
         self._count_delta(self.preempted, "preempted", preempted)
         self.evicted_so_far.set(evicted)
         self.preempted_so_far.set(preempted)
+        self._update_moves(report.get("cache_moves"))

@@ -19,6 +19,8 @@ stats, plus this router's own recent placements (stats lag by one period).
   ``tolerance_fraction`` (a share) of the best count as tied, and ties break by rendezvous hash
   of the user key, so every router process, seeing the same stats, picks the same replica for
   the same user.
+- A replica being drained (its users' caches moving out, `draining` in its stats) ranks
+  with the replicas without stats, after every other, for new users.
 - A request without a user has no cache to keep: all replicas form one rank and Serve picks
   the shortest queue.
 - A replica whose last stats are older than ``stale_after_s`` (a frozen or overloaded process
@@ -54,6 +56,7 @@ class ReplicaView:
     new_user_bytes: int  # estimated bytes a new user adds there
     kv_budget_bytes: int = 0  # the replica's KV budget; 0: not reported
     as_of: float | None = None  # when the replica made these stats (its time.time())
+    draining: bool = False  # moving its users out (admin drain): new users go elsewhere
 
     @classmethod
     def from_stats(cls, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaView:
@@ -76,6 +79,7 @@ class ReplicaView:
             new_user_bytes=per_user or per_token * DEFAULT_NEW_USER_TOKENS,
             kv_budget_bytes=budget,
             as_of=float(stats["as_of"]) if "as_of" in stats else None,
+            draining=bool(stats.get("draining", False)),
         )
 
 
@@ -149,9 +153,9 @@ def rank_for_new_user(
 
     `request_bytes`: estimated KV bytes of the request's prompt; 0 when unknown.
     """
-    known = [v for v in views if v.free_bytes is not None]
+    known = [v for v in views if v.free_bytes is not None and not v.draining]
     unknown = sorted(
-        (v for v in views if v.free_bytes is None),
+        (v for v in views if v.free_bytes is None or v.draining),
         key=lambda v: rendezvous_score(user, v.replica_id),
         reverse=True,
     )

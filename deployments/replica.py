@@ -25,6 +25,7 @@ memory) is the engine's to handle: it queues, evicts idle users, or preempts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ import ray
 from ray import serve
 
 from deployments.admission import RequestShape
+from deployments.cache_moves import CacheMover
 from deployments.capacity import ReplicaMemory, replica_memory
 from deployments.config import AppArgs, parse_app_args
 from deployments.cuda_driver import require_cuda_driver
@@ -49,6 +51,7 @@ from deployments.engine import (
     SamplingParams,
     select_engine_class,
 )
+from deployments.engine.cache_export import UserCacheExport
 from deployments.memory import MemoryAccountant, is_out_of_memory, setup_memory
 from deployments.metrics import ReplicaMetrics
 from deployments.pacing import StreamPacing
@@ -111,6 +114,7 @@ class LLMReplica:
         self.pacing = StreamPacing(self.args.replica.stream_messages_per_s)
         self._streams = 0  # requests streaming from this replica now
         self._room_at, self._room_figures = float("-inf"), (0, 0)
+        self._moves = self._start_moves()
         logger.info(
             "LLMReplica %s ready in %.1f s: %s serving %s, context %d tokens; memory: %s",
             self.replica_id,
@@ -120,6 +124,30 @@ class LLMReplica:
             self.engine.max_model_len,
             self._memory(self.engine.stats()).snapshot.describe(),
         )
+
+    def _start_moves(self) -> CacheMover | None:
+        """Cache moves to peers (cache_moves.py), inside Serve only: the handle of this
+        replica's own deployment reaches its peers."""
+        if not self.args.cache_moves.enabled:
+            return None
+        try:
+            context = serve.get_replica_context()
+            handle = serve.get_deployment_handle(context.deployment, context.app_name)
+            loop = asyncio.get_running_loop()
+        except Exception:  # outside Serve (tests constructing the class directly)
+            return None
+        mover = CacheMover(
+            self.engine,
+            self.replica_id,
+            self.args.cache_moves,
+            handle,
+            self._report,
+            self.metrics.cache_moved,
+            # Four stats periods, at least a second: Serve's polls and pushes to every router.
+            settle_s=max(1.0, 4 * self.args.router.stats_period_s),
+        )
+        self._moves_task = loop.create_task(mover.run())
+        return mover
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -190,11 +218,16 @@ class LLMReplica:
             )
 
     async def generate(
-        self, *, request: dict[str, Any], shape: RequestShape
+        self,
+        *,
+        request: dict[str, Any],
+        shape: RequestShape,
+        target_replica_id: str | None = None,
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """Stream one request's messages, each a list of events (see module docstring).
         `shape` is the ingress's (admission.py); the router read it too. Never raises for bad
-        input."""
+        input. `target_replica_id` (never set by the ingress) pins the request to that
+        replica (router.TARGET_KWARG): tests and benchmarks place a user with it."""
         arrived = time.monotonic()
         try:
             gen_request = self._build(request, shape)
@@ -210,6 +243,8 @@ class LLMReplica:
                 yield message
         finally:
             self._streams -= 1
+            if self._moves is not None:
+                self._moves.poke()  # the user's cache grew: memory pressure may have come
 
     async def _messages(
         self, gen_request: GenerationRequest, arrived: float
@@ -299,6 +334,8 @@ class LLMReplica:
             "evicted_users": stats.evicted_users,
             "preempted_requests": int(stats.extra.get("preempted_requests", 0)),
             "kv_share_overrides": int(stats.extra.get("kv_share_overrides", 0)),
+            "draining": self._moves is not None and self._moves.draining,
+            "cache_moves": self._moves.counts.as_dict() if self._moves else None,
             "kv_bytes_by_tier": figures.kv_bytes_by_tier,
             "kv_pages_total": stats.extra.get("kv_pages_total"),
             "kv_pages_free": stats.extra.get("kv_pages_free"),
@@ -329,3 +366,60 @@ class LLMReplica:
 
     def check_health(self) -> None:
         self.engine.check_health()
+
+    # ---- users' caches moving between replicas (cache_moves.py) ---------------------------
+
+    async def accept_user(
+        self, *, export: UserCacheExport, target_replica_id: str | None = None
+    ) -> int | None:
+        """A peer's user arriving (routed here by `target_replica_id`): its generation here,
+        or None when there is no room for it."""
+        if self._moves is None:
+            return None
+        return await self._moves.accept(export)
+
+    async def withdraw_user(
+        self, *, key: str, generation: int, target_replica_id: str | None = None
+    ) -> bool:
+        """Undo an `accept_user` whose sender kept the user (a request ran on it meanwhile)."""
+        return self._moves is not None and await self._moves.withdraw(key, generation)
+
+    async def move_user(
+        self, *, key: str, to: str | None = None, target_replica_id: str | None = None
+    ) -> dict[str, Any]:
+        """Move one idle user's cache to replica `to` (else the peer the policy picks) now:
+        its outcome and the move's phases in seconds (benchmarks/cache_move_bench.py)."""
+        if self._moves is None:
+            return {"outcome": "off"}
+        return await self._moves.move_key(key, to)
+
+    async def drain(self, *, target_replica_id: str | None = None) -> dict[str, Any]:
+        """Stop taking new users and move every idle user to peers with room (POST
+        /admin/replicas/{id}/drain): what moved and what stayed."""
+        if self._moves is None:
+            return {"replica_id": self.replica_id, "error": "cache moves are off"}
+        deadline = time.monotonic() + self.args.cache_moves.call_timeout_s
+        return {"replica_id": self.replica_id, **(await self._moves.evacuate(deadline))}
+
+    def __del__(self) -> Any:
+        """Serve's graceful shutdown calls this once the requests have finished (and awaits
+        what it returns): push every resident user to peers (`_evacuate`). Python's own
+        finalizer call, outside Serve or after it, finds nothing to do."""
+        moves, self._moves = getattr(self, "_moves", None), None
+        return None if moves is None else self._evacuate(moves)
+
+    async def _evacuate(self, moves: CacheMover) -> None:
+        """Move every resident user to peers within most of `graceful_shutdown_timeout_s`
+        (Serve kills the replica at its end); the rest are dropped, and counted."""
+        self._moves_task.cancel()
+        budget = 0.8 * self.args.replica.graceful_shutdown_timeout_s
+        result = await moves.evacuate(time.monotonic() + budget)
+        moves.counts.dropped_no_room += result["kept_users"]
+        logger.info(
+            "LLMReplica %s stopping: moved %d users' caches (%.1f MiB) to peers, dropped %d "
+            "(no replica had room, or no time left)",
+            self.replica_id,
+            result["moved_users"],
+            result["moved_bytes"] / 2**20,
+            result["kept_users"],
+        )

@@ -36,6 +36,18 @@ from deployments.placement import (
 logger = logging.getLogger("ray.serve")
 
 
+TARGET_KWARG = "target_replica_id"  # a call for one replica only (cache moves, admin drain)
+
+
+def request_target(pending_request: PendingRequest | None) -> str | None:
+    """The replica a call names for itself (`target_replica_id=` in its keyword arguments):
+    a cache move's receiver, a drained replica. Never set by the ingress for a request."""
+    if pending_request is None:
+        return None
+    target = pending_request.kwargs.get(TARGET_KWARG)
+    return target if isinstance(target, str) else None
+
+
 def request_shape(pending_request: PendingRequest | None) -> RequestShape | None:
     """The shape the ingress computed for this call (admission.py); None for calls that carry
     none (model info, stats)."""
@@ -46,7 +58,8 @@ def request_shape(pending_request: PendingRequest | None) -> RequestShape | None
 
 
 class UnifiedMemoryRouter(RequestRouter):
-    """Returning users to the replica holding their cache; new users by free unified memory."""
+    """Returning users to the replica holding their cache; new users by free unified memory;
+    a call naming its replica (`target_replica_id`) to that replica alone."""
 
     def initialize_state(
         self,
@@ -98,6 +111,13 @@ class UnifiedMemoryRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        target = request_target(pending_request)
+        if target is not None:
+            # That replica or none: while it is not a candidate (starting, gone), Serve backs
+            # off and asks again; the caller's timeout ends the wait.
+            if pending_request is not None:
+                pending_request.routing_context.should_backoff = True
+            return [[by_id[target]]] if target in by_id else []
         views = [self._view(rid, r.routing_stats) for rid, r in by_id.items()]
         now = time.time()
         waited = now - pending_request.created_at if pending_request else 0.0

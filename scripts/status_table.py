@@ -64,13 +64,19 @@ FEATURES = (
         "Grace tiers: advice on managed memory, migrations",
         ("test_grace_tiers.py", "test_memory_advice.py", "test_migration_bench.py"),
         ("test_tiers_gpu (Grace advice, Grace faked)",),
-        ("migration", "advice-diagnosis"),
+        ("residency", "advice-diagnosis"),
     ),
     Feature(
         "Serve app, OpenAI API, router, serving path",
         ("test_service.py", "test_router.py", "test_streaming_batches.py"),
         ("test_serve_gpu", "test_serving_path_gpu"),
         ("serve", "serve-4ingress", "serve-merged", "serve-paths", "serve-refactor-check"),
+    ),
+    Feature(
+        "Cache moves between replicas (pressure, shutdown, drain)",
+        ("test_cache_moves.py", "test_cache_moves_serve.py", "test_cache_move_bench.py"),
+        (),
+        ("migration",),
     ),
     Feature("Routing simulation (CPU by design)", ("test_routing_sim.py",), (), ()),
 )

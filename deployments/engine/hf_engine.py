@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,12 @@ import torch
 
 from deployments.capacity import EngineMemory, memory_snapshot
 from deployments.config import AppArgs
+from deployments.engine.cache_export import (
+    MovableUser,
+    UserCacheExport,
+    as_bytes,
+    from_bytes,
+)
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
     ALL_SAMPLING_FEATURES,
@@ -287,6 +294,61 @@ class HFEngine(Engine):
         else:
             pending.add_done_callback(lambda step: loop.call_soon_threadsafe(settle, step))
 
+    # ---- moving users' caches between replicas (cache_export.py) ----------------------------
+
+    @property
+    def cache_layout(self) -> str:
+        """What an export must match here: model, dtype and each layer's KV shape."""
+        text = self.model.config.get_text_config()
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        return f"hf:{self.model_name}:{dtype}:{text.num_hidden_layers}x{heads}x{head_dim}"
+
+    def movable_users(self) -> list[MovableUser]:
+        return [MovableUser(e.key, self.store.entry_bytes(e)) for e in self.store.idle() if e.key]
+
+    def export_user(self, key: str) -> UserCacheExport | None:
+        """All layers' keys and values as one buffer [layers, 2, heads, tokens, head_dim].
+        A request that takes the user meanwhile makes the copy stale: None then."""
+        entry = next((e for e in self.store.idle() if e.key == key), None)
+        if entry is None or entry.kv is None:
+            return None
+        start = time.perf_counter()
+        with self.store.lock:
+            generation, kv_tokens, tokens = entry.generation, entry.kv_tokens, list(entry.token_ids)
+            layers = cache_layers(entry.kv)
+        if any(k is None or k.shape[0] != 1 or k.shape[-2] != kv_tokens for k, _ in layers):
+            return None  # an empty, batched or windowed layer: not this exporter's shape
+        stacked = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers]).cpu()
+        if entry.generation != generation or entry.running:
+            return None
+        copied = UserCacheExport(key, entry.tenant, tokens, kv_tokens, self.cache_layout)
+        copied.buffers, copied.generation = [as_bytes(stacked)], generation
+        copied.copy_s = time.perf_counter() - start
+        return copied
+
+    def import_user(self, export: UserCacheExport) -> int | None:
+        export.check(self.cache_layout)
+        if self.store.entry_bytes(UserEntry(None, kv_tokens=export.kv_len)) > (
+            self.store.budget_bytes - self.store.total_bytes
+        ):
+            return None
+        layers, heads, head_dim = (int(x) for x in self.cache_layout.rsplit(":", 1)[1].split("x"))
+        dtype = next(self.model.parameters()).dtype
+        shape = (layers, 2, heads, export.kv_len, head_dim)
+        data = from_bytes(export.buffers[0], dtype, shape).to(self.device, copy=True)
+        cache = self._new_cache()
+        for i in range(layers):
+            cache.update(data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0), i)
+        entry = UserEntry(
+            export.key, list(export.token_ids), cache, export.kv_len, tenant=export.tenant
+        )
+        return 0 if self.store.adopt(entry) else None
+
+    def forget_user(self, key: str, generation: int) -> bool:
+        return self.store.forget(key, generation)
+
     # ---- reporting ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -311,3 +373,10 @@ class HFEngine(Engine):
 
     async def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
+    """(keys, values) of every layer of a transformers cache, whichever version made it."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))

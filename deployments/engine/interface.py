@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.capacity import EngineMemory
+from deployments.engine.cache_export import MovableUser, UserCacheExport
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,31 @@ class Engine(ABC):
 
     async def shutdown(self) -> None:
         """Release resources (default: nothing)."""
+
+    # ---- moving a user's cache to another replica (cache_export.py) ----------------------
+    # Engines that keep no caches, or cannot copy them, keep these defaults: nothing moves.
+    # All are called from the replica's threads, not the event loop (they may copy GiBs).
+
+    def movable_users(self) -> list[MovableUser]:
+        """Idle users whose caches `export_user` can copy now, least recently used first."""
+        return []
+
+    def export_user(self, key: str) -> UserCacheExport | None:
+        """A copy of `key`'s kept cache, which stays here until `forget_user`; None when the
+        user holds no cache, is running a request, or its pages are moving between tiers."""
+        return None
+
+    def import_user(self, export: UserCacheExport) -> int | None:
+        """Adopt an export as an idle user's cache, in free memory only (nobody is dropped
+        for it); the adopted entry's generation, or None when there is no room or the user is
+        here already. Raises LayoutMismatch for an export of another cache layout. The user
+        is resident (and reported) only once every byte is in place."""
+        return None
+
+    def forget_user(self, key: str, generation: int) -> bool:
+        """Drop `key`'s cache if it is idle and no request ran since the export (or import)
+        of that `generation`: a move committed, or an import withdrawn. Not an eviction."""
+        return False
 
     # ---- shared behaviour -----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ Contract:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ class UserEntry:
     running: bool = False
     last_used: float = 0.0
     tenant: str = ""  # the API key's id the user belongs to (kv_shares)
+    generation: int = 0  # requests acquired so far: an export's copy is current while equal
 
 
 class UserCacheStore:
@@ -54,6 +56,9 @@ class UserCacheStore:
         self._users: OrderedDict[str, UserEntry] = OrderedDict()  # least recently used first
         self._anonymous: set[UserEntry] = set()
         self.evicted_users = 0
+        # The engine's event loop changes entries; a move to or from another replica runs on
+        # the replica's worker threads: every change and every walk holds this lock.
+        self.lock = threading.RLock()
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -62,14 +67,17 @@ class UserCacheStore:
 
     @property
     def total_bytes(self) -> int:
-        entries = list(self._users.values()) + list(self._anonymous)
+        with self.lock:
+            entries = list(self._users.values()) + list(self._anonymous)
         return sum(self.entry_bytes(e) for e in entries)
 
     def resident_keys(self) -> list[str]:
-        return list(self._users)
+        with self.lock:
+            return list(self._users)
 
     def running_count(self) -> int:
-        return sum(e.running for e in self._users.values()) + len(self._anonymous)
+        with self.lock:
+            return sum(e.running for e in self._users.values()) + len(self._anonymous)
 
     def reusable(self, entry: UserEntry, prompt: Sequence[int]) -> int:
         """Prompt tokens whose KV `entry` supplies (kv_reuse.reusable_tokens)."""
@@ -89,32 +97,36 @@ class UserCacheStore:
         A user already running a request, or an anonymous request, gets a private entry that
         is discarded at release: two requests never share one cache.
         """
-        if key is not None and not self.is_busy(key):
-            entry = self._users.pop(key, None) or UserEntry(key, tenant=tenant)
-            self._users[key] = entry  # most recently used
-            entry.running = True
-            entry.last_used = self._clock()
+        with self.lock:
+            if key is not None and not self.is_busy(key):
+                entry = self._users.pop(key, None) or UserEntry(key, tenant=tenant)
+                self._users[key] = entry  # most recently used
+                entry.running = True
+                entry.last_used = self._clock()
+                entry.generation += 1
+                return entry
+            entry = UserEntry(None, running=True, last_used=self._clock(), tenant=tenant)
+            self._anonymous.add(entry)
             return entry
-        entry = UserEntry(None, running=True, last_used=self._clock(), tenant=tenant)
-        self._anonymous.add(entry)
-        return entry
 
     def record(self, entry: UserEntry, token_ids: list[int], kv: Any, kv_tokens: int) -> None:
         """Note what a running entry holds now (its bytes count toward the total at once)."""
         if kv_tokens > len(token_ids):
             raise ValueError(f"kv_tokens {kv_tokens} > recorded tokens {len(token_ids)}")
-        entry.token_ids, entry.kv, entry.kv_tokens = token_ids, kv, kv_tokens
+        with self.lock:
+            entry.token_ids, entry.kv, entry.kv_tokens = token_ids, kv, kv_tokens
 
     def release(self, entry: UserEntry) -> list[str]:
         """End the entry's request; keep it if it belongs to a user. Returns evicted keys."""
-        entry.running = False
-        entry.last_used = self._clock()
-        if entry.key is None:
-            self._anonymous.discard(entry)
-            entry.kv = None
-        else:
-            self._users.move_to_end(entry.key)  # most recently used
-        return self.evict_to(self.budget_bytes, entry.tenant)
+        with self.lock:
+            entry.running = False
+            entry.last_used = self._clock()
+            if entry.key is None:
+                self._anonymous.discard(entry)
+                entry.kv = None
+            else:
+                self._users.move_to_end(entry.key)  # most recently used
+            return self.evict_to(self.budget_bytes, entry.tenant)
 
     def reserve(self, new_tokens: int, requester: str = "") -> list[str]:
         """Drop idle users so `new_tokens` more tokens of KV fit the budget, if possible."""
@@ -125,31 +137,59 @@ class UserCacheStore:
     ) -> list[str]:
         """Drop least recently used idle users until the total is at most `target_bytes`,
         those the shares let `requester`'s tenant drop (all with `ignore_shares`)."""
-        idle = (
-            Idle(key, e.tenant, self.entry_bytes(e), self.entry_bytes(e))
-            for key, e in self._users.items()
-            if not e.running
-        )
-        evicted, _ = victims(
-            KVShares() if ignore_shares else self.shares,
-            idle,
-            self.total_bytes - target_bytes,
-            requester,
-            self.budget_bytes,
-        )
-        for key in evicted:
-            self.drop(key)
-        self.evicted_users += len(evicted)
-        return evicted
+        with self.lock:
+            idle = [
+                Idle(key, e.tenant, self.entry_bytes(e), self.entry_bytes(e))
+                for key, e in self._users.items()
+                if not e.running
+            ]
+            evicted, _ = victims(
+                KVShares() if ignore_shares else self.shares,
+                idle,
+                self.total_bytes - target_bytes,
+                requester,
+                self.budget_bytes,
+            )
+            for key in evicted:
+                self.drop(key)
+            self.evicted_users += len(evicted)
+            return evicted
 
     def drop(self, key: str) -> bool:
         """Forget an idle user's cache; returns whether there was one to drop."""
-        entry = self._users.get(key)
-        if entry is None or entry.running:
-            return False
-        del self._users[key]
-        entry.kv = None
-        return True
+        with self.lock:
+            entry = self._users.get(key)
+            if entry is None or entry.running:
+                return False
+            del self._users[key]
+            entry.kv = None
+            return True
+
+    # ---- moves to and from other replicas (engine/cache_export.py) ---------------------------
+
+    def idle(self) -> list[UserEntry]:
+        """Idle users holding KV, least recently used first."""
+        with self.lock:
+            return [e for e in self._users.values() if not e.running and e.kv_tokens]
+
+    def adopt(self, entry: UserEntry) -> bool:
+        """Keep an arrived user's entry (most recently used) if it fits the budget as it
+        stands (nobody is dropped for it) and the user is not here already."""
+        with self.lock:
+            fits = self.total_bytes + self.entry_bytes(entry) <= self.budget_bytes
+            if entry.key is None or entry.key in self._users or not fits:
+                return False
+            entry.running, entry.last_used = False, self._clock()
+            self._users[entry.key] = entry
+            return True
+
+    def forget(self, key: str, generation: int) -> bool:
+        """Drop an idle user still of `generation` (a move out committed; not an eviction)."""
+        with self.lock:
+            entry = self._users.get(key)
+            if entry is None or entry.running or entry.generation != generation:
+                return False
+            return self.drop(key)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if the store's invariants do not hold (tests call this)."""

@@ -90,6 +90,16 @@ def test_counters_follow_engine_totals_without_double_counting():
     assert seen == [3, 2]
 
 
+def test_cache_move_counters_follow_the_reported_totals_by_direction():
+    metrics = ReplicaMetrics()
+    seen = []
+    users = metrics._moves["cache_moved_users"]
+    users.inc = lambda value=1.0, tags=None: seen.append((value, tags))
+    for out, into in ((0, 0), (2, 1), (2, 1), (3, 0)):  # an import withdrawn: never negative
+        metrics.update({"cache_moves": {"users_out": out, "users_in": into}}, {"host": 0})
+    assert seen == [(2, {"direction": "out"}), (1, {"direction": "in"}), (1, {"direction": "out"})]
+
+
 def test_the_grafana_dashboard_only_queries_metrics_we_export():
     import json
     import pathlib

@@ -159,3 +159,22 @@ def test_replica_views_follow_each_new_stats_report():
     assert router._view("a", a.routing_stats) is not first
     assert choose(router, [a, b], "dave")[0] == [["a"]]  # now dave's home
     assert choose(router, [a, b], "erin")[0][0] == ["b"]
+
+
+def test_a_call_naming_its_replica_goes_there_alone_or_waits():
+    """Cache moves and admin drains name their replica (`target_replica_id`): every router
+    process sends it there, whatever the user or the memory; while it is gone, nowhere."""
+    replicas = [replica("a", 10, resident=["alice"]), replica("b", 300)]
+
+    async def route(target):
+        request = PendingRequest(
+            args=[],
+            kwargs={"shape": RequestShape(user_key("alice"), 8, 8), "target_replica_id": target},
+            metadata=None,
+        )
+        ranks = await make_router().choose_replicas(replicas, request)
+        return [[r.replica_id.unique_id for r in rank] for rank in ranks], request
+
+    ranks, request = asyncio.run(route("b"))
+    assert ranks == [["b"]] and request.routing_context.should_backoff
+    assert asyncio.run(route("gone"))[0] == []

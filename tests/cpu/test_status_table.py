@@ -44,9 +44,9 @@ def test_a_result_on_a_grace_card_shows_in_its_column(tmp_path):
     (tmp_path / "tests" / "gpu" / "README.md").write_text(readme)
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
-    (results / "migration-NVIDIA-GH200-480GB.json").write_text(
+    (results / "residency-NVIDIA-GH200-480GB.json").write_text(
         '{"card": "NVIDIA-GH200-480GB", "git_commit": "abcdef0123", "date": "2027-01-01"}'
     )
     line = next(ln for ln in table.build(tmp_path).splitlines() if ln.startswith("| Grace"))
-    assert "migration results measured at `abcdef0`" in line.split(" | ")[3]
+    assert "residency results measured at `abcdef0`" in line.split(" | ")[3]
     assert "`abcdef0` (2027-01-01, NVIDIA-GH200-480GB)" in line

@@ -14,8 +14,8 @@ written by the next.
 
 Contract:
 - every device page is in exactly one place: the free list, one idle user, one running or
-  admitted sequence, or the source of a move down; every host page likewise: the host free
-  list, one idle user, or the source of a move up;
+  admitted sequence, the source of a move down, or an import from another replica; every
+  host page likewise: the host free list, one idle user, the source of a move up, or an import;
 - ``can_allocate(n)`` is true iff ``allocate(n)`` succeeds; ``allocate`` never evicts;
 - ``evict_lru_idle(requester)`` drops the least recently used idle user holding device pages
   that `shares` lets `requester`'s tenant drop, or returns None; host-tier drops follow the
@@ -45,6 +45,7 @@ class UserKV:
     host_pages: list[int] = field(default_factory=list)  # host tier
     busy: bool = False  # a running sequence holds this user's pages
     tenant: str = ""  # the API key's id the user belongs to (kv_shares)
+    generation: int = 0  # requests checked out so far: an export's copy is current while equal
 
 
 @dataclass(eq=False)
@@ -56,6 +57,15 @@ class Move:
     dst: list[int]
     down: bool  # device -> host; else host -> device
     handle: Any = None  # the mover's completion handle
+
+
+@dataclass(eq=False)
+class Import:
+    """Free pages set aside for a user's cache arriving from another replica: owned by the
+    import until `adopt` gives them to the user or `cancel_import` frees them."""
+
+    pages: list[int] = field(default_factory=list)  # device tier
+    host_pages: list[int] = field(default_factory=list)  # host tier
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class CacheManager:
         self._host_free: list[int] = list(range(host_pages - 1, -1, -1))
         self._users: OrderedDict[str, UserKV] = OrderedDict()  # least recently used first
         self.moves: list[Move] = []  # in flight
+        self.imports: list[Import] = []  # pages being filled from another replica
         self.shares = shares or KVShares()
         self.evicted_users = 0
         self.share_overrides = 0  # drops the shares forbade, made so a request could run
@@ -173,6 +184,7 @@ class CacheManager:
             self.free(user.pages[keep:])
             pages = user.pages[:keep]
         user.pages, user.host_pages, user.kv_len, user.busy = [], [], 0, True
+        user.generation += 1
         return Reuse(pages, tokens, private=False, restore=restore)
 
     def checkin(self, key: str, token_ids: list[int], kv_len: int, pages: list[int]) -> None:
@@ -263,6 +275,71 @@ class CacheManager:
         else:
             self._host_free.extend(move.src)
 
+    # ---- moving users to and from other replicas (cache_export.py) ---------------------------
+
+    def idle(self, key: str) -> UserKV | None:
+        """`key`'s kept cache if it could be copied out now: idle, holding pages, and not
+        moving between tiers."""
+        user = self._users.get(key)
+        if user is None or user.busy or not (user.pages or user.host_pages):
+            return None
+        return None if any(m.key == key for m in self.moves) else user
+
+    def movable(self) -> list[UserKV]:
+        """Every user `idle` would hand out, least recently used first."""
+        moving = {m.key for m in self.moves}
+        return [
+            u
+            for u in self._users.values()
+            if not u.busy and (u.pages or u.host_pages) and u.key not in moving
+        ]
+
+    def reserve_import(self, n: int, keep_free: int = 0) -> Import | None:
+        """Set aside `n` free pages for an arriving cache: device pages while `keep_free`
+        stay free besides, else host pages; None when neither tier has them free (nobody is
+        dropped or moved for an import)."""
+        if self.free_pages - n >= keep_free:
+            reserved = Import(pages=self.allocate(n))
+        elif len(self._host_free) >= n:
+            reserved = Import(host_pages=[self._host_free.pop() for _ in range(n)])
+        else:
+            return None
+        self.imports.append(reserved)
+        return reserved
+
+    def cancel_import(self, reserved: Import) -> None:
+        self.imports.remove(reserved)
+        self.free(reserved.pages)
+        self._host_free.extend(reserved.host_pages)
+
+    def adopt(
+        self, key: str, tenant: str, token_ids: list[int], kv_len: int, reserved: Import
+    ) -> int | None:
+        """The reserved pages, now filled, become `key`'s idle cache (most recently used);
+        its generation, or None (pages freed) if the user appeared here meanwhile."""
+        if key in self._users:
+            self.cancel_import(reserved)
+            return None
+        if self.pages_for(kv_len) != len(reserved.pages) + len(reserved.host_pages):
+            self.cancel_import(reserved)
+            raise ValueError(f"{kv_len} KV tokens do not fill the reserved pages")
+        self.imports.remove(reserved)
+        self._users[key] = UserKV(
+            key, list(token_ids), kv_len, reserved.pages, reserved.host_pages, tenant=tenant
+        )
+        return 0
+
+    def forget(self, key: str, generation: int) -> bool:
+        """Drop `key`'s cache if `idle` and still of `generation` (a move out committed);
+        not counted as an eviction."""
+        user = self.idle(key)
+        if user is None or user.generation != generation:
+            return False
+        del self._users[key]
+        self.free(user.pages)
+        self._host_free.extend(user.host_pages)
+        return True
+
     # ---- checks ---------------------------------------------------------------------------
 
     def check_integrity(self, running: Iterable[Sequence[int]] = ()) -> None:
@@ -294,6 +371,9 @@ class CacheManager:
                 claim(host, self.host_pages_total, move.src, f"move up of {move.key}")
         for i, pages in enumerate(running):
             claim(device, self.num_pages, pages, f"running sequence {i}")
+        for reserved in self.imports:
+            claim(device, self.num_pages, reserved.pages, "an import")
+            claim(host, self.host_pages_total, reserved.host_pages, "an import (host)")
         assert len(device) == self.num_pages, (
             f"{self.num_pages - len(device)} device pages are owned by nobody (leaked)"
         )

@@ -20,6 +20,7 @@ import torch
 from deployments.advice_check import AdviceCheck
 from deployments.capacity import EngineMemory
 from deployments.config import AppArgs
+from deployments.engine.cache_export import MovableUser, UserCacheExport
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
     ALL_SAMPLING_FEATURES,
@@ -38,6 +39,7 @@ from deployments.engine.paged.build import (
     torch_dtype,
     warm,
 )
+from deployments.engine.paged.cache_transfer import CacheTransfer
 from deployments.engine.paged.placer import Placer
 from deployments.engine.paged.runner import Launched
 from deployments.engine.paged.sampler import draw_base
@@ -147,6 +149,9 @@ class PagedEngine(Engine):
         self._stopping = False
         self.steps_ahead = 0  # steps launched before the previous step's tokens were read
         self._steps = StepTimes()  # recent step timings: stats, and testing.step_log
+        self._transfer = CacheTransfer(
+            self._lock, self.cache, self.pool, self._host_pool, self.model_name, self._keep_free
+        )
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
         logger.info(
@@ -452,6 +457,20 @@ class PagedEngine(Engine):
             host,
             cache.host_used_pages() * page if host else 0,
         )
+
+    # ---- moving users' caches between replicas (cache_transfer.py) -------------------------
+
+    def movable_users(self) -> list[MovableUser]:
+        return self._transfer.movable()
+
+    def export_user(self, key: str) -> UserCacheExport | None:
+        return self._transfer.export(key)
+
+    def import_user(self, export: UserCacheExport) -> int | None:
+        return self._transfer.import_(export)
+
+    def forget_user(self, key: str, generation: int) -> bool:
+        return self._transfer.forget(key, generation)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if pages leaked or are shared (tests call this)."""

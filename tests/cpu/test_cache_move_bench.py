@@ -1,0 +1,41 @@
+"""benchmarks/cache_move_bench.py's quick mode on the shared Ray: two replicas of a tiny model
+on CPU, a user moved from one to the other by phase, its next turn served from the cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import cache_move_bench as bench
+
+
+@pytest.fixture(scope="module")
+def handle(serve_url):
+    from ray import serve
+
+    yield bench.deploy(True, serve_url)
+    serve.delete(bench.APP)
+
+
+def test_a_moved_user_is_served_by_its_receiver_from_its_cache(handle, serve_url):
+    rows = bench.measure(handle, serve_url, quick=True, pinned=None)
+    assert [r["history_tokens"] for r in rows] == [256, 1024]
+    for row in rows:
+        # tiny-llama-shaped QUICK config in float32: 2 layers x 2 KV heads x 32 x 2 x 4 bytes
+        assert row["bytes"] >= row["history_tokens"] * 2 * 2 * 2 * 32 * 4
+        assert row["next_turn_cached_tokens"] >= row["history_tokens"]
+        assert row["move_s"] > 0 and row["import_s"] > 0 and row["call_s"] >= row["import_s"]
+    top = bench.headline(rows, None)
+    assert top["history_tokens"] == 1024 and set(top["time_split_s"]) == {
+        "stage_pinned",
+        "device_to_host",
+        "object_store",
+        "host_to_device",
+    }
+
+
+def test_the_paper_figure_moves_a_70b_user_faster_than_it_recomputes():
+    paper = bench.on_paper()
+    assert paper["kv_bytes"] == 131072 * 320 * 1024  # 40 GiB, as DESIGN.md says
+    assert 10 < paper["recompute_s"] < 200  # "tens of seconds"
+    fastest = max(paper["by_network"], key=lambda r: r["network_gb_per_s"])
+    assert fastest["recompute_over_move_serial"] > 1
