@@ -193,6 +193,7 @@ class CacheMover:
         self.draining = True
         while self._arriving and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        held = set(self.engine.stats().resident_users)
         tried: dict[str, int] = {}  # key -> bytes
         views: list[ReplicaView] | None = None
         while time.monotonic() < deadline:
@@ -212,6 +213,7 @@ class CacheMover:
             "moved_users": len(gone),
             "moved_bytes": sum(tried[key] for key in gone),
             "kept_users": len(resident),
+            "held_users": len(held),  # resident when the drain began: moved + kept + lost
         }
 
     async def move_key(self, key: str, to: str | None = None) -> dict[str, Any]:

