@@ -17,6 +17,7 @@ import pytest
 
 from deployments.admission import RequestShape
 from tests.cpu.conftest import SERVICE_ARGS, wait_healthy
+from tests.cpu.polling import wait_for
 
 APP = "moves"
 MODEL = "tiny-llama"
@@ -48,16 +49,6 @@ def rows(url: str) -> list[dict]:
     response = httpx.get(f"{url}/admin/replicas", timeout=30)
     assert response.status_code == 200
     return response.json()
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise TimeoutError(what)
 
 
 def replica_states() -> dict[str, int]:

@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from tests.cpu.conftest import SERVICE_ARGS, wait_healthy
+from tests.cpu.polling import wait_for
 
 MODEL = "tiny-llama"
 REPLICAS = SERVICE_ARGS["replica"]["num_replicas"]
@@ -45,16 +46,6 @@ def replica_actor(replica_id: str, app: str = LOSS_APP):
         if actor["name"] == prefix + replica_id:
             return ray.get_actor(actor["name"], namespace=actor["namespace"])
     raise LookupError(replica_id)
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise TimeoutError(what)
 
 
 class Stream(threading.Thread):
