@@ -39,6 +39,10 @@ from deployments.router import TARGET_KWARG
 
 logger = logging.getLogger("ray.serve")
 PENDING_TTL_S = 5.0  # how long bytes sent to a peer count against its room (stats lag)
+# How long a replica reports when a user moved in (`arrived_users`): routers prefer the copy
+# that arrived last while the sender still reports it too (settle_s) and while their stats of
+# the sender lag behind its commit; far longer than both.
+ARRIVAL_MEMORY_S = 60.0
 
 
 @dataclass
@@ -88,6 +92,7 @@ class CacheMover:
         self.settle_s = settle_s
         self._commits: set[asyncio.Task[str]] = set()  # moves waiting for settle_s to commit
         self.last_timing: dict[str, float] = {}  # the last move out's phases (seconds)
+        self._arrived: dict[str, float] = {}  # user -> time.time() its cache moved in
 
     # ---- the sender's side ----------------------------------------------------------------
 
@@ -281,10 +286,19 @@ class CacheMover:
         if generation is not None:
             self.counts.users_in += 1
             self.counts.bytes_in += export.nbytes
+            self._arrived[export.key] = time.time()
         return generation
 
     async def withdraw(self, key: str, generation: int) -> bool:
         dropped = await asyncio.to_thread(self.engine.forget_user, key, generation)
         if dropped:
             self.counts.users_in -= 1
+            self._arrived.pop(key, None)
         return dropped
+
+    def arrivals(self, resident: list[str]) -> dict[str, float]:
+        """The `resident` users that moved in within ARRIVAL_MEMORY_S, with when (stats'
+        `arrived_users`: placement.find_home prefers the copy that arrived last)."""
+        since = time.time() - ARRIVAL_MEMORY_S
+        self._arrived = {k: t for k, t in self._arrived.items() if t >= since}
+        return {k: self._arrived[k] for k in resident if k in self._arrived}

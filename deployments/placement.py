@@ -27,6 +27,10 @@ stats, plus this router's own recent placements (stats lag by one period).
   that stopped answering Serve's polls; Serve keeps its last stats however old) ranks after
   every replica with fresh stats, in every decision: it may be gone, and a user sent there
   would wait for it. A returning user whose home went stale is served elsewhere meanwhile.
+- A user two replicas report holds the copy that arrived last (each replica reports when
+  users moved in, ``arrived_users``): while a cache move settles, sender and receiver both
+  report the user, and the user's next request must go to where it went. Copies that never
+  moved (a fallback's recompute) rank after any that arrived, by rendezvous hash.
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ class ReplicaView:
     kv_budget_bytes: int = 0  # the replica's KV budget; 0: not reported
     as_of: float | None = None  # when the replica made these stats (its time.time())
     draining: bool = False  # moving its users out (admin drain): new users go elsewhere
+    # user -> when its cache moved in (the replica's time.time()), for a minute after
+    arrived: Mapping[str, float] = field(default_factory=dict, hash=False)
+
+    def arrival(self, user: str) -> float:
+        """When `user`'s cache moved in here (the replica's time.time()); -inf: never."""
+        return self.arrived.get(user, float("-inf"))
 
     @classmethod
     def from_stats(cls, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaView:
@@ -80,6 +90,7 @@ class ReplicaView:
             kv_budget_bytes=budget,
             as_of=float(stats["as_of"]) if "as_of" in stats else None,
             draining=bool(stats.get("draining", False)),
+            arrived=dict(stats.get("arrived_users") or {}),
         )
 
 
@@ -185,8 +196,11 @@ def find_home(
     """The replica holding the user's cache by the stats, else by this router's placements."""
     holders = [v for v in views if user in v.resident]
     if holders:
-        # More than one holder only after a fallback; prefer the same one everywhere.
-        return max(holders, key=lambda v: rendezvous_score(user, v.replica_id)).replica_id
+        # More than one holder while a move settles (the copy that arrived last is the
+        # user's) or after a fallback (the same one everywhere, by rendezvous).
+        return max(
+            holders, key=lambda v: (v.arrival(user), rendezvous_score(user, v.replica_id))
+        ).replica_id
     placed = ledger.home(user, now)
     return placed if placed in {v.replica_id for v in views} else None
 

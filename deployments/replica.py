@@ -336,6 +336,7 @@ class LLMReplica:
             "kv_share_overrides": int(stats.extra.get("kv_share_overrides", 0)),
             "draining": self._moves is not None and self._moves.draining,
             "cache_moves": self._moves.counts.as_dict() if self._moves else None,
+            "arrived_users": self._moves.arrivals(stats.resident_users) if self._moves else {},
             "kv_bytes_by_tier": figures.kv_bytes_by_tier,
             "kv_pages_total": stats.extra.get("kv_pages_total"),
             "kv_pages_free": stats.extra.get("kv_pages_free"),

@@ -147,3 +147,19 @@ def test_a_host_tier_user_moves_into_the_receivers_host_tier():
     assert tokens == expected and cached == expected_cached >= len(prompts[i]) - 1
     for engine in (sender, receiver, reference):
         asyncio.run(engine.shutdown())
+
+
+def test_the_receiver_reports_when_a_user_arrived_until_it_is_withdrawn(engines):
+    from deployments.cache_moves import CacheMover
+    from deployments.config import CacheMovesConfig
+
+    sender, receiver, _ = engines
+    mover = CacheMover(receiver, "receiver", CacheMovesConfig(), handle=None, report=dict)
+    asyncio.run(turn(sender, "arriving", conversation(4)))
+    generation = asyncio.run(mover.accept(sender.export_user("arriving")))
+    assert generation is not None
+    # Routers prefer this copy over the sender's while both report the user (placement.py).
+    arrived = mover.arrivals(receiver.stats().resident_users)
+    assert set(arrived) == {"arriving"} and arrived["arriving"] > 0
+    assert asyncio.run(mover.withdraw("arriving", generation))
+    assert mover.arrivals(receiver.stats().resident_users) == {}

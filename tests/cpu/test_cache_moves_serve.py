@@ -182,13 +182,19 @@ def test_memory_pressure_moves_idle_users_to_peers_and_drops_only_when_all_are_f
     assert moved >= int(had_room), (home, sent, summary)
     # ...and the first drop came only when no peer could take a user and keep its share.
     assert all(free_share(r) < FREE_FRACTION + USER_SHARE for r in peers)
-    # A user that moved is served where it went, from its cache.
+    # A user that moved is served from its cache, by a replica holding it. (While a move
+    # settles both ends hold it; which one routers pick is test_placement's to show.)
     settle()
-    holder = {u: r["replica_id"] for r in rows(moves_url) for u in r["resident_users"]}
-    moved_users = [k for k in sent if holder.get(k) not in (None, home)]
+    holders: dict[str, set[str]] = {}
+    for r in rows(moves_url):
+        for u in r["resident_users"]:
+            holders.setdefault(u, set()).add(r["replica_id"])
+    moved_users = [k for k in sent if holders.get(k, {home}) != {home}]
     if moved_users:
-        start = turn(handle, moved_users[0], [*prompts[moved_users[0]], 5, 6])
-        assert start["replica_id"] == holder[moved_users[0]] and start["cached_tokens"] >= 300
+        user = moved_users[0]
+        start = turn(handle, user, [*prompts[user], 5, 6])
+        assert start["replica_id"] in holders[user], (user, start, holders[user])
+        assert start["cached_tokens"] >= 300, (user, start, holders[user])
 
 
 def test_an_admin_drain_moves_what_fits_and_takes_no_new_users(moves_url):

@@ -14,7 +14,9 @@ GB = 10**9
 POLICY = PlacementPolicy(tolerance_fraction=0.01, sticky_max_wait_s=30)
 
 
-def view(rid, free_gb, resident=(), capacity_gb=500, kv_bytes=0, per_token=320 * 1024):
+def view(
+    rid, free_gb, resident=(), capacity_gb=500, kv_bytes=0, per_token=320 * 1024, arrived=None
+):
     return ReplicaView.from_stats(
         rid,
         {
@@ -23,6 +25,7 @@ def view(rid, free_gb, resident=(), capacity_gb=500, kv_bytes=0, per_token=320 *
             "resident_users": list(resident),
             "kv_cache_bytes": kv_bytes,
             "kv_bytes_per_token": per_token,
+            "arrived_users": arrived or {},
         },
     )
 
@@ -66,6 +69,29 @@ def test_near_ties_break_by_rendezvous_hash_the_same_everywhere():
         assert ranks[0] == [expected]
         winners[expected] = winners.get(expected, 0) + 1
     assert set(winners) == {"a", "b", "c"}  # new users spread over tied replicas
+
+
+def test_while_a_move_settles_the_user_goes_where_its_cache_went():
+    # Sender and receiver both report the user until the sender commits (cache_moves.py):
+    # whatever the rendezvous hash says, the copy that moved in is the user's home.
+    for i in range(50):
+        user = user_key(f"mover{i}")
+        for sender, receiver in (("a", "b"), ("b", "a")):
+            views = [
+                view(sender, 100, resident=[user]),
+                view(receiver, 100, resident=[user], arrived={user: 1000.0}),
+            ]
+            assert choose(user, views).ranks == [[receiver]]
+            assert choose(user, list(reversed(views))).ranks == [[receiver]]
+
+
+def test_a_user_moved_back_goes_to_the_copy_that_arrived_last():
+    user = user_key("ping-pong")
+    views = [
+        view("a", 100, resident=[user], arrived={user: 2000.0}),
+        view("b", 100, resident=[user], arrived={user: 1000.0}),
+    ]
+    assert choose(user, views).ranks == [["a"]]
 
 
 def test_two_routers_with_the_same_stats_agree():
