@@ -191,3 +191,34 @@ def test_which_layers_are_moe_follows_each_config():
     assert moe.shared_intermediate_size == llama.intermediate_size
     assert moe_from_hf_config("llama", qwen) is None
     assert isinstance(moe, MoESpec)
+
+
+def test_llama4_checkpoint_names_fill_our_stacked_layout():
+    """Llama 4's own tensor names (experts stacked [E, H, 2W] / [E, W, H]) copied by name into
+    our layout (transposed views) give HF's Llama4TextMoe output."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    from deployments.engine.paged.moe_weights import moe_names, moe_target
+
+    config = llama4_config()
+    hf = Llama4TextMoe(config).eval()
+    randomize(hf, seed=15)
+    moe = llama4_moe(config)
+    layer = moe_layer(
+        experts_gate_up=torch.empty(E, 2 * W, H),
+        experts_down=torch.empty(E, H, W),
+        router=torch.empty(E, H),
+        shared_gate_up=torch.empty(2 * W, H),
+        shared_down=torch.empty(H, W),
+    )
+    names = set()
+    for name, tensor in hf.state_dict().items():
+        target = moe_target(layer, moe, f"feed_forward.{name}")
+        assert target is not None and target.shape == tensor.shape, name
+        target.copy_(tensor)
+        names.add(f"feed_forward.{name}")
+    assert names == set(moe_names(moe))
+    h = randn(T, H, seed=16)
+    with torch.no_grad():
+        want, _ = hf(h[None])
+    torch.testing.assert_close(moe_mlp(h, layer, moe, False), want, rtol=1e-4, atol=1e-4)

@@ -93,6 +93,12 @@ def test_the_checkpoint_is_saved_per_expert_and_the_spec_counts_it(checkpoint):
     assert spec.expert_parameters() == experts
     sizes = {layer_numel(spec, i) for i in range(spec.num_layers)}
     assert len(sizes) == (2 if model.config.model_type == "qwen3_moe" else 1)
+    engine = make_engine(path)  # what the layout counts is what the engine allocates
+    assert engine.runner.model.w.nbytes == spec.num_parameters() * 4
+    assert [b.numel() for b in engine.runner.model.w.blocks] == [
+        spec.layer_parameters(i) for i in range(spec.num_layers)
+    ]
+    asyncio.run(engine.shutdown())
     # The planner reads the same figures: experts apart, a step of n tokens reads 1-(1-k/E)^n.
     footprint = footprint_from_config("m", path, model.config)
     assert footprint.num_parameters == model.num_parameters()

@@ -9,7 +9,10 @@ Checkpoints name experts two ways, both read: one tensor per expert (published Q
 Mixtral checkpoints, and what transformers 5.x's `save_pretrained` writes:
 `mlp.experts.{e}.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2.weight`)
 or already stacked (transformers 5.x's live modules: `mlp.experts.gate_up_proj`
-[E, 2I, H], `mlp.experts.down_proj` [E, H, I]). Completeness is checked per expert.
+[E, 2I, H], `mlp.experts.down_proj` [E, H, I]). Completeness is checked per expert. Llama 4
+stores its experts stacked and transposed (`feed_forward.experts.gate_up_proj` [E, H, 2I],
+`down_proj` [E, I, H]): they are copied into transposed views of ours, with its router and
+shared expert (`feed_forward.router`, `feed_forward.shared_expert.*`), for the Llama 4 decoder.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from deployments.model_spec import ModelSpec
+from deployments.model_spec import ModelSpec, MoESpec
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +56,26 @@ def canonical(rest: str) -> str:
     return rest
 
 
-def moe_target(layer: LayerWeights, spec: ModelSpec, rest: str) -> torch.Tensor | None:
+def llama4_target(layer: LayerWeights, moe: MoESpec, rest: str) -> torch.Tensor | None:
+    """Where a Llama 4 MoE layer's checkpoint tensor goes (transposed views for its experts)."""
+    s = moe.shared_intermediate_size
+    views = {
+        "feed_forward.router.weight": lambda: layer.router,
+        "feed_forward.experts.gate_up_proj": lambda: layer.experts_gate_up.transpose(1, 2),
+        "feed_forward.experts.down_proj": lambda: layer.experts_down.transpose(1, 2),
+        "feed_forward.shared_expert.gate_proj.weight": lambda: layer.shared_gate_up[:s],
+        "feed_forward.shared_expert.up_proj.weight": lambda: layer.shared_gate_up[s:],
+        "feed_forward.shared_expert.down_proj.weight": lambda: layer.shared_down,
+    }
+    view = views.get(rest)
+    return view() if view is not None else None
+
+
+def moe_target(layer: LayerWeights, moe: MoESpec, rest: str) -> torch.Tensor | None:
     """The tensor (or slice) a checkpoint tensor of an MoE layer fills; None if not one."""
-    i = spec.moe.intermediate_size if spec.moe else 0
+    if moe.gating == "sigmoid_top1":
+        return llama4_target(layer, moe, rest)
+    i = moe.intermediate_size
     rest = canonical(rest)
     if m := PER_EXPERT.fullmatch(rest):
         e, part = int(m.group(1)), m.group(2)
@@ -69,10 +89,12 @@ def moe_target(layer: LayerWeights, spec: ModelSpec, rest: str) -> torch.Tensor 
     }.get(rest)
 
 
-def moe_covers(spec: ModelSpec, rest: str) -> list[str]:
+def moe_covers(moe: MoESpec, rest: str) -> list[str]:
     """The per-expert names (as `moe_names` lists them) one checkpoint tensor provides."""
+    if moe.gating == "sigmoid_top1":
+        return [rest]
     rest = canonical(rest)
-    experts = range(spec.moe.num_experts) if spec.moe else range(0)
+    experts = range(moe.num_experts)
     if rest == "mlp.experts.gate_up_proj":
         return [f"mlp.experts.{e}.{p}.weight" for e in experts for p in ("gate_proj", "up_proj")]
     if rest == "mlp.experts.down_proj":
@@ -80,10 +102,14 @@ def moe_covers(spec: ModelSpec, rest: str) -> list[str]:
     return [rest]
 
 
-def moe_names(spec: ModelSpec) -> list[str]:
-    """Every layer-relative name an MoE layer's MLP needs (per expert, Qwen3-MoE spelling)."""
-    assert spec.moe is not None
+def moe_names(moe: MoESpec) -> list[str]:
+    """Every layer-relative name an MoE layer's MLP needs (per expert, Qwen3-MoE spelling;
+    Llama 4's own, stacked)."""
+    if moe.gating == "sigmoid_top1":
+        shared = [f"feed_forward.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
+        experts = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+        return ["feed_forward.router.weight", *experts, *shared]
     names = ["mlp.gate.weight"]
-    for e in range(spec.moe.num_experts):
+    for e in range(moe.num_experts):
         names += [f"mlp.experts.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
     return names

@@ -152,7 +152,11 @@ def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
     if m is None:
         return None
     layer, rest = w.layers[int(m.group(1))], m.group(2)
-    if layer.kind == "moe" and (target := moe_target(layer, spec, rest)) is not None:
+    if (
+        layer.kind == "moe"
+        and spec.moe
+        and (target := moe_target(layer, spec.moe, rest)) is not None
+    ):
         return target
     q, kv, inter = spec.q_size, spec.kv_size, spec.intermediate_size
     qkv_slices = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
@@ -190,7 +194,7 @@ def expected_names(spec: ModelSpec) -> set[str]:
         "post_attention_layernorm.weight",
     ]
     dense = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
-    moe = moe_names(spec) if spec.moe is not None else []
+    moe = moe_names(spec.moe) if spec.moe is not None else []
     if spec.qkv_bias:
         per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
     if spec.o_bias:
@@ -225,9 +229,9 @@ def copy_tensors(
 def _covers(weights: ModelWeights, spec: ModelSpec, name: str) -> list[str]:
     """The expected names (`expected_names`) a copied checkpoint tensor provides."""
     m = LAYER.match(name)
-    if m is None or weights.layers[int(m.group(1))].kind != "moe":
+    if m is None or spec.moe is None or weights.layers[int(m.group(1))].kind != "moe":
         return [name]
-    return [f"model.layers.{m.group(1)}.{n}" for n in moe_covers(spec, m.group(2))]
+    return [f"model.layers.{m.group(1)}.{n}" for n in moe_covers(spec.moe, m.group(2))]
 
 
 def check_complete(spec: ModelSpec, loaded: set[str]) -> None:
