@@ -222,3 +222,35 @@ def test_llama4_checkpoint_names_fill_our_stacked_layout():
     with torch.no_grad():
         want, _ = hf(h[None])
     torch.testing.assert_close(moe_mlp(h, layer, moe, False), want, rtol=1e-4, atol=1e-4)
+
+
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "bincount", "unique", "masked_select")
+
+
+def test_the_moe_mlp_calls_no_op_that_reads_a_value_back_to_the_host():
+    """On a GPU these ops wait for the device (and break CUDA-graph capture): none may run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    config = qwen3_config(True)
+    layer = moe_layer(
+        experts_gate_up=randn(E, 2 * W, H, seed=17),
+        experts_down=randn(E, H, W, seed=18),
+        router=randn(E, H, seed=19),
+    )
+    h = randn(T, H, seed=20)
+    with Record() as seen:
+        moe_mlp(h, layer, moe_from_hf_config("qwen3_moe", config), False)
+    assert any("sort" in op for op in seen.ops) and any("searchsorted" in op for op in seen.ops)
+    assert not [op for op in seen.ops if op.split(".")[0] in SYNCING_OPS], seen.ops
+    with Record() as probe:  # the recorder sees a host read when there is one
+        h.sum().item()
+    assert any(op.startswith("_local_scalar_dense") for op in probe.ops)
