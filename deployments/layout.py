@@ -103,22 +103,22 @@ def resident_layer_count(
     spec: ModelSpec, budget: int | None, dtype_bytes: int, in_place: bool
 ) -> int:
     """Layers that fit `model.device_weight_budget_bytes` beside the embeddings (and, unless
-    cold layers are read `in_place`, the streaming buffers); all of them without a budget."""
+    cold layers are read `in_place`, the streaming buffers, each as large as the largest layer
+    beyond); all of them without a budget. Layers stay resident in order, first to last."""
     if budget is None:
         return spec.num_layers
-    layer = spec.layer_parameters() * dtype_bytes
+    sizes = [spec.layer_parameters(i) * dtype_bytes for i in range(spec.num_layers)]
     fixed = spec.outer_parameters() * dtype_bytes
     slots = 0 if in_place else min(STREAM_BUFFERS, spec.num_layers)
-    resident = max(0, (int(budget) - fixed - slots * layer) // layer)
-    if resident >= spec.num_layers:
-        return spec.num_layers
-    if int(budget) < fixed + slots * layer:
-        raise ValueError(
-            f"model.device_weight_budget_bytes {int(budget) / 1e9:.2f} GB is less than the "
-            f"embeddings and {slots} layer buffers need ({(fixed + slots * layer) / 1e9:.2f} "
-            "GB)"
-        )
-    return resident
+    for resident in range(spec.num_layers, -1, -1):  # all resident: still room for buffers
+        buffer = max(sizes[resident:] or sizes)
+        if fixed + sum(sizes[:resident]) + slots * buffer <= int(budget):
+            return resident
+    need = fixed + slots * max(sizes)
+    raise ValueError(
+        f"model.device_weight_budget_bytes {int(budget) / 1e9:.2f} GB is less than the "
+        f"embeddings and {slots} layer buffers need ({need / 1e9:.2f} GB)"
+    )
 
 
 def _graphs(args: AppArgs, device: str, streamed: bool) -> str | None:
@@ -173,11 +173,11 @@ def plan_layout(
     budget = args.model.device_weight_budget_bytes
     resident = resident_layer_count(spec, budget, size, in_place=advise)
     beyond = tuple(range(resident, spec.num_layers))
-    layer = spec.layer_parameters() * size
     weight_bytes = spec.num_parameters() * size
     # Streamed layers sit in pinned host memory, outside a GPU replica's resource; on CPU
     # every byte is the one host memory.
-    outside = 0 if advise or not device.startswith("cuda") else len(beyond) * layer
+    beyond_bytes = sum(spec.layer_parameters(i) for i in beyond) * size
+    outside = 0 if advise or not device.startswith("cuda") else beyond_bytes
     in_resource = weight_bytes - outside
     page_size = args.engine.page_size
     page_bytes, kv_budget, num_pages = _kv_pages(spec, args, size, free_bytes - in_resource)

@@ -14,9 +14,10 @@ Parameters fall in three groups, by what a decode step reads of them:
 KV caches: ``2 (keys, values) x KV heads x head dim x dtype bytes`` per token per layer; layers
 with chunked or sliding attention keep at most their window of tokens.
 
-Dense checkpoints are described through the paged engine's `ModelSpec`; Llama 4 (MoE) through
-its own numbers. Presets are the published config.json values, run through the same code as a
-config path, so a preset and its config.json give the same figures.
+Checkpoints the paged engine runs (dense, Qwen3-MoE, Mixtral) are described through its
+`ModelSpec`; Llama 4 through its own numbers. Presets are the published config.json values,
+run through the same code as a config path, so a preset and its config.json give the same
+figures.
 """
 
 from __future__ import annotations
@@ -81,17 +82,17 @@ class ModelFootprint:
 
 
 def from_spec(name: str, source: str, spec: ModelSpec) -> ModelFootprint:
-    """A dense checkpoint the paged engine runs; its KV layout is the engine's (all layers)."""
+    """A checkpoint the paged engine runs; its KV layout is the engine's (all layers)."""
     embedding = 0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size
-    total = spec.num_parameters()
+    total, experts = spec.num_parameters(), spec.expert_parameters()
     return ModelFootprint(
         name,
         source,
-        read_params=total - embedding,
-        expert_params=0,
+        read_params=total - embedding - experts,
+        expert_params=experts,
         idle_params=embedding,
-        num_experts=0,
-        experts_per_token=0,
+        num_experts=spec.moe.num_experts if spec.moe else 0,
+        experts_per_token=spec.moe.experts_per_token if spec.moe else 0,
         full_kv_layers=spec.num_layers,
         window_kv_layers=0,
         kv_window_tokens=0,
@@ -173,7 +174,7 @@ def footprint_from_config(name: str, source: str, config: Any) -> ModelFootprint
     except UnsupportedModel as exc:
         raise ModelError(
             f"{source}: cannot count this model ({exc}); the planner knows Llama, Mistral, "
-            "Qwen2, Qwen3 (dense) and Llama 4 (MoE) configs"
+            "Qwen2, Qwen3 (dense), Qwen3-MoE, Mixtral and Llama 4 (MoE) configs"
         ) from exc
 
 

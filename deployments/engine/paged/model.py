@@ -2,8 +2,9 @@
 
 Llama-family layers computed the way Hugging Face computes them (so logits match its own
 forward): RMSNorm in float32, rotary tables from transformers' own rope code (Llama 3 scaling
-included), residual adds, SiLU-gated MLP; q/k/v and gate/up as fused matrix products. Logits are
-computed only for the tokens that sample.
+included), residual adds, SiLU-gated MLP; q/k/v and gate/up as fused matrix products. Each
+layer's MLP is dense or routed experts (moe.py), as its weights say (`LayerWeights.kind`).
+Logits are computed only for the tokens that sample.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from deployments.engine.paged.attention import AttentionMetadata, paged_attention
 from deployments.engine.paged.fused import add_rms_norm, rms_norm_ref, rope_store, silu_mul
 from deployments.engine.paged.kv_pool import KVPool
+from deployments.engine.paged.moe import moe_mlp
 from deployments.engine.paged.weight_stream import WeightStreamer
-from deployments.engine.paged.weights import ModelWeights
+from deployments.engine.paged.weights import LayerWeights, ModelWeights
 from deployments.model_spec import ModelSpec
 
 
@@ -30,6 +32,20 @@ def rope_tables(
     probe = torch.empty(1, dtype=dtype, device=device)
     cos, sin = rotary(probe, positions)
     return cos[0], sin[0]
+
+
+def dense_mlp(h: torch.Tensor, layer: LayerWeights, spec: ModelSpec, fast: bool) -> torch.Tensor:
+    """One gated MLP: down(silu(gate h) * up h), gate and up as one product."""
+    return F.linear(silu_mul(F.linear(h, layer.gate_up), fast), layer.down)
+
+
+def routed_mlp(h: torch.Tensor, layer: LayerWeights, spec: ModelSpec, fast: bool) -> torch.Tensor:
+    """Routed experts (and a shared one, where the architecture has it)."""
+    assert spec.moe is not None
+    return moe_mlp(h, layer, spec.moe, fast)
+
+
+MLPS = {"dense": dense_mlp, "moe": routed_mlp}  # by LayerWeights.kind
 
 
 class DecoderModel:
@@ -97,7 +113,7 @@ class DecoderModel:
             )
             out = F.linear(attn.reshape(n, spec.q_size), layer.o, layer.o_bias)
             x, h = add_rms_norm(x, out, layer.post_norm, eps, fast)
-            delta = F.linear(silu_mul(F.linear(h, layer.gate_up), fast), layer.down)
+            delta = MLPS[layer.kind](h, layer, spec, fast)
             if self.streamer is not None:
                 self.streamer.done(index)
         _, h = add_rms_norm(

@@ -4,9 +4,13 @@ Resident layers stay on the device; the others (one contiguous block each in pin
 memory) rotate through `slots` device buffers. At the start of a forward pass the first
 streamed layers are copied in on a stream of their own; when a streamed layer's compute has
 been issued, its slot is refilled with the streamed layer `slots` places later, once that
-compute has finished (an event orders it). Copies therefore run back to back while earlier
-layers compute: a step costs about max(compute, streamed bytes / link bandwidth). On CPU the
-copies are immediate and the arithmetic is the same, which is how the tests check it.
+compute has finished (an event orders it). Layers may differ in size (MoE and dense MLPs
+mixed): each slot holds the largest streamed layer, and each streamed layer has its own views
+of the slot it passes through. An MoE layer streams whole, every expert of it (per-expert
+tiers, reading only the experts a step picks, are not built). Copies therefore run back to
+back while earlier layers compute: a step costs about max(compute, streamed bytes / link
+bandwidth). On CPU the copies are immediate and the arithmetic is the same, which is how the
+tests check it.
 """
 
 from __future__ import annotations
@@ -25,22 +29,27 @@ class WeightStreamer:
         self.streamed = sorted(streamed)
         self._order = {layer: k for k, layer in enumerate(self.streamed)}
         device = weights.embed.device
-        numel = weights.blocks[self.streamed[0]].numel() if self.streamed else 0
+        sizes = [weights.blocks[i].numel() for i in self.streamed]
+        numel = max(sizes, default=0)
         self.slots = min(slots, len(self.streamed))
         self._buffers = [
             torch.empty(numel, dtype=weights.embed.dtype, device=device) for _ in range(self.slots)
         ]
-        self._views = [layer_views(b, spec) for b in self._buffers]
+        self._views = [  # the k-th streamed layer's views of its slot
+            layer_views(self._buffers[k % self.slots][:n], spec, layer)
+            for k, (layer, n) in enumerate(zip(self.streamed, sizes, strict=True))
+        ]
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream() if self._cuda else None
         self._loaded: list[torch.cuda.Event | None] = [None] * self.slots
         self._freed: list[torch.cuda.Event | None] = [None] * self.slots
-        self.bytes_per_pass = numel * weights.embed.element_size() * len(self.streamed)
+        self.bytes_per_pass = sum(sizes) * weights.embed.element_size()
 
     def _copy(self, k: int) -> None:
         """Start copying the k-th streamed layer into its slot."""
         slot = k % self.slots
-        src, dst = self.weights.blocks[self.streamed[k]], self._buffers[slot]
+        src = self.weights.blocks[self.streamed[k]]
+        dst = self._buffers[slot][: src.numel()]
         if not self._cuda:
             dst.copy_(src)
             return
@@ -65,7 +74,7 @@ class WeightStreamer:
         slot = k % self.slots
         if self._cuda and self._loaded[slot] is not None:
             torch.cuda.current_stream().wait_event(self._loaded[slot])
-        return self._views[slot]
+        return self._views[k]
 
     def done(self, index: int) -> None:
         """Layer `index`'s compute is issued: refill its slot with a later streamed layer."""

@@ -1,9 +1,10 @@
 """The decoder's weights in the layout the paged engine computes with.
 
-q/k/v are fused into one matrix and gate/up into another, so each layer runs four matrix
-products. Weights come from a Hugging Face state dict or safetensors checkpoint (names mapped
-and every tensor checked), or from a seeded random initialisation for benchmarks. Tensors are
-allocated where the caller's allocation scope says (the replica's RMM resource on a GPU).
+q/k/v are fused into one matrix and gate/up into another, so each dense layer runs four matrix
+products; an MoE layer holds its experts stacked instead (moe_weights.py). Weights come from a
+Hugging Face state dict or safetensors checkpoint (names mapped and every tensor checked), or
+from a seeded random initialisation for benchmarks. Tensors are allocated where the caller's
+allocation scope says (the replica's RMM resource on a GPU).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from deployments.engine.paged.moe_weights import moe_covers, moe_names, moe_shapes, moe_target
 from deployments.memory_advice import isolated_empty
 from deployments.model_spec import ModelSpec
 
@@ -30,14 +32,24 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 class LayerWeights:
     qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
     o: torch.Tensor  # [hidden, q_size]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
     input_norm: torch.Tensor  # [hidden]
     post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor | None = None  # dense MLP: [2 * intermediate, hidden]
+    down: torch.Tensor | None = None  # dense MLP: [hidden, intermediate]
     qkv_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [head_dim]
     k_norm: torch.Tensor | None = None
+    experts_gate_up: torch.Tensor | None = None  # MoE: [experts, 2 * expert width, hidden]
+    experts_down: torch.Tensor | None = None  # MoE: [experts, hidden, expert width]
+    router: torch.Tensor | None = None  # MoE: [experts, hidden]
+    shared_gate_up: torch.Tensor | None = None  # Llama 4's shared expert
+    shared_down: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        """`moe` for routed experts, `dense` for one gated MLP (model.py dispatches on it)."""
+        return "dense" if self.router is None else "moe"
 
 
 @dataclass
@@ -65,18 +77,16 @@ class ModelWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The tensors of one layer, in the order they sit in its contiguous block."""
+def layer_shapes(spec: ModelSpec, index: int = 0) -> dict[str, tuple[int, ...]]:
+    """The tensors of layer `index`, in the order they sit in its contiguous block."""
     h, i = spec.hidden_size, spec.intermediate_size
     qkv = spec.q_size + 2 * spec.kv_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "qkv": (qkv, h),
-        "o": (h, spec.q_size),
-        "gate_up": (2 * i, h),
-        "down": (h, i),
-        "input_norm": (h,),
-        "post_norm": (h,),
-    }
+    moe = spec.is_moe_layer(index)
+    shapes: dict[str, tuple[int, ...]] = moe_shapes(spec) if moe else {}
+    shapes |= {"qkv": (qkv, h), "o": (h, spec.q_size)}
+    if not moe:
+        shapes |= {"gate_up": (2 * i, h), "down": (h, i)}
+    shapes |= {"input_norm": (h,), "post_norm": (h,)}
     if spec.qkv_bias:
         shapes["qkv_bias"] = (qkv,)
     if spec.o_bias:
@@ -86,14 +96,14 @@ def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def layer_numel(spec: ModelSpec) -> int:
-    return sum(math.prod(shape) for shape in layer_shapes(spec).values())
+def layer_numel(spec: ModelSpec, index: int = 0) -> int:
+    return sum(math.prod(shape) for shape in layer_shapes(spec, index).values())
 
 
-def layer_views(block: torch.Tensor, spec: ModelSpec) -> LayerWeights:
-    """A layer's tensors as views of one contiguous block (so a layer copies as one DMA)."""
+def layer_views(block: torch.Tensor, spec: ModelSpec, index: int = 0) -> LayerWeights:
+    """Layer `index`'s tensors as views of one contiguous block (so it copies as one DMA)."""
     views, offset = {}, 0
-    for name, shape in layer_shapes(spec).items():
+    for name, shape in layer_shapes(spec, index).items():
         n = math.prod(shape)
         views[name] = block[offset : offset + n].view(shape)
         offset += n
@@ -113,24 +123,21 @@ def allocate(
     def empty(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device=device)
 
-    def block() -> torch.Tensor:
-        return (
-            isolated_empty(layer_numel(spec), dtype, device)
-            if isolate
-            else empty(layer_numel(spec))
-        )
+    def block(numel: int) -> torch.Tensor:
+        return isolated_empty(numel, dtype, device) if isolate else empty(numel)
 
     pin = torch.device(device).type == "cuda"
     blocks = [
-        torch.empty(layer_numel(spec), dtype=dtype, pin_memory=pin)
+        torch.empty(layer_numel(spec, index), dtype=dtype, pin_memory=pin)
         if index in host_layers
-        else block()
+        else block(layer_numel(spec, index))
         for index in range(spec.num_layers)
     ]
     h = spec.hidden_size
     embed = empty(spec.vocab_size, h)
     lm_head = embed if spec.tie_word_embeddings else empty(spec.vocab_size, h)
-    return ModelWeights(embed, [layer_views(b, spec) for b in blocks], empty(h), lm_head, blocks)
+    layers = [layer_views(b, spec, index) for index, b in enumerate(blocks)]
+    return ModelWeights(embed, layers, empty(h), lm_head, blocks)
 
 
 def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
@@ -145,6 +152,12 @@ def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
     if m is None:
         return None
     layer, rest = w.layers[int(m.group(1))], m.group(2)
+    if (
+        layer.kind == "moe"
+        and spec.moe
+        and (target := moe_target(layer, spec.moe, rest)) is not None
+    ):
+        return target
     q, kv, inter = spec.q_size, spec.kv_size, spec.intermediate_size
     qkv_slices = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
     if pm := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
@@ -153,14 +166,17 @@ def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
     simple = {
         "self_attn.o_proj.weight": layer.o,
         "self_attn.o_proj.bias": layer.o_bias,
-        "mlp.down_proj.weight": layer.down,
         "input_layernorm.weight": layer.input_norm,
         "post_attention_layernorm.weight": layer.post_norm,
         "self_attn.q_norm.weight": layer.q_norm,
         "self_attn.k_norm.weight": layer.k_norm,
-        "mlp.gate_proj.weight": layer.gate_up[:inter],
-        "mlp.up_proj.weight": layer.gate_up[inter:],
     }
+    if layer.kind == "dense":
+        simple |= {
+            "mlp.down_proj.weight": layer.down,
+            "mlp.gate_proj.weight": layer.gate_up[:inter],
+            "mlp.up_proj.weight": layer.gate_up[inter:],
+        }
     return simple.get(rest)
 
 
@@ -174,12 +190,11 @@ def expected_names(spec: ModelSpec) -> set[str]:
         "self_attn.k_proj.weight",
         "self_attn.v_proj.weight",
         "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
         "input_layernorm.weight",
         "post_attention_layernorm.weight",
     ]
+    dense = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    moe = moe_names(spec.moe) if spec.moe is not None else []
     if spec.qkv_bias:
         per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
     if spec.o_bias:
@@ -187,7 +202,8 @@ def expected_names(spec: ModelSpec) -> set[str]:
     if spec.qk_norm:
         per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     for i in range(spec.num_layers):
-        names.update(f"model.layers.{i}.{n}" for n in per_layer)
+        mlp = moe if spec.is_moe_layer(i) else dense
+        names.update(f"model.layers.{i}.{n}" for n in per_layer + mlp)
     return names
 
 
@@ -206,8 +222,16 @@ def copy_tensors(
                 f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}"
             )
         target.copy_(tensor)
-        loaded.add(name)
+        loaded.update(_covers(weights, spec, name))
     return loaded
+
+
+def _covers(weights: ModelWeights, spec: ModelSpec, name: str) -> list[str]:
+    """The expected names (`expected_names`) a copied checkpoint tensor provides."""
+    m = LAYER.match(name)
+    if m is None or spec.moe is None or weights.layers[int(m.group(1))].kind != "moe":
+        return [name]
+    return [f"model.layers.{m.group(1)}.{n}" for n in moe_covers(spec.moe, m.group(2))]
 
 
 def check_complete(spec: ModelSpec, loaded: set[str]) -> None:

@@ -1,0 +1,122 @@
+"""Routed-expert MLPs: each architecture's gating, and the experts computed as grouped work.
+
+`route` picks each token's experts and weights exactly as Hugging Face's gate modules do
+(Qwen3-MoE's `Qwen3MoeTopKRouter`, Mixtral's `MixtralTopKRouter`, Llama 4's `Llama4Router`).
+`experts_forward` then sorts the (token, expert) pairs by expert on the device, counts them
+per expert with a binary search over the sorted ids (no host sync: no `.item()`, `nonzero` or
+`.tolist()`, so a decode step stays capturable in a CUDA graph) and runs two grouped matrix
+products over the stacked expert weights (`torch._grouped_mm`: each expert's rows against that
+expert's matrix; an expert no token picked is not read), SiLU-gated between them; the rows go
+back to their tokens and each token's k rows are summed (as transformers' own `grouped_mm`
+experts do: a sum over [T, k, H], deterministic, no atomics).
+
+Where `_grouped_mm` cannot run (CUDA in a dtype other than bfloat16, or a torch without it)
+a gather-bmm fallback computes the same thing without a loop: each pair's expert matrix is
+gathered ([pairs, N, K], memory-hungry: a fallback, not a fast path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deployments.engine.paged.fused import silu_mul
+from deployments.engine.paged.weights import LayerWeights
+from deployments.model_spec import MoESpec
+
+
+def route(router_logits: torch.Tensor, moe: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k], expert ids [T, k]), rounded as HF rounds.
+
+    softmax_topk: softmax in float32, the top k, renormalised if `norm_topk_prob`; kept in
+    float32 for Mixtral, rounded to the logits' dtype for Qwen3-MoE. sigmoid_top1 (Llama 4):
+    the top k logits, each through a sigmoid in float32, rounded to the logits' dtype.
+    """
+    k = moe.experts_per_token
+    if moe.gating == "sigmoid_top1":
+        top, ids = torch.topk(router_logits, k, dim=-1)
+        return torch.sigmoid(top.float()).to(router_logits.dtype), ids
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    top, ids = torch.topk(probs, k, dim=-1)
+    if moe.norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return (top if moe.weights_float32 else top.to(router_logits.dtype)), ids
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs for `x`'s device and dtype without a host sync."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16
+    return x.device.type == "cpu" and hasattr(F, "grouped_mm")  # CPU kernels: torch >= 2.10
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    expert_ids: torch.Tensor,
+    use_grouped_mm: bool | None = None,
+) -> torch.Tensor:
+    """Rows x [S, K] sorted by expert, times their expert's weight [E, N, K] transposed.
+
+    `offsets` [E] int32: cumulative rows per expert (rows offsets[e-1]:offsets[e] are expert
+    e's); `expert_ids` [S]: the sorted ids themselves (the fallback gathers by them).
+    """
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_available(x)
+    if use_grouped_mm:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    return torch.bmm(x.unsqueeze(1), weight[expert_ids].transpose(-2, -1)).squeeze(1)
+
+
+def experts_forward(
+    h: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    scale_input: bool,
+    fast: bool = False,
+    use_grouped_mm: bool | None = None,
+) -> torch.Tensor:
+    """The routed experts' output [T, H] for tokens h [T, H].
+
+    gate_up [E, 2I, H], down [E, H, I]: the stacked experts; weights, expert_ids [T, k] from
+    `route`. With `scale_input` (Llama 4) each pair's input is scaled by its weight before the
+    expert, else its output after it.
+    """
+    tokens, k = expert_ids.shape
+    sorted_ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
+    x = h[order // k]
+    w = weights.reshape(-1)[order].unsqueeze(-1)
+    if scale_input:
+        x = x * w
+    experts = torch.arange(gate_up.shape[0], device=h.device)
+    offsets = torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)
+    act = silu_mul(grouped_linear(x, gate_up, offsets, sorted_ids, use_grouped_mm), fast)
+    out = grouped_linear(act, down, offsets, sorted_ids, use_grouped_mm)
+    if not scale_input:
+        out = out * w  # Mixtral's float32 weights make this (and the sum) float32, as in HF
+    rows = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, choice) order
+    return rows.view(tokens, k, -1).sum(dim=1).to(h.dtype)
+
+
+def moe_mlp(h: torch.Tensor, layer: LayerWeights, moe: MoESpec, fast: bool) -> torch.Tensor:
+    """An MoE layer's MLP on normed hidden states h [T, H]: router, routed experts, and the
+    shared expert where there is one (Llama 4: added to the routed output)."""
+    weights, ids = route(F.linear(h, layer.router), moe)
+    out = experts_forward(
+        h,
+        layer.experts_gate_up,
+        layer.experts_down,
+        weights,
+        ids,
+        scale_input=moe.gating == "sigmoid_top1",
+        fast=fast,
+    )
+    if layer.shared_gate_up is None:
+        return out
+    shared = F.linear(silu_mul(F.linear(h, layer.shared_gate_up), fast), layer.shared_down)
+    return shared.add_(out)
