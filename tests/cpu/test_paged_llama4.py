@@ -185,3 +185,30 @@ def test_preempted_requests_resume_and_still_match_hf(checkpoint):
         assert tokens == hf_greedy(model, prompt, len(tokens))
     engine.check_integrity()
     asyncio.run(engine.shutdown())
+
+
+def test_a_multimodal_checkpoint_loads_its_text_weights(tmp_path, checkpoint):
+    """Llama4ForConditionalGeneration's safetensors (language_model.* beside the vision
+    tower's tensors) give the text model's logits."""
+    import transformers
+
+    from deployments.engine.builtin_tokenizer import write_tokenizer
+
+    _, text_model = checkpoint
+    config = transformers.Llama4Config(
+        text_config=tiny_config().to_dict(),
+        vision_config={"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+                       "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                       "vision_output_dim": 32, "projector_input_dim": 32,
+                       "projector_output_dim": 32},
+    )  # fmt: skip
+    config.architectures = ["Llama4ForConditionalGeneration"]
+    model = transformers.Llama4ForConditionalGeneration(config).eval()
+    model.language_model.load_state_dict(text_model.state_dict())
+    model.save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    engine = engine_for(str(tmp_path))
+    ids = torch.randint(3, 400, (50,), generator=torch.Generator().manual_seed(2)).tolist()
+    (got,) = step(engine, [(new_seq(engine, ids), 50)])
+    torch.testing.assert_close(got, hf_logits(text_model, ids), **TOL)
+    asyncio.run(engine.shutdown())
