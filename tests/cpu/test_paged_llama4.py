@@ -212,3 +212,15 @@ def test_a_multimodal_checkpoint_loads_its_text_weights(tmp_path, checkpoint):
     (got,) = step(engine, [(new_seq(engine, ids), 50)])
     torch.testing.assert_close(got, hf_logits(text_model, ids), **TOL)
     asyncio.run(engine.shutdown())
+
+
+def test_a_llama4_moe_checkpoint_is_served_by_the_generic_engine(tmp_path, caplog):
+    from deployments.config import AppArgs
+    from deployments.engine import select_engine_class
+    from deployments.engine.hf_engine import HFEngine
+
+    tiny_config(moe_layers=[1, 3]).save_pretrained(tmp_path)
+    args = AppArgs.model_validate({"model": {"model_id": str(tmp_path)}})
+    with caplog.at_level("WARNING"):
+        assert select_engine_class(args) is HFEngine
+    assert "mixture-of-experts layers [1, 3]" in caplog.text
