@@ -2,7 +2,10 @@
 
 Llama 3.x (with its rope scaling), Mistral, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k
 norms) share one decoder layout; Qwen3-MoE and Mixtral keep it and route some (or all) of
-their layers' MLPs through experts (`MoESpec`); anything else stays on the generic engine.
+their layers' MLPs through experts (`MoESpec`); Llama 4's text model adds per-layer
+attention kinds (`LayerAttention`: RoPE or NoPE, chunked attention, QK L2 norm, attention
+temperature) and routes its MoE layers through a top-1 sigmoid gate beside a shared
+expert. Anything else stays on the generic engine.
 
 Below both `engine/` and `plan/` (the planner counts dense checkpoints through it, and
 `layout` sizes weights and KV from it): imports nothing of ours, nor torch.
@@ -10,8 +13,11 @@ Below both `engine/` and `plan/` (the planner counts dense checkpoints through i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -20,6 +26,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "Llama4ForCausalLM": "llama4",
+    "Llama4ForConditionalGeneration": "llama4",  # its text model; the vision tower is skipped
 }
 GATINGS = ("softmax_topk", "sigmoid_top1")
 
@@ -114,6 +122,45 @@ def llama4_moe(text_config: Any) -> MoESpec:
 
 
 @dataclass(frozen=True)
+class LayerAttention:
+    """How one layer's attention differs from Llama 3's (the defaults)."""
+
+    rope: bool = True  # False: a NoPE layer (Llama 4's global layers)
+    chunk: int = 0  # attention_chunk_size: a token sees only its own chunk's tokens; 0: all
+    l2_qk_norm: float | None = None  # Llama 4: q and k L2-normed after RoPE, with this eps
+    # Llama 4's NoPE layers: q scaled by log1p(floor((pos + 1) / floor_scale)) * scale + 1.
+    temperature: tuple[int, float] | None = None  # (floor_scale, attn_scale)
+
+    def key_start(self, position: int) -> int:
+        """The first key position a query at `position` attends to."""
+        return position // self.chunk * self.chunk if self.chunk else 0
+
+
+DEFAULT_ATTENTION = LayerAttention()
+
+
+def llama4_layer_types(config: Any) -> list[str]:
+    """Llama 4's attention layer types ("chunked_attention" or "full_attention"), as
+    transformers derives them: config.json's list, else chunked attention in the RoPE layers
+    (`no_rope_layers[i]` true), a NoPE layer every `no_rope_layer_interval`-th. The planner
+    counts chunked layers' KV by the same list."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    chunk = getattr(config, "attention_chunk_size", None)
+    return ["chunked_attention" if r and chunk else "full_attention" for r in _rope_layers(config)]
+
+
+def _rope_layers(config: Any) -> list[int]:
+    """Llama 4's `no_rope_layers` (1: the layer uses RoPE), or transformers' default."""
+    interval = getattr(config, "no_rope_layer_interval", 4)
+    return list(
+        getattr(config, "no_rope_layers", None)
+        or [int((i + 1) % interval != 0) for i in range(config.num_hidden_layers)]
+    )
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     arch: str
     vocab_size: int
@@ -131,6 +178,14 @@ class ModelSpec:
     qk_norm: bool  # Qwen3
     hf_config: Any  # kept for the rotary tables (HF's own rope code computes them)
     moe: MoESpec | None = None  # routed experts, in the layers it names
+    # Per-layer attention kinds (Llama 4); empty: every layer is DEFAULT_ATTENTION.
+    layer_attention: tuple[LayerAttention, ...] = ()
+    # Llama 4 rotates interleaved (even, odd) pairs: its q and k rows are permuted per head at
+    # load time (evens, then odds) so that the rotate-half RoPE computes the same scores.
+    rope_interleaved: bool = False
+
+    def attention(self, layer: int) -> LayerAttention:
+        return self.layer_attention[layer] if self.layer_attention else DEFAULT_ATTENTION
 
     @property
     def q_size(self) -> int:
@@ -183,6 +238,8 @@ class ModelSpec:
         )
         if arch is None:
             raise UnsupportedModel(f"architectures {archs} are not implemented by the paged engine")
+        if arch == "llama4":
+            return cls._llama4(config)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"activation {config.hidden_act!r} is not implemented")
         if getattr(config, "mlp_bias", False):
@@ -215,4 +272,54 @@ class ModelSpec:
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             hf_config=config,
             moe=moe_from_hf_config(arch, config),
+        )
+
+    @classmethod
+    def _llama4(cls, config: Any) -> ModelSpec:
+        """Llama 4's text model (Llama4ForCausalLM, or Llama4ForConditionalGeneration's
+        text_config with its vision tower skipped): Llama 3's layout with per-layer attention
+        kinds; dense layers' MLPs are `intermediate_size_mlp` wide."""
+        text = getattr(config, "text_config", None)
+        if text is not None:
+            logger.info("Llama 4: serving the text model; the vision tower is not loaded")
+        t = text or config
+        if getattr(t, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"activation {t.hidden_act!r} is not implemented")
+        moe = llama4_moe(t)
+        eps, chunk = t.rms_norm_eps, getattr(t, "attention_chunk_size", None) or 0
+        types = llama4_layer_types(t)
+        if set(types) - {"full_attention", "chunked_attention"}:
+            raise UnsupportedModel(f"Llama 4 layer types {sorted(set(types))} are not known")
+        tuning = (int(t.floor_scale), float(t.attn_scale)) if t.attn_temperature_tuning else None
+        kinds = tuple(
+            LayerAttention(
+                rope=bool(rope),
+                chunk=chunk if kind == "chunked_attention" else 0,
+                l2_qk_norm=eps if rope and t.use_qk_norm else None,
+                temperature=None if rope else tuning,
+            )
+            for rope, kind in zip(_rope_layers(t), types, strict=True)
+        )
+        tied = getattr(t, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+        heads = t.num_attention_heads
+        bias = bool(getattr(t, "attention_bias", False))
+        return cls(
+            arch="llama4",
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size_mlp,
+            num_layers=t.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(t, "num_key_value_heads", None) or heads,
+            head_dim=getattr(t, "head_dim", None) or t.hidden_size // heads,
+            rms_norm_eps=eps,
+            max_position=t.max_position_embeddings,
+            tie_word_embeddings=bool(tied),
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm=False,
+            hf_config=t,
+            moe=moe if moe.layers else None,
+            layer_attention=kinds,
+            rope_interleaved=True,
         )

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from deployments.model_spec import ModelSpec, UnsupportedModel
+from deployments.model_spec import ModelSpec, UnsupportedModel, llama4_layer_types
 
 
 class ModelError(ValueError):
@@ -135,16 +135,8 @@ def _llama4(name: str, source: str, config: Any) -> ModelFootprint:
     read += (layers - n_moe) * 3 * h * t.intermediate_size_mlp + h + t.vocab_size * h
     vision = getattr(config, "vision_config", None)
     vision_params = _vision_params(vision, h) if vision is not None else 0
-    # transformers' default layer types: a NoPE (global) layer every 4th, chunked attention
-    # in the RoPE layers; config.json may list them.
     chunk = getattr(t, "attention_chunk_size", None)
-    types = getattr(t, "layer_types", None)
-    if not types:
-        interval = getattr(t, "no_rope_layer_interval", 4)
-        no_rope = getattr(t, "no_rope_layers", None) or [
-            int((i + 1) % interval != 0) for i in range(layers)
-        ]
-        types = ["chunked_attention" if r and chunk else "full_attention" for r in no_rope]
+    types = llama4_layer_types(t)  # the engine's ModelSpec reads the same list
     windowed = sum(kind != "full_attention" for kind in types)
     return ModelFootprint(
         name,

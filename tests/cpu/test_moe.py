@@ -213,10 +213,10 @@ def test_llama4_checkpoint_names_fill_our_stacked_layout():
     )
     names = set()
     for name, tensor in hf.state_dict().items():
-        target = moe_target(layer, moe, f"feed_forward.{name}")
+        target = moe_target(layer, moe, f"mlp.{name}")
         assert target is not None and target.shape == tensor.shape, name
         target.copy_(tensor)
-        names.add(f"feed_forward.{name}")
+        names.add(f"mlp.{name}")
     assert names == set(moe_names(moe))
     h = randn(T, H, seed=16)
     with torch.no_grad():

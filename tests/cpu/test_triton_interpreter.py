@@ -346,3 +346,54 @@ def test_sampler_kernel_edge_rows():
     assert torch.equal(
         _kernel(logits, plan, block=2048, cap=16384), _reference(logits, plan, block=2048)
     )
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_chunked_attention_kernels_match_the_reference_mask(splits):
+    """Llama 4's chunked layers: decode and prefill rows see only their own chunk's keys,
+    for queries on, just before and just past chunk boundaries (chunk 32, pages of 16)."""
+    torch.manual_seed(4)
+    pages, page, kv_heads, dim, heads, chunk = 60, 16, 2, 32, 8, 32
+    k, v = torch.randn(pages, page, kv_heads, dim), torch.randn(pages, page, kv_heads, dim)
+    # (tokens, context): chunks straddling 32 and 64, one starting on 64, a long history
+    shapes = [(1, 32), (1, 33), (1, 1), (40, 70), (5, 69), (16, 80), (3, 300), (33, 33)]
+    lens = [n for n, _ in shapes]
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], heads, dim)
+    table = torch.stack([torch.randperm(pages)[:20] for _ in shapes]).int()
+    contexts = torch.tensor([c for _, c in shapes], dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(
+        q, k, v, table, contexts, starts, lens, list(range(len(shapes))), dim**-0.5, out,
+        splits=splits, chunk=chunk,
+    )  # fmt: skip
+    decode_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(shapes))])
+    dec = decode_attention(
+        q[decode_rows], k, v, table, contexts, dim**-0.5, splits=splits, chunk=chunk
+    )
+    for i, (n, c) in enumerate(shapes):
+        ref = reference_attention(q[starts[i] : starts[i] + n], k, v, table[i], c, dim**-0.5, chunk)
+        torch.testing.assert_close(out[starts[i] : starts[i] + n], ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dec[i], ref[-1], atol=1e-4, rtol=1e-4)
+        if c > chunk:  # the mask matters for this row
+            full = reference_attention(q[starts[i + 1] - 1 :][:1], k, v, table[i], c, dim**-0.5)
+            assert (full[0] - ref[-1]).abs().max() > 1e-3
+
+
+def test_rope_store_with_llama4_qk_norm_matches_its_pytorch_version():
+    torch.manual_seed(1)
+    heads, kv_heads, dim, pages, page = 4, 2, 16, 8, 4
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * dim)
+    cos, sin = torch.randn(32, dim), torch.randn(32, dim)
+    positions = torch.tensor([0, 3, 5, 9, 20, 31])
+    where = (torch.tensor([1, 2, 2, 5, 7, 3]), torch.tensor([0, 3, 1, 2, 0, 1]))
+    caches = [torch.zeros(pages, page, kv_heads, dim) for _ in range(4)]
+    args = (qkv, heads, kv_heads, dim, cos, sin, positions)
+    q_ref = rope_store(*args, caches[0], caches[1], *where, use_triton=False, l2_eps=1e-5)
+    q_got = rope_store(*args, caches[2], caches[3], *where, use_triton=True, l2_eps=1e-5)
+    torch.testing.assert_close(q_got, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[2], caches[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[3], caches[1])
+    assert torch.allclose(q_ref.pow(2).mean(-1), torch.ones(6, heads), atol=1e-3)

@@ -5,6 +5,10 @@ each reading its own pages). `paged_attention` dispatches: decode rows (one quer
 the Triton split-K kernel on a GPU; prefill chunks, and everything on CPU, use the reference
 path: gather the sequence's pages and run PyTorch's scaled-dot-product attention with a causal
 mask aligned to the end of the context (a chunk sees every earlier token of its sequence).
+
+Chunked-attention layers (Llama 4, `chunk` > 0): a query at position p sees only keys of its
+own attention chunk, positions [p // chunk * chunk, p]. Both Triton kernels take `chunk` and
+start each query's keys there, as the reference's mask does.
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ def reference_attention(
     pages: torch.Tensor,
     context_len: int,
     scale: float,
+    chunk: int = 0,
 ) -> torch.Tensor:
-    """One sequence: q [n, H, D] against its first `context_len` cached tokens -> [n, H, D]."""
+    """One sequence: q [n, H, D] against its first `context_len` cached tokens -> [n, H, D];
+    with `chunk`, each query sees only its own attention chunk's keys."""
     n, heads, dim = q.shape
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     used = pages[: -(-context_len // page_size)].long()
@@ -58,7 +64,7 @@ def reference_attention(
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
     first = context_len - n  # absolute position of the first query token
-    if first == 0:
+    if first == 0 and (not chunk or context_len <= chunk):
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
         )
@@ -66,6 +72,8 @@ def reference_attention(
         key_pos = torch.arange(context_len, device=q.device)
         query_pos = torch.arange(first, context_len, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]
+        if chunk:
+            mask &= key_pos[None, :] >= (query_pos // chunk * chunk)[:, None]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
         )
@@ -80,18 +88,21 @@ def paged_attention(
     scale: float,
     use_triton: bool,
     triton_prefill: bool = False,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """All sequences of a step: q [T, H, D] -> [T, H, D].
 
     `use_triton`: decode rows go to the Triton decode kernel; `triton_prefill`: prefill
     chunks go to the Triton paged prefill kernel instead of the gather + SDPA reference.
+    `chunk`: the layer's attention chunk (0: full attention).
     """
     if use_triton and meta.decode_only:
         from deployments.engine.paged.triton_attention import decode_attention
 
-        return decode_attention(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
+        return decode_attention(
+            q, k_cache, v_cache, meta.page_table, meta.context_lens, scale, chunk=chunk
+        )
     out = torch.empty_like(q)
-    starts = meta.query_starts
     key = _plan_key(use_triton, triton_prefill)
     plan = meta.plans.get(key)
     if plan is None:
@@ -104,23 +115,44 @@ def paged_attention(
 
         rows, seqs = decode
         out[rows] = decode_attention(
-            q[rows], k_cache, v_cache, meta.page_table[seqs], meta.context_lens[seqs], scale
+            q[rows],
+            k_cache,
+            v_cache,
+            meta.page_table[seqs],
+            meta.context_lens[seqs],
+            scale,
+            chunk=chunk,
         )
     if triton_prefill and prefill_rows:
         from deployments.engine.paged.triton_prefill import run_prefill
 
         if prefill is not None:
             run_prefill(
-                q, k_cache, v_cache, meta.page_table, meta.context_lens, prefill, scale, out
+                q, k_cache, v_cache, meta.page_table, meta.context_lens, prefill, scale, out, chunk
             )
         return out
-    for i in prefill_rows:
-        n = meta.query_lens[i]
-        lo = starts[i]
-        out[lo : lo + n] = reference_attention(
-            q[lo : lo + n], k_cache, v_cache, meta.page_table[i], meta.context_lens_host[i], scale
-        )
+    _reference_rows(q, k_cache, v_cache, meta, prefill_rows, scale, chunk, out)
     return out
+
+
+def _reference_rows(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    seqs: list[int],
+    scale: float,
+    chunk: int,
+    out: torch.Tensor,
+) -> None:
+    """The reference path for sequences `seqs` of the step, into their rows of `out`."""
+    starts = meta.query_starts
+    for i in seqs:
+        lo, n = starts[i], meta.query_lens[i]
+        out[lo : lo + n] = reference_attention(
+            q[lo : lo + n], k_cache, v_cache, meta.page_table[i], meta.context_lens_host[i],
+            scale, chunk,
+        )  # fmt: skip
 
 
 def _plan_key(use_triton: bool, triton_prefill: bool) -> tuple:

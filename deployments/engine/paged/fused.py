@@ -32,6 +32,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def l2_norm_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's QK norm (transformers' Llama4TextL2Norm): RMS-normalise in float32, no weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 def rope_store_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,11 +48,15 @@ def rope_store_ref(
     v_cache: torch.Tensor,
     pages: torch.Tensor,
     offsets: torch.Tensor,
+    l2_eps: float | None = None,
 ) -> torch.Tensor:
-    """Rotate q and k ([T, heads, D]) by their positions' cos/sin ([T, D]); store k, v."""
+    """Rotate q and k ([T, heads, D]) by their positions' cos/sin ([T, D]), L2-normalise them
+    when `l2_eps` is given (Llama 4, after RoPE as HF does); store k, v."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
+    if l2_eps is not None:
+        q, k = l2_norm_ref(q, l2_eps), l2_norm_ref(k, l2_eps)
     k_cache[pages, offsets] = k
     v_cache[pages, offsets] = v
     return q
@@ -104,9 +114,11 @@ if triton is not None:
         stride_kp,
         stride_kt,
         stride_kh,
+        l2_eps,
         H: tl.constexpr,
         KVH: tl.constexpr,
         D: tl.constexpr,
+        L2: tl.constexpr,
     ):
         t = tl.program_id(0)
         head = tl.program_id(1)  # [0, H): q heads; [H, H+KVH): k heads; then v heads
@@ -121,6 +133,9 @@ if triton is not None:
             sin = tl.load(Sin + pos * stride_cp + d).to(tl.float32)
             dtype = Qout.dtype.element_ty
             x = (x * cos).to(dtype).to(tl.float32) + (rot * sin).to(dtype).to(tl.float32)
+            if L2:  # Llama 4's QK norm of the rotated (rounded) head, as l2_norm_ref
+                x = x.to(dtype).to(tl.float32)
+                x = x * tl.rsqrt(tl.sum(x * x, 0) / D + l2_eps)
         page = tl.load(Pages + t).to(tl.int64)  # page * stride passes 2**31 in big pools
         slot = tl.load(Offsets + t)
         if head < H:
@@ -189,8 +204,10 @@ def rope_store(
     pages: torch.Tensor,
     offsets: torch.Tensor,
     use_triton: bool,
+    l2_eps: float | None = None,
 ) -> torch.Tensor:
-    """From fused q|k|v rows [T, (H + 2 KVH) * D]: rotated q [T, H, D]; k, v into the cache."""
+    """From fused q|k|v rows [T, (H + 2 KVH) * D]: rotated q [T, H, D]; k, v into the cache.
+    `l2_eps`: q and k L2-normalised after the rotation (Llama 4's QK norm)."""
     n = qkv.shape[0]
     if not use_triton:
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
@@ -204,6 +221,7 @@ def rope_store(
             v_cache,
             pages,
             offsets,
+            l2_eps,
         )
     q_out = torch.empty(n, heads, dim, dtype=qkv.dtype, device=qkv.device)
     _rope_store_kernel[(n, heads + 2 * kv_heads)](
@@ -223,9 +241,11 @@ def rope_store(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        l2_eps or 0.0,
         H=heads,
         KVH=kv_heads,
         D=dim,
+        L2=l2_eps is not None,
     )
     return q_out
 

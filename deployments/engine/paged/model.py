@@ -5,6 +5,10 @@ forward): RMSNorm in float32, rotary tables from transformers' own rope code (Ll
 included), residual adds, SiLU-gated MLP; q/k/v and gate/up as fused matrix products. Each
 layer's MLP is dense or routed experts (moe.py), as its weights say (`LayerWeights.kind`).
 Logits are computed only for the tokens that sample.
+
+Llama 4's layers differ per layer (`ModelSpec.attention`): NoPE layers rotate by an identity
+table (cos 1, sin 0: exact) and scale q by the attention temperature of its position; RoPE
+layers L2-normalise q and k after the rotation and may attend within chunks.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ def routed_mlp(h: torch.Tensor, layer: LayerWeights, spec: ModelSpec, fast: bool
 MLPS = {"dense": dense_mlp, "moe": routed_mlp}  # by LayerWeights.kind
 
 
+def temperature_table(
+    floor_scale: int, attn_scale: float, length: int, device: torch.device | str
+) -> torch.Tensor:
+    """Llama 4's NoPE-layer query scales [length, 1, 1] (float32), as transformers computes
+    them: log1p(floor((position + 1) / floor_scale)) * attn_scale + 1."""
+    positions = torch.arange(length, device=device).float()
+    scales = torch.log1p(torch.floor((positions + 1.0) / floor_scale)) * attn_scale + 1.0
+    return scales.view(length, 1, 1)
+
+
 class DecoderModel:
     def __init__(
         self,
@@ -67,6 +81,12 @@ class DecoderModel:
         self.streamer = streamer  # layers beyond the device budget stream in from host memory
         self.scale = spec.head_dim**-0.5
         self.cos, self.sin = rope_tables(spec, max_len, weights.embed.dtype, weights.embed.device)
+        self.no_rope = (torch.ones_like(self.cos), torch.zeros_like(self.sin))  # NoPE layers
+        kinds = [spec.attention(i) for i in range(spec.num_layers)]
+        self.temperature = {  # (floor_scale, attn_scale) -> its table, for NoPE layers
+            t: temperature_table(*t, max_len, weights.embed.device)
+            for t in {k.temperature for k in kinds if k.temperature is not None}
+        }
 
     @torch.inference_mode()
     def forward(
@@ -82,35 +102,7 @@ class DecoderModel:
         for index in range(spec.num_layers):
             layer = self.streamer.layer(index) if self.streamer else self.w.layers[index]
             x, h = add_rms_norm(x, delta, layer.input_norm, eps, fast)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            if layer.q_norm is not None:  # Qwen3: RMSNorm each q and k head before RoPE
-                q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-                q = rms_norm_ref(q.reshape(n, spec.num_heads, spec.head_dim), layer.q_norm, eps)
-                k = rms_norm_ref(k.reshape(n, spec.num_kv_heads, spec.head_dim), layer.k_norm, eps)
-                qkv = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v], dim=-1)
-            q = rope_store(
-                qkv,
-                spec.num_heads,
-                spec.num_kv_heads,
-                spec.head_dim,
-                self.cos,
-                self.sin,
-                meta.positions,
-                self.pool.keys(index),
-                self.pool.values(index),
-                meta.write_pages,
-                meta.write_offsets,
-                fast,
-            )
-            attn = paged_attention(
-                q,
-                self.pool.keys(index),
-                self.pool.values(index),
-                meta,
-                self.scale,
-                fast,
-                self.triton_prefill,
-            )
+            attn = self._attention(index, layer, h, meta)
             out = F.linear(attn.reshape(n, spec.q_size), layer.o, layer.o_bias)
             x, h = add_rms_norm(x, out, layer.post_norm, eps, fast)
             delta = MLPS[layer.kind](h, layer, spec, fast)
@@ -124,3 +116,40 @@ class DecoderModel:
             fast,
         )
         return F.linear(h, self.w.lm_head).float()
+
+    def _attention(
+        self, index: int, layer: LayerWeights, h: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Layer `index`'s attention over the normed hidden rows h [T, hidden] -> [T, H, D];
+        writes the rows' keys and values into the pool."""
+        spec, fast, n = self.spec, self.use_triton, h.shape[0]
+        kind = spec.attention(index)
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        if layer.q_norm is not None:  # Qwen3: RMSNorm each q and k head before RoPE
+            eps = spec.rms_norm_eps
+            q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+            q = rms_norm_ref(q.reshape(n, spec.num_heads, spec.head_dim), layer.q_norm, eps)
+            k = rms_norm_ref(k.reshape(n, spec.num_kv_heads, spec.head_dim), layer.k_norm, eps)
+            qkv = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v], dim=-1)
+        cos, sin = (self.cos, self.sin) if kind.rope else self.no_rope
+        keys, values = self.pool.keys(index), self.pool.values(index)
+        q = rope_store(
+            qkv,
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            cos,
+            sin,
+            meta.positions,
+            keys,
+            values,
+            meta.write_pages,
+            meta.write_offsets,
+            fast,
+            kind.l2_qk_norm,
+        )
+        if kind.temperature is not None:  # Llama 4's NoPE layers, rounded as HF rounds
+            q = (q * self.temperature[kind.temperature][meta.positions]).to(q.dtype)
+        return paged_attention(
+            q, keys, values, meta, self.scale, fast, self.triton_prefill, kind.chunk
+        )

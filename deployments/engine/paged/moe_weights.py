@@ -12,7 +12,8 @@ or already stacked (transformers 5.x's live modules: `mlp.experts.gate_up_proj`
 [E, 2I, H], `mlp.experts.down_proj` [E, H, I]). Completeness is checked per expert. Llama 4
 stores its experts stacked and transposed (`feed_forward.experts.gate_up_proj` [E, H, 2I],
 `down_proj` [E, I, H]): they are copied into transposed views of ours, with its router and
-shared expert (`feed_forward.router`, `feed_forward.shared_expert.*`), for the Llama 4 decoder.
+shared expert (`feed_forward.router`, `feed_forward.shared_expert.*`). Llama 4's names arrive
+here as weights.canonical_name spells them, `feed_forward.` as `mlp.`.
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ def llama4_target(layer: LayerWeights, moe: MoESpec, rest: str) -> torch.Tensor 
     """Where a Llama 4 MoE layer's checkpoint tensor goes (transposed views for its experts)."""
     s = moe.shared_intermediate_size
     views = {
-        "feed_forward.router.weight": lambda: layer.router,
-        "feed_forward.experts.gate_up_proj": lambda: layer.experts_gate_up.transpose(1, 2),
-        "feed_forward.experts.down_proj": lambda: layer.experts_down.transpose(1, 2),
-        "feed_forward.shared_expert.gate_proj.weight": lambda: layer.shared_gate_up[:s],
-        "feed_forward.shared_expert.up_proj.weight": lambda: layer.shared_gate_up[s:],
-        "feed_forward.shared_expert.down_proj.weight": lambda: layer.shared_down,
+        "mlp.router.weight": lambda: layer.router,
+        "mlp.experts.gate_up_proj": lambda: layer.experts_gate_up.transpose(1, 2),
+        "mlp.experts.down_proj": lambda: layer.experts_down.transpose(1, 2),
+        "mlp.shared_expert.gate_proj.weight": lambda: layer.shared_gate_up[:s],
+        "mlp.shared_expert.up_proj.weight": lambda: layer.shared_gate_up[s:],
+        "mlp.shared_expert.down_proj.weight": lambda: layer.shared_down,
     }
     view = views.get(rest)
     return view() if view is not None else None
@@ -106,9 +107,9 @@ def moe_names(moe: MoESpec) -> list[str]:
     """Every layer-relative name an MoE layer's MLP needs (per expert, Qwen3-MoE spelling;
     Llama 4's own, stacked)."""
     if moe.gating == "sigmoid_top1":
-        shared = [f"feed_forward.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
-        experts = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
-        return ["feed_forward.router.weight", *experts, *shared]
+        shared = [f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
+        experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        return ["mlp.router.weight", *experts, *shared]
     names = ["mlp.gate.weight"]
     for e in range(moe.num_experts):
         names += [f"mlp.experts.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]

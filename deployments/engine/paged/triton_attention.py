@@ -4,7 +4,8 @@ One program handles one (sequence, kv head, split): the `G` query heads that sha
 attend to a contiguous range of the sequence's tokens, gathering keys and values page by page
 with an online softmax in float32. A second kernel merges the splits by log-sum-exp. Splitting
 the context keeps the GPU busy at small batch sizes; at large batches one split suffices.
-Sequences with no context (padding rows in a CUDA graph) produce zeros.
+Sequences with no context (padding rows in a CUDA graph) produce zeros. In a chunked-attention
+layer (`chunk` > 0) a query's keys start at its own chunk's first position (`chunk_start`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def finish(m, denom, acc):
 
 
 @triton.jit
+def chunk_start(pos, chunk):
+    """The first key position a query at `pos` (>= 0) sees when attention keeps to chunks of
+    `chunk` tokens (0: no chunks, position 0): attention.reference_attention's mask."""
+    size = tl.maximum(chunk, 1)
+    return tl.where(chunk > 0, pos // size * size, 0)
+
+
+@triton.jit
 def split_range(n, split, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
     """Keys [lo, hi) of `split` when n keys are cut into SPLITS runs of whole BLOCKs."""
     per_split = tl.cdiv(tl.cdiv(n, BLOCK), SPLITS) * BLOCK
@@ -72,6 +81,7 @@ def split_range(n, split, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
 def attend_keys(
     q,
     qpos,
+    qlo,
     kv,
     d,
     lo,
@@ -83,8 +93,8 @@ def attend_keys(
     CAUSAL: tl.constexpr,
 ):
     """Rows of `q` [R, D] over the keys in [lo, hi) before `end` (`kv`: load_kv's) with an
-    online softmax from nothing seen; CAUSAL: row r only up to its position qpos[r]. Returns
-    finish's output [R, D] (float32) and log-sum-exp [R]."""
+    online softmax from nothing seen; CAUSAL: row r only from qlo[r] up to its position
+    qpos[r]. Returns finish's output [R, D] (float32) and log-sum-exp [R]."""
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     denom = tl.zeros([q.shape[0]], tl.float32)
     acc = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
@@ -92,14 +102,18 @@ def attend_keys(
         t = n0 + tl.arange(0, BLOCK)
         valid = t < end
         k, v = load_kv(kv, t, valid, d, PAGE)
-        seen = valid[None, :] & (t[None, :] <= qpos[:, None]) if CAUSAL else valid[None, :]
+        if CAUSAL:
+            seen = valid[None, :] & (t[None, :] <= qpos[:, None]) & (t[None, :] >= qlo[:, None])
+        else:
+            seen = valid[None, :]
         m, denom, acc = attend(q, k, v, seen, m, denom, acc, scale)
     out, lse = finish(m, denom, acc)
     return out, lse
 
 
-# The page table's width varies step by step: no specialization on its value (see upload.py).
-@triton.jit(do_not_specialize=["stride_pt"])
+# The page table's width varies step by step, and the chunk size by layer: no specialization on
+# their values (see upload.py).
+@triton.jit(do_not_specialize=["stride_pt", "chunk"])
 def _split_kernel(
     Q,
     K,
@@ -121,6 +135,7 @@ def _split_kernel(
     stride_mh,
     stride_mk,
     scale,
+    chunk,
     PAGE: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
@@ -132,7 +147,9 @@ def _split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(CtxLens + s)
-    start, end = split_range(ctx, split, BLOCK, SPLITS)
+    first = chunk_start(tl.maximum(ctx - 1, 0), chunk)  # the one query is at ctx - 1
+    start, end = split_range(ctx - first, split, BLOCK, SPLITS)
+    start, end = start + first, end + first
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     heads = kvh * G + g
@@ -141,7 +158,7 @@ def _split_kernel(
     )
     pages = PageTable + s * stride_pt  # the sequence's page-table row
     kv = (K, V, pages, kvh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
-    out, lse = attend_keys(q, end, kv, d, start, end, end, scale, PAGE, BLOCK, False)
+    out, lse = attend_keys(q, end, first, kv, d, start, end, end, scale, PAGE, BLOCK, False)
     base = s * stride_ms + heads * stride_mh + split * stride_mk
     tl.store(MidO + base[:, None] + d[None, :], out, mask=g[:, None] < G)
     tl.store(MidLse + base // D, lse, mask=g < G)
@@ -228,8 +245,10 @@ def decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     splits: int | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
-    """q [S, H, D] (one token per sequence) over paged k/v [pages, page, kv_heads, D]."""
+    """q [S, H, D] (one token per sequence) over paged k/v [pages, page, kv_heads, D];
+    `chunk`: keys only from the query's own attention chunk on (0: all)."""
     num_seqs, heads, dim = q.shape
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -248,17 +267,12 @@ def decode_attention(
         mid_lse,
         q.stride(0),
         q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
         page_table.stride(0),
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
+        *mid_o.stride()[:3],
         scale,
+        chunk,
         PAGE=page_size,
         D=dim,
         G=group,
@@ -270,9 +284,7 @@ def decode_attention(
         mid_o,
         mid_lse,
         out,
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
+        *mid_o.stride()[:3],
         out.stride(0),
         out.stride(1),
         D=dim,

@@ -11,6 +11,9 @@ table of (sequence, first token of the block).
 A short chunk after a long kept history (a returning user's new turn) makes few programs, each
 walking the whole history: then the keys are split into `SPLITS` ranges, one program each, and
 a second kernel merges the partial results by log-sum-exp (flash-decoding, for prefill).
+
+In a chunked-attention layer (`chunk` > 0) query position p sees keys from p's chunk start
+(`chunk_start`) on; a block's keys start at its first token's chunk start.
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ import torch
 import triton
 import triton.language as tl
 
-from deployments.engine.paged.triton_attention import attend_keys, merge_splits, split_range
+from deployments.engine.paged.triton_attention import (
+    attend_keys,
+    chunk_start,
+    merge_splits,
+    split_range,
+)
 from deployments.engine.paged.upload import upload
 
 BLOCK_M = 16  # query tokens per program
 BLOCK_N = 64  # keys per iteration
 
 
-# The page table's width varies step by step: no specialization on its value (see upload.py).
-@triton.jit(do_not_specialize=["stride_pt"])
+# The page table's width varies step by step, and the chunk size by layer: no specialization on
+# their values (see upload.py).
+@triton.jit(do_not_specialize=["stride_pt", "chunk"])
 def _prefill_kernel(
     Q,
     K,
@@ -59,6 +68,7 @@ def _prefill_kernel(
     stride_mt,
     stride_mh,
     stride_mk,
+    chunk,
     PAGE: tl.constexpr,
     D: tl.constexpr,
     G: tl.constexpr,
@@ -83,10 +93,21 @@ def _prefill_kernel(
     kv = (K, V, pages, kvh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh)
     end = tl.minimum(ctx, ctx - n + m0 + BLOCK_M)  # the block's last token sees this far
     end = tl.where(m0 < n, end, 0)  # a block wholly past the chunk (graph padding): no keys
-    lo, hi = split_range(end, split, BLOCK_N, SPLITS)
-    out, lse = attend_keys(q, qpos, kv, d, lo, hi, end, scale, PAGE, BLOCK_N, True)
+    lo, hi = _key_range(ctx - n + m0, end, chunk, split, BLOCK_N, SPLITS)
+    out, lse = attend_keys(
+        q, qpos, chunk_start(qpos, chunk), kv, d, lo, hi, end, scale, PAGE, BLOCK_N, True
+    )
     mid = (MidO, MidLse, stride_mt, stride_mh, stride_mk)
     _store_block(out, lse, rows, head, d, row_ok, split, Out, stride_ot, stride_oh, mid, D, SPLITS)
+
+
+@triton.jit
+def _key_range(pos, end, chunk, split, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    """Keys [lo, hi) of `split` for a block whose first query is at `pos` and whose last
+    sees keys before `end`: from the first query's chunk start on (chunked layers)."""
+    first = tl.minimum(chunk_start(pos, chunk), end)
+    lo, hi = split_range(end - first, split, BLOCK_N, SPLITS)
+    return lo + first, hi + first
 
 
 @triton.jit
@@ -265,13 +286,15 @@ def prefill_attention(
     out: torch.Tensor,
     context_lens_host: list[int] | None = None,
     splits: int | None = None,
+    chunk: int = 0,
 ) -> None:
-    """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`."""
+    """Attention for the chunks of sequences `seqs` (rows of q [T, H, D]) into `out`;
+    `chunk`: each query sees only its own attention chunk's keys (0: all earlier ones)."""
     plan = plan_prefill(
         query_starts, query_lens, seqs, k_cache.shape[2], q.device, context_lens_host, splits
     )
     if plan is not None:
-        run_prefill(q, k_cache, v_cache, page_table, context_lens, plan, scale, out)
+        run_prefill(q, k_cache, v_cache, page_table, context_lens, plan, scale, out, chunk)
 
 
 def run_prefill(
@@ -283,8 +306,10 @@ def run_prefill(
     plan: PrefillPlan,
     scale: float,
     out: torch.Tensor,
+    chunk: int = 0,
 ) -> None:
-    """One layer's prefill attention for the blocks of `plan` into `out`."""
+    """One layer's prefill attention for the blocks of `plan` into `out` (`chunk`: the
+    layer's attention chunk, 0 for full attention)."""
     heads, dim = q.shape[1], q.shape[2]
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -316,6 +341,7 @@ def run_prefill(
         mid_o,
         mid_lse,
         *strides,
+        chunk,
         PAGE=page_size,
         D=dim,
         G=group,

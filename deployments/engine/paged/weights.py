@@ -5,6 +5,10 @@ products; an MoE layer holds its experts stacked instead (moe_weights.py). Weigh
 Hugging Face state dict or safetensors checkpoint (names mapped and every tensor checked), or
 from a seeded random initialisation for benchmarks. Tensors are allocated where the caller's
 allocation scope says (the replica's RMM resource on a GPU).
+
+Llama 4's names are mapped to Llama's (`feed_forward.` is `mlp.`; a multimodal checkpoint's
+`language_model.` prefix dropped, its vision tower ignored), and its q and k rows permuted per
+head from interleaved RoPE pairs to rotate-half order (`halves_order`).
 """
 
 from __future__ import annotations
@@ -140,6 +144,33 @@ def allocate(
     return ModelWeights(embed, layers, empty(h), lm_head, blocks)
 
 
+QK_PROJ = re.compile(r"^model\.layers\.\d+\.self_attn\.[qk]_proj\.(weight|bias)$")
+
+
+def canonical_name(spec: ModelSpec, name: str) -> str:
+    """A checkpoint tensor's name as a Llama checkpoint spells it."""
+    if spec.arch != "llama4":
+        return name
+    name = name.removeprefix("language_model.")
+    return name.replace(".feed_forward.", ".mlp.")
+
+
+def halves_order(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q or k projection rows [heads * D, ...] from interleaved RoPE pairs (x0, x1), (x2, x3)...
+    to rotate-half order (x0, x2, ..., x1, x3, ...) within each head: rotating pair i by
+    angle f_i is then rotate-half RoPE, and q.k is unchanged (both permuted alike)."""
+    rest = tensor.shape[1:]
+    pairs = tensor.reshape(-1, head_dim // 2, 2, *rest)
+    return pairs.transpose(1, 2).reshape(tensor.shape)
+
+
+def _prepared(spec: ModelSpec, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The checkpoint tensor as the engine stores it (Llama 4's q/k rows reordered)."""
+    if spec.rope_interleaved and QK_PROJ.match(name):
+        return halves_order(tensor, spec.head_dim)
+    return tensor
+
+
 def _target(w: ModelWeights, spec: ModelSpec, name: str) -> torch.Tensor | None:
     """The tensor (or slice) a checkpoint tensor fills; None for names we ignore."""
     if name == "model.embed_tokens.weight":
@@ -213,15 +244,16 @@ def copy_tensors(
 ) -> set[str]:
     """Copy checkpoint tensors into `weights` (shapes checked); return the names copied."""
     loaded: set[str] = set()
-    for name, tensor in items:
+    for raw, tensor in items:
+        name = canonical_name(spec, raw)
         target = _target(weights, spec, name)
         if target is None:
             continue
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(
-                f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}"
+                f"{raw}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}"
             )
-        target.copy_(tensor)
+        target.copy_(_prepared(spec, name, tensor))
         loaded.update(_covers(weights, spec, name))
     return loaded
 
