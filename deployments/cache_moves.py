@@ -149,6 +149,8 @@ class CacheMover:
                 logger.warning("moving a user to %s failed (%s); it stays here", target, exc)
                 self.counts.failed += 1
                 return "failed"
+            finally:
+                export.buffers = []  # the receiver is done with the chunks: free them now
             self._pending.append((time.time(), target, export.nbytes))
             self.last_timing = {
                 "export_s": export.copy_s,
