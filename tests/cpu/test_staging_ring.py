@@ -57,15 +57,14 @@ def test_scattered_runs_stream_out_in_chunks_of_at_most_a_slot():
     src = torch.from_numpy(np.frombuffer(rng.randbytes(30_001), dtype=np.uint8).copy())
     runs = scattered_runs(rng, src.numel(), 11)
     ring = StagingRing(torch.device("cpu"), slot_bytes=1_000, slots=2)
-    seen: list[int] = []
 
     def sink(chunk: np.ndarray) -> np.ndarray:
-        seen.append(chunk.nbytes)
         return chunk.copy()  # the chunk's memory is the ring's: reused after the call
 
     streamed = ring.read(src, runs, sink)
     total = sum(n for _, n in runs)
     assert np.array_equal(np.concatenate(streamed.pieces), gathered(src, runs))
+    seen = [p.nbytes for p in streamed.pieces]
     assert streamed.sizes == seen and sum(seen) == total
     assert all(n == 1_000 for n in seen[:-1]) and 0 < seen[-1] <= 1_000
     assert streamed.times.chunks == len(seen)
@@ -83,6 +82,25 @@ def test_a_round_trip_of_several_mebibytes_through_split_host_copies():
     back = [(0, size - size // 2), (size - size // 2, size // 2)]
     ring.write(odd_pieces(rng, np.concatenate(streamed.pieces), 3), dst, back)
     assert torch.equal(dst, torch.cat([src[size // 2 :], src[: size // 2]]))
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_a_failing_sink_leaves_the_ring_whole_for_the_next_transfer(slots):
+    rng = random.Random(3)
+    src = torch.from_numpy(np.frombuffer(rng.randbytes(10_000), dtype=np.uint8).copy())
+    ring = StagingRing(torch.device("cpu"), slot_bytes=999, slots=slots)
+    calls = []
+
+    def failing(chunk: np.ndarray) -> np.ndarray:
+        calls.append(chunk.nbytes)
+        if len(calls) == 4:
+            raise RuntimeError("the object store is gone")
+        return chunk.copy()
+
+    with pytest.raises(RuntimeError, match="object store is gone"):
+        ring.read(src, [(0, 10_000)], failing)
+    again = ring.read(src, [(5_000, 5_000), (0, 5_000)], lambda chunk: chunk.copy())
+    assert np.array_equal(np.concatenate(again.pieces), torch.cat([src[5_000:], src[:5_000]]))
 
 
 def test_bytes_that_do_not_fill_the_runs_are_refused_before_any_copy():

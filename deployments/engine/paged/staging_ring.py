@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -37,6 +37,9 @@ import numpy as np
 import torch
 
 SLOTS = 3  # one filling, one copying, one spare so a late event rarely stalls the other side
+# Chunks handed on at once (out): two object-store puts, each a multi-threaded memcpy, use more
+# of the host's memory bandwidth than one; the third slot takes the next device copy meanwhile.
+SINKS = 2
 COPY_THREADS = max(1, min(8, os.cpu_count() or 1))  # a host memcpy thread moves ~8-10 GB/s
 MIN_PART = 4 << 20  # host copies split across threads into parts of at least this many bytes
 Run = tuple[int, int]  # (byte offset, byte length)
@@ -96,6 +99,11 @@ def flat_bytes(buffer: torch.Tensor) -> torch.Tensor:
     return buffer.reshape(-1).view(torch.uint8)
 
 
+def _timed(sink: Callable[[np.ndarray], Any], view: np.ndarray) -> tuple[Any, float]:
+    began = time.perf_counter()
+    return sink(view), time.perf_counter() - began
+
+
 def _tensor(piece: np.ndarray) -> torch.Tensor:
     """A (possibly read-only) uint8 array as a tensor, only ever read."""
     with warnings.catch_warnings():  # read-only object-store memory: copied from, not written
@@ -115,6 +123,7 @@ class StagingRing:
         ]
         self.stream = torch.cuda.Stream(device=device) if cuda else None
         self._copies = ThreadPoolExecutor(threads, "kv-staging") if threads > 1 else None
+        self._sinks = ThreadPoolExecutor(SINKS, "kv-sink")
         self._lock = threading.Lock()  # one transfer at a time: the slots are shared
 
     @property
@@ -122,6 +131,7 @@ class StagingRing:
         return self.slot_bytes * len(self.slots)
 
     def close(self) -> None:
+        self._sinks.shutdown(wait=False)
         if self._copies is not None:
             self._copies.shutdown(wait=False)
 
@@ -131,28 +141,39 @@ class StagingRing:
         self, src: torch.Tensor, runs: list[Run], sink: Callable[[np.ndarray], Any]
     ) -> Streamed:
         """Stream `runs` of `src` (flat bytes) out in chunks of at most `slot_bytes`: `sink`
-        gets each chunk in order, as a uint8 array valid only during the call."""
+        gets each chunk, as a uint8 array valid only during the call, from up to `SINKS`
+        threads at once; its results come back in the chunks' order."""
         times, start = StageTimes(), time.perf_counter()
         spans = _Spans([n for _, n in runs])
         chunks = [
             (a, min(a + self.slot_bytes, spans.total))
             for a in range(0, spans.total, self.slot_bytes)
         ]
-        pieces: list[Any] = []
+        slots, pieces = len(self.slots), []
+        pending: dict[int, Any] = {}  # chunk -> its copy's events
+        sinking: dict[int, Future] = {}  # chunk -> its sink's (result, seconds)
         with self._lock:
             self._after_compute(src)
-            pending = {
-                i: self._fetch(src, runs, spans, chunks[i], i, times)
-                for i in range(min(len(self.slots), len(chunks)))
-            }
-            for i, (a, b) in enumerate(chunks):
-                self._wait(pending.pop(i), times)
-                began = time.perf_counter()
-                pieces.append(sink(self.slots[i % len(self.slots)][: b - a].numpy()))
-                times.sink_s += time.perf_counter() - began
-                if i + len(self.slots) < len(chunks):
-                    j = i + len(self.slots)
+            try:
+                for j in range(min(slots, len(chunks))):
                     pending[j] = self._fetch(src, runs, spans, chunks[j], j, times)
+                for i, (a, b) in enumerate(chunks):
+                    self._wait(pending.pop(i), times)
+                    view = self.slots[i % slots][: b - a].numpy()
+                    sinking[i] = self._sinks.submit(_timed, sink, view)
+                    while len(sinking) >= min(SINKS, slots) or (sinking and i == len(chunks) - 1):
+                        done = min(sinking)  # the oldest: its slot takes chunk done + slots
+                        piece, seconds = sinking.pop(done).result()
+                        pieces.append(piece)
+                        times.sink_s += seconds
+                        if done + slots < len(chunks):
+                            j = done + slots
+                            pending[j] = self._fetch(src, runs, spans, chunks[j], j, times)
+            finally:  # nothing may still touch a slot once the next transfer has the ring
+                for future in sinking.values():
+                    future.exception()
+                for handle in pending.values():
+                    self._wait(handle, times)
         times.chunks, times.wall_s = len(chunks), time.perf_counter() - start
         return Streamed(pieces, [b - a for a, b in chunks], times)
 
@@ -183,25 +204,29 @@ class StagingRing:
         if have.total != want.total:
             raise ValueError(f"{have.total} bytes arrived for {want.total} bytes of pages")
         views = [_tensor(p) if p.nbytes else None for p in pieces]
-        pending: list[Any] = [None] * len(self.slots)
+        pending: list[Any] = [None] * len(self.slots)  # each slot's last copy in
         with self._lock:
             self._after_compute(dst)
-            for i, a in enumerate(range(0, have.total, self.slot_bytes)):
-                b, k = min(a + self.slot_bytes, have.total), i % len(self.slots)
-                self._wait(pending[k], times)  # the slot's last copy in is done
-                slot, pos, fill = self.slots[k], 0, []
-                for p, off, n in have.parts(a, b):
-                    fill.append((slot[pos : pos + n], views[p][off : off + n]))
-                    pos += n
-                self._host_copy(fill, times)
-                out, pos = [], 0
-                for r, off, n in want.parts(a, b):
-                    out.append((dst[runs[r][0] + off : runs[r][0] + off + n], slot[pos : pos + n]))
-                    pos += n
-                pending[k] = self._copy(out, dst.is_cuda, times)
-                times.chunks += 1
-            for handle in pending:
-                self._wait(handle, times)
+            try:
+                for i, a in enumerate(range(0, have.total, self.slot_bytes)):
+                    b, k = min(a + self.slot_bytes, have.total), i % len(self.slots)
+                    self._wait(pending[k], times)  # the slot's last copy in is done
+                    pending[k] = None
+                    slot, pos, fill = self.slots[k], 0, []
+                    for p, off, n in have.parts(a, b):
+                        fill.append((slot[pos : pos + n], views[p][off : off + n]))
+                        pos += n
+                    self._host_copy(fill, times)
+                    out, pos = [], 0
+                    for r, off, n in want.parts(a, b):
+                        at = runs[r][0] + off
+                        out.append((dst[at : at + n], slot[pos : pos + n]))
+                        pos += n
+                    pending[k] = self._copy(out, dst.is_cuda, times)
+                    times.chunks += 1
+            finally:  # every copy in done (or failed) before the ring is let go
+                for handle in pending:
+                    self._wait(handle, times)
         times.wall_s = time.perf_counter() - start
         return times
 
