@@ -2,7 +2,7 @@
 
     python -m benchmarks.cache_move_bench            # one GPU (H200): ~3 minutes
     python -m benchmarks.cache_move_bench --histories 32768 --attempts 2 --fast-start \
-        --out $OUT                                   # the 32k row twice: under 2 minutes
+        --out $OUT                                   # the 32k row twice: meant for < 2 min
     python -m benchmarks.cache_move_bench --quick    # CPU, tiny model (tests/cpu runs it)
 
 Two LLMReplicas on one card (`num_gpus: 0.5` each), the paged engine, the Llama 3.1 8B
