@@ -1,6 +1,8 @@
 """Cache moves between replicas: one user's kept cache moved end to end, on real Serve.
 
     python -m benchmarks.cache_move_bench            # one GPU (H200): ~3 minutes
+    python -m benchmarks.cache_move_bench --histories 32768 --attempts 2 --fast-start \
+        --out $OUT                                   # the 32k row twice: meant for < 2 min
     python -m benchmarks.cache_move_bench --quick    # CPU, tiny model (tests/cpu runs it)
 
 Two LLMReplicas on one card (`num_gpus: 0.5` each), the paged engine, the Llama 3.1 8B
@@ -8,8 +10,10 @@ architecture with random bf16 weights (the serve benchmark's model directory). I
 card's pinned host-to-device and device-to-host bandwidth; for users with 8k- and 32k-token
 histories (1 and 4 GiB of KV), a first turn pinned to replica A, then `LLMReplica.move_user`
 to replica B (what a drain or a shutdown does for each user), timed by phase: the copy out
-(device to host into pinned memory, its allocation apart), the call to B (Ray's object store
-and B's copy in, host to device, which B times itself); then the user's next turn (64 new
+(device to host through A's pinned staging chunks, each chunk put in the object store as it
+arrives: the two overlap), the call to B (B fetching the chunks from the object store, and
+its copy in: host threads into its pinned chunks, host to device, overlapping; B times both
+itself); then the user's next turn (64 new
 tokens), routed to B by the router, against recomputing the whole history on B (time to the
 first token inside the replica, and at the caller). The headline: the move's bytes per second
 against the pinned bandwidth (target >= 25%) and next-turn TTFT, recomputed / moved (target
@@ -45,8 +49,13 @@ PREFILL_MFU = 0.5  # share of that peak a long prefill reaches (a stated assumpt
 NETWORK_GB_S = (25, 50, 100, 400)  # 200 Gb/s, 400 Gb/s, 800 Gb/s NICs; 400: NVLink-class
 
 
-def app_args(quick: bool, model_dir: str) -> dict[str, Any]:
+def app_args(quick: bool, model_dir: str, fast_start: bool = False) -> dict[str, Any]:
+    """`fast_start`: no CUDA graphs and few sequences, so the replicas warm fewer kernel
+    variants (the moves are the same; the next turns run eagerly)."""
     gpu = not quick
+    engine: dict[str, Any] = {"random_weights": True, "max_batched_tokens": 8192 if gpu else 1024}
+    if fast_start:
+        engine.update(cuda_graphs=False, prefill_graph_tokens=0, max_num_seqs=8)
     return {
         "model": {
             "model_id": model_dir,
@@ -59,7 +68,7 @@ def app_args(quick: bool, model_dir: str) -> dict[str, Any]:
         else {"cpu_memory_budget_bytes": "512MiB"},
         # Two 32k users and a recomputed one fit: 128 KiB a token on the 8B architecture.
         "kv_cache": {"budget_bytes": "24GiB" if gpu else "64MiB"},
-        "engine": {"random_weights": True, "max_batched_tokens": 8192 if gpu else 1024},
+        "engine": engine,
         "replica": {
             "num_replicas": 2,
             "num_gpus": 0.5 if gpu else 0,
@@ -135,27 +144,12 @@ def move_row(
     if moved["outcome"] != "moved":
         raise RuntimeError(f"the move did not happen: {moved}")
     wait_resident(url, key, b)
-    time.sleep(2.0)  # a user's think time: every router has B's stats by its next turn
+    time.sleep(1.0)  # think time: four stats periods, every router has B's stats by then
     imported = next(r for r in replicas(url) if r["replica_id"] == b)["cache_moves"]
     follow = prompt + [rng.randrange(100, vocab - 1) for _ in range(64)]
     back = turn(handle, key, follow)
     again = turn(handle, None, follow, target=b)  # no user: the whole history recomputed
-    seconds = moved["export_s"] + moved["call_s"]
-    import_s = imported["last_import_s"]
-    return {
-        "workload": "move_user",
-        "history_tokens": history,
-        "bytes": moved["bytes"],
-        "move_s": seconds,
-        "export_s": moved["export_s"],  # device to host, with the pinned allocation
-        "stage_s": moved["stage_s"],  # of which allocating pinned host memory
-        "d2h_s": moved["export_s"] - moved["stage_s"],
-        "call_s": moved["call_s"],  # the object store and B's copy in
-        "import_s": import_s,  # host (object store) to device on B, synchronized
-        "object_store_s": moved["call_s"] - import_s,
-        "call_wall_s": wall_s,
-        "bytes_per_s": moved["bytes"] / seconds,
-        "share_of_pinned": moved["bytes"] / seconds / pinned if pinned else None,
+    return phase_row(history, moved, imported, wall_s, pinned) | {
         "next_turn_replica": back["replica_id"],
         "next_turn_cached_tokens": back["cached_tokens"],
         "moved_ttft_ms": back["replica_ms"],
@@ -163,6 +157,40 @@ def move_row(
         "moved_ttft_wall_ms": back["wall_ms"],
         "recompute_ttft_wall_ms": again["wall_ms"],
         "ttft_ratio": again["replica_ms"] / back["replica_ms"],
+    }
+
+
+def phase_row(
+    history: int, moved: dict, imported: dict, wall_s: float, pinned: float | None
+) -> dict[str, Any]:
+    """One move's seconds by phase: A's answer to move_user (`out_` keys: its staging ring)
+    and B's `cache_moves` counts (the fetch and its ring's `in_` phases)."""
+    seconds = moved["export_s"] + moved["call_s"]
+    into = imported["last_import_phases"]
+    get_s, import_s = imported["last_get_s"], imported["last_import_s"]
+    return {
+        "workload": "move_user",
+        "history_tokens": history,
+        "bytes": moved["bytes"],
+        "chunks": moved["out_chunks"],
+        "move_s": seconds,
+        "export_s": moved["export_s"],  # A: copies out and puts, pipelined
+        "d2h_s": moved["out_device_s"],  # device time of A's device-to-host copies
+        "export_host_copy_s": moved["out_host_s"],  # a host-tier user's copies (else 0)
+        "put_s": moved["out_sink_s"],  # A's object-store puts
+        "export_wait_s": moved["out_wait_s"],  # A blocked on a chunk's copy out
+        "export_overlap_s": moved["out_overlap_s"],  # d2h + puts - export wall
+        "call_s": moved["call_s"],  # the call to B: its fetch and copy in, and Serve's hops
+        "get_s": get_s,  # B's fetch of the chunks from the object store
+        "import_s": import_s,  # B's copy in, synchronized
+        "host_copy_s": into["in_host_s"],  # B's host threads: object store -> pinned chunks
+        "h2d_s": into["in_device_s"],  # device time of B's host-to-device copies
+        "import_wait_s": into["in_wait_s"],  # B blocked on a chunk's copy in
+        "import_overlap_s": into["in_overlap_s"],  # host copy + h2d - import wall
+        "call_overhead_s": moved["call_s"] - get_s - import_s,  # routing, Ray's call
+        "call_wall_s": wall_s,  # includes the commit's wait for the routers
+        "bytes_per_s": moved["bytes"] / seconds,
+        "share_of_pinned": moved["bytes"] / seconds / pinned if pinned else None,
     }
 
 
@@ -204,7 +232,7 @@ def on_paper(tokens: int = 131072) -> dict[str, Any]:
     }
 
 
-def deploy(quick: bool, url: str) -> Any:
+def deploy(quick: bool, url: str, fast_start: bool = False) -> Any:
     """The two-replica app on a running Serve, ready; its LLMReplica handle."""
     from ray import serve
 
@@ -212,7 +240,8 @@ def deploy(quick: bool, url: str) -> Any:
 
     config = QUICK if quick else LLAMA_31_8B
     path = write_model_dir(MODEL_DIR.format("quick" if quick else "8b"), config)
-    serve.run(build_app(app_args(quick, str(path))), name=APP, route_prefix=f"/{APP}")
+    args = app_args(quick, str(path), fast_start)
+    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     deadline = time.monotonic() + 600
     while len(replicas(f"{url}/{APP}")) < 2:
         if time.monotonic() > deadline:
@@ -221,21 +250,31 @@ def deploy(quick: bool, url: str) -> Any:
     return serve.get_deployment_handle("LLMReplica", APP)
 
 
-def measure(handle: Any, url: str, quick: bool, pinned: float | None) -> list[dict[str, Any]]:
-    """Warm both replicas and the move path, then one row per history length."""
+def measure(
+    handle: Any,
+    url: str,
+    quick: bool,
+    pinned: float | None,
+    histories: tuple[int, ...] | None = None,
+    attempts: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Warm both replicas and the move path, then `attempts` rows per history length
+    (defaults: 8k and 32k twice on a GPU; 256 and 1024 once on CPU). `seed` makes the users'
+    keys and prompts (another seed for another run on the same deployment)."""
     app_url = f"{url}/{APP}"
     pair = tuple(sorted(r["replica_id"] for r in replicas(app_url)))
     vocab = (QUICK if quick else LLAMA_31_8B)["vocab_size"]
-    rng = random.Random(0)
+    rng = random.Random(seed)
     for replica in pair:
         turn(handle, None, [rng.randrange(100, vocab - 1) for _ in range(64)], target=replica)
     move_row(handle, app_url, pair, 512, rng, vocab, pinned)  # first-call costs land here
-    histories = (256, 1024) if quick else (8192, 32768)
-    # On a GPU each size moves twice: the first pays for pinning its staging buffer, which
-    # PyTorch's host allocator then keeps for the second.
+    histories = histories or ((256, 1024) if quick else (8192, 32768))
+    # Twice on a GPU: the first move of a size touches object-store memory for the first time
+    # (its pinned staging chunks were allocated when the engine started).
     rows = []
     for history in histories:
-        for attempt in range(1 if quick else 2):
+        for attempt in range(attempts or (1 if quick else 2)):
             row = move_row(handle, app_url, pair, history, rng, vocab, pinned)
             rows.append({**row, "attempt": attempt})
     for row in rows:
@@ -248,17 +287,40 @@ def headline(rows: list[dict[str, Any]], pinned: float | None) -> dict[str, Any]
     big = max((r for r in rows if r["history_tokens"] == longest), key=lambda r: r["bytes_per_s"])
     return {
         "history_tokens": big["history_tokens"],
+        "move_s": big["move_s"],
         "move_share_of_pinned_bandwidth": big["share_of_pinned"],
         "next_turn_ttft_speedup": big["ttft_ratio"],
         "targets": {"move_share_of_pinned_bandwidth": 0.25, "next_turn_ttft_speedup": 3.0},
         "pinned_h2d_bytes_per_s": pinned,
+        # Where the move's time goes; the overlaps are time saved by running phases at once:
+        # export_s = d2h + put - export_overlap (+ waits), likewise import_s.
         "time_split_s": {
-            "stage_pinned": big["stage_s"],
+            "export": big["export_s"],
             "device_to_host": big["d2h_s"],
-            "object_store": big["object_store_s"],
-            "host_to_device": big["import_s"],
+            "object_store_put": big["put_s"],
+            "export_overlap": big["export_overlap_s"],
+            "call_overhead": big["call_overhead_s"],
+            "object_store_get": big["get_s"],
+            "import": big["import_s"],
+            "host_staging_copy": big["host_copy_s"],
+            "host_to_device": big["h2d_s"],
+            "import_overlap": big["import_overlap_s"],
         },
     }
+
+
+def options() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU, tiny model")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON")
+    parser.add_argument(
+        "--histories", type=int, nargs="+", help="history lengths (default 8192 32768)"
+    )
+    parser.add_argument("--attempts", type=int, help="moves per length (default 2 on a GPU)")
+    parser.add_argument(
+        "--fast-start", action="store_true", help="no CUDA graphs, few sequences: quicker start"
+    )
+    return parser.parse_args()
 
 
 def main() -> None:
@@ -267,10 +329,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    opts = parser.parse_args()
+    began = time.perf_counter()
+    opts = options()
     gpu = torch.cuda.is_available() and not opts.quick
     pinned = host_to_device_bandwidth() if gpu else None
     d2h = device_to_host_bandwidth() if gpu else None
@@ -283,13 +343,23 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     try:
-        rows = measure(deploy(opts.quick, url), url, opts.quick, pinned)
+        handle = deploy(opts.quick, url, opts.fast_start)
+        ready_s = time.perf_counter() - began
+        histories = tuple(opts.histories) if opts.histories else None
+        rows = measure(handle, url, opts.quick, pinned, histories, opts.attempts)
     finally:
         serve.shutdown()
         ray.shutdown()
     payload = {
         "model": "Llama 3.1 8B architecture, random weights" + (" (quick: tiny)" * opts.quick),
         "replicas": "2 on one card, num_gpus 0.5 each" if gpu else "2 on CPU",
+        "options": {
+            "histories": opts.histories,
+            "attempts": opts.attempts,
+            "fast_start": opts.fast_start,
+        },
+        "ready_s": ready_s,  # from the start to both replicas up (Ray, Serve, engines)
+        "wall_s": time.perf_counter() - began,
         "pinned_h2d_bytes_per_s": pinned,
         "pinned_d2h_bytes_per_s": d2h,
         "rows": rows,

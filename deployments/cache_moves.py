@@ -9,14 +9,17 @@ Where (move_policy.pick_receiver): the peer with the most room that keeps its ow
 after taking the user, by the replicas' `/admin/replicas` rows (`DeploymentHandle.broadcast`),
 read as the router reads its stats (`placement.ReplicaView`).
 
-How: the engine copies the user out (`Engine.export_user`; it stays resident here), the copy
-travels as the keyword argument of a call to the receiver's `accept_user`, routed there by
-our router (`target_replica_id`, router.py) through Serve's public handle API: Ray puts its
-buffers in the object store. The receiver adopts it into free memory only and reports it from
-its next stats on; then this replica forgets it (`Engine.forget_user`), unless a request ran
-on it meanwhile: then the receiver's copy is withdrawn and the user stays. A request racing
-the move is served here, or by the receiver once it reports the user: from a whole cache
-either way (the receiver registers the user only after every byte is in place).
+How: the engine copies the user out (`Engine.export_user`; it stays resident here), putting
+each chunk of its bytes in Ray's object store as it goes (`ray.put`: chunk i's put overlaps
+chunk i+1's device-to-host copy); the copy, holding the chunks' refs, travels as the keyword
+argument of a call to the receiver's `accept_user`, routed there by our router
+(`target_replica_id`, router.py) through Serve's public handle API. The receiver fetches the
+chunks (`ray.get`: in place on the same node), copies them in, adopts the user into free
+memory only and reports it from its next stats on; then this replica forgets it
+(`Engine.forget_user`), unless a request ran on it meanwhile: then the receiver's copy is
+withdrawn and the user stays. A request racing the move is served here, or by the receiver
+once it reports the user: from a whole cache either way (the receiver registers the user only
+after every byte is in place).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import ray
 
 from deployments.admin import replica_rows
 from deployments.config import CacheMovesConfig
@@ -60,6 +65,9 @@ class MoveCounts:
     last_move_s: float = 0.0
     last_move_bytes: int = 0
     last_import_s: float = 0.0  # the last arriving user's copy into this engine
+    last_get_s: float = 0.0  # the last arriving user's fetch from the object store
+    # The last arriving user's copy in by phase (staging_ring.StageTimes, `in_` keys).
+    last_import_phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +143,7 @@ class CacheMover:
             return "no_room"
         async with self._lock:
             start = time.perf_counter()
-            export = await asyncio.to_thread(self.engine.export_user, user.key)
+            export = await asyncio.to_thread(self.engine.export_user, user.key, ray.put)
             if export is None:
                 return "busy"
             called = time.perf_counter()
@@ -146,11 +154,13 @@ class CacheMover:
                 logger.warning("moving a user to %s failed (%s); it stays here", target, exc)
                 self.counts.failed += 1
                 return "failed"
+            finally:
+                export.buffers = []  # the receiver is done with the chunks: free them now
             self._pending.append((time.time(), target, export.nbytes))
             self.last_timing = {
                 "export_s": export.copy_s,
-                "stage_s": export.stage_s,
                 "call_s": time.perf_counter() - called,
+                **export.phases,
             }
             if generation is None:
                 return "refused"
@@ -274,10 +284,16 @@ class CacheMover:
         if self.draining:
             return None
         self._arriving += 1
-        start = time.perf_counter()
         try:
+            start = time.perf_counter()
+            await self._fetch(export)
+            fetched = time.perf_counter()
             generation = await asyncio.to_thread(self.engine.import_user, export)
-            self.counts.last_import_s = time.perf_counter() - start
+            counts = self.counts
+            counts.last_get_s, counts.last_import_s = fetched - start, time.perf_counter() - fetched
+            counts.last_import_phases = {
+                k: v for k, v in export.phases.items() if k.startswith("in_")
+            }
         except LayoutMismatch as exc:
             logger.warning("refused a user's cache: %s", exc)
             return None
@@ -288,6 +304,16 @@ class CacheMover:
             self.counts.bytes_in += export.nbytes
             self._arrived[export.key] = time.time()
         return generation
+
+    @staticmethod
+    async def _fetch(export: UserCacheExport) -> None:
+        """The export's chunks in place of their object-store refs (arrays in the store's
+        memory when it is on this node: read, never written)."""
+        refs = [i for i, b in enumerate(export.buffers) if isinstance(b, ray.ObjectRef)]
+        if refs:
+            got = await asyncio.to_thread(ray.get, [export.buffers[i] for i in refs])
+            for i, value in zip(refs, got, strict=True):
+                export.buffers[i] = value
 
     async def withdraw(self, key: str, generation: int) -> bool:
         dropped = await asyncio.to_thread(self.engine.forget_user, key, generation)

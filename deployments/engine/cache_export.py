@@ -6,23 +6,31 @@ from an intact cache on one side or the other, never from a half-copied one. The
 adopts an export only into free memory (`Engine.import_user`: it never drops anyone to make
 room) and only when its `layout` names the same cache layout as its own.
 
-`buffers` hold the keys and values as raw bytes (uint8 arrays: numpy has no bfloat16), a
-handful at most: the paged engine's pages are one contiguous buffer (a page holds every
-layer's keys and values), the generic engine's caches one buffer for all layers when they
-share a shape. Numpy arrays travel through Ray's object store without pickling their bytes and
-are read there in place by a receiver on the same node.
+`buffers` hold the keys and values as raw bytes, laid end to end in the engine's own order
+(the paged engine's pages, a page holding every layer's keys and values; the generic engine's
+caches, one buffer for all layers when they share a shape), in pieces of any size: uint8
+arrays, or what the sender's `sink` made of each (Ray's object store refs: the sender puts
+piece i while it copies piece i+1; the receiving replica resolves them to arrays before
+`Engine.import_user`). `sizes` are the pieces' bytes. Numpy arrays travel through Ray's object
+store without pickling their bytes and are read there in place by a receiver on the same node.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:  # torch only where bytes are made: the engine package's interface (and the
     import torch  # ingress, which imports it) must load without torch
+
+
+# What an export does with each piece it copies (a uint8 array valid only during the call):
+# keep a copy (`copy_piece`), or put it in Ray's object store (the replica's moves).
+Sink = Callable[[np.ndarray], Any]
 
 
 class LayoutMismatch(ValueError):
@@ -38,16 +46,32 @@ class UserCacheExport:
     token_ids: list[int]  # every token the conversation has seen
     kv_len: int  # positions [0, kv_len) have keys and values in `buffers`
     layout: str  # engine kind, model, dtype and unit shape: must equal the receiver's
-    buffers: list[np.ndarray] = field(default_factory=list)  # uint8, the engine's own order
+    buffers: list[Any] = field(default_factory=list)  # uint8 pieces, or the sink's refs
+    sizes: list[int] = field(default_factory=list)  # each piece's bytes
     generation: int = 0  # the sender's count of the user's requests when copied
-    # Seconds the sender spent copying out (device to host, on a GPU), for the move's metrics,
-    # and of those, allocating the host buffer it copied into (pinned memory on a GPU).
+    # Seconds the sender spent copying out (device to host on a GPU, and handing the pieces
+    # to its sink), for the move's metrics.
     copy_s: float = 0.0
-    stage_s: float = 0.0
+    # Seconds by phase: the sender's copy out (`out_` keys: staging_ring.StageTimes) and,
+    # once imported, the receiver's copy in (`in_` keys), for benchmarks.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(int(b.nbytes) for b in self.buffers)
+        return sum(self.sizes)
+
+    def hold(self, pieces: list[Any], sizes: list[int]) -> None:
+        """Keep the copied `pieces` (of `sizes` bytes)."""
+        if len(pieces) != len(sizes):
+            raise ValueError(f"{len(pieces)} pieces with {len(sizes)} sizes")
+        self.buffers, self.sizes = list(pieces), [int(n) for n in sizes]
+
+    def arrays(self) -> list[np.ndarray]:
+        """The pieces as uint8 arrays of their stated sizes (ValueError otherwise)."""
+        for i, (piece, size) in enumerate(zip(self.buffers, self.sizes, strict=True)):
+            if not isinstance(piece, np.ndarray) or piece.dtype != np.uint8 or piece.nbytes != size:
+                raise ValueError(f"piece {i} of this export is not {size} bytes of uint8")
+        return list(self.buffers)
 
     def check(self, layout: str) -> None:
         """Raise LayoutMismatch unless this export fits a receiver of `layout`."""
@@ -66,6 +90,11 @@ class MovableUser:
     key: str
     nbytes: int
     on_device: bool = True  # in the device tier (else the host tier)
+
+
+def copy_piece(piece: np.ndarray) -> np.ndarray:
+    """The default sink of an export: a copy of the piece (valid only during the call)."""
+    return piece.copy()
 
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:

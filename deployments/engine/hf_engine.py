@@ -26,8 +26,10 @@ from deployments.capacity import EngineMemory, memory_snapshot
 from deployments.config import AppArgs
 from deployments.engine.cache_export import (
     MovableUser,
+    Sink,
     UserCacheExport,
     as_bytes,
+    copy_piece,
     from_bytes,
 )
 from deployments.engine.grammar import Grammar
@@ -308,7 +310,7 @@ class HFEngine(Engine):
     def movable_users(self) -> list[MovableUser]:
         return [MovableUser(e.key, self.store.entry_bytes(e)) for e in self.store.idle() if e.key]
 
-    def export_user(self, key: str) -> UserCacheExport | None:
+    def export_user(self, key: str, sink: Sink = copy_piece) -> UserCacheExport | None:
         """All layers' keys and values as one buffer [layers, 2, heads, tokens, head_dim].
         A request that takes the user meanwhile makes the copy stale: None then."""
         entry = next((e for e in self.store.idle() if e.key == key), None)
@@ -324,7 +326,9 @@ class HFEngine(Engine):
         if entry.generation != generation or entry.running:
             return None
         copied = UserCacheExport(key, entry.tenant, tokens, kv_tokens, self.cache_layout)
-        copied.buffers, copied.generation = [as_bytes(stacked)], generation
+        data = as_bytes(stacked)
+        copied.hold([sink(data)], [data.nbytes])
+        copied.generation = generation
         copied.copy_s = time.perf_counter() - start
         return copied
 
@@ -337,7 +341,10 @@ class HFEngine(Engine):
         layers, heads, head_dim = (int(x) for x in self.cache_layout.rsplit(":", 1)[1].split("x"))
         dtype = next(self.model.parameters()).dtype
         shape = (layers, 2, heads, export.kv_len, head_dim)
-        data = from_bytes(export.buffers[0], dtype, shape).to(self.device, copy=True)
+        pieces = export.arrays()
+        if len(pieces) != 1:
+            raise ValueError(f"an export of this engine has one piece, not {len(pieces)}")
+        data = from_bytes(pieces[0], dtype, shape).to(self.device, copy=True)
         cache = self._new_cache()
         for i in range(layers):
             cache.update(data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0), i)

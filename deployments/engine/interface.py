@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.capacity import EngineMemory
-from deployments.engine.cache_export import MovableUser, UserCacheExport
+from deployments.engine.cache_export import MovableUser, Sink, UserCacheExport, copy_piece
 
 logger = logging.getLogger(__name__)
 
@@ -219,9 +219,11 @@ class Engine(ABC):
         """Idle users whose caches `export_user` can copy now, least recently used first."""
         return []
 
-    def export_user(self, key: str) -> UserCacheExport | None:
+    def export_user(self, key: str, sink: Sink = copy_piece) -> UserCacheExport | None:
         """A copy of `key`'s kept cache, which stays here until `forget_user`; None when the
-        user holds no cache, is running a request, or its pages are moving between tiers."""
+        user holds no cache, is running a request, or its pages are moving between tiers (or
+        did meanwhile). Each piece of bytes copied goes through `sink`, whose results the
+        export holds (cache_export.py)."""
         return None
 
     def import_user(self, export: UserCacheExport) -> int | None:

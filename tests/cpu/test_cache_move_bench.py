@@ -24,13 +24,30 @@ def test_a_moved_user_is_served_by_its_receiver_from_its_cache(handle, serve_url
         assert row["bytes"] >= row["history_tokens"] * 2 * 2 * 2 * 32 * 4
         assert row["next_turn_cached_tokens"] >= row["history_tokens"]
         assert row["move_s"] > 0 and row["import_s"] > 0 and row["call_s"] >= row["import_s"]
+        # On CPU the copies are host copies: no device time, every chunk put and copied in.
+        assert row["d2h_s"] == 0 and row["h2d_s"] == 0 and row["chunks"] >= 1
+        assert row["put_s"] > 0 and row["host_copy_s"] > 0 and row["get_s"] >= 0
+        assert row["export_s"] >= row["put_s"]
     top = bench.headline(rows, None)
     assert top["history_tokens"] == 1024 and set(top["time_split_s"]) == {
-        "stage_pinned",
+        "export",
         "device_to_host",
-        "object_store",
+        "object_store_put",
+        "export_overlap",
+        "call_overhead",
+        "object_store_get",
+        "import",
+        "host_staging_copy",
         "host_to_device",
+        "import_overlap",
     }
+
+
+def test_only_the_rows_asked_for_are_measured(handle, serve_url):
+    rows = bench.measure(
+        handle, serve_url, quick=True, pinned=None, histories=(300,), attempts=2, seed=1
+    )
+    assert [(r["history_tokens"], r["attempt"]) for r in rows] == [(300, 0), (300, 1)]
 
 
 def test_the_paper_figure_moves_a_70b_user_faster_than_it_recomputes():

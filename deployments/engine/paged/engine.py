@@ -20,7 +20,7 @@ import torch
 from deployments.advice_check import AdviceCheck
 from deployments.capacity import EngineMemory
 from deployments.config import AppArgs
-from deployments.engine.cache_export import MovableUser, UserCacheExport
+from deployments.engine.cache_export import MovableUser, Sink, UserCacheExport, copy_piece
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
     ALL_SAMPLING_FEATURES,
@@ -94,7 +94,7 @@ class PagedEngine(Engine):
         self._plan_layout(args, memory, advisor)
         self._build(args, memory, path)
         warm(self.runner, self.layout, self._placer)  # every kernel compiled: none on requests
-        self._start_loop()
+        self._start_loop(args.cache_moves.chunk_bytes)
 
     def _plan_layout(
         self, args: AppArgs, memory: MemoryAccountant, advisor: MemoryAdvisor | None
@@ -138,8 +138,9 @@ class PagedEngine(Engine):
         """Where the driver says each advised range lives, read back by build phase (Grace)."""
         return self._placer.check if self._placer else None
 
-    def _start_loop(self) -> None:
-        """The step loop's state and its thread; the engine is ready once it runs."""
+    def _start_loop(self, chunk_bytes: int) -> None:
+        """The step loop's state and its thread; the engine is ready once it runs.
+        `chunk_bytes`: the cache moves' staging chunks (cache_transfer.py)."""
         self._keep_free = self.layout.keep_free_pages  # moved down ahead of need each step
         self._lock = threading.Lock()  # guards scheduler and cache state
         self._wake = threading.Condition(self._lock)
@@ -150,7 +151,13 @@ class PagedEngine(Engine):
         self.steps_ahead = 0  # steps launched before the previous step's tokens were read
         self._steps = StepTimes()  # recent step timings: stats, and testing.step_log
         self._transfer = CacheTransfer(
-            self._lock, self.cache, self.pool, self._host_pool, self.model_name, self._keep_free
+            self._lock,
+            self.cache,
+            self.pool,
+            self._host_pool,
+            self.model_name,
+            self._keep_free,
+            chunk_bytes,
         )
         self._thread = threading.Thread(target=self._loop, name="paged-engine", daemon=True)
         self._thread.start()
@@ -463,8 +470,8 @@ class PagedEngine(Engine):
     def movable_users(self) -> list[MovableUser]:
         return self._transfer.movable()
 
-    def export_user(self, key: str) -> UserCacheExport | None:
-        return self._transfer.export(key)
+    def export_user(self, key: str, sink: Sink = copy_piece) -> UserCacheExport | None:
+        return self._transfer.export(key, sink)
 
     def import_user(self, export: UserCacheExport) -> int | None:
         return self._transfer.import_(export)
@@ -486,3 +493,4 @@ class PagedEngine(Engine):
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        self._transfer.ring.close()
