@@ -84,7 +84,13 @@ FEATURES = (
         "Cache moves between replicas (pressure, shutdown, drain)",
         ("test_cache_moves.py", "test_cache_moves_serve.py", "test_cache_move_bench.py"),
         ("test_cache_moves_gpu",),
-        ("migration",),
+        ("migration", "migration-ring"),
+    ),
+    Feature(
+        "Mixture of experts and Llama 4 in the paged engine",
+        ("test_moe.py", "test_paged_moe.py", "test_paged_llama4.py"),
+        (),  # test_moe_gpu and test_llama4_gpu: not run yet
+        ("moe",),
     ),
     Feature("Routing simulation (CPU by design)", ("test_routing_sim.py",), (), ()),
 )
