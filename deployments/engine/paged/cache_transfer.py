@@ -101,7 +101,7 @@ class CacheTransfer:
     def import_(self, export: UserCacheExport) -> int | None:
         """Adopt `export` into free pages (see Engine.import_user)."""
         export.check(self.layout)
-        n = self.cache.pages_for(export.kv_len)
+        n = self.cache.kept_pages(export.kv_len)  # all lanes (chunk_window.py)
         if len(export.buffers) != 1:
             raise ValueError(f"a paged export has one buffer, not {len(export.buffers)}")
         data = from_bytes(export.buffers[0], self.pool.buffer.dtype, (n, *self.page_shape))

@@ -26,9 +26,10 @@ def logits_for(engine: Any, plan: list[tuple[Sequence, int]]) -> list[torch.Tens
     """
     batch = Batch()
     for seq, n in plan:
-        seq.pages += engine.cache.allocate(
-            engine.cache.pages_for(seq.num_computed + n) - len(seq.pages)
-        )
+        window = engine.cache.window  # as the scheduler does (chunk_window.py)
+        engine.cache.free(window.release(seq))
+        need = window.need(seq, seq.num_computed + n)
+        window.grow(seq, seq.num_computed + n, engine.cache.allocate(need))
         batch.add(seq, n)
     tokens, meta, *_ = engine.runner._prepare(batch)
     every = torch.arange(tokens.shape[0], device=tokens.device)
