@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from deployments.config import AppArgs
-from deployments.model_spec import ModelSpec
+from deployments.model_spec import KVLanes, ModelSpec
 
 if TYPE_CHECKING:
     from deployments.platform import PlatformInfo
@@ -85,14 +85,6 @@ class Layout:
     def kv_bytes_per_token(self) -> int:
         """A token's KV in every layer (chunked lanes hold it only while in their chunk)."""
         return self.page_bytes * self.kv_lanes // self.page_size
-
-    def user_kv_bytes(self, tokens: int) -> int:
-        """KV bytes a kept user of `tokens` tokens holds: full-attention layers every token,
-        chunked ones the current chunk's (engine/paged/chunk_window.py keeps it so)."""
-        blocks = self.pages_for(tokens)
-        chunk_start = tokens // self.chunk_tokens * self.chunk_tokens if self.chunk_tokens else 0
-        windowed = blocks - chunk_start // self.page_size
-        return (blocks + self.chunk_lanes * windowed) * self.page_bytes
 
     @property
     def kv_capacity_bytes(self) -> int:
@@ -156,6 +148,17 @@ def _kv_pages(
     return page_bytes, kv_budget, num_pages
 
 
+def _lanes(spec: ModelSpec, page_size: int) -> KVLanes:
+    """The model's KV lanes; ValueError when its attention chunk is not whole pages."""
+    lanes = spec.kv_lanes()
+    if lanes.chunk % page_size:
+        raise ValueError(
+            f"engine.page_size {page_size} does not divide the model's attention chunk of "
+            f"{lanes.chunk} tokens: chunked layers keep whole pages of their current chunk"
+        )
+    return lanes
+
+
 def _keep_free(args: AppArgs, num_pages: int) -> int:
     """Pages kept free ahead of need: those one step's batched tokens fill, plus one for every
     fourth sequence; at most a quarter of the pool (the scratch page aside)."""
@@ -193,12 +196,7 @@ def plan_layout(
     outside = 0 if advise or not device.startswith("cuda") else len(beyond) * layer
     in_resource = weight_bytes - outside
     page_size = args.engine.page_size
-    lanes = spec.kv_lanes()
-    if lanes.chunk % page_size:
-        raise ValueError(
-            f"engine.page_size {page_size} does not divide the model's attention chunk of "
-            f"{lanes.chunk} tokens: chunked layers keep whole pages of their current chunk"
-        )
+    lanes = _lanes(spec, page_size)
     page_bytes, kv_budget, num_pages = _kv_pages(spec, args, size, free_bytes - in_resource)
     host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
     host_tier = None if not host_pages else MANAGED_HOST_TIER if advise else PINNED_HOST_TIER
