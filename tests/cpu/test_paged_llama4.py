@@ -54,9 +54,9 @@ def tiny_config(**overrides):
     return config
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny Llama 4 with random weights, norms included (none of them ones or zeros)."""
+def save_tiny(path) -> tuple[str, object]:
+    """The tiny Llama 4 with random weights, norms included (none of them ones or zeros),
+    saved as a checkpoint at `path`: (its path, the HF model)."""
     import transformers
 
     from deployments.engine.builtin_tokenizer import write_tokenizer
@@ -67,10 +67,14 @@ def checkpoint(tmp_path_factory):
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.3 * torch.randn_like(param))
-    path = tmp_path_factory.mktemp("llama4")
     model.save_pretrained(path)
     write_tokenizer(path)
     return str(path), model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("llama4"))
 
 
 def engine_for(path: str, **engine):
