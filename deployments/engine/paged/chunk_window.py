@@ -16,6 +16,16 @@ tier moves and exports copy pages without knowing lanes. Attention chunks are wh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class HoldsPages(Protocol):
+    """What a sequence (sequence.Sequence) holds: KV for [0, num_computed) in its pages."""
+
+    pages: list[int]
+    chunk_pages: list[list[int]]
+    chunk_base: int
+    num_computed: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class ChunkWindow:
             return tokens
         return tokens // self.chunk * self.chunk
 
-    def need(self, seq, tokens: int) -> int:
+    def need(self, seq: HoldsPages, tokens: int) -> int:
         """Pages `seq` must add to hold KV for its first `tokens` tokens (its chunked lanes
         counted from its window on, as after `release`)."""
         blocks = self.blocks(tokens)
@@ -73,7 +83,7 @@ class ChunkWindow:
         end = seq.chunk_base + len(seq.chunk_pages[0]) if seq.chunk_pages else base
         return full + self.lanes * max(0, blocks - max(end, base))
 
-    def release(self, seq) -> list[int]:
+    def release(self, seq: HoldsPages) -> list[int]:
         """Drop `seq`'s chunked pages of blocks before its window; the pages to free. New
         lists replace the old ones (the page table rewrites a row whose list changed)."""
         if not self.lanes:
@@ -90,7 +100,7 @@ class ChunkWindow:
         seq.chunk_base = base
         return freed
 
-    def grow(self, seq, tokens: int, pages: list[int]) -> None:
+    def grow(self, seq: HoldsPages, tokens: int, pages: list[int]) -> None:
         """Give `seq` the `need(seq, tokens)` pages `pages` (after `release`)."""
         blocks = self.blocks(tokens)
         full = max(0, blocks - len(seq.pages))
