@@ -385,7 +385,7 @@ def compare_logits(
         return err, agree / sum(y.shape[0] for y in b)
 
     ref = hf_logits()
-    ours.cache.free([p for s in seqs for p in s.pages])
+    ours.cache.free([p for s in seqs for p in s.all_pages()])
     err, agree = compare(got, ref)
     out: dict[str, Any] = {
         "max_abs_err": err,

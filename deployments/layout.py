@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from deployments.config import AppArgs
-from deployments.model_spec import ModelSpec
+from deployments.model_spec import KVLanes, ModelSpec
 
 if TYPE_CHECKING:
     from deployments.platform import PlatformInfo
@@ -64,7 +64,7 @@ class Layout:
     weights_in_resource_bytes: int  # of which the replica's memory resource holds
     max_model_len: int  # tokens of context a request may reach
     page_size: int  # tokens per KV page
-    page_bytes: int  # one page: keys and values of every layer
+    page_bytes: int  # one page: keys and values of `layers_per_page` layers (one lane)
     kv_budget_bytes: int  # what the device pool was sized from
     num_pages: int  # device pool pages, the scratch page included
     host_pages: int  # host tier pages (0: no tier)
@@ -72,6 +72,9 @@ class Layout:
     keep_free_pages: int  # device pages kept free by moving idle users down ahead of need
     decode_graphs: bool  # decode steps replay CUDA graphs
     graphs_off_reason: str | None  # why not, when not
+    kv_lanes: int = 1  # pages a block of tokens needs while in its current chunk (all lanes)
+    chunk_lanes: int = 0  # of which hold chunked-attention layers (ModelSpec.kv_lanes)
+    chunk_tokens: int = 0  # their attention chunk: the tokens they keep
 
     @property
     def usable_pages(self) -> int:
@@ -80,7 +83,8 @@ class Layout:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.page_bytes // self.page_size
+        """A token's KV in every layer (chunked lanes hold it only while in their chunk)."""
+        return self.page_bytes * self.kv_lanes // self.page_size
 
     @property
     def kv_capacity_bytes(self) -> int:
@@ -135,12 +139,24 @@ def _kv_pages(
 ) -> tuple[int, int, int]:
     """(bytes of a KV page, the KV budget, pages in the pool) with `kv_free_bytes` free
     beside the weights; `size`: bytes per element."""
-    page_bytes = spec.kv_bytes_per_token(size) * args.engine.page_size
+    lanes = spec.kv_lanes()
+    page_bytes = 2 * lanes.layers_per_page * spec.kv_size * size * args.engine.page_size
     kv_budget = kv_budget_bytes(
         args.kv_cache.budget_bytes, args.kv_cache.budget_fraction, kv_free_bytes
     )
     num_pages = max(2, kv_budget // page_bytes) + 1  # +1: the scratch page
     return page_bytes, kv_budget, num_pages
+
+
+def _lanes(spec: ModelSpec, page_size: int) -> KVLanes:
+    """The model's KV lanes; ValueError when its attention chunk is not whole pages."""
+    lanes = spec.kv_lanes()
+    if lanes.chunk % page_size:
+        raise ValueError(
+            f"engine.page_size {page_size} does not divide the model's attention chunk of "
+            f"{lanes.chunk} tokens: chunked layers keep whole pages of their current chunk"
+        )
+    return lanes
 
 
 def _keep_free(args: AppArgs, num_pages: int) -> int:
@@ -180,6 +196,7 @@ def plan_layout(
     outside = 0 if advise or not device.startswith("cuda") else beyond_bytes
     in_resource = weight_bytes - outside
     page_size = args.engine.page_size
+    lanes = _lanes(spec, page_size)
     page_bytes, kv_budget, num_pages = _kv_pages(spec, args, size, free_bytes - in_resource)
     host_pages = int(args.kv_cache.host_tier_bytes) // page_bytes
     host_tier = None if not host_pages else MANAGED_HOST_TIER if advise else PINNED_HOST_TIER
@@ -204,4 +221,7 @@ def plan_layout(
         keep_free_pages=_keep_free(args, num_pages),
         decode_graphs=graphs_off is None,
         graphs_off_reason=graphs_off,
+        kv_lanes=1 + lanes.chunk_lanes,
+        chunk_lanes=lanes.chunk_lanes,
+        chunk_tokens=lanes.chunk,
     )

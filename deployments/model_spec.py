@@ -139,6 +139,45 @@ class LayerAttention:
 DEFAULT_ATTENTION = LayerAttention()
 
 
+@dataclass(frozen=True)
+class KVLanes:
+    """Which page holds each layer's KV (the paged engine's pool and the layout read this).
+
+    A page holds `layers_per_page` layers of `page_size` tokens. Lane 0 holds the full
+    attention layers and keeps every token; lanes 1..`chunk_lanes` hold the chunked-attention
+    layers and keep only the current attention chunk (`chunk` tokens). A model without
+    chunked layers (or whose chunked layers are not a whole multiple of its full ones) has
+    one lane of every layer: pages as before, nothing released.
+    """
+
+    layers_per_page: int
+    lane_of: tuple[int, ...]  # per layer: its lane
+    slot_of: tuple[int, ...]  # per layer: its index among the page's layers
+    chunk: int = 0  # tokens of the chunked lanes' attention chunk; 0: no chunked lanes
+
+    @property
+    def chunk_lanes(self) -> int:
+        return max(self.lane_of) if self.chunk else 0
+
+
+def kv_lanes(spec: ModelSpec) -> KVLanes:
+    """Pages of #full layers, one lane of them and #chunked / #full lanes of chunked layers,
+    when the numbers divide and every chunked layer has the same chunk; else one lane."""
+    full = [i for i in range(spec.num_layers) if not spec.attention(i).chunk]
+    chunked = [i for i in range(spec.num_layers) if spec.attention(i).chunk]
+    chunks = {spec.attention(i).chunk for i in chunked}
+    if not full or not chunked or len(chunked) % len(full) or len(chunks) != 1:
+        every = tuple(range(spec.num_layers))
+        return KVLanes(spec.num_layers, (0,) * spec.num_layers, every)
+    g = len(full)
+    lane, slot = [0] * spec.num_layers, [0] * spec.num_layers
+    for k, i in enumerate(full):
+        slot[i] = k
+    for k, i in enumerate(chunked):
+        lane[i], slot[i] = 1 + k // g, k % g
+    return KVLanes(g, tuple(lane), tuple(slot), chunks.pop())
+
+
 def llama4_layer_types(config: Any) -> list[str]:
     """Llama 4's attention layer types ("chunked_attention" or "full_attention"), as
     transformers derives them: config.json's list, else chunked attention in the RoPE layers
@@ -197,6 +236,10 @@ class ModelSpec:
 
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.kv_size * dtype_size
+
+    def kv_lanes(self) -> KVLanes:
+        """How its layers' KV is laid out in pages (`kv_lanes`)."""
+        return kv_lanes(self)
 
     def is_moe_layer(self, index: int) -> bool:
         return self.moe is not None and index in self.moe.layers

@@ -88,7 +88,14 @@ FEATURES = (
     ),
     Feature(
         "Mixture of experts and Llama 4 in the paged engine",
-        ("test_moe.py", "test_paged_moe.py", "test_paged_llama4.py", "test_moe_serve.py"),
+        (
+            "test_moe.py",
+            "test_paged_moe.py",
+            "test_paged_llama4.py",
+            "test_paged_llama4_kv.py",
+            "test_chunk_kv.py",
+            "test_moe_serve.py",
+        ),
         (),  # test_moe_gpu and test_llama4_gpu: not run yet
         ("moe",),
     ),

@@ -61,24 +61,29 @@ def tiny_config(**overrides):
 LAYOUTS = {"dense": [], "moe": [1, 3]}  # moe_layers
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def checkpoint(request, tmp_path_factory):
-    """The tiny Llama 4 with random weights, norms included (none of them ones or zeros)."""
+def save_tiny(path, moe_layers: list[int] | None = None) -> tuple[str, object]:
+    """The tiny Llama 4 with random weights, norms included (none of them ones or zeros),
+    its layers `moe_layers` routed experts, saved as a checkpoint at `path`: (its path, the
+    HF model)."""
     import transformers
 
     from deployments.engine.builtin_tokenizer import write_tokenizer
 
     torch.manual_seed(3)
-    config = tiny_config(moe_layers=LAYOUTS[request.param])
+    config = tiny_config(moe_layers=moe_layers or [])
     model = transformers.Llama4ForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.3 * torch.randn_like(param))
-    path = tmp_path_factory.mktemp("llama4")
     model.save_pretrained(path)
     write_tokenizer(path)
     return str(path), model
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def checkpoint(request, tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("llama4"), LAYOUTS[request.param])
 
 
 def engine_for(path: str, **engine):
@@ -134,7 +139,8 @@ def test_mixed_batches_across_chunk_boundaries_match_hf_forward(checkpoint):
         reference = hf_logits(model, seq.token_ids[: start + len(logits) + len(extra)])
         torch.testing.assert_close(logits, reference[start : start + len(logits)], **TOL)
         torch.testing.assert_close(extra, reference[start + len(logits) :], **TOL)
-    engine.cache.free([p for s in seqs for p in s.pages])
+    engine.cache.free([p for s in seqs for p in s.all_pages()])
+    engine.cache.check_integrity()
     asyncio.run(engine.shutdown())
 
 
@@ -186,9 +192,10 @@ def test_greedy_equals_hf_through_kept_prefixes_that_cross_chunks(checkpoint):
 
 def test_preempted_requests_resume_and_still_match_hf(checkpoint):
     path, model = checkpoint
-    page_bytes = 2 * TINY["num_hidden_layers"] * PAGE * 2 * 16 * 4
-    # 12 pages of 16 tokens: four 40-token prompts growing by 20 cannot all stay resident.
-    engine = engine_for(path, kv_bytes=12 * page_bytes, max_batched_tokens=128)
+    page_bytes = 2 * 1 * PAGE * 2 * 16 * 4  # a page holds one layer (kv_pool.py's lanes)
+    # 32 pages of one layer and 16 tokens: four 40-token prompts (12 pages each while they
+    # prefill, 10 at 60 tokens) cannot all stay resident.
+    engine = engine_for(path, kv_bytes=32 * page_bytes, max_batched_tokens=128)
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(3, 400, (40,), generator=g).tolist() for _ in range(4)]
 

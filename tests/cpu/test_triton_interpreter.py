@@ -382,6 +382,42 @@ def test_chunked_attention_kernels_match_the_reference_mask(splits):
             assert (full[0] - ref[-1]).abs().max() > 1e-3
 
 
+def test_chunked_kernels_never_read_pages_before_the_queries_chunk():
+    """A chunked lane's page-table row points at the scratch page before the sequence's
+    current chunk (chunk_window.py: those pages are released and reused by others). Here
+    those columns point at a page of NaNs: any read of one would spoil the output."""
+    torch.manual_seed(6)
+    pages, page, kv_heads, dim, heads, chunk = 40, 16, 2, 32, 8, 32
+    k, v = torch.randn(pages, page, kv_heads, dim), torch.randn(pages, page, kv_heads, dim)
+    k[0], v[0] = float("nan"), float("nan")
+    shapes = [(1, 70), (1, 64), (20, 100), (40, 72)]  # (tokens, context)
+    lens = [n for n, _ in shapes]
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], heads, dim)
+    table = torch.stack([torch.randperm(pages - 1)[:10] + 1 for _ in shapes]).int()
+    clean = table.clone()
+    for i, (n, c) in enumerate(shapes):  # release every page before the first query's chunk
+        table[i, : (c - n) // chunk * chunk // page] = 0
+    contexts = torch.tensor([c for _, c in shapes], dtype=torch.int32)
+    out = torch.empty_like(q)
+    prefill_attention(
+        q, k, v, table, contexts, starts, lens, list(range(len(shapes))), dim**-0.5, out,
+        chunk=chunk,
+    )  # fmt: skip
+    decode_rows = torch.tensor([starts[i + 1] - 1 for i in range(len(shapes))])
+    dec = decode_attention(q[decode_rows], k, v, table, contexts, dim**-0.5, chunk=chunk)
+    for i, (n, c) in enumerate(shapes):
+        rows = slice(starts[i], starts[i] + n)
+        ref = reference_attention(q[rows], k, v, clean[i], c, dim**-0.5, chunk)
+        released = reference_attention(q[rows], k, v, table[i], c, dim**-0.5, chunk)
+        assert not ref.isnan().any()
+        torch.testing.assert_close(released, ref)
+        torch.testing.assert_close(out[rows], ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dec[i], ref[-1], atol=1e-4, rtol=1e-4)
+
+
 def test_rope_store_with_llama4_qk_norm_matches_its_pytorch_version():
     torch.manual_seed(1)
     heads, kv_heads, dim, pages, page = 4, 2, 16, 8, 4

@@ -59,7 +59,7 @@ PROGRAM = """
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
-    from deployments.engine.paged.testing import logits_for
+    from deployments.engine.paged.testing import logits_for, reserve
     CHUNK = 128
     config = transformers.Llama4TextConfig(
         hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, num_hidden_layers=4,
@@ -87,6 +87,8 @@ PROGRAM = """
         "memory": {"mode": "managed"}, "engine": {"max_num_seqs": 16}})
     engine = PagedEngine(args, memory)
     assert engine.runner.model.triton_prefill and engine.runner.graphs is not None
+    # pages of one layer: the NoPE layer's lane and three chunked lanes (chunk_window.py)
+    assert engine.layout.kv_lanes == 4 and engine.pool.buffer.shape[2] == 1
     step = functools.partial(logits_for, engine)
     def errors(seq, logits, start):
         ids = torch.tensor([seq.token_ids[:start + logits.shape[0]]], device="cuda")
@@ -104,7 +106,7 @@ PROGRAM = """
     for s, logit, start in zip(seqs, got, (127, 200, 128, 0)):
         ours, hf = errors(s, logit, start)
         ours_err, hf_err = max(ours_err, ours), max(hf_err, hf)
-    engine.cache.free([p for s in seqs for p in s.pages])
+    engine.cache.free([p for s in seqs for p in s.all_pages()])
     # Decode through CUDA graphs and eagerly at positions around a chunk boundary.
     ends = (255, 256, 257)  # each row's one new token: positions around boundary 256
     trio = [Sequence("t", None, c[:n + 1], SamplingParams(1))
@@ -112,21 +114,24 @@ PROGRAM = """
     step([(s, n) for s, n in zip(trio, ends)])
     batch = Batch()
     for s in trio:
-        s.pages += engine.cache.allocate(engine.cache.pages_for(s.num_computed + 1) - len(s.pages))
+        reserve(engine, s, s.num_computed + 1)
         batch.add(s, 1)
+    # Their chunked lanes start at their chunk (earlier pages released): rows of the decode
+    # graph's lane tables hold the scratch page before it.
+    assert all(s.chunk_base == s.num_computed // CHUNK * CHUNK // 16 > 0 for s in trio)
     tokens, meta, _, index, *_ = engine.runner._prepare(batch)
     graph_logits = engine.runner.graphs.run(meta, tokens).clone()
     eager = engine.runner.model.forward(tokens, meta, index)
     eager_vs_graph = (graph_logits - eager).abs().max().item()
     graph_vs_fp32 = max(errors(s, graph_logits[i:i + 1], s.num_computed)[0]
                         for i, s in enumerate(trio))
-    engine.cache.free([p for s in trio for p in s.pages])
+    engine.cache.free([p for s in trio for p in s.all_pages()])
     # A returning user's short chunk after a history, across a chunk boundary: prefill graph.
     prefill_vs_eager = prefill_vs_fp32 = 0.0
     for n in (2, 17, 65, 100):
         s = Sequence("t", None, convs[3][:250 + n], SamplingParams(1))
         step([(s, 250)])
-        s.pages += engine.cache.allocate(engine.cache.pages_for(250 + n) - len(s.pages))
+        reserve(engine, s, 250 + n)
         batch = Batch()
         batch.add(s, n)
         tokens, meta, *_ = engine.runner._prepare(batch)
@@ -135,7 +140,7 @@ PROGRAM = """
         eager = engine.runner.model.forward(tokens, meta, torch.tensor([n - 1], device="cuda"))[0]
         prefill_vs_eager = max(prefill_vs_eager, (graph - eager).abs().max().item())
         prefill_vs_fp32 = max(prefill_vs_fp32, errors(s, graph[None], 250 + n - 1)[0])
-        engine.cache.free(s.pages)
+        engine.cache.free(s.all_pages())
     # Greedy through the engine equals HF bf16's greedy for its first tokens.
     async def run():
         req = GenerationRequest("r", None, convs[1][:200], SamplingParams(8, 0.0))

@@ -13,7 +13,7 @@ start each query's keys there, as the reference's mask does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,19 @@ class AttentionMetadata:
     decode_only: bool
     # Per-step work every layer shares (row selections, prefill blocks), built by the first.
     plans: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Chunked lanes 1.. (kv_pool.py): each one's (page table, write pages); the fields above
+    # are lane 0's. A chunked lane's row holds page 0 before the sequence's current chunk.
+    lane_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    def lane(self, lane: int) -> AttentionMetadata:
+        """This step as lane `lane`'s layers read it (their page table and write pages)."""
+        if lane == 0:
+            return self
+        key = ("lane", lane)
+        if key not in self.plans:
+            table, writes = self.lane_tables[lane - 1]
+            self.plans[key] = replace(self, page_table=table, write_pages=writes, lane_tables=())
+        return self.plans[key]
 
     @property
     def query_starts(self) -> list[int]:
@@ -57,19 +70,22 @@ def reference_attention(
     with `chunk`, each query sees only its own attention chunk's keys."""
     n, heads, dim = q.shape
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    used = pages[: -(-context_len // page_size)].long()
-    k = k_cache[used].reshape(-1, kv_heads, dim)[:context_len]
-    v = v_cache[used].reshape(-1, kv_heads, dim)[:context_len]
+    first = context_len - n  # absolute position of the first query token
+    # Keys from the first query's chunk start on, from whole pages (earlier ones unread:
+    # a chunked lane's pages before the current chunk are released).
+    lo = first // chunk * chunk // page_size * page_size if chunk else 0
+    used = pages[lo // page_size : -(-context_len // page_size)].long()
+    k = k_cache[used].reshape(-1, kv_heads, dim)[: context_len - lo]
+    v = v_cache[used].reshape(-1, kv_heads, dim)[: context_len - lo]
     if kv_heads != heads:
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-    first = context_len - n  # absolute position of the first query token
     if first == 0 and (not chunk or context_len <= chunk):
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
         )
     else:
-        key_pos = torch.arange(context_len, device=q.device)
+        key_pos = torch.arange(lo, context_len, device=q.device)
         query_pos = torch.arange(first, context_len, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]
         if chunk:

@@ -18,6 +18,7 @@ import torch
 from deployments.config import AppArgs
 from deployments.engine.kv_shares import KVShares
 from deployments.engine.paged.cache_manager import CacheManager
+from deployments.engine.paged.chunk_window import ChunkWindow
 from deployments.engine.paged.cuda_graphs import DecodeGraphs, PrefillGraphs
 from deployments.engine.paged.host_pool import HostKVPool
 from deployments.engine.paged.kv_pool import KVPool
@@ -119,6 +120,7 @@ def build_kv(
         reserved=1,
         host_pages=layout.host_pages,
         shares=KVShares(args.kv_cache.key_share),
+        window=ChunkWindow(layout.chunk_lanes, layout.chunk_tokens, layout.page_size),
     )
     host_pool = None
     if layout.host_pages and placer:  # in the replica's own resource, already in its limit

@@ -32,6 +32,7 @@ from typing import Any
 
 from deployments.engine.kv_reuse import reusable_tokens
 from deployments.engine.kv_shares import Idle, KVShares, victims
+from deployments.engine.paged.chunk_window import ChunkWindow
 
 
 @dataclass(eq=False)
@@ -41,6 +42,8 @@ class UserKV:
     key: str
     token_ids: list[int] = field(default_factory=list)
     kv_len: int = 0  # positions [0, kv_len) have keys and values in `pages` or `host_pages`
+    # Flat over lanes (ChunkWindow.flatten): every block's full-layer page, then each chunked
+    # lane's pages of its current chunk.
     pages: list[int] = field(default_factory=list)  # device tier
     host_pages: list[int] = field(default_factory=list)  # host tier
     busy: bool = False  # a running sequence holds this user's pages
@@ -72,10 +75,12 @@ class Import:
 class Reuse:
     """What a new request of a user gets from its kept cache."""
 
-    pages: list[int]
-    tokens: int  # prompt tokens whose KV is already in `pages` (or on its way up)
+    pages: list[int]  # every block's full-layer page
+    tokens: int  # prompt tokens whose KV is already in the pages (or on its way up)
     private: bool  # the user was busy: this request's cache is not kept
     restore: Move | None = None  # the copy up that must finish before the pages are read
+    chunk_pages: tuple[list[int], ...] = ()  # chunked lanes' pages of blocks chunk_base on
+    chunk_base: int = 0
 
 
 class CacheManager:
@@ -86,11 +91,14 @@ class CacheManager:
         reserved: int = 0,
         host_pages: int = 0,
         shares: KVShares | None = None,
+        window: ChunkWindow | None = None,
     ) -> None:
         """Pages [0, reserved) are never handed out (page 0: scratch for padding rows);
-        `shares` says whose idle users a tenant's request may drop (default: anyone's)."""
+        `shares` says whose idle users a tenant's request may drop (default: anyone's);
+        `window`: the chunked-attention lanes' pages (default: none, one lane)."""
         self.num_pages = num_pages
         self.page_size = page_size
+        self.window = window or ChunkWindow(page_size=page_size)
         self.reserved = reserved
         self.host_pages_total = host_pages
         self._free: list[int] = list(range(num_pages - 1, reserved - 1, -1))  # low ids first
@@ -108,6 +116,10 @@ class CacheManager:
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
+
+    def kept_pages(self, kv_len: int) -> int:
+        """Pages a kept cache of `kv_len` tokens holds (all lanes: ChunkWindow.kept_pages)."""
+        return self.window.kept_pages(kv_len)
 
     @property
     def free_pages(self) -> int:
@@ -149,11 +161,12 @@ class CacheManager:
         user = self._users.get(key) if key is not None else None
         if user is None or user.busy or not user.host_pages:
             return 0
-        return self.pages_for(self._reusable(user, prompt))
+        tokens = self._reusable(user, prompt)
+        return len(self.window.keep(user.host_pages, user.kv_len, tokens)[0])
 
-    @staticmethod
-    def _reusable(user: UserKV, prompt: Sequence[int]) -> int:
-        return reusable_tokens(user.token_ids, user.kv_len, prompt)  # the generic store's too
+    def _reusable(self, user: UserKV, prompt: Sequence[int]) -> int:
+        tokens = reusable_tokens(user.token_ids, user.kv_len, prompt)  # the generic store's too
+        return self.window.reusable(tokens, user.kv_len)
 
     def checkout(self, key: str | None, prompt: Sequence[int], tenant: str = "") -> Reuse:
         """Hand a new request of `key` its kept pages, trimmed to what its prompt reuses.
@@ -171,33 +184,57 @@ class CacheManager:
             user = self._users[key] = UserKV(key, tenant=tenant)
         self._users.move_to_end(key)
         tokens = self._reusable(user, prompt)
-        keep = self.pages_for(tokens)
         restore = None
         if user.host_pages:
-            self._host_free.extend(user.host_pages[keep:])
+            keep, dropped = self.window.keep(user.host_pages, user.kv_len, tokens)
+            self._host_free.extend(dropped)
             if keep:
-                restore = Move(key, user.host_pages[:keep], self.allocate(keep), down=False)
+                restore = Move(key, keep, self.allocate(len(keep)), down=False)
                 self.moves.append(restore)
                 self.restored_users += 1
             pages = restore.dst if restore else []
         else:
-            self.free(user.pages[keep:])
-            pages = user.pages[:keep]
+            pages, dropped = self.window.keep(user.pages, user.kv_len, tokens)
+            self.free(dropped)
         user.pages, user.host_pages, user.kv_len, user.busy = [], [], 0, True
         user.generation += 1
-        return Reuse(pages, tokens, private=False, restore=restore)
+        full, lanes, base = self.window.split(pages, tokens)
+        return Reuse(full, tokens, False, restore, tuple(lanes), base)
 
-    def checkin(self, key: str, token_ids: list[int], kv_len: int, pages: list[int]) -> None:
-        """A user's request ended: keep its pages as the user's cache (most recently used)."""
+    def checkin(
+        self,
+        key: str,
+        token_ids: list[int],
+        kv_len: int,
+        pages: list[int],
+        chunk_pages: Sequence[list[int]] = (),
+        chunk_base: int = 0,
+    ) -> None:
+        """A user's request ended: keep its pages as the user's cache (most recently used):
+        `pages` of every block, and the chunked lanes' (blocks `chunk_base` on) of its
+        current chunk; the rest are freed."""
         user = self._users[key]
-        if kv_len > len(token_ids) or self.pages_for(kv_len) > len(pages):
+        blocks, start = self.pages_for(kv_len), self.window.start(kv_len)
+        lanes = list(chunk_pages) or [[] for _ in range(self.window.lanes)]
+        if (
+            kv_len > len(token_ids)
+            or blocks > len(pages)
+            or len(lanes) != self.window.lanes
+            or (
+                self.window.lanes
+                and blocks > start
+                and not chunk_base <= start < blocks <= chunk_base + len(lanes[0])
+            )
+        ):
             raise ValueError("a kept cache must cover exactly its kv_len tokens")
-        keep = self.pages_for(kv_len)
-        self.free(pages[keep:])
+        kept = [lane[start - chunk_base : blocks - chunk_base] for lane in lanes]
+        flat = self.window.flatten(pages[:blocks], kept)
+        held = set(flat)
+        self.free([p for p in [*pages, *(p for lane in lanes for p in lane)] if p not in held])
         if kv_len == 0:  # nothing computed (ended at once): nothing to keep
             del self._users[key]
             return
-        user.token_ids, user.kv_len, user.pages, user.busy = token_ids, kv_len, pages[:keep], False
+        user.token_ids, user.kv_len, user.pages, user.busy = token_ids, kv_len, flat, False
         self._users.move_to_end(key)
 
     def evict_lru_idle(self, requester: str | None = "", override: bool = False) -> str | None:
@@ -320,7 +357,7 @@ class CacheManager:
         if key in self._users:
             self.cancel_import(reserved)
             return None
-        if self.pages_for(kv_len) != len(reserved.pages) + len(reserved.host_pages):
+        if self.kept_pages(kv_len) != len(reserved.pages) + len(reserved.host_pages):
             self.cancel_import(reserved)
             raise ValueError(f"{kv_len} KV tokens do not fill the reserved pages")
         self.imports.remove(reserved)
@@ -361,7 +398,7 @@ class CacheManager:
             assert user.kv_len <= len(user.token_ids), f"user {key}: KV beyond its tokens"
             assert min(user.token_ids, default=0) >= 0, f"user {key}: a token never delivered"
             held = len(user.pages) + len(user.host_pages)
-            assert self.pages_for(user.kv_len) == held, f"user {key}: page count"
+            assert self.kept_pages(user.kv_len) == held, f"user {key}: page count"
             claim(device, self.num_pages, user.pages, f"user {key}")
             claim(host, self.host_pages_total, user.host_pages, f"user {key} (host)")
         for move in self.moves:

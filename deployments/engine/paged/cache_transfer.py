@@ -98,7 +98,7 @@ class CacheTransfer:
         """Adopt `export` into free pages (see Engine.import_user); its copy's phases land in
         `export.phases` (`in_` keys)."""
         export.check(self.layout)
-        n = self.cache.pages_for(export.kv_len)
+        n = self.cache.kept_pages(export.kv_len)  # all lanes (chunk_window.py)
         pieces = export.arrays()
         if export.nbytes != n * self.page_bytes:
             raise ValueError(f"{export.nbytes} bytes for {n} pages of {self.page_bytes}")

@@ -68,6 +68,7 @@ class DecodeGraphs:
         self.write_pages, self.write_offsets = _zeros(device, big), _zeros(device, big)
         self.page_table = _zeros(device, big, max_pages, dtype=torch.int32)
         self.context_lens = _zeros(device, big, dtype=torch.int32)
+        self.lanes = _lane_buffers(model, device, big, big, max_pages)
         # Every tensor a graph reads must outlive it: a freed one's memory gets reused.
         self.rows = torch.arange(big, device=device)
         self.pool = torch.cuda.graph_pool_handle()  # the prefill graphs share it
@@ -89,6 +90,7 @@ class DecodeGraphs:
             query_lens=[1] * size,
             context_lens_host=[],
             decode_only=True,
+            lane_tables=tuple((t[:size], w[:size]) for t, w in self.lanes),
         )
 
     def fits(self, batch_size: int) -> bool:
@@ -106,8 +108,33 @@ class DecodeGraphs:
         )
         width = meta.page_table.shape[1]
         self.page_table[:n, :width].copy_(meta.page_table)
+        _fill_lanes(self.lanes, meta, n, size, width)
         self.graphs[size].replay()
         return self.outputs[size][:n]
+
+
+def _lane_buffers(
+    model: DecoderModel, device: torch.device, rows: int, tokens: int, max_pages: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Static (page table, write pages) buffers of each chunked lane (kv_pool.py)."""
+    return [
+        (_zeros(device, rows, max_pages, dtype=torch.int32), _zeros(device, tokens))
+        for _ in range(model.pool.lanes.chunk_lanes)
+    ]
+
+
+def _fill_lanes(
+    lanes: list[tuple[torch.Tensor, torch.Tensor]],
+    meta: AttentionMetadata,
+    n: int,
+    size: int,
+    width: int,
+) -> None:
+    """Copy each chunked lane's page-table rows and write pages into its static buffers
+    (`n` tokens of a `size` bucket; padding tokens write to scratch page 0)."""
+    for (table, writes), (step_table, step_writes) in zip(lanes, meta.lane_tables, strict=True):
+        table[: step_table.shape[0], :width].copy_(step_table)
+        _fill([writes], [step_writes], n, size)
 
 
 def _fill(static: list[torch.Tensor], values: list[torch.Tensor], n: int, size: int) -> None:
@@ -134,6 +161,7 @@ class PrefillGraphs:
         self.write_pages, self.write_offsets = _zeros(device, big), _zeros(device, big)
         self.page_table = _zeros(device, 1, max_pages, dtype=torch.int32)
         self.context_lens = _zeros(device, 1, dtype=torch.int32)
+        self.lanes = _lane_buffers(model, device, 1, big, max_pages)
         self.query_lens = _zeros(device, 1, dtype=torch.int32)
         self.last = _zeros(device, 1)  # the chunk's last token: the logits row
         self.plans = {
@@ -160,6 +188,7 @@ class PrefillGraphs:
             query_lens=[size],
             context_lens_host=[],
             decode_only=False,
+            lane_tables=tuple((t, w[:size]) for t, w in self.lanes),
         )
         return with_prefill_plan(meta, self.plans[size])
 
@@ -178,6 +207,7 @@ class PrefillGraphs:
         )
         width = meta.page_table.shape[1]
         self.page_table[:, :width].copy_(meta.page_table)
+        _fill_lanes(self.lanes, meta, n, size, width)
         self.context_lens.copy_(meta.context_lens)
         self.query_lens.fill_(n)
         self.last.fill_(n - 1)

@@ -266,7 +266,7 @@ class PagedEngine(Engine):
         need = 0
         for seq in sched.running:
             n = 1 if seq.is_decoding else min(seq.to_compute, sched.max_batched_tokens)
-            need += max(0, cache.pages_for(seq.num_computed + n) - len(seq.pages))
+            need += cache.window.need(seq, seq.num_computed + n)
         return cache.can_allocate(need)
 
     def _postprocess(self, step: Launched) -> None:
@@ -359,7 +359,10 @@ class PagedEngine(Engine):
     # ---- event-loop side ------------------------------------------------------------------
 
     def _check_capacity(self, request: GenerationRequest) -> None:
-        need = self.cache.pages_for(len(request.prompt_token_ids) + request.sampling.max_tokens)
+        need = self.cache.window.peak_pages(
+            len(request.prompt_token_ids) + request.sampling.max_tokens,
+            self.scheduler.max_batched_tokens,
+        )
         if need > self.cache.usable_pages:
             raise CapacityError(
                 f"this request needs {need} KV pages but the replica's pool has "

@@ -1,10 +1,12 @@
 """KV storage: fixed-size pages of keys and values, one allocation for the whole replica.
 
-Layout ``[num_pages, 2 (k, v), num_layers, page_size, num_kv_heads, head_dim]``: a page of
-every layer is one contiguous block, so moving a user's cache (to host memory, back) is one
-copy per page. Layer ``l``'s keys are the strided view ``buffer[:, 0, l]`` of shape
-``[num_pages, page_size, num_kv_heads, head_dim]``. The pool stores; it does not decide who
-owns a page (that is `CacheManager`'s job).
+Layout ``[num_pages, 2 (k, v), layers_per_page, page_size, num_kv_heads, head_dim]``: a page
+holds one lane of layers (`ModelSpec.kv_lanes`: every layer for most models; for Llama 4 the
+full-attention layers, or a slice of the chunked ones) as one contiguous block, so moving a
+user's cache (to host memory, back) is one copy per page. Layer ``l``'s keys are the strided
+view ``buffer[:, 0, slot_of[l]]`` of shape ``[num_pages, page_size, num_kv_heads, head_dim]``,
+read through its lane's page table. The pool stores; it does not decide who owns a page (that
+is `CacheManager`'s job).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ class KVPool:
         self.spec = spec
         self.num_pages = num_pages
         self.page_size = page_size
-        shape = (num_pages, 2, spec.num_layers, page_size, spec.num_kv_heads, spec.head_dim)
+        self.lanes = spec.kv_lanes()
+        per_page = self.lanes.layers_per_page
+        shape = (num_pages, 2, per_page, page_size, spec.num_kv_heads, spec.head_dim)
         if isolate:
             self.buffer = isolated_empty(math.prod(shape), dtype, device).view(shape).zero_()
         else:
@@ -41,10 +45,10 @@ class KVPool:
 
     @staticmethod
     def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype) -> int:
-        """Bytes of one page (all layers, keys and values)."""
+        """Bytes of one page (its lane's layers, keys and values)."""
         return (
             2
-            * spec.num_layers
+            * spec.kv_lanes().layers_per_page
             * page_size
             * spec.kv_size
             * torch.empty((), dtype=dtype).element_size()
@@ -55,7 +59,7 @@ class KVPool:
         return self.buffer.numel() * self.buffer.element_size()
 
     def keys(self, layer: int) -> torch.Tensor:
-        return self.buffer[:, 0, layer]
+        return self.buffer[:, 0, self.lanes.slot_of[layer]]
 
     def values(self, layer: int) -> torch.Tensor:
-        return self.buffer[:, 1, layer]
+        return self.buffer[:, 1, self.lanes.slot_of[layer]]

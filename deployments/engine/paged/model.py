@@ -133,6 +133,7 @@ class DecoderModel:
             qkv = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v], dim=-1)
         cos, sin = (self.cos, self.sin) if kind.rope else self.no_rope
         keys, values = self.pool.keys(index), self.pool.values(index)
+        meta = meta.lane(self.pool.lanes.lane_of[index])  # its pages (kv_pool.py)
         q = rope_store(
             qkv,
             spec.num_heads,

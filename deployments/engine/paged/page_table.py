@@ -28,29 +28,35 @@ class PageTable:
         self.device = device
         self.table = torch.zeros(rows, width, dtype=torch.int32, device=device)
         self._free = list(range(rows - 1, -1, -1))
-        # slot -> (the page list its row mirrors, pages written); least recently used first
-        self._rows: OrderedDict[int, tuple[list[int], int]] = OrderedDict()
+        # slot -> (the page list its row mirrors, pages written, its first column); least
+        # recently used first
+        self._rows: OrderedDict[int, tuple[list[int], int, int]] = OrderedDict()
         self._slot_of: dict[int, int] = {}  # id(page list) -> slot
 
-    def plan(self, page_lists: list[list[int]]) -> tuple[list[int], list[int], np.ndarray]:
+    def plan(
+        self, page_lists: list[list[int]], offsets: list[int] | None = None
+    ) -> tuple[list[int], list[int], np.ndarray]:
         """Each list's slot for this step, the slots to clear first, and the new entries to
-        write as a flat (slot, column, page) int32 array; the caller uploads the entries."""
+        write as a flat (slot, column, page) int32 array; the caller uploads the entries.
+        `offsets`: the column each list's first page goes to (a chunked lane's first block;
+        the columns before it stay 0, the scratch page, never read)."""
         slots, cleared, writes = [], [], []
         in_step: set[int] = set()
-        for pages in page_lists:
-            if len(pages) > self.width:
-                raise ValueError(f"{len(pages)} pages exceed the page table's {self.width}")
+        for i, pages in enumerate(page_lists):
+            at = offsets[i] if offsets else 0
+            if at + len(pages) > self.width:
+                raise ValueError(f"{at + len(pages)} pages exceed the page table's {self.width}")
             slot = self._slot_of.get(id(pages))
             held = self._rows.get(slot) if slot is not None else None
-            if held is None or held[0] is not pages or held[1] > len(pages):
+            if held is None or held[0] is not pages or held[1] > len(pages) or held[2] != at:
                 slot = self._take(in_step, len(page_lists))
                 cleared.append(slot)
                 written = 0
             else:
                 written = held[1]
             for col in range(written, len(pages)):
-                writes += (slot, col, pages[col])
-            self._rows[slot] = (pages, len(pages))
+                writes += (slot, at + col, pages[col])
+            self._rows[slot] = (pages, len(pages), at)
             self._rows.move_to_end(slot)
             self._slot_of[id(pages)] = slot
             slots.append(slot)
@@ -64,7 +70,7 @@ class PageTable:
         if self._free:
             return self._free.pop()
         slot = next(s for s in self._rows if s not in in_step)
-        pages, _ = self._rows.pop(slot)
+        pages, *_ = self._rows.pop(slot)
         if self._slot_of.get(id(pages)) == slot:
             del self._slot_of[id(pages)]
         return slot

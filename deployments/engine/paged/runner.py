@@ -155,15 +155,15 @@ class ModelRunner:
 
     def _prepare(self, batch: Batch, feed: Launched | None = None) -> StepInputs:
         """A step's device inputs, in one int64 and one int32 upload."""
-        page = self.page_size
-        width = max(len(seq.pages) for seq in batch.seqs)
+        page, lanes = self.page_size, self.model.pool.lanes.chunk_lanes
+        lists, offsets, width = _page_lists(batch, lanes)
         host = _host_rows(batch, page, feed)
         contexts = [start + n for start, n in zip(batch.starts, batch.num_tokens, strict=True)]
-        slots, cleared, writes = self.table.plan([seq.pages for seq in batch.seqs])
+        slots, cleared, writes = self.table.plan(lists, offsets)
         sampling_seqs = [batch.seqs[i] for i in host.sampling_rows]
         plan = sampling_plan(sampling_seqs) if host.sampling_rows else None
         rules = self._rules(sampling_seqs) if host.sampling_rows else None
-        tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d, slots_d, cleared_d = upload(
+        longs = upload(
             [
                 np.asarray(host.tokens),
                 host.positions,
@@ -174,10 +174,14 @@ class ModelRunner:
                 plan.seed if plan else np.zeros(0),
                 np.asarray(slots),
                 np.asarray(cleared),
+                *(_lane_write_pages(batch, page, j) for j in range(lanes)),
             ],
             np.int64,
             self.device,
         )
+        tok, positions_d, pages_d, offsets_d, logits_d, fed_d, seed_d, slots_d, cleared_d = longs[
+            :9
+        ]
         writes_d, contexts_d, words_d = upload(
             [writes, np.asarray(contexts), plan.words() if plan else np.zeros(0)],
             np.int32,
@@ -187,15 +191,20 @@ class ModelRunner:
         if host.feeds:
             assert feed.tokens is not None
             tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
+        tables, rows = self.table.rows(slots_d, width), len(batch)
+        lane_tables = tuple(
+            (tables[(j + 1) * rows : (j + 2) * rows], w) for j, w in enumerate(longs[9:])
+        )
         meta = AttentionMetadata(
             positions=positions_d,
             write_pages=pages_d,
             write_offsets=offsets_d,
-            page_table=self.table.rows(slots_d, width),
+            page_table=tables[:rows],
             context_lens=contexts_d,
             query_lens=list(batch.num_tokens),
             context_lens_host=contexts,
             decode_only=batch.decode_only,
+            lane_tables=lane_tables,
         )
         device_plan = SamplingPlan.device_views(words_d, seed_d) if plan else None
         device_rules = rules.to_device(self.device) if rules is not None else None
@@ -301,6 +310,33 @@ def _host_rows(batch: Batch, page: int, feed: Launched | None) -> _HostRows:
         logits_index,
         feeds,
     )
+
+
+def _page_lists(batch: Batch, lanes: int) -> tuple[list[list[int]], list[int] | None, int]:
+    """The page-table rows a step reads: every sequence's lane-0 pages, then lane by lane its
+    chunked lanes' pages, each from the column of its first block (None: all from 0); and
+    the widest row's columns."""
+    lists = [seq.pages for seq in batch.seqs]
+    if not lanes:
+        return lists, None, max(len(pages) for pages in lists)
+    offsets = [0] * len(lists)
+    for j in range(lanes):
+        lists += [seq.chunk_pages[j] for seq in batch.seqs]
+        offsets += [seq.chunk_base for seq in batch.seqs]
+    return lists, offsets, max(at + len(p) for p, at in zip(lists, offsets, strict=True))
+
+
+def _lane_write_pages(batch: Batch, page: int, lane: int) -> np.ndarray:
+    """The page each token's KV goes to in chunked lane `lane` (int64)."""
+    out = []
+    for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens, strict=True):
+        pos = np.arange(start, start + n, dtype=np.int64)
+        first = start // page
+        held = seq.chunk_pages[lane][
+            first - seq.chunk_base : -(-(start + n) // page) - seq.chunk_base
+        ]
+        out.append(np.asarray(held, dtype=np.int64)[pos // page - first])
+    return np.concatenate(out)
 
 
 def _fed_row(seq: Sequence, n: int, feed: Launched | None) -> int:

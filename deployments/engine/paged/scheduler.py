@@ -139,6 +139,7 @@ class Scheduler:
                 return room
         reuse = self.cache.checkout(seq.user_key, seq.token_ids, seq.tenant)
         seq.pages, seq.num_computed = reuse.pages, reuse.tokens
+        seq.chunk_pages, seq.chunk_base = list(reuse.chunk_pages), reuse.chunk_base
         seq.cached_tokens, seq.private, seq.admitted = reuse.tokens, reuse.private, True
         if reuse.restore is not None:
             seq.restore = reuse.restore
@@ -149,11 +150,14 @@ class Scheduler:
     def _reserve(
         self, seq: Sequence, n: int, scheduled: set[int], may_preempt: bool = True
     ) -> Room:
-        """Give `seq` pages for `n` more tokens (see `_make_room` for how room is made)."""
-        need = self.cache.pages_for(seq.num_computed + n) - len(seq.pages)
+        """Give `seq` pages for `n` more tokens (see `_make_room` for how room is made),
+        first releasing its chunked lanes' pages behind its window (chunk_window.py)."""
+        window = self.cache.window
+        self.cache.free(window.release(seq))
+        need = window.need(seq, seq.num_computed + n)
         room = self._make_room(need, seq, scheduled, may_preempt)
         if room is Room.OK:
-            seq.pages += self.cache.allocate(need)
+            window.grow(seq, seq.num_computed + n, self.cache.allocate(need))
         return room
 
     def _make_room(self, need: int, seq: Sequence, scheduled: set[int], may_preempt: bool) -> Room:
@@ -208,8 +212,8 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages; it waits first in line and is recomputed."""
-        self.cache.free(seq.pages)
-        seq.pages, seq.num_computed = [], 0
+        self.cache.free(seq.all_pages())
+        seq.pages, seq.chunk_pages, seq.chunk_base, seq.num_computed = [], [], 0, 0
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         seq.status = Status.WAITING
@@ -241,13 +245,20 @@ class Scheduler:
             self.poll()
             seq.restore = None
         if seq.private:
-            self.cache.free(seq.pages)
+            self.cache.free(seq.all_pages())
         else:
             kv_len = min(seq.num_computed, len(seq.token_ids))
-            self.cache.checkin(seq.user_key, list(seq.token_ids), kv_len, seq.pages)
-        seq.pages = []
+            self.cache.checkin(
+                seq.user_key,
+                list(seq.token_ids),
+                kv_len,
+                seq.pages,
+                seq.chunk_pages,
+                seq.chunk_base,
+            )
+        seq.pages, seq.chunk_pages = [], []
 
     def check_integrity(self) -> None:
-        self.cache.check_integrity(s.pages for s in [*self.running, *self.waiting])
+        self.cache.check_integrity(s.all_pages() for s in [*self.running, *self.waiting])
         for seq in self.running:
             assert self.cache.pages_for(seq.num_computed) <= len(seq.pages), "KV beyond pages"

@@ -26,7 +26,10 @@ class Sequence:
     stream: TokenStream | None = None  # where its tokens land (None: nobody reads them)
     prompt_len: int = 0
     num_computed: int = 0  # positions [0, num_computed) have KV in `pages`
-    pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # every block's page (full-attention lane)
+    # Chunked-attention lanes (chunk_window.py): each lane's pages of blocks [chunk_base, ...).
+    chunk_pages: list[list[int]] = field(default_factory=list)
+    chunk_base: int = 0
     cached_tokens: int = 0  # prompt tokens the user's kept cache supplied
     private: bool = True  # cache not kept after the request (anonymous, or user busy)
     admitted: bool = False  # the user's kept cache has been checked out
@@ -47,6 +50,10 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
+
+    def all_pages(self) -> list[int]:
+        """Every page it holds, all lanes."""
+        return [*self.pages, *(p for lane in self.chunk_pages for p in lane)]
 
     @property
     def num_tokens(self) -> int:

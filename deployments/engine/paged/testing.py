@@ -1,7 +1,8 @@
 """Test and benchmark helpers for the paged engine: kept off the production `PagedEngine`.
 
 - `logits_for(engine, plan)`: run one hand-built step and return each sequence's logits
-  (comparisons against a reference model);
+  (comparisons against a reference model); `reserve(engine, seq, tokens)`: its pages, as the
+  scheduler gives them;
 - `step_log(engine)`: every step's (sequences, tokens, decode_only, seconds) from the first
   call on; an empty tuple for an engine that keeps none (the generic engine).
 """
@@ -26,9 +27,7 @@ def logits_for(engine: Any, plan: list[tuple[Sequence, int]]) -> list[torch.Tens
     """
     batch = Batch()
     for seq, n in plan:
-        seq.pages += engine.cache.allocate(
-            engine.cache.pages_for(seq.num_computed + n) - len(seq.pages)
-        )
+        reserve(engine, seq, seq.num_computed + n)
         batch.add(seq, n)
     tokens, meta, *_ = engine.runner._prepare(batch)
     every = torch.arange(tokens.shape[0], device=tokens.device)
@@ -39,6 +38,14 @@ def logits_for(engine: Any, plan: list[tuple[Sequence, int]]) -> list[torch.Tens
         start += n
         seq.num_computed += n
     return out
+
+
+def reserve(engine: Any, seq: Sequence, tokens: int) -> None:
+    """Give `seq` pages for its first `tokens` tokens as the scheduler does: its chunked lanes'
+    pages behind its window freed first (chunk_window.py), then the new ones."""
+    window = engine.cache.window
+    engine.cache.free(window.release(seq))
+    window.grow(seq, tokens, engine.cache.allocate(window.need(seq, tokens)))
 
 
 def step_log(engine: Any) -> Seq[StepRecord]:

@@ -62,10 +62,15 @@ def compiled_variants() -> int | None:
         return None
 
 
-def _meta(query_lens: list[int], device: torch.device, page_size: int) -> AttentionMetadata:
-    """Sequences of these query lengths, each its whole context, all on scratch page 0."""
+def _meta(
+    query_lens: list[int], device: torch.device, page_size: int, lanes: int = 0
+) -> AttentionMetadata:
+    """Sequences of these query lengths, each its whole context, all on scratch page 0 (in
+    each of `lanes` chunked lanes too)."""
     total = sum(query_lens)
     positions = torch.cat([torch.arange(n) for n in query_lens]).to(device)
+    zeros = torch.zeros(total, dtype=torch.long, device=device)
+    table = torch.zeros(len(query_lens), 1, dtype=torch.int32, device=device)
     return AttentionMetadata(
         positions=positions,
         write_pages=torch.zeros(total, dtype=torch.long, device=device),
@@ -75,6 +80,7 @@ def _meta(query_lens: list[int], device: torch.device, page_size: int) -> Attent
         query_lens=list(query_lens),
         context_lens_host=list(query_lens),
         decode_only=all(n == 1 for n in query_lens),
+        lane_tables=((table, zeros),) * lanes,
     )
 
 
@@ -126,7 +132,7 @@ def warm_up(model: DecoderModel, page_size: int, eos_ids: torch.Tensor) -> None:
     _sampler(model, eos_ids)
     n = min(page_size, 16)
     for lens in ([n], [1, n]):  # a prefill chunk, then a decode row beside one
-        meta = _meta(lens, device, page_size)
+        meta = _meta(lens, device, page_size, model.pool.lanes.chunk_lanes)
         tokens = torch.randint(0, model.spec.vocab_size, (sum(lens),), device=device)
         ends = torch.cumsum(torch.tensor(lens, device=device), 0) - 1
         model.forward(tokens, meta, ends)
