@@ -1,17 +1,20 @@
-"""MoE decode benchmark: ours against its read floor and HF's forward, Qwen3-30B-A3B's shape.
+"""MoE decode benchmark: ours against its read floor and HF's forward (Scout or Qwen3-30B-A3B).
 
-    python -m benchmarks.moe_bench            # GPU machine: Qwen3-MoE 30B-A3B config, bf16
-    python -m benchmarks.moe_bench --quick    # tiny config, any device: checks the script
+    python -m benchmarks.moe_bench --model scout --layers 24   # GPU: Llama 4 Scout's text model
+    python -m benchmarks.moe_bench                             # GPU: Qwen3-30B-A3B, bf16
+    python -m benchmarks.moe_bench --quick [--model scout]     # tiny config: checks the script
 
-Builds the Qwen3-30B-A3B architecture (48 layers, 128 experts of width 768, 8 per token) with
-random bf16 weights, measures the card's copy bandwidth, then times HF's own decode step at
+Builds the architecture with random bf16 weights: Llama 4 Scout's text model
+(`Llama4ForCausalLM`: 16 experts of width 8192, top-1 plus a shared expert, 48 layers of
+4.4 GB, cut with `--layers` to what fits the card) or Qwen3-30B-A3B (48 layers, 128 experts of
+width 768, 8 per token). Measures the card's copy bandwidth, then times HF's own decode step at
 batch 1 (HF `generate`, the difference of two lengths; HF first, its memory freed before ours
 is built) and our decode step (median of decode-only steps, CUDA graphs) at batches 1, 8 and
 64 with 512-token prompts. The floor of a step is the bytes it must read over the measured
-bandwidth: every non-expert weight but the embedding table, the expected share of expert bytes
-its n tokens pick under uniform routing, `1 - (1 - k/E)^n` (the planner's MoE read model,
-`ModelFootprint.expert_share`; random routers route close to uniformly), and the KV it reads.
-Writes benchmarks/results/moe-<card>.json.
+bandwidth: every non-expert weight but the embedding table, the expected share of expert
+bytes its n tokens pick under uniform routing, `1 - (1 - k/E)^n` (the planner's MoE read
+model, `ModelFootprint.expert_share`; random routers route close to uniformly), and the KV it
+reads. Writes benchmarks/results/moe-<card>.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from benchmarks.engine_bench import Rows, decode_steps, model_dir, random_prompt
 from benchmarks.hf_peer import build_hf, hf_decode_step
 from benchmarks.ours import build_ours
 from deployments.engine.paged.testing import step_log
+from deployments.plan.models import PRESETS
 
 # Qwen/Qwen3-30B-A3B config.json (the published values).
 QWEN3_30B_A3B = {
@@ -76,6 +80,34 @@ QUICK = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+# meta-llama/Llama-4-Scout-17B-16E-Instruct's text_config (the planner's preset) as a text
+# model; rope_scaling left out (it changes no byte a step reads).
+SCOUT = {
+    **PRESETS["llama-4-scout-17b-16e"]["text_config"],
+    "architectures": ["Llama4ForCausalLM"],
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "bos_token_id": 200000,
+    "eos_token_id": 200008,
+    "torch_dtype": "bfloat16",
+}
+QUICK_SCOUT = {
+    **SCOUT,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "intermediate_size_mlp": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_local_experts": 4,
+    "vocab_size": 2048,
+    "attention_chunk_size": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+MODELS = {"qwen3-30b-a3b": (QWEN3_30B_A3B, QUICK), "scout": (SCOUT, QUICK_SCOUT)}
+NAMES = {"qwen3-30b-a3b": "Qwen3-30B-A3B", "scout": "Llama 4 Scout text model"}
 CONTEXT, NEW_TOKENS = 512, 128
 
 
@@ -87,7 +119,7 @@ def read_model(config: dict[str, Any], dtype_bytes: int) -> dict[str, Any]:
 
     raw = dict(config)
     hf_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    fp = footprint_from_config("qwen3-moe", "moe_bench", hf_config)
+    fp = footprint_from_config(raw.get("architectures", ["moe"])[0], "moe_bench", hf_config)
     return {
         "footprint": fp,
         "read_bytes": fp.read_params * dtype_bytes,  # the embedding table is idle
@@ -165,20 +197,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny config, checks the script")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b")
     parser.add_argument("--layers", type=int, default=None, help="cut the model to N layers")
     opts = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, dtype_name = (
         (torch.bfloat16, "bfloat16") if device == "cuda" else (torch.float32, "float32")
     )
-    config = dict(QUICK if opts.quick else QWEN3_30B_A3B)
+    full, quick = MODELS[opts.model]
+    config = dict(quick if opts.quick else full)
     if opts.layers:
         config["num_hidden_layers"] = opts.layers
     path, rng, vocab = model_dir(config), random.Random(0), config["vocab_size"]
     model = read_model(config, torch.finfo(dtype).bits // 8)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write)", flush=True)
-    rows: list[dict[str, Any]] = Rows(opts.out / "moe-rows.jsonl")
+    rows: list[dict[str, Any]] = Rows(opts.out / f"moe-{opts.model}-rows.jsonl")
     rows.append(hf_rows(path, dtype, device, rng, vocab))
     print(rows[-1], flush=True)
     kv_bytes = (1 << 30) if opts.quick else (8 << 30)
@@ -196,9 +230,10 @@ def main() -> None:
     asyncio.run(ours.shutdown())
     fp = model["footprint"]
     payload = {
-        "model": "tiny Qwen3-MoE config (quick check)"
+        "model": f"tiny {NAMES[opts.model]} config (quick check)"
         if opts.quick
-        else f"Qwen3-30B-A3B config ({config['num_hidden_layers']} layers), random bf16 weights",
+        else f"{NAMES[opts.model]} config ({config['num_hidden_layers']} of "
+        f"{full['num_hidden_layers']} layers), random bf16 weights",
         "config": config,
         "weights_bytes": model["weights_bytes"],
         "read_bytes_every_step": model["read_bytes"],
@@ -212,7 +247,8 @@ def main() -> None:
         "rows": rows,
         "headline": headlines(rows),
     }
-    out = write_result("moe" if not opts.quick else "moe-quick", payload, opts.out)
+    name = "moe" if opts.model == "qwen3-30b-a3b" else f"moe-{opts.model}"
+    out = write_result(name if not opts.quick else f"{name}-quick", payload, opts.out)
     print(json.dumps(payload["headline"], indent=2))
     print("wrote", out)
 
