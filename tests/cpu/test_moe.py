@@ -11,7 +11,13 @@ import pytest
 import torch
 import transformers
 
-from deployments.engine.paged.moe import experts_forward, grouped_mm_available, moe_mlp, route
+from deployments.engine.paged.moe import (
+    METHODS,
+    experts_forward,
+    grouped_mm_available,
+    moe_mlp,
+    route,
+)
 from deployments.engine.paged.weights import LayerWeights
 from deployments.model_spec import MoESpec, llama4_moe, moe_from_hf_config
 
@@ -107,9 +113,9 @@ def loop_reference(h, gate_up, down, weights, ids, scale_input):
 
 
 @pytest.mark.parametrize("scale_input", [False, True])
-@pytest.mark.parametrize("grouped", [True, False])
-def test_grouped_experts_equal_a_loop_over_pairs(scale_input, grouped):
-    if grouped and not grouped_mm_available(torch.empty(1)):
+@pytest.mark.parametrize("method", METHODS)
+def test_each_experts_method_equals_a_loop_over_pairs(scale_input, method):
+    if method == "grouped" and not grouped_mm_available(torch.empty(1)):
         pytest.skip("this torch has no CPU grouped_mm")
     gate_up, down = randn(E, 2 * W, H, seed=7) / H**0.5, randn(E, H, W, seed=8) / W**0.5
     h = randn(T, H, seed=9)
@@ -120,7 +126,7 @@ def test_grouped_experts_equal_a_loop_over_pairs(scale_input, grouped):
     ids[::3, 1] = torch.where(ids[::3, 1] == 5, 6, ids[::3, 1])
     ids[::3, 2] = torch.where(ids[::3, 2] == 5, 7, ids[::3, 2])
     weights = torch.rand(T, 3, generator=g) + 0.1
-    got = experts_forward(h, gate_up, down, weights, ids, scale_input, use_grouped_mm=grouped)
+    got = experts_forward(h, gate_up, down, weights, ids, scale_input, method=method)
     want = loop_reference(h, gate_up, down, weights, ids, scale_input)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 

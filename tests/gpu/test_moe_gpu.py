@@ -5,7 +5,9 @@ mixed batch of histories and chunks are no further from HF's float32 forward tha
 bf16 forward is (routing in bf16 flips a near-tied expert now and then, in HF's model as in
 ours, so the maximum is allowed 3x HF's and the mean 1.5x); CUDA-graph decode equals eager;
 an eager MoE forward makes no host sync (`set_sync_debug_mode("error")`); and the grouped
-experts (`torch._grouped_mm`, bf16) equal the gather-bmm fallback.
+experts (`torch._grouped_mm`, bf16) equal the gather-bmm fallback; at decode sizes the per-pair
+Triton products (expert_gemv.py) equal the reference and the grouped product, and replay in a
+CUDA graph on new routing.
 """
 
 import pytest
@@ -132,7 +134,7 @@ def test_grouped_experts_equal_the_gather_fallback_in_bf16():
     for scale_input in (False, True):
         grouped = experts_forward(x, gate_up, down, weights, ids, scale_input, fast=True)
         gathered = experts_forward(
-            x, gate_up, down, weights, ids, scale_input, fast=True, use_grouped_mm=False
+            x, gate_up, down, weights, ids, scale_input, fast=True, method="gather"
         )
         torch.testing.assert_close(grouped.float(), gathered.float(), atol=2e-2, rtol=2e-2)
     # Captured in a CUDA graph and replayed on new routing: equal to eager.
@@ -146,4 +148,51 @@ def test_grouped_experts_equal_the_gather_fallback_in_bf16():
     static_ids.copy_(new_ids)
     graph.replay()
     want = experts_forward(x, gate_up, down, weights, new_ids, False, fast=True)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (16, 5120, 8192, 1, True, (1, 4, 8)),  # Llama 4 Scout: 16 experts, top-1, scaled input
+        (128, 2048, 768, 8, False, (1, 3, 8)),  # Qwen3-30B-A3B: 128 experts, top-8
+    ],
+)
+def test_per_pair_expert_products_at_decode_sizes(shape):
+    import torch
+
+    from deployments.engine.paged.expert_gemv import pair_linear, pair_linear_ref
+    from deployments.engine.paged.moe import choose_method, experts_forward
+
+    e, h, i, k, scale_input, batches = shape
+    torch.manual_seed(1)
+    gate_up = (torch.randn(e, 2 * i, h, device="cuda") / h**0.5).bfloat16()
+    down = (torch.randn(e, h, i, device="cuda") / i**0.5).bfloat16()
+    for t in batches:
+        x = torch.randn(t, h, device="cuda").bfloat16()
+        ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
+        ids[-1] = ids[0]  # two tokens on the same experts: pairs may share an expert
+        weights = torch.rand(t, k, device="cuda").bfloat16()
+        assert choose_method(x, t * k, e) == "pairs"
+        rows = x.repeat_interleave(k, dim=0)
+        got = pair_linear(rows, gate_up, ids.reshape(-1))
+        want = pair_linear_ref(rows, gate_up, ids.reshape(-1))
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+        pairs = experts_forward(x, gate_up, down, weights, ids, scale_input, fast=True)
+        grouped = experts_forward(
+            x, gate_up, down, weights, ids, scale_input, fast=True, method="grouped"
+        )
+        torch.testing.assert_close(pairs.float(), grouped.float(), atol=2e-2, rtol=2e-2)
+    assert choose_method(x, 2 * e, e) == "grouped"  # many pairs: the grouped product
+    # Captured in a CUDA graph at the last batch size, replayed on new routing: equal to eager.
+    static_ids = ids.clone()
+    experts_forward(x, gate_up, down, weights, static_ids, scale_input, fast=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = experts_forward(x, gate_up, down, weights, static_ids, scale_input, fast=True)
+    new_ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(len(x))])
+    static_ids.copy_(new_ids)
+    graph.replay()
+    want = experts_forward(x, gate_up, down, weights, new_ids, scale_input, fast=True)
     torch.testing.assert_close(out, want, atol=0, rtol=0)

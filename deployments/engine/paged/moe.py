@@ -2,7 +2,9 @@
 
 `route` picks each token's experts and weights exactly as Hugging Face's gate modules do
 (Qwen3-MoE's `Qwen3MoeTopKRouter`, Mixtral's `MixtralTopKRouter`, Llama 4's `Llama4Router`).
-`experts_forward` then sorts the (token, expert) pairs by expert on the device, counts them
+`experts_forward` then, at decode sizes (a few pairs against many experts), runs one
+matrix-vector product per (token, expert) pair (expert_gemv.py: each pair reads exactly its
+expert's bytes); otherwise it sorts the (token, expert) pairs by expert on the device, counts them
 per expert with a binary search over the sorted ids (no host sync: no `.item()`, `nonzero` or
 `.tolist()`, so a decode step stays capturable in a CUDA graph) and runs two grouped matrix
 products over the stacked expert weights (`torch._grouped_mm`: each expert's rows against that
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deployments.engine.paged import expert_gemv
 from deployments.engine.paged.fused import silu_mul
 from deployments.engine.paged.weights import LayerWeights
 from deployments.model_spec import MoESpec
@@ -57,18 +60,27 @@ def grouped_linear(
     weight: torch.Tensor,
     offsets: torch.Tensor,
     expert_ids: torch.Tensor,
-    use_grouped_mm: bool | None = None,
+    use_grouped_mm: bool,
 ) -> torch.Tensor:
     """Rows x [S, K] sorted by expert, times their expert's weight [E, N, K] transposed.
 
     `offsets` [E] int32: cumulative rows per expert (rows offsets[e-1]:offsets[e] are expert
     e's); `expert_ids` [S]: the sorted ids themselves (the fallback gathers by them).
     """
-    if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_available(x)
     if use_grouped_mm:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     return torch.bmm(x.unsqueeze(1), weight[expert_ids].transpose(-2, -1)).squeeze(1)
+
+
+METHODS = ("pairs", "grouped", "gather")  # expert_gemv; torch._grouped_mm; gather-bmm
+
+
+def choose_method(x: torch.Tensor, pairs: int, experts: int) -> str:
+    """How `experts_forward` computes `pairs` (token, expert) pairs of `experts` for rows
+    like `x`: per-pair products at decode sizes, else grouped, else the fallback."""
+    if expert_gemv.applies(x, pairs, experts):
+        return "pairs"
+    return "grouped" if grouped_mm_available(x) else "gather"
 
 
 def experts_forward(
@@ -79,28 +91,40 @@ def experts_forward(
     expert_ids: torch.Tensor,
     scale_input: bool,
     fast: bool = False,
-    use_grouped_mm: bool | None = None,
+    method: str | None = None,
 ) -> torch.Tensor:
     """The routed experts' output [T, H] for tokens h [T, H].
 
     gate_up [E, 2I, H], down [E, H, I]: the stacked experts; weights, expert_ids [T, k] from
     `route`. With `scale_input` (Llama 4) each pair's input is scaled by its weight before the
-    expert, else its output after it.
+    expert, else its output after it. `method`: one of METHODS (default `choose_method`); the
+    pairs stay in (token, choice) order for "pairs", else are sorted by expert first.
     """
     tokens, k = expert_ids.shape
-    sorted_ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
-    x = h[order // k]
-    w = weights.reshape(-1)[order].unsqueeze(-1)
+    method = method or choose_method(h, tokens * k, gate_up.shape[0])
+    if method == "pairs":
+        order, ids = None, expert_ids.reshape(-1)
+        x, w = h.repeat_interleave(k, dim=0), weights.reshape(-1, 1)
+
+        def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return expert_gemv.pair_linear(rows, weight, ids)
+    else:
+        ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
+        x, w = h[order // k], weights.reshape(-1)[order].unsqueeze(-1)
+        experts = torch.arange(gate_up.shape[0], device=h.device)
+        offsets = torch.searchsorted(ids, experts, right=True, out_int32=True)
+
+        def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return grouped_linear(rows, weight, offsets, ids, method == "grouped")
+
     if scale_input:
         x = x * w
-    experts = torch.arange(gate_up.shape[0], device=h.device)
-    offsets = torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)
-    act = silu_mul(grouped_linear(x, gate_up, offsets, sorted_ids, use_grouped_mm), fast)
-    out = grouped_linear(act, down, offsets, sorted_ids, use_grouped_mm)
+    out = linear(silu_mul(linear(x, gate_up), fast), down)
     if not scale_input:
         out = out * w  # Mixtral's float32 weights make this (and the sum) float32, as in HF
-    rows = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, choice) order
-    return rows.view(tokens, k, -1).sum(dim=1).to(h.dtype)
+    if order is not None:  # back to (token, choice) order
+        out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.view(tokens, k, -1).sum(dim=1).to(h.dtype)
 
 
 def moe_mlp(h: torch.Tensor, layer: LayerWeights, moe: MoESpec, fast: bool) -> torch.Tensor:

@@ -30,7 +30,13 @@ PREFILL_SPLITS = (1, 2, 4, 8, 16)  # triton_prefill.choose_splits' range
 def _jit_kernels() -> tuple:
     """Our Triton kernels (looked up once: the stats ask every period); () without Triton."""
     try:
-        from deployments.engine.paged import fused, triton_attention, triton_prefill, triton_sampler
+        from deployments.engine.paged import (
+            expert_gemv,
+            fused,
+            triton_attention,
+            triton_prefill,
+            triton_sampler,
+        )
     except ImportError:
         return ()
 
@@ -40,6 +46,7 @@ def _jit_kernels() -> tuple:
         triton_prefill._prefill_kernel,
         triton_prefill._merge_kernel,
         triton_sampler._sample_kernel,
+        expert_gemv._pair_gemv_kernel,
     ]
     kernels += [
         getattr(fused, name)
@@ -121,9 +128,9 @@ def _sampler(model: DecoderModel, eos_ids: torch.Tensor) -> None:
 
 
 def warm_up(model: DecoderModel, page_size: int, eos_ids: torch.Tensor) -> None:
-    """Compile what requests will need: attention split variants, the sampler, a prefill step
-    and a mixed (decode + prefill) step through the whole model. GPU only; CPU runs compile
-    nothing."""
+    """Compile what requests will need: attention split variants, the sampler, a prefill step,
+    a mixed (decode + prefill) step and a one-row decode step through the whole model. GPU
+    only; CPU runs compile nothing."""
     device = model.w.embed.device
     if device.type != "cuda":
         return
@@ -131,7 +138,9 @@ def warm_up(model: DecoderModel, page_size: int, eos_ids: torch.Tensor) -> None:
     _attention_variants(model, page_size)
     _sampler(model, eos_ids)
     n = min(page_size, 16)
-    for lens in ([n], [1, n]):  # a prefill chunk, then a decode row beside one
+    # A prefill chunk, a decode row beside one, and a lone decode row (routed experts' per-pair
+    # products: expert_gemv.py).
+    for lens in ([n], [1, n], [1]):
         meta = _meta(lens, device, page_size, model.pool.lanes.chunk_lanes)
         tokens = torch.randint(0, model.spec.vocab_size, (sum(lens),), device=device)
         ends = torch.cumsum(torch.tensor(lens, device=device), 0) - 1
