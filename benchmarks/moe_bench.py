@@ -34,6 +34,7 @@ from benchmarks.common import RESULTS, copy_bandwidth, write_result
 from benchmarks.engine_bench import Rows, decode_steps, model_dir, random_prompts, run_requests
 from benchmarks.hf_peer import build_hf, hf_decode_step
 from benchmarks.ours import build_ours
+from benchmarks.profile_decode import kernel_table, replay_ms
 from deployments.engine.paged.testing import step_log
 from deployments.plan.models import PRESETS
 
@@ -164,6 +165,8 @@ def our_rows(
         result = asyncio.run(run_requests(ours, prompts, [NEW_TOKENS] * batch))
         step = statistics.median(decode_steps(ours, batch, since))
         floor = floor_ms(model, batch, kv_per_token, bandwidth)
+        replay = replay_ms(ours, batch) if torch.cuda.is_available() else None
+        kernels = kernel_table(ours, random_prompts(rng, batch, CONTEXT, vocab), 8)
         out.append(
             {
                 "impl": "ours",
@@ -177,9 +180,13 @@ def our_rows(
                 "expert_share_read": model["footprint"].expert_share(batch),
                 "decode_tokens_per_s": batch / step,
                 "e2e_tokens_per_s": result["generated_tokens"] / result["seconds"],
+                "graph_replay_ms": replay,  # the step's device time; the rest is host work
+                "kernels": kernels[:12],  # device time by kernel: a new batch, prefill + 8 steps
             }
         )
-        print(out[-1], flush=True)
+        print({k: v for k, v in out[-1].items() if k != "kernels"}, flush=True)
+        for r in kernels[:12]:
+            print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}  {r['name']}", flush=True)
     return out
 
 
