@@ -178,6 +178,8 @@ def test_per_pair_expert_products_at_decode_sizes(shape):
         got = pair_linear(rows, gate_up, ids.reshape(-1))
         want = pair_linear_ref(rows, gate_up, ids.reshape(-1))
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+        shared_rows = pair_linear(x, gate_up, ids.reshape(-1), per_row=k)  # a row per token
+        torch.testing.assert_close(shared_rows, got, atol=0, rtol=0)
         pairs = experts_forward(x, gate_up, down, weights, ids, scale_input, fast=True)
         grouped = experts_forward(
             x, gate_up, down, weights, ids, scale_input, fast=True, method="grouped"

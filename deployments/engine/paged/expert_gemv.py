@@ -9,8 +9,8 @@ bytes. Pairs that share an expert read it once each: worth it only while pairs a
 the experts (`applies`), which is the decode regime; larger batches keep the grouped product.
 
 The expert id is read on the device (no host sync: capturable in a CUDA graph), and nothing
-about the pair count specializes the kernel (it is the grid only), so one compile per weight
-shape serves every batch size (warmup.py).
+about the pair count specializes the kernel (it is the grid only), so one tuning and compile
+per weight shape, at warm-up (warmup.py), serves every batch size.
 """
 
 from __future__ import annotations
@@ -23,9 +23,20 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never take t
 except ImportError:  # pragma: no cover - exercised on CPU-only machines
     triton = None
 
-BLOCK_N = 16  # output rows a program computes (320 programs a pair for a 5120-wide output)
-BLOCK_K = 256  # weight columns a program loads per iteration (16 x 256 bf16: 8 KiB)
-NUM_WARPS = 4
+# (output rows a program computes, weight columns it loads per iteration, warps). A pair's
+# product is one matrix-vector pass: enough programs and bytes in flight decide its speed, so
+# Triton times these once per weight shape (at warm-up) and keeps the fastest. A 16 x 256
+# tile alone ran at 2.1 TB/s on an H200 (cuBLAS's GEMVs of the shared expert: 3.6-4.1).
+CONFIGS = [
+    (2, 1024, 4),
+    (4, 512, 4),
+    (4, 1024, 4),
+    (4, 1024, 8),
+    (8, 512, 4),
+    (8, 1024, 8),
+    (16, 256, 4),
+    (16, 512, 8),
+]
 
 
 def applies(x: torch.Tensor, pairs: int, experts: int) -> bool:
@@ -37,6 +48,10 @@ def applies(x: torch.Tensor, pairs: int, experts: int) -> bool:
 
 if triton is not None:
 
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
+        key=["N", "K"],
+    )
     @triton.jit
     def _pair_gemv_kernel(
         x_ptr,  # [P, K] the pairs' input rows
@@ -49,6 +64,7 @@ if triton is not None:
         stride_we,
         stride_wn,
         stride_out,
+        ROWS_PER_X,  # pairs per input row: pair p reads row p // ROWS_PER_X
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -56,7 +72,7 @@ if triton is not None:
         expert = tl.load(ids_ptr + pair).to(tl.int64)
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         w_rows = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
-        x_row = x_ptr + pair.to(tl.int64) * stride_x
+        x_row = x_ptr + (pair // ROWS_PER_X).to(tl.int64) * stride_x
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -68,17 +84,23 @@ if triton is not None:
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-def pair_linear(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """Rows x [P, K] in any order, each times its own expert's weight [E, N, K] transposed:
-    out[p] = weight[expert_ids[p]] @ x[p], [P, N] in x's dtype (float32 accumulation). Off
-    the GPU (tests of the callers' pair order) the PyTorch reference computes it."""
+def pair_linear(
+    x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, per_row: int = 1
+) -> torch.Tensor:
+    """Each pair p times its own expert's weight [E, N, K] transposed: out[p] =
+    weight[expert_ids[p]] @ x[p // per_row], [P, N] in x's dtype (float32 accumulation), for
+    rows x [P / per_row, K] (`per_row`: a token's k pairs read its one row). Off the GPU
+    (tests of the callers' pair order) the PyTorch reference computes it."""
     if triton is None or not x.is_cuda:
-        return pair_linear_ref(x, weight, expert_ids)
-    pairs, k = x.shape
+        return pair_linear_ref(x.repeat_interleave(per_row, dim=0), weight, expert_ids)
+    pairs, k = expert_ids.numel(), x.shape[1]
     n = weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(pairs, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, BLOCK_N), pairs)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), pairs)
+
     _pair_gemv_kernel[grid](
         x,
         weight,
@@ -90,9 +112,7 @@ def pair_linear(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor)
         weight.stride(0),
         weight.stride(1),
         out.stride(0),
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
+        per_row,
     )
     return out
 

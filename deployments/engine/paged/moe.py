@@ -103,28 +103,51 @@ def experts_forward(
     tokens, k = expert_ids.shape
     method = method or choose_method(h, tokens * k, gate_up.shape[0])
     if method == "pairs":
-        order, ids = None, expert_ids.reshape(-1)
-        x, w = h.repeat_interleave(k, dim=0), weights.reshape(-1, 1)
-
-        def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return expert_gemv.pair_linear(rows, weight, ids)
-    else:
-        ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
-        x, w = h[order // k], weights.reshape(-1)[order].unsqueeze(-1)
-        experts = torch.arange(gate_up.shape[0], device=h.device)
-        offsets = torch.searchsorted(ids, experts, right=True, out_int32=True)
-
-        def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return grouped_linear(rows, weight, offsets, ids, method == "grouped")
-
+        return _pairs_forward(h, gate_up, down, weights, expert_ids, scale_input, fast)
+    ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
+    x, w = h[order // k], weights.reshape(-1)[order].unsqueeze(-1)
+    experts = torch.arange(gate_up.shape[0], device=h.device)
+    offsets = torch.searchsorted(ids, experts, right=True, out_int32=True)
+    grouped = method == "grouped"
     if scale_input:
         x = x * w
-    out = linear(silu_mul(linear(x, gate_up), fast), down)
+    act = silu_mul(grouped_linear(x, gate_up, offsets, ids, grouped), fast)
+    out = grouped_linear(act, down, offsets, ids, grouped)
     if not scale_input:
         out = out * w  # Mixtral's float32 weights make this (and the sum) float32, as in HF
-    if order is not None:  # back to (token, choice) order
-        out = torch.empty_like(out).index_copy_(0, order, out)
-    return out.view(tokens, k, -1).sum(dim=1).to(h.dtype)
+    rows = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, choice) order
+    return _sum_choices(rows, k, h.dtype)
+
+
+def _pairs_forward(
+    h: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    scale_input: bool,
+    fast: bool,
+) -> torch.Tensor:
+    """`experts_forward` by per-pair products, the pairs in (token, choice) order: a token's
+    row is read by each of its k pairs in place, unless scaled per pair first."""
+    k = expert_ids.shape[1]
+    ids, w = expert_ids.reshape(-1), weights.reshape(-1, 1)
+    if scale_input:
+        x, per_row = (h if k == 1 else h.repeat_interleave(k, dim=0)) * w, 1
+    else:
+        x, per_row = h, k
+    act = silu_mul(expert_gemv.pair_linear(x, gate_up, ids, per_row), fast)
+    out = expert_gemv.pair_linear(act, down, ids)
+    if not scale_input:
+        out = out * w
+    return _sum_choices(out, k, h.dtype)
+
+
+def _sum_choices(rows: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows in (token, choice) order [T * k, H] -> each token's k rows summed, [T, H]."""
+    if k > 1:
+        rows = rows.view(-1, k, rows.shape[-1]).sum(dim=1)
+    return rows.to(dtype)
 
 
 def moe_mlp(h: torch.Tensor, layer: LayerWeights, moe: MoESpec, fast: bool) -> torch.Tensor:
