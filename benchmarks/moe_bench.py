@@ -14,7 +14,7 @@ is built) and our decode step (median of decode-only steps, CUDA graphs) at batc
 bandwidth: every non-expert weight but the embedding table, the expected share of expert
 bytes its n tokens pick under uniform routing, `1 - (1 - k/E)^n` (the planner's MoE read
 model, `ModelFootprint.expert_share`; random routers route close to uniformly), and the KV it
-reads. Writes benchmarks/results/moe-<card>.json.
+reads. Writes benchmarks/results/moe-<card>.json (Scout) or moe-qwen3-30b-a3b-<card>.json.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def our_rows(
                 "decode_tokens_per_s": batch / step,
                 "e2e_tokens_per_s": result["generated_tokens"] / result["seconds"],
                 "graph_replay_ms": replay,  # the step's device time; the rest is host work
-                "kernels": kernels[:12],  # device time by kernel: a new batch, prefill + 8 steps
+                "kernels": kernels,  # device time by kernel (top 25): new batch, prefill + 8 steps
             }
         )
         print({k: v for k, v in out[-1].items() if k != "kernels"}, flush=True)
@@ -254,7 +254,7 @@ def main() -> None:
         "rows": rows,
         "headline": headlines(rows),
     }
-    name = "moe" if opts.model == "qwen3-30b-a3b" else f"moe-{opts.model}"
+    name = "moe" if opts.model == "scout" else f"moe-{opts.model}"  # the issue's file: Scout
     out = write_result(name if not opts.quick else f"{name}-quick", payload, opts.out)
     print(json.dumps(payload["headline"], indent=2))
     print("wrote", out)

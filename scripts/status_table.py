@@ -96,8 +96,8 @@ FEATURES = (
             "test_chunk_kv.py",
             "test_moe_serve.py",
         ),
-        (),  # test_moe_gpu and test_llama4_gpu: not run yet
-        ("moe",),
+        ("test_moe_gpu", "test_llama4_gpu"),
+        ("moe", "moe-qwen3-30b-a3b", "pair-gemv"),
     ),
     Feature("Routing simulation (CPU by design)", ("test_routing_sim.py",), (), ()),
 )

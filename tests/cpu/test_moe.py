@@ -142,10 +142,14 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
         p.data = torch.randn(p.shape, generator=g) * 0.3
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("k", [1, 2])
-def test_llama4_moe_mlp_equals_hf_llama4_text_moe(k):
+def test_llama4_moe_mlp_equals_hf_llama4_text_moe(k, method):
+    """Each method; with the per-pair products the shared expert's rows join the routed ones'."""
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
+    if method == "grouped" and not grouped_mm_available(torch.empty(1)):
+        pytest.skip("this torch has no CPU grouped_mm")
     config = llama4_config(k)
     hf = Llama4TextMoe(config).eval()
     randomize(hf, seed=11)
@@ -161,7 +165,7 @@ def test_llama4_moe_mlp_equals_hf_llama4_text_moe(k):
     with torch.no_grad():
         want, _ = hf(h[None])
     torch.testing.assert_close(
-        moe_mlp(h, layer, llama4_moe(config), False), want, rtol=1e-4, atol=1e-4
+        moe_mlp(h, layer, llama4_moe(config), False, method), want, rtol=1e-4, atol=1e-4
     )
 
 

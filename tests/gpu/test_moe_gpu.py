@@ -7,7 +7,8 @@ ours, so the maximum is allowed 3x HF's and the mean 1.5x); CUDA-graph decode eq
 an eager MoE forward makes no host sync (`set_sync_debug_mode("error")`); and the grouped
 experts (`torch._grouped_mm`, bf16) equal the gather-bmm fallback; at decode sizes the per-pair
 Triton products (expert_gemv.py) equal the reference and the grouped product, and replay in a
-CUDA graph on new routing.
+CUDA graph on new routing; Llama 4's shared expert riding in those launches equals the separate
+path.
 """
 
 import pytest
@@ -168,6 +169,7 @@ def test_per_pair_expert_products_at_decode_sizes(shape):
     torch.manual_seed(1)
     gate_up = (torch.randn(e, 2 * i, h, device="cuda") / h**0.5).bfloat16()
     down = (torch.randn(e, h, i, device="cuda") / i**0.5).bfloat16()
+    dense = (torch.randn(2 * i, h, device="cuda") / h**0.5).bfloat16()
     for t in batches:
         x = torch.randn(t, h, device="cuda").bfloat16()
         ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
@@ -180,6 +182,11 @@ def test_per_pair_expert_products_at_decode_sizes(shape):
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
         shared_rows = pair_linear(x, gate_up, ids.reshape(-1), per_row=k)  # a row per token
         torch.testing.assert_close(shared_rows, got, atol=0, rtol=0)
+        # A dense matrix's rows in the same launch (a shared expert): after the pairs' rows.
+        both = pair_linear(rows, gate_up, ids.reshape(-1), dense=(x, dense))
+        torch.testing.assert_close(both[: t * k], got, atol=0, rtol=0)
+        want_dense = (x.float() @ dense.float().T).bfloat16()
+        torch.testing.assert_close(both[t * k :].float(), want_dense.float(), atol=1e-2, rtol=1e-2)
         pairs = experts_forward(x, gate_up, down, weights, ids, scale_input, fast=True)
         grouped = experts_forward(
             x, gate_up, down, weights, ids, scale_input, fast=True, method="grouped"
@@ -198,3 +205,52 @@ def test_per_pair_expert_products_at_decode_sizes(shape):
     graph.replay()
     want = experts_forward(x, gate_up, down, weights, new_ids, scale_input, fast=True)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_a_shared_expert_rides_in_the_routed_pairs_launches():
+    """Llama 4 Scout's MoE MLP at decode sizes: the shared expert's rows in the per-pair
+    launches equal the separate path (grouped routed experts + cuBLAS shared expert), eager and
+    replayed in a CUDA graph on new hidden states."""
+    import torch
+    import transformers
+
+    from deployments.engine.paged.moe import moe_mlp
+    from deployments.engine.paged.weights import LayerWeights
+    from deployments.model_spec import llama4_moe
+
+    h, i, e = 5120, 8192, 16
+    config = transformers.Llama4TextConfig(
+        hidden_size=h, intermediate_size=i, num_local_experts=e, num_hidden_layers=1
+    )
+    torch.manual_seed(3)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, device="cuda") / shape[-1] ** 0.5).bfloat16()
+
+    empty = torch.empty(0, device="cuda")
+    layer = LayerWeights(
+        qkv=empty,
+        o=empty,
+        input_norm=empty,
+        post_norm=empty,
+        experts_gate_up=rand(e, 2 * i, h),
+        experts_down=rand(e, h, i),
+        router=rand(e, h),
+        shared_gate_up=rand(2 * i, h),
+        shared_down=rand(h, i),
+    )
+    moe = llama4_moe(config)
+    for t in (1, 4):
+        x = torch.randn(t, h, device="cuda").bfloat16()
+        got = moe_mlp(x, layer, moe, True)
+        want = moe_mlp(x, layer, moe, True, method="grouped")
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    static = x.clone()
+    moe_mlp(static, layer, moe, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_mlp(static, layer, moe, True)
+    static.copy_(torch.randn_like(static))
+    graph.replay()
+    torch.testing.assert_close(out, moe_mlp(static, layer, moe, True), atol=0, rtol=0)

@@ -9,8 +9,8 @@ bytes. Pairs that share an expert read it once each: worth it only while pairs a
 the experts (`applies`), which is the decode regime; larger batches keep the grouped product.
 
 The expert id is read on the device (no host sync: capturable in a CUDA graph), and nothing
-about the pair count specializes the kernel (it is the grid only), so one tuning and compile
-per weight shape, at warm-up (warmup.py), serves every batch size.
+about the pair count specializes the kernel (it is the grid only), so one compile per weight
+shape, at warm-up (warmup.py), serves every batch size.
 """
 
 from __future__ import annotations
@@ -23,20 +23,15 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs never take t
 except ImportError:  # pragma: no cover - exercised on CPU-only machines
     triton = None
 
-# (output rows a program computes, weight columns it loads per iteration, warps). A pair's
-# product is one matrix-vector pass: enough programs and bytes in flight decide its speed, so
-# Triton times these once per weight shape (at warm-up) and keeps the fastest. A 16 x 256
-# tile alone ran at 2.1 TB/s on an H200 (cuBLAS's GEMVs of the shared expert: 3.6-4.1).
-CONFIGS = [
-    (2, 1024, 4),
-    (4, 512, 4),
-    (4, 1024, 4),
-    (4, 1024, 8),
-    (8, 512, 4),
-    (8, 1024, 8),
-    (16, 256, 4),
-    (16, 512, 8),
-]
+# The tile: output rows a program computes, weight columns it loads per iteration, warps, and
+# software-pipeline stages. Measured on an H200 over 72 tiles, replayed in a CUDA graph a
+# different expert per call (benchmarks/pair_gemv_bench.py, results/pair-gemv-NVIDIA-H200.json):
+# this one was the fastest on all four decode shapes (Scout's gate_up 4.14 TB/s, its down 3.82,
+# against cuBLAS's 4.08 and 3.19 for one expert's product; Qwen3-30B-A3B's 3.58 and 2.74). Two
+# rows a program keeps many programs in flight. Triton's autotuner (each tile timed alone, L2
+# flushed) picked 2 x 1024 with 4 warps: within 1% on Scout's shapes, 8% slower on Qwen's down;
+# a fixed tile also spares the warm-up its tuning.
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 2, 512, 2, 2
 
 
 def applies(x: torch.Tensor, pairs: int, experts: int) -> bool:
@@ -48,31 +43,36 @@ def applies(x: torch.Tensor, pairs: int, experts: int) -> bool:
 
 if triton is not None:
 
-    @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
-        key=["N", "K"],
-    )
-    @triton.jit
+    @triton.jit(do_not_specialize=["FIRST_DENSE"])
     def _pair_gemv_kernel(
-        x_ptr,  # [P, K] the pairs' input rows
+        x_ptr,  # [P / ROWS_PER_X, K] the expert pairs' input rows
         w_ptr,  # [E, N, K] stacked expert matrices, K contiguous
-        ids_ptr,  # [P] each pair's expert
-        out_ptr,  # [P, N]
+        ids_ptr,  # [P] each expert pair's expert
+        xd_ptr,  # [D, K] the dense rows' inputs (pairs FIRST_DENSE on)
+        wd_ptr,  # [N, K] the dense matrix they all multiply (e.g. a shared expert's)
+        out_ptr,  # [P + D, N]
         N,
         K,
         stride_x,
         stride_we,
-        stride_wn,
+        stride_wn,  # the row stride of both matrices
+        stride_xd,
         stride_out,
-        ROWS_PER_X,  # pairs per input row: pair p reads row p // ROWS_PER_X
+        ROWS_PER_X,  # expert pairs per input row: pair p reads row p // ROWS_PER_X
+        FIRST_DENSE,  # P: pairs from here on are dense rows
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         block, pair = tl.program_id(0), tl.program_id(1)
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_rows = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
-        x_row = x_ptr + (pair // ROWS_PER_X).to(tl.int64) * stride_x
+        row_offsets = rows[:, None].to(tl.int64) * stride_wn
+        if pair >= FIRST_DENSE:
+            w_rows = wd_ptr + row_offsets
+            x_row = xd_ptr + (pair - FIRST_DENSE).to(tl.int64) * stride_xd
+        else:
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+            w_rows = w_ptr + expert * stride_we + row_offsets
+            x_row = x_ptr + (pair // ROWS_PER_X).to(tl.int64) * stride_x
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -85,34 +85,52 @@ if triton is not None:
 
 
 def pair_linear(
-    x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, per_row: int = 1
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_ids: torch.Tensor,
+    per_row: int = 1,
+    dense: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Each pair p times its own expert's weight [E, N, K] transposed: out[p] =
     weight[expert_ids[p]] @ x[p // per_row], [P, N] in x's dtype (float32 accumulation), for
-    rows x [P / per_row, K] (`per_row`: a token's k pairs read its one row). Off the GPU
-    (tests of the callers' pair order) the PyTorch reference computes it."""
+    rows x [P / per_row, K] (`per_row`: a token's k pairs read its one row). `dense` = (xd
+    [D, K], wd [N, K]) appends D rows xd @ wd.T in the same launch (a shared expert beside the
+    routed ones: one pass over both matrices' rows, [P + D, N]). Off the GPU (tests of the
+    callers' pair order) the PyTorch reference computes it."""
     if triton is None or not x.is_cuda:
-        return pair_linear_ref(x.repeat_interleave(per_row, dim=0), weight, expert_ids)
-    pairs, k = expert_ids.numel(), x.shape[1]
-    n = weight.shape[1]
+        out = pair_linear_ref(x.repeat_interleave(per_row, dim=0), weight, expert_ids)
+        if dense is None:
+            return out
+        xd, wd = dense
+        zeros = torch.zeros(len(xd), dtype=torch.long)  # every dense row: "expert" 0 of one
+        return torch.cat([out, pair_linear_ref(xd, wd.unsqueeze(0), zeros)])
+    pairs, k, n = expert_ids.numel(), x.shape[1], weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(pairs, n, dtype=x.dtype, device=x.device)
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]), pairs)
-
-    _pair_gemv_kernel[grid](
+    xd, wd = (x, weight[0]) if dense is None else (dense[0].contiguous(), dense[1].contiguous())
+    if wd.shape != weight.shape[1:]:
+        raise ValueError(f"dense matrix {tuple(wd.shape)} against experts' {weight.shape[1:]}")
+    extra = 0 if dense is None else xd.shape[0]
+    out = torch.empty(pairs + extra, n, dtype=x.dtype, device=x.device)
+    _pair_gemv_kernel[(triton.cdiv(n, BLOCK_N), pairs + extra)](
         x,
         weight,
         expert_ids.reshape(-1),
+        xd,
+        wd,
         out,
         n,
         k,
         x.stride(0),
         weight.stride(0),
         weight.stride(1),
+        xd.stride(0),
         out.stride(0),
         per_row,
+        pairs,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
     return out
 

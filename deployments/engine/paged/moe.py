@@ -127,20 +127,26 @@ def _pairs_forward(
     expert_ids: torch.Tensor,
     scale_input: bool,
     fast: bool,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`experts_forward` by per-pair products, the pairs in (token, choice) order: a token's
-    row is read by each of its k pairs in place, unless scaled per pair first."""
+    row is read by each of its k pairs in place, unless scaled per pair first. `shared`
+    (gate_up [2I, H], down [H, I] of a shared expert as wide as the routed ones): its rows
+    ride in the same two launches, and the result is routed + shared."""
     k = expert_ids.shape[1]
     ids, w = expert_ids.reshape(-1), weights.reshape(-1, 1)
     if scale_input:
         x, per_row = (h if k == 1 else h.repeat_interleave(k, dim=0)) * w, 1
     else:
         x, per_row = h, k
-    act = silu_mul(expert_gemv.pair_linear(x, gate_up, ids, per_row), fast)
-    out = expert_gemv.pair_linear(act, down, ids)
-    if not scale_input:
-        out = out * w
-    return _sum_choices(out, k, h.dtype)
+    pairs = ids.numel()
+    dense_in = None if shared is None else (h, shared[0])
+    act = silu_mul(expert_gemv.pair_linear(x, gate_up, ids, per_row, dense_in), fast)
+    dense_out = None if shared is None else (act[pairs:], shared[1])
+    out = expert_gemv.pair_linear(act[:pairs], down, ids, dense=dense_out)
+    routed = out[:pairs] if scale_input else out[:pairs] * w
+    routed = _sum_choices(routed, k, h.dtype)
+    return routed if shared is None else out[pairs:].add_(routed)  # as HF: shared + routed
 
 
 def _sum_choices(rows: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -150,20 +156,23 @@ def _sum_choices(rows: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor
     return rows.to(dtype)
 
 
-def moe_mlp(h: torch.Tensor, layer: LayerWeights, moe: MoESpec, fast: bool) -> torch.Tensor:
+def moe_mlp(
+    h: torch.Tensor, layer: LayerWeights, moe: MoESpec, fast: bool, method: str | None = None
+) -> torch.Tensor:
     """An MoE layer's MLP on normed hidden states h [T, H]: router, routed experts, and the
-    shared expert where there is one (Llama 4: added to the routed output)."""
+    shared expert where there is one (Llama 4: added to the routed output). With the per-pair
+    products (decode sizes; `method` as `experts_forward`'s), a shared expert as wide as the
+    routed ones (Llama 4's always is) rides in their two launches."""
     weights, ids = route(F.linear(h, layer.router), moe)
-    out = experts_forward(
-        h,
-        layer.experts_gate_up,
-        layer.experts_down,
-        weights,
-        ids,
-        scale_input=moe.gating == "sigmoid_top1",
-        fast=fast,
-    )
-    if layer.shared_gate_up is None:
+    scale = moe.gating == "sigmoid_top1"
+    gate_up, down = layer.experts_gate_up, layer.experts_down
+    method = method or choose_method(h, ids.numel(), gate_up.shape[0])
+    shared = layer.shared_gate_up
+    if method == "pairs" and shared is not None and shared.shape == gate_up.shape[1:]:
+        pair = (shared, layer.shared_down)
+        return _pairs_forward(h, gate_up, down, weights, ids, scale, fast, shared=pair)
+    out = experts_forward(h, gate_up, down, weights, ids, scale, fast=fast, method=method)
+    if shared is None:
         return out
-    shared = F.linear(silu_mul(F.linear(h, layer.shared_gate_up), fast), layer.shared_down)
-    return shared.add_(out)
+    shared_out = F.linear(silu_mul(F.linear(h, shared), fast), layer.shared_down)
+    return shared_out.add_(out)

@@ -46,7 +46,7 @@ def _jit_kernels() -> tuple:
         triton_prefill._prefill_kernel,
         triton_prefill._merge_kernel,
         triton_sampler._sample_kernel,
-        expert_gemv._pair_gemv_kernel.fn,  # the autotuner's JIT function
+        expert_gemv._pair_gemv_kernel,
     ]
     kernels += [
         getattr(fused, name)
