@@ -208,7 +208,7 @@ def test_per_pair_expert_products_at_decode_sizes(shape):
 
 
 def test_a_shared_expert_rides_in_the_routed_pairs_launches():
-    """Llama 4 Scout's MoE MLP at decode sizes: the shared expert's rows in the per-pair
+    """Llama 4 Scout's MoE MLP at one token: the shared expert's rows in the per-pair
     launches equal the separate path (grouped routed experts + cuBLAS shared expert), eager and
     replayed in a CUDA graph on new hidden states."""
     import torch
@@ -240,7 +240,7 @@ def test_a_shared_expert_rides_in_the_routed_pairs_launches():
         shared_down=rand(h, i),
     )
     moe = llama4_moe(config)
-    for t in (1, 4):
+    for t in (4, 1):  # 4 tokens: the separate path; 1: riding (and captured below)
         x = torch.randn(t, h, device="cuda").bfloat16()
         got = moe_mlp(x, layer, moe, True)
         want = moe_mlp(x, layer, moe, True, method="grouped")
