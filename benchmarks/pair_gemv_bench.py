@@ -35,7 +35,7 @@ GRID = {
     "BLOCK_N": [1, 2, 4, 8],
     "BLOCK_K": [512, 1024],
     "num_warps": [2, 4, 8],
-    "num_stages": [1, 2, 3],
+    "num_stages": [1, 2],
 }
 
 

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
     triton = None
 
 # The tile: output rows a program computes, weight columns it loads per iteration, warps, and
-# software-pipeline stages. Measured on an H200 over 72 tiles, replayed in a CUDA graph a
+# software-pipeline stages. Measured on an H200 over 48 tiles, replayed in a CUDA graph a
 # different expert per call (benchmarks/pair_gemv_bench.py, results/pair-gemv-NVIDIA-H200.json):
 # this one was the fastest on all four decode shapes (Scout's gate_up 4.14 TB/s, its down 3.82,
 # against cuBLAS's 4.08 and 3.19 for one expert's product; Qwen3-30B-A3B's 3.58 and 2.74). Two
