@@ -52,10 +52,12 @@ def _in_graph_ms(calls: list[Any]) -> float:
 
 
 def _launch(x, w, ids, out, tile: dict[str, int]) -> None:
+    """expert_gemv's kernel over `ids`' pairs (no dense rows) with this tile."""
     n, k = w.shape[1], w.shape[2]
     grid = (-(-n // tile["BLOCK_N"]), ids.numel())
-    expert_gemv._pair_gemv_kernel.fn[grid](
-        x, w, ids, out, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0), 1, **tile
+    strides = (x.stride(0), w.stride(0), w.stride(1), x.stride(0), out.stride(0))
+    expert_gemv._pair_gemv_kernel[grid](
+        x, w, ids, x, w[0], out, n, k, *strides, 1, ids.numel(), **tile
     )
 
 
