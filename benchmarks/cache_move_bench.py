@@ -181,7 +181,7 @@ def phase_row(
         "export_s": moved["export_s"],  # A: copies out and puts, pipelined
         "d2h_s": moved["out_device_s"],  # device time of A's device-to-host copies
         "export_host_copy_s": moved["out_host_s"],  # a host-tier user's copies (else 0)
-        "put_s": moved["out_sink_s"],  # A's object-store puts (and handing chunks to B)
+        "put_s": moved["out_sink_s"],  # A's object-store puts
         "export_wait_s": moved["out_wait_s"],  # A blocked on a chunk's copy out
         "export_overlap_s": moved["out_overlap_s"],  # d2h + puts - export wall
         "call_s": moved["call_s"],  # after A's export: B's last chunk calls and finish
