@@ -15,6 +15,7 @@ while this side was still exporting), and the export's `out_` phases.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -77,7 +78,11 @@ class ChunkCalls:
         """Send the chunks held back (the last group), without waiting for the answer."""
         if self._batch:
             send = self._send(self._first, self._batch)  # runs on the loop, not this thread
-            self.futures.append(asyncio.run_coroutine_threadsafe(send, self._loop))
+            # In a context of its own: calls made at once inside one Serve request share its
+            # request id, and Serve's router (2.60) keeps one pending call per id: the others
+            # were never sent. A fresh context gives each chunk call an id of its own.
+            run = asyncio.run_coroutine_threadsafe
+            self.futures.append(contextvars.Context().run(run, send, self._loop))
             self._batch = []
 
     async def _send(self, first: int, refs: list[Any]) -> dict[str, float]:
@@ -160,9 +165,10 @@ class PipelinedSend:
 
     @staticmethod
     def _check(header: CacheHeader, export: UserCacheExport | None, now: CacheHeader | None) -> str:
-        """ "sent" if the export is whole and of the header's user, still unchanged here."""
+        """What the copy is worth: "sent" (whole, of the header's user, unchanged here since),
+        "busy" (it changed before or while it was copied) or "raced" (a request ran since)."""
         if export is None or not header.same_user(export):
-            return "busy"  # it changed while it was copied: the bytes are not its
+            return "busy"
         return "sent" if export.same_user(now) else "raced"
 
     async def _cancel(self, ticket: int) -> None:
