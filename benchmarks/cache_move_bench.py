@@ -78,7 +78,16 @@ def app_args(quick: bool, model_dir: str, fast_start: bool = False) -> dict[str,
             "graceful_shutdown_timeout_s": 60,
         },
         "router": {"stats_period_s": 0.25},
-        "cache_moves": {"pressure_free_fraction": 0.0, "call_timeout_s": 120},
+        "cache_moves": {"pressure_free_fraction": 0.0, "call_timeout_s": 120}
+        if gpu
+        # On CPU the users are small: chunks of a few pages, one a call, so a move still
+        # takes several pipelined chunk calls through Serve.
+        else {
+            "pressure_free_fraction": 0.0,
+            "call_timeout_s": 120,
+            "chunk_bytes": "256KiB",
+            "chunks_per_call": 1,
+        },
         "ingress": {"num_replicas": 1, "num_cpus": 0},
     }
 
