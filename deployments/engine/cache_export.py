@@ -66,14 +66,13 @@ class CacheHeader:
             raise ValueError(f"an export of {self.kv_len} KV tokens for {len(self.token_ids)}")
 
     def same_user(self, other: CacheHeader | None) -> bool:
-        """Whether `other` describes this very cache (no request ran on the user between)."""
-        return other is not None and (
-            other.key,
-            other.generation,
-            other.kv_len,
-            other.nbytes,
-            other.layout,
-        ) == (self.key, self.generation, self.kv_len, self.nbytes, self.layout)
+        """Whether `other` describes this very cache (no request ran on the user between;
+        the tokens too: a user dropped and back again counts its generations afresh)."""
+        if other is None:
+            return False
+        mine = (self.key, self.generation, self.kv_len, self.nbytes, self.layout)
+        theirs = (other.key, other.generation, other.kv_len, other.nbytes, other.layout)
+        return mine == theirs and other.token_ids == self.token_ids
 
     def header(self) -> CacheHeader:
         """This cache's header alone (no bytes), as a begin_import takes it."""
