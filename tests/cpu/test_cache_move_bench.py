@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import cache_move_bench as bench
+from deployments.engine.paged.staging_ring import SINKS
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def test_a_moved_user_is_served_by_its_receiver_from_its_cache(handle, serve_url
         # On CPU the copies are host copies: no device time, every chunk put and copied in.
         assert row["d2h_s"] == 0 and row["h2d_s"] == 0 and row["chunks"] >= 1
         assert row["put_s"] > 0 and row["host_copy_s"] > 0 and row["get_s"] >= 0
-        assert row["export_s"] >= row["put_s"]
+        # Several chunks now: their puts run SINKS at a time, so their sum may pass the wall.
+        assert row["export_s"] * SINKS >= row["put_s"]
     top = bench.headline(rows, None)
     assert top["history_tokens"] == 1024 and set(top["time_split_s"]) == {
         "move",
