@@ -9,17 +9,19 @@ Where (move_policy.pick_receiver): the peer with the most room that keeps its ow
 after taking the user, by the replicas' `/admin/replicas` rows (`DeploymentHandle.broadcast`),
 read as the router reads its stats (`placement.ReplicaView`).
 
-How: the engine copies the user out (`Engine.export_user`; it stays resident here), putting
-each chunk of its bytes in Ray's object store as it goes (`ray.put`: chunk i's put overlaps
-chunk i+1's device-to-host copy); the copy, holding the chunks' refs, travels as the keyword
-argument of a call to the receiver's `accept_user`, routed there by our router
-(`target_replica_id`, router.py) through Serve's public handle API. The receiver fetches the
-chunks (`ray.get`: in place on the same node), copies them in, adopts the user into free
-memory only and reports it from its next stats on; then this replica forgets it
-(`Engine.forget_user`), unless a request ran on it meanwhile: then the receiver's copy is
-withdrawn and the user stays. A request racing the move is served here, or by the receiver
-once it reports the user: from a whole cache either way (the receiver registers the user only
-after every byte is in place).
+How (pipelined): the receiver sets memory aside for the user from its header
+(`begin_import`), then the engine copies the user out (`Engine.export_user`; it stays resident
+here), putting each chunk of its bytes in Ray's object store as it goes (`ray.put`), and every
+`chunks_per_call` chunks their refs go to the receiver's `import_chunks` at once, so the
+receiver fetches them (`ray.get`: in place on the same node) and copies them in while the
+next ones are still being copied out here (move_send.py, move_receive.py); once all have
+landed and the user is unchanged here, `finish_import` adopts it there, into free memory only,
+and it is reported from the receiver's next stats on. Every call is routed to the receiver by
+our router (`target_replica_id`, router.py) through Serve's public handle API. Then this
+replica forgets the user (`Engine.forget_user`), unless a request ran on it meanwhile: then
+the receiver's copy is withdrawn and the user stays. A request racing the move is served here,
+or by the receiver once it reports the user: from a whole cache either way (the receiver
+registers the user only after every byte is in place).
 """
 
 from __future__ import annotations
@@ -36,18 +38,21 @@ import ray
 
 from deployments.admin import replica_rows
 from deployments.config import CacheMovesConfig
-from deployments.engine.cache_export import LayoutMismatch, MovableUser, UserCacheExport
+from deployments.engine.cache_export import (
+    CacheHeader,
+    LayoutMismatch,
+    MovableUser,
+    UserCacheExport,
+)
 from deployments.engine.interface import Engine
 from deployments.move_policy import pick_receiver, under_pressure
+from deployments.move_receive import MoveReceiver
+from deployments.move_send import PipelinedSend
 from deployments.placement import ReplicaView
 from deployments.router import TARGET_KWARG
 
 logger = logging.getLogger("ray.serve")
 PENDING_TTL_S = 5.0  # how long bytes sent to a peer count against its room (stats lag)
-# How long a replica reports when a user moved in (`arrived_users`): routers prefer the copy
-# that arrived last while the sender still reports it too (settle_s) and while their stats of
-# the sender lag behind its commit; far longer than both.
-ARRIVAL_MEMORY_S = 60.0
 
 
 @dataclass
@@ -62,11 +67,14 @@ class MoveCounts:
     dropped_no_room: int = 0  # users let go on shutdown: no replica had room, or no time
     raced: int = 0  # moves undone because a request ran on the user meanwhile
     failed: int = 0  # moves whose call to the receiver failed (the user stayed here)
+    expired_imports: int = 0  # arriving users whose sender went silent: their pages freed
     last_move_s: float = 0.0
     last_move_bytes: int = 0
-    last_import_s: float = 0.0  # the last arriving user's copy into this engine
-    last_get_s: float = 0.0  # the last arriving user's fetch from the object store
-    # The last arriving user's copy in by phase (staging_ring.StageTimes, `in_` keys).
+    # The last arriving user's copies into this engine and fetches from the object store,
+    # summed over its chunk calls (they overlap the sender's copy out).
+    last_import_s: float = 0.0
+    last_get_s: float = 0.0
+    # The last arriving user's copy in by phase (staging_ring.StageTimes, `in_` keys, summed).
     last_import_phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,11 +104,10 @@ class CacheMover:
         self._lock = asyncio.Lock()  # one move out at a time
         self._poke = asyncio.Event()
         self.draining = False  # refuse arriving users (drain, shutdown)
-        self._arriving = 0  # imports in progress
+        self.receiver = MoveReceiver(engine, cfg.call_timeout_s, self.counts)
         self.settle_s = settle_s
         self._commits: set[asyncio.Task[str]] = set()  # moves waiting for settle_s to commit
         self.last_timing: dict[str, float] = {}  # the last move out's phases (seconds)
-        self._arrived: dict[str, float] = {}  # user -> time.time() its cache moved in
 
     # ---- the sender's side ----------------------------------------------------------------
 
@@ -130,6 +137,13 @@ class CacheMover:
         call = self._handle.options(method_name=method)
         return call.remote(**kwargs, **{TARGET_KWARG: target})
 
+    def _sender(self, target: str) -> PipelinedSend:
+        def call(method: str, **kwargs: Any) -> Any:
+            return self._call(method, target, **kwargs)
+
+        cfg = self.cfg
+        return PipelinedSend(self.engine, call, ray.put, cfg.call_timeout_s, cfg.chunks_per_call)
+
     async def move_user(
         self, user: MovableUser, views: list[ReplicaView], wait: bool = True
     ) -> str:
@@ -143,27 +157,14 @@ class CacheMover:
             return "no_room"
         async with self._lock:
             start = time.perf_counter()
-            export = await asyncio.to_thread(self.engine.export_user, user.key, ray.put)
-            if export is None:
-                return "busy"
-            called = time.perf_counter()
-            try:
-                call = self._call("accept_user", target, export=export)
-                generation = await asyncio.wait_for(call, self.cfg.call_timeout_s)
-            except Exception as exc:
-                logger.warning("moving a user to %s failed (%s); it stays here", target, exc)
-                self.counts.failed += 1
-                return "failed"
-            finally:
-                export.buffers = []  # the receiver is done with the chunks: free them now
+            sent = await self._sender(target).send(user.key)
+            self.last_timing = sent.times.as_dict()
+            self.counts.failed += sent.outcome == "failed"
+            self.counts.raced += sent.outcome == "raced"
+            if sent.export is None or sent.generation is None:
+                return sent.outcome
+            export, generation = sent.export, sent.generation
             self._pending.append((time.time(), target, export.nbytes))
-            self.last_timing = {
-                "export_s": export.copy_s,
-                "call_s": time.perf_counter() - called,
-                **export.phases,
-            }
-            if generation is None:
-                return "refused"
         commit = self._commit(export, target, generation, start)
         if wait:
             return await commit
@@ -206,7 +207,7 @@ class CacheMover:
         most recently used first, until `deadline` (time.monotonic()); what moved and what
         stayed."""
         self.draining = True
-        while self._arriving and time.monotonic() < deadline:
+        while self.receiver.arriving and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         held = set(self.engine.stats().resident_users)
         tried: dict[str, int] = {}  # key -> bytes
@@ -277,54 +278,43 @@ class CacheMover:
             except Exception:
                 logger.exception("relieving memory pressure by moving users failed")
 
-    # ---- the receiver's side --------------------------------------------------------------
+    # ---- the receiver's side (move_receive.py) ------------------------------------------------
 
-    async def accept(self, export: UserCacheExport) -> int | None:
-        """Adopt an arriving user (Engine.import_user); its generation, or None: no room."""
+    async def begin_import(self, header: CacheHeader) -> int | None:
+        """An arriving user's header: a ticket, or None (draining, no room, here already,
+        or a cache of another layout)."""
         if self.draining:
             return None
-        self._arriving += 1
         try:
-            start = time.perf_counter()
-            await self._fetch(export)
-            fetched = time.perf_counter()
-            generation = await asyncio.to_thread(self.engine.import_user, export)
-            counts = self.counts
-            counts.last_get_s, counts.last_import_s = fetched - start, time.perf_counter() - fetched
-            counts.last_import_phases = {
-                k: v for k, v in export.phases.items() if k.startswith("in_")
-            }
+            return await self.receiver.begin(header)
         except LayoutMismatch as exc:
             logger.warning("refused a user's cache: %s", exc)
             return None
-        finally:
-            self._arriving -= 1
-        if generation is not None:
-            self.counts.users_in += 1
-            self.counts.bytes_in += export.nbytes
-            self._arrived[export.key] = time.time()
-        return generation
 
-    @staticmethod
-    async def _fetch(export: UserCacheExport) -> None:
-        """The export's chunks in place of their object-store refs (arrays in the store's
-        memory when it is on this node: read, never written)."""
-        refs = [i for i, b in enumerate(export.buffers) if isinstance(b, ray.ObjectRef)]
-        if refs:
-            got = await asyncio.to_thread(ray.get, [export.buffers[i] for i in refs])
-            for i, value in zip(refs, got, strict=True):
-                export.buffers[i] = value
+    async def import_chunks(self, ticket: int, first: int, refs: list[Any]) -> dict[str, float]:
+        return await self.receiver.chunks(ticket, first, refs)
+
+    async def finish_import(self, ticket: int) -> int | None:
+        return await self.receiver.finish(ticket)
+
+    async def cancel_import(self, ticket: int) -> bool:
+        return await self.receiver.cancel(ticket)
+
+    async def accept(self, export: UserCacheExport) -> int | None:
+        """Adopt a whole export in one go (begin, its pieces, finish); its generation, or
+        None: no room."""
+        ticket = await self.begin_import(export.header())
+        if ticket is None:
+            return None
+        try:
+            await self.import_chunks(ticket, 0, list(export.buffers))
+        except BaseException:
+            await self.cancel_import(ticket)
+            raise
+        return await self.finish_import(ticket)
 
     async def withdraw(self, key: str, generation: int) -> bool:
-        dropped = await asyncio.to_thread(self.engine.forget_user, key, generation)
-        if dropped:
-            self.counts.users_in -= 1
-            self._arrived.pop(key, None)
-        return dropped
+        return await self.receiver.withdraw(key, generation)
 
     def arrivals(self, resident: list[str]) -> dict[str, float]:
-        """The `resident` users that moved in within ARRIVAL_MEMORY_S, with when (stats'
-        `arrived_users`: placement.find_home prefers the copy that arrived last)."""
-        since = time.time() - ARRIVAL_MEMORY_S
-        self._arrived = {k: t for k, t in self._arrived.items() if t >= since}
-        return {k: self._arrived[k] for k in resident if k in self._arrived}
+        return self.receiver.arrivals(resident)

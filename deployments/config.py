@@ -236,7 +236,10 @@ class CacheMovesConfig(_Section):
         description="How often a replica checks its memory pressure (also after every request).",
     )
     call_timeout_s: float = Field(
-        60.0, gt=0, description="Longest one move's transfer to a peer may take."
+        60.0,
+        gt=0,
+        description="Longest one move's transfer to a peer may take; a receiver cancels an "
+        "import its sender left unfinished this long (its pages are freed).",
     )
     chunk_bytes: ByteSize = Field(
         ByteSize(MOVE_CHUNK_BYTES),
@@ -244,6 +247,13 @@ class CacheMovesConfig(_Section):
         description="A moving cache travels in chunks of at most this many bytes (one "
         "object-store object each), staged through three pinned host buffers of this size "
         "allocated when the engine starts (capped at the larger KV tier's size).",
+    )
+    chunks_per_call: int = Field(
+        4,
+        gt=0,
+        description="A move is pipelined: the sender hands the receiver this many chunks per "
+        "call as soon as they are in the object store, and the receiver copies them in while "
+        "the sender copies the next ones out (8 calls for a 4 GiB user of 128 MiB chunks).",
     )
 
 

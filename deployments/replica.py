@@ -51,7 +51,7 @@ from deployments.engine import (
     SamplingParams,
     select_engine_class,
 )
-from deployments.engine.cache_export import UserCacheExport
+from deployments.engine.cache_export import CacheHeader
 from deployments.memory import MemoryAccountant, is_out_of_memory, setup_memory
 from deployments.metrics import ReplicaMetrics
 from deployments.pacing import StreamPacing
@@ -370,19 +370,39 @@ class LLMReplica:
 
     # ---- users' caches moving between replicas (cache_moves.py) ---------------------------
 
-    async def accept_user(
-        self, *, export: UserCacheExport, target_replica_id: str | None = None
+    # A peer's user arriving, pipelined (move_receive.py): each call is routed here by
+    # `target_replica_id`; begin_import, import_chunks in any order, then finish or cancel.
+
+    async def begin_import(
+        self, *, header: CacheHeader, target_replica_id: str | None = None
     ) -> int | None:
-        """A peer's user arriving (routed here by `target_replica_id`): its generation here,
-        or None when there is no room for it."""
+        """Set memory aside for an arriving user: a ticket, or None (no room, draining)."""
+        return None if self._moves is None else await self._moves.begin_import(header)
+
+    async def import_chunks(
+        self, *, ticket: int, first: int, refs: list[Any], target_replica_id: str | None = None
+    ) -> dict[str, float]:
+        """Chunks `first`, `first + 1`, ... of the ticket's cache (object-store refs), put in
+        place: the copy's seconds by phase."""
         if self._moves is None:
-            return None
-        return await self._moves.accept(export)
+            raise KeyError(ticket)
+        return await self._moves.import_chunks(ticket, first, refs)
+
+    async def finish_import(
+        self, *, ticket: int, target_replica_id: str | None = None
+    ) -> int | None:
+        """Adopt the arrived user once every byte is in place: its generation here, or None."""
+        if self._moves is None:
+            raise KeyError(ticket)
+        return await self._moves.finish_import(ticket)
+
+    async def cancel_import(self, *, ticket: int, target_replica_id: str | None = None) -> bool:
+        return self._moves is not None and await self._moves.cancel_import(ticket)
 
     async def withdraw_user(
         self, *, key: str, generation: int, target_replica_id: str | None = None
     ) -> bool:
-        """Undo an `accept_user` whose sender kept the user (a request ran on it meanwhile)."""
+        """Undo an import whose sender kept the user (a request ran on it meanwhile)."""
         return self._moves is not None and await self._moves.withdraw(key, generation)
 
     async def move_user(

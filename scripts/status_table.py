@@ -82,7 +82,12 @@ FEATURES = (
     ),
     Feature(
         "Cache moves between replicas (pressure, shutdown, drain)",
-        ("test_cache_moves.py", "test_cache_moves_serve.py", "test_cache_move_bench.py"),
+        (
+            "test_cache_moves.py",
+            "test_pipelined_moves.py",
+            "test_cache_moves_serve.py",
+            "test_cache_move_bench.py",
+        ),
         ("test_cache_moves_gpu",),
         ("migration", "migration-ring"),
     ),

@@ -4,14 +4,18 @@ An export is a *copy*: the user stays in the sender's engine until the move comm
 (`Engine.forget_user` with the export's `generation`), so a request racing the move is served
 from an intact cache on one side or the other, never from a half-copied one. The receiver
 adopts an export only into free memory (`Engine.import_user`: it never drops anyone to make
-room) and only when its `layout` names the same cache layout as its own.
+room) and only when its `layout` names the same cache layout as its own. A move between
+replicas is pipelined: the receiver reserves the pages from the export's header
+(`CacheHeader`, `Engine.begin_import`), then takes the bytes in position-addressed chunks
+while the sender is still copying the later ones (`Engine.import_chunks`), and registers the
+user only at `Engine.finish_import`, once every byte is in place.
 
 `buffers` hold the keys and values as raw bytes, laid end to end in the engine's own order
 (the paged engine's pages, a page holding every layer's keys and values; the generic engine's
 caches, one buffer for all layers when they share a shape), in pieces of any size: uint8
 arrays, or what the sender's `sink` made of each (Ray's object store refs: the sender puts
-piece i while it copies piece i+1; the receiving replica resolves them to arrays before
-`Engine.import_user`). `sizes` are the pieces' bytes. Numpy arrays travel through Ray's object
+piece i while it copies piece i+1; the receiving replica resolves them to arrays before it
+hands them to its engine). `sizes` are the pieces' bytes. Numpy arrays travel through Ray's object
 store without pickling their bytes and are read there in place by a receiver on the same node.
 """
 
@@ -38,17 +42,58 @@ class LayoutMismatch(ValueError):
 
 
 @dataclass
-class UserCacheExport:
-    """A copy of one idle user's kept cache (see module docstring)."""
+class CacheHeader:
+    """What a receiver needs to set pages aside for a user's cache before its bytes arrive
+    (`Engine.begin_import`): everything of an export but its bytes. The bytes then arrive in
+    chunks addressed by position: chunk i is bytes [i * chunk_bytes, ...) of the cache."""
 
     key: str  # the user key (identity.user_key)
     tenant: str  # the API key's id the user belongs to (kv_shares)
     token_ids: list[int]  # every token the conversation has seen
-    kv_len: int  # positions [0, kv_len) have keys and values in `buffers`
+    kv_len: int  # positions [0, kv_len) have keys and values in the bytes
     layout: str  # engine kind, model, dtype and unit shape: must equal the receiver's
+    generation: int = 0  # the sender's count of the user's requests when copied
+    nbytes: int = 0  # the cache's bytes in all
+    chunk_bytes: int = 0  # bytes of each chunk but the last (the sender's staging chunk)
+
+    def check(self, layout: str) -> None:
+        """Raise LayoutMismatch unless this cache fits a receiver of `layout`."""
+        if self.layout != layout:
+            raise LayoutMismatch(
+                f"a cache of layout {self.layout!r} cannot be imported into {layout!r}"
+            )
+        if not 0 < self.kv_len <= len(self.token_ids):
+            raise ValueError(f"an export of {self.kv_len} KV tokens for {len(self.token_ids)}")
+
+    def same_user(self, other: CacheHeader | None) -> bool:
+        """Whether `other` describes this very cache (no request ran on the user between;
+        the tokens too: a user dropped and back again counts its generations afresh)."""
+        if other is None:
+            return False
+        mine = (self.key, self.generation, self.kv_len, self.nbytes, self.layout)
+        theirs = (other.key, other.generation, other.kv_len, other.nbytes, other.layout)
+        return mine == theirs and other.token_ids == self.token_ids
+
+    def header(self) -> CacheHeader:
+        """This cache's header alone (no bytes), as a begin_import takes it."""
+        return CacheHeader(
+            self.key,
+            self.tenant,
+            list(self.token_ids),
+            self.kv_len,
+            self.layout,
+            self.generation,
+            self.nbytes,
+            self.chunk_bytes,
+        )
+
+
+@dataclass
+class UserCacheExport(CacheHeader):
+    """A copy of one idle user's kept cache: its header and its bytes (module docstring)."""
+
     buffers: list[Any] = field(default_factory=list)  # uint8 pieces, or the sink's refs
     sizes: list[int] = field(default_factory=list)  # each piece's bytes
-    generation: int = 0  # the sender's count of the user's requests when copied
     # Seconds the sender spent copying out (device to host on a GPU, and handing the pieces
     # to its sink), for the move's metrics.
     copy_s: float = 0.0
@@ -56,15 +101,12 @@ class UserCacheExport:
     # once imported, the receiver's copy in (`in_` keys), for benchmarks.
     phases: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(self.sizes)
-
     def hold(self, pieces: list[Any], sizes: list[int]) -> None:
-        """Keep the copied `pieces` (of `sizes` bytes)."""
+        """Keep the copied `pieces` (of `sizes` bytes; `nbytes` becomes their sum)."""
         if len(pieces) != len(sizes):
             raise ValueError(f"{len(pieces)} pieces with {len(sizes)} sizes")
         self.buffers, self.sizes = list(pieces), [int(n) for n in sizes]
+        self.nbytes = sum(self.sizes)
 
     def arrays(self) -> list[np.ndarray]:
         """The pieces as uint8 arrays of their stated sizes (ValueError otherwise)."""
@@ -73,14 +115,12 @@ class UserCacheExport:
                 raise ValueError(f"piece {i} of this export is not {size} bytes of uint8")
         return list(self.buffers)
 
-    def check(self, layout: str) -> None:
-        """Raise LayoutMismatch unless this export fits a receiver of `layout`."""
-        if self.layout != layout:
-            raise LayoutMismatch(
-                f"a cache of layout {self.layout!r} cannot be imported into {layout!r}"
-            )
-        if not 0 < self.kv_len <= len(self.token_ids):
-            raise ValueError(f"an export of {self.kv_len} KV tokens for {len(self.token_ids)}")
+
+def add_phases(total: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    """`total` with each of `more`'s seconds (or counts) added, key by key (in place)."""
+    for k, v in more.items():
+        total[k] = total.get(k, 0.0) + v
+    return total
 
 
 @dataclass(frozen=True)

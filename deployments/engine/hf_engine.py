@@ -17,14 +17,16 @@ import concurrent.futures
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from deployments.capacity import EngineMemory, memory_snapshot
 from deployments.config import AppArgs
 from deployments.engine.cache_export import (
+    CacheHeader,
     MovableUser,
     Sink,
     UserCacheExport,
@@ -33,6 +35,7 @@ from deployments.engine.cache_export import (
     from_bytes,
 )
 from deployments.engine.grammar import Grammar
+from deployments.engine.held_imports import HeldImports
 from deployments.engine.interface import (
     ALL_SAMPLING_FEATURES,
     Engine,
@@ -95,6 +98,7 @@ class HFEngine(Engine):
             kv_bytes_per_token(self.model.config, element),
             shares=KVShares(args.kv_cache.key_share),
         )
+        self._imports = HeldImports()  # users' caches arriving in pieces (cache moves)
         # The model is loaded: free memory now is what the KV budget's share is taken of.
         free = memory_snapshot(memory.reading(), self._memory()).free_unified_memory_bytes
         self.store.budget_bytes = kv_budget_bytes(
@@ -307,51 +311,87 @@ class HFEngine(Engine):
         dtype = next(self.model.parameters()).dtype
         return f"hf:{self.model_name}:{dtype}:{text.num_hidden_layers}x{heads}x{head_dim}"
 
+    def _kv_shape(self, kv_len: int) -> tuple[int, ...]:
+        """An export's one buffer: [layers, 2, heads, kv_len, head_dim]."""
+        layers, heads, head_dim = (int(x) for x in self.cache_layout.rsplit(":", 1)[1].split("x"))
+        return (layers, 2, heads, kv_len, head_dim)
+
     def movable_users(self) -> list[MovableUser]:
         return [MovableUser(e.key, self.store.entry_bytes(e)) for e in self.store.idle() if e.key]
 
-    def export_user(self, key: str, sink: Sink = copy_piece) -> UserCacheExport | None:
-        """All layers' keys and values as one buffer [layers, 2, heads, tokens, head_dim].
-        A request that takes the user meanwhile makes the copy stale: None then."""
+    def export_header(self, key: str) -> CacheHeader | None:
         entry = next((e for e in self.store.idle() if e.key == key), None)
         if entry is None or entry.kv is None:
             return None
-        start = time.perf_counter()
         with self.store.lock:
             generation, kv_tokens, tokens = entry.generation, entry.kv_tokens, list(entry.token_ids)
+        size = next(self.model.parameters()).element_size()
+        nbytes = int(np.prod(self._kv_shape(kv_tokens))) * size
+        header = CacheHeader(key, entry.tenant, tokens, kv_tokens, self.cache_layout, generation)
+        header.nbytes = header.chunk_bytes = nbytes  # one piece
+        return header
+
+    def export_user(
+        self,
+        key: str,
+        sink: Sink = copy_piece,
+        on_piece: Callable[[int, Any], None] | None = None,
+    ) -> UserCacheExport | None:
+        """All layers' keys and values as one buffer [layers, 2, heads, tokens, head_dim].
+        A request that takes the user meanwhile makes the copy stale: None then."""
+        entry = next((e for e in self.store.idle() if e.key == key), None)
+        header = self.export_header(key)
+        if entry is None or header is None:
+            return None
+        start = time.perf_counter()
+        with self.store.lock:
             layers = cache_layers(entry.kv)
-        if any(k is None or k.shape[0] != 1 or k.shape[-2] != kv_tokens for k, _ in layers):
+        if any(k is None or k.shape[0] != 1 or k.shape[-2] != header.kv_len for k, _ in layers):
             return None  # an empty, batched or windowed layer: not this exporter's shape
         stacked = torch.stack([torch.stack([k[0], v[0]]) for k, v in layers]).cpu()
-        if entry.generation != generation or entry.running:
+        if entry.generation != header.generation or entry.running:
             return None
-        copied = UserCacheExport(key, entry.tenant, tokens, kv_tokens, self.cache_layout)
+        copied = UserCacheExport(**vars(header))
         data = as_bytes(stacked)
-        copied.hold([sink(data)], [data.nbytes])
-        copied.generation = generation
+        piece = sink(data)
+        copied.hold([piece], [data.nbytes])
+        if on_piece is not None:
+            on_piece(0, piece)
         copied.copy_s = time.perf_counter() - start
         return copied
 
-    def import_user(self, export: UserCacheExport) -> int | None:
-        export.check(self.cache_layout)
-        if self.store.entry_bytes(UserEntry(None, kv_tokens=export.kv_len)) > (
-            self.store.budget_bytes - self.store.total_bytes
-        ):
+    # Imports in pieces, in their simplest form: held until finish_import copies them in.
+
+    def begin_import(self, header: CacheHeader) -> int | None:
+        header.check(self.cache_layout)
+        size = next(self.model.parameters()).element_size()
+        if header.nbytes != int(np.prod(self._kv_shape(header.kv_len))) * size:
+            raise ValueError(f"{header.nbytes} bytes for {header.kv_len} KV tokens")
+        room = self.store.budget_bytes - self.store.total_bytes
+        if self.store.entry_bytes(UserEntry(None, kv_tokens=header.kv_len)) > room:
             return None
-        layers, heads, head_dim = (int(x) for x in self.cache_layout.rsplit(":", 1)[1].split("x"))
+        if header.key in self.store.resident_keys() or self._imports.arriving(header.key):
+            return None
+        return self._imports.begin(header)
+
+    def import_chunks(self, ticket: int, first: int, pieces: list[np.ndarray]) -> dict[str, float]:
+        self._imports.add(ticket, first, pieces)
+        return {}
+
+    def finish_import(self, ticket: int) -> int | None:
+        header, data = self._imports.take(ticket)
         dtype = next(self.model.parameters()).dtype
-        shape = (layers, 2, heads, export.kv_len, head_dim)
-        pieces = export.arrays()
-        if len(pieces) != 1:
-            raise ValueError(f"an export of this engine has one piece, not {len(pieces)}")
-        data = from_bytes(pieces[0], dtype, shape).to(self.device, copy=True)
+        kv = from_bytes(data, dtype, self._kv_shape(header.kv_len)).to(self.device, copy=True)
         cache = self._new_cache()
-        for i in range(layers):
-            cache.update(data[i, 0].unsqueeze(0), data[i, 1].unsqueeze(0), i)
+        for i in range(kv.shape[0]):
+            cache.update(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), i)
         entry = UserEntry(
-            export.key, list(export.token_ids), cache, export.kv_len, tenant=export.tenant
+            header.key, list(header.token_ids), cache, header.kv_len, tenant=header.tenant
         )
         return 0 if self.store.adopt(entry) else None
+
+    def cancel_import(self, ticket: int) -> bool:
+        return self._imports.cancel(ticket)
 
     def forget_user(self, key: str, generation: int) -> bool:
         return self.store.forget(key, generation)

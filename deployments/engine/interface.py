@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments.capacity import EngineMemory
-from deployments.engine.cache_export import MovableUser, Sink, UserCacheExport, copy_piece
+from deployments.engine.cache_export import (
+    CacheHeader,
+    MovableUser,
+    Sink,
+    UserCacheExport,
+    add_phases,
+    copy_piece,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -219,19 +229,67 @@ class Engine(ABC):
         """Idle users whose caches `export_user` can copy now, least recently used first."""
         return []
 
-    def export_user(self, key: str, sink: Sink = copy_piece) -> UserCacheExport | None:
+    def export_header(self, key: str) -> CacheHeader | None:
+        """What `export_user(key)` would copy now, without its bytes (a receiver reserves
+        room from it: `begin_import`); None when the user cannot be copied now."""
+        return None
+
+    def export_user(
+        self,
+        key: str,
+        sink: Sink = copy_piece,
+        on_piece: Callable[[int, Any], None] | None = None,
+    ) -> UserCacheExport | None:
         """A copy of `key`'s kept cache, which stays here until `forget_user`; None when the
         user holds no cache, is running a request, or its pages are moving between tiers (or
         did meanwhile). Each piece of bytes copied goes through `sink`, whose results the
-        export holds (cache_export.py)."""
+        export holds (cache_export.py), then to `on_piece(its index, the sink's result)`, in
+        order, as soon as it is made (a pipelined move sends it on from there)."""
         return None
 
-    def import_user(self, export: UserCacheExport) -> int | None:
-        """Adopt an export as an idle user's cache, in free memory only (nobody is dropped
-        for it); the adopted entry's generation, or None when there is no room or the user is
-        here already. Raises LayoutMismatch for an export of another cache layout. The user
-        is resident (and reported) only once every byte is in place."""
+    # An import in pieces (a pipelined move): begin_import, then import_chunks calls in any
+    # order, then finish_import, or cancel_import at any point. Engines that keep no caches
+    # keep these defaults: nothing is imported.
+
+    def begin_import(self, header: CacheHeader) -> int | None:
+        """Set free memory aside for `header`'s cache (nobody is dropped for it): a ticket,
+        or None when there is no room or the user is here (or arriving) already. Raises
+        LayoutMismatch for a cache of another layout, ValueError for one that cannot be."""
         return None
+
+    def import_chunks(self, ticket: int, first: int, pieces: list[np.ndarray]) -> dict[str, float]:
+        """Take `pieces` (uint8 arrays laid end to end) as the cache's bytes from chunk `first`
+        on (byte first * header.chunk_bytes); position-addressed, so calls may come in any
+        order (or twice). Seconds by phase of its copy in (`in_` keys; `began`/`ended`:
+        time.time() when it ran, where the engine copies now). KeyError: unknown ticket."""
+        raise KeyError(ticket)
+
+    def finish_import(self, ticket: int) -> int | None:
+        """Adopt the ticket's cache as an idle user's, once every byte is in place: its
+        generation, or None when the user appeared here meanwhile (memory freed). The user
+        is resident (and reported) only from here on. KeyError: unknown ticket; ValueError
+        (import cancelled): bytes missing."""
+        raise KeyError(ticket)
+
+    def cancel_import(self, ticket: int) -> bool:
+        """Free the ticket's memory (once any copy into it ends); False if it is not open."""
+        return False
+
+    def import_user(self, export: UserCacheExport) -> int | None:
+        """`export` imported in one go (begin, its pieces from chunk 0, finish): the adopted
+        entry's generation, or None (no room, or the user is here already); the copy's phases
+        land in `export.phases` (`in_` keys). Raises as `begin_import` does."""
+        pieces = export.arrays()
+        ticket = self.begin_import(export.header())
+        if ticket is None:
+            return None
+        try:
+            phases = self.import_chunks(ticket, 0, pieces)
+        except BaseException:
+            self.cancel_import(ticket)
+            raise
+        add_phases(export.phases, {k: v for k, v in phases.items() if k.startswith("in_")})
+        return self.finish_import(ticket)
 
     def forget_user(self, key: str, generation: int) -> bool:
         """Drop `key`'s cache if it is idle and no request ran since the export (or import)

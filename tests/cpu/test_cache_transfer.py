@@ -138,3 +138,61 @@ def test_a_host_tier_user_leaves_and_lands_in_chunks_byte_for_byte():
     for engine in (sender, receiver):
         engine.check_integrity()
         asyncio.run(engine.shutdown())
+
+
+def test_chunks_arriving_out_of_order_and_twice_land_byte_for_byte_and_answer_alike(pair):
+    sender, receiver = pair
+    reference = build(64)
+    prompt = conversation(90, 201)  # 13 pages: chunks of 4, 4, 4 and 1
+    first = asyncio.run(turn(sender, "ooo", prompt))[0]
+    assert asyncio.run(turn(reference, "ooo", prompt))[0] == first
+    export = sender.export_user("ooo")
+    pieces = export.arrays()
+    assert len(pieces) == 4 and export.chunk_bytes == CHUNK_PAGES * PAGE_BYTES
+    ticket = receiver.begin_import(pickle.loads(pickle.dumps(export.header())))
+    assert ticket is not None
+    assert receiver.begin_import(export.header()) is None  # arriving already: refused
+    for first_chunk, group in ((3, [3]), (1, [1, 2]), (3, [3]), (0, [0])):  # last first, twice
+        receiver.import_chunks(ticket, first_chunk, [pieces[i] for i in group])
+        assert "ooo" not in receiver.stats().resident_users  # registered only at finish
+    assert receiver.finish_import(ticket) is not None
+    assert np.array_equal(user_bytes(receiver, "ooo"), user_bytes(sender, "ooo"))
+    follow = prompt + first + [4, 5]
+    tokens, cached = asyncio.run(turn(receiver, "ooo", follow))
+    expected, expected_cached = asyncio.run(turn(reference, "ooo", follow))
+    assert tokens == expected and cached == expected_cached >= len(prompt)
+    receiver.check_integrity()
+    asyncio.run(reference.shutdown())
+
+
+def test_a_cancelled_or_incomplete_import_frees_its_pages(pair):
+    sender, receiver = pair
+    asyncio.run(turn(sender, "gone", conversation(91, 150)))  # 10 pages: chunks 4, 4, 2
+    export = sender.export_user("gone")
+
+    def free() -> int:
+        return receiver.cache.free_pages + receiver.cache.host_free_pages  # either tier
+
+    pieces, before = export.arrays(), free()
+    ticket = receiver.begin_import(export.header())
+    receiver.import_chunks(ticket, 1, [pieces[1]])
+    assert free() == before - 10
+    assert receiver.cancel_import(ticket) and not receiver.cancel_import(ticket)
+    assert free() == before
+    with pytest.raises(KeyError):
+        receiver.import_chunks(ticket, 0, [pieces[0]])
+    with pytest.raises(KeyError):
+        receiver.finish_import(ticket)
+    # A finish with a chunk missing adopts nothing and frees the pages too.
+    ticket = receiver.begin_import(export.header())
+    receiver.import_chunks(ticket, 0, pieces[:2])
+    with pytest.raises(ValueError, match="lacks bytes"):
+        receiver.finish_import(ticket)
+    with pytest.raises(ValueError, match="bytes \\["):  # past the cache's end
+        t = receiver.begin_import(export.header())
+        try:
+            receiver.import_chunks(t, 2, pieces[1:])
+        finally:
+            receiver.cancel_import(t)
+    assert free() == before and "gone" not in receiver.stats().resident_users
+    receiver.check_integrity()

@@ -5,20 +5,30 @@ through the engine's staging ring (staging_ring.py: pinned, allocated once at st
 Copies run outside the engine lock: it is held only to look the user up, to check after the
 copy that the user kept the very pages it had (same entry, generation and pages: an idle
 user's pages are never written, and pages it still holds were never freed meanwhile, so every
-byte copied is the user's), and to register an arrived cache once every byte is in place. A
-copy in runs into pages set aside for it (`CacheManager.reserve_import`), which nobody else
-reads until `adopt`.
+byte copied is the user's), and to register an arrived cache once every byte is in place.
+A copy in (cache_import.py) runs into pages set aside for it from the cache's header
+(`CacheManager.reserve_import`), chunk by chunk as they arrive, which nobody else reads until
+`adopt`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from deployments.config import MOVE_CHUNK_BYTES
-from deployments.engine.cache_export import MovableUser, Sink, UserCacheExport, copy_piece
+from deployments.engine.cache_export import (
+    CacheHeader,
+    MovableUser,
+    Sink,
+    UserCacheExport,
+    copy_piece,
+)
+from deployments.engine.paged.cache_import import CacheImports
 from deployments.engine.paged.cache_manager import CacheManager, UserKV
 from deployments.engine.paged.host_pool import HostKVPool
 from deployments.engine.paged.kv_pool import KVPool
@@ -53,11 +63,14 @@ class CacheTransfer:
         largest = max(pool.nbytes, host_pool.nbytes if host_pool is not None else 0)
         pages = max(1, min(chunk_bytes, largest) // self.page_bytes)
         self.ring = StagingRing(buf.device, pages * self.page_bytes)
+        self.imports = CacheImports(lock, cache, self.ring, self)
 
-    def _tier(self, on_device: bool) -> torch.Tensor:
-        return self.pool.buffer if on_device else self.host_pool.buffer  # type: ignore[union-attr]
+    def tier(self, on_device: bool) -> torch.Tensor:
+        """The device or host tier's pages as one flat uint8 tensor."""
+        buffer = self.pool.buffer if on_device else self.host_pool.buffer  # type: ignore[union-attr]
+        return flat_bytes(buffer)
 
-    def _runs(self, pages: list[int]) -> list[Run]:
+    def runs(self, pages: list[int]) -> list[Run]:
         """`pages` in order as byte ranges of their tier's flat bytes."""
         ranges = contiguous_runs(pages, list(range(len(pages))))
         return [(s * self.page_bytes, n * self.page_bytes) for s, _, n in ranges]
@@ -71,21 +84,43 @@ class CacheTransfer:
                 for u in self.cache.movable()
             ]
 
-    def export(self, key: str, sink: Sink = copy_piece) -> UserCacheExport | None:
-        """A copy of `key`'s pages, each chunk through `sink` (see module docstring); None
-        when it cannot move now, or changed while it was copied (the caller may try again)."""
+    def _header(self, user: UserKV) -> CacheHeader:
+        """`user`'s header (the engine lock held)."""
+        pages = len(user.pages or user.host_pages)
+        return CacheHeader(
+            user.key,
+            user.tenant,
+            list(user.token_ids),
+            user.kv_len,
+            self.layout,
+            user.generation,
+            pages * self.page_bytes,
+            self.ring.slot_bytes,
+        )
+
+    def header(self, key: str) -> CacheHeader | None:
+        """What `export(key)` would copy now, without its bytes; None when it cannot move."""
+        with self._lock:
+            user = self.cache.idle(key)
+            return None if user is None else self._header(user)
+
+    def export(
+        self,
+        key: str,
+        sink: Sink = copy_piece,
+        on_piece: Callable[[int, Any], None] | None = None,
+    ) -> UserCacheExport | None:
+        """A copy of `key`'s pages, each chunk through `sink` and then `on_piece` (see
+        Engine.export_user); None when it cannot move now, or changed while it was copied
+        (the caller may try again)."""
         start = time.perf_counter()
         with self._lock:
             user = self.cache.idle(key)
             if user is None:
                 return None
             seen, pages = _held(user), list(user.pages or user.host_pages)
-            copied = UserCacheExport(
-                key, user.tenant, list(user.token_ids), user.kv_len, self.layout
-            )
-            copied.generation = user.generation
-        src = flat_bytes(self._tier(bool(user.pages)))
-        streamed = self.ring.read(src, self._runs(pages), sink)
+            copied = UserCacheExport(**vars(self._header(user)))
+        streamed = self.ring.read(self.tier(bool(user.pages)), self.runs(pages), sink, on_piece)
         with self._lock:
             if self.cache.idle(key) is not user or _held(user) != seen:
                 return None  # dropped, moved down or ran meanwhile: the bytes may not be its
@@ -93,34 +128,6 @@ class CacheTransfer:
         copied.copy_s = time.perf_counter() - start
         copied.phases = streamed.times.as_dict("out_")
         return copied
-
-    def import_(self, export: UserCacheExport) -> int | None:
-        """Adopt `export` into free pages (see Engine.import_user); its copy's phases land in
-        `export.phases` (`in_` keys)."""
-        export.check(self.layout)
-        n = self.cache.kept_pages(export.kv_len)  # all lanes (chunk_window.py)
-        pieces = export.arrays()
-        if export.nbytes != n * self.page_bytes:
-            raise ValueError(f"{export.nbytes} bytes for {n} pages of {self.page_bytes}")
-        with self._lock:
-            if export.key in self.cache.users():
-                return None
-            reserved = self.cache.reserve_import(n, self.keep_free)
-        if reserved is None:
-            return None
-        try:
-            dst = flat_bytes(self._tier(bool(reserved.pages)))
-            runs = self._runs(reserved.pages or reserved.host_pages)
-            times = self.ring.write(pieces, dst, runs)  # every byte in place when it returns
-        except BaseException:
-            with self._lock:
-                self.cache.cancel_import(reserved)
-            raise
-        export.phases.update(times.as_dict("in_"))
-        with self._lock:
-            return self.cache.adopt(
-                export.key, export.tenant, export.token_ids, export.kv_len, reserved
-            )
 
     def forget(self, key: str, generation: int) -> bool:
         with self._lock:

@@ -12,15 +12,22 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from deployments.advice_check import AdviceCheck
 from deployments.capacity import EngineMemory
 from deployments.config import AppArgs
-from deployments.engine.cache_export import MovableUser, Sink, UserCacheExport, copy_piece
+from deployments.engine.cache_export import (
+    CacheHeader,
+    MovableUser,
+    Sink,
+    UserCacheExport,
+    copy_piece,
+)
 from deployments.engine.grammar import Grammar
 from deployments.engine.interface import (
     ALL_SAMPLING_FEATURES,
@@ -473,11 +480,28 @@ class PagedEngine(Engine):
     def movable_users(self) -> list[MovableUser]:
         return self._transfer.movable()
 
-    def export_user(self, key: str, sink: Sink = copy_piece) -> UserCacheExport | None:
-        return self._transfer.export(key, sink)
+    def export_header(self, key: str) -> CacheHeader | None:
+        return self._transfer.header(key)
 
-    def import_user(self, export: UserCacheExport) -> int | None:
-        return self._transfer.import_(export)
+    def export_user(
+        self,
+        key: str,
+        sink: Sink = copy_piece,
+        on_piece: Callable[[int, Any], None] | None = None,
+    ) -> UserCacheExport | None:
+        return self._transfer.export(key, sink, on_piece)
+
+    def begin_import(self, header: CacheHeader) -> int | None:
+        return self._transfer.imports.begin(header)
+
+    def import_chunks(self, ticket: int, first: int, pieces: list[np.ndarray]) -> dict[str, float]:
+        return self._transfer.imports.write(ticket, first, pieces)
+
+    def finish_import(self, ticket: int) -> int | None:
+        return self._transfer.imports.finish(ticket)
+
+    def cancel_import(self, ticket: int) -> bool:
+        return self._transfer.imports.cancel(ticket)
 
     def forget_user(self, key: str, generation: int) -> bool:
         return self._transfer.forget(key, generation)

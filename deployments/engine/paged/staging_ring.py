@@ -94,6 +94,12 @@ class _Spans:
         return out
 
 
+def slice_runs(runs: list[Run], start: int, stop: int) -> list[Run]:
+    """The part of `runs` (laid end to end) that holds stream bytes [start, stop), as runs."""
+    at = [r[0] for r in runs]
+    return [(at[r] + off, n) for r, off, n in _Spans([n for _, n in runs]).parts(start, stop)]
+
+
 def flat_bytes(buffer: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's storage as one flat uint8 tensor (a view)."""
     return buffer.reshape(-1).view(torch.uint8)
@@ -138,11 +144,16 @@ class StagingRing:
     # ---- out: tier -> host pieces ------------------------------------------------------------
 
     def read(
-        self, src: torch.Tensor, runs: list[Run], sink: Callable[[np.ndarray], Any]
+        self,
+        src: torch.Tensor,
+        runs: list[Run],
+        sink: Callable[[np.ndarray], Any],
+        on_piece: Callable[[int, Any], None] | None = None,
     ) -> Streamed:
         """Stream `runs` of `src` (flat bytes) out in chunks of at most `slot_bytes`: `sink`
         gets each chunk, as a uint8 array valid only during the call, from up to `SINKS`
-        threads at once; its results come back in the chunks' order."""
+        threads at once; its results come back in the chunks' order, and go to
+        `on_piece(chunk index, result)` in that order, from this thread, as they come."""
         times, start = StageTimes(), time.perf_counter()
         spans = _Spans([n for _, n in runs])
         chunks = [
@@ -166,6 +177,8 @@ class StagingRing:
                         piece, seconds = sinking.pop(done).result()
                         pieces.append(piece)
                         times.sink_s += seconds
+                        if on_piece is not None:
+                            on_piece(done, piece)
                         if done + slots < len(chunks):
                             j = done + slots
                             pending[j] = self._fetch(src, runs, spans, chunks[j], j, times)
