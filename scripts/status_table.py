@@ -88,8 +88,8 @@ FEATURES = (
             "test_cache_moves_serve.py",
             "test_cache_move_bench.py",
         ),
-        ("test_cache_moves_gpu",),
-        ("migration", "migration-ring"),
+        ("test_cache_moves_gpu", "test_cache_transfer_gpu"),
+        ("migration", "migration-ring", "migration-serial"),
     ),
     Feature(
         "Mixture of experts and Llama 4 in the paged engine",
