@@ -267,3 +267,47 @@ def test_kept_caches_give_tp1_tokens(groups, checkpoint, size):
     got = run_session(checkpoint, open_session(size, groups), kept_turns)
     assert got == want
     assert all(cached > 0 for _, cached in got[2:])  # the second turns reused the first
+
+
+def test_rank_parts_from_tensors_and_lazy_slices_agree(tmp_path):
+    """Each rule's cut, read from a whole tensor and from a safetensors slice (only the
+    rank's block read): rows, columns, stacked gate/up halves (both layouts), o's bias."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from deployments.engine.paged.tp_weights import rank_part
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 4, generator=g),
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(4, 8, generator=g),
+        "model.layers.0.self_attn.o_proj.bias": torch.randn(4, generator=g),
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(2, 8, 4, generator=g),
+        "model.layers.0.mlp.experts.3.down_proj.weight": torch.randn(4, 8, generator=g),
+        "model.layers.0.mlp.gate.weight": torch.randn(2, 4, generator=g),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    tp = TensorParallel(1, 2)
+    full = tensors["model.layers.0.mlp.experts.gate_up_proj"]
+    want = {
+        "model.layers.0.self_attn.q_proj.weight": tensors["model.layers.0.self_attn.q_proj.weight"][
+            4:
+        ],
+        "model.layers.0.self_attn.o_proj.weight": tensors["model.layers.0.self_attn.o_proj.weight"][
+            :, 4:
+        ],
+        "model.layers.0.self_attn.o_proj.bias": torch.zeros(4),  # added by rank 0 alone
+        "model.layers.0.mlp.experts.gate_up_proj": torch.cat([full[:, 2:4], full[:, 6:8]], 1),
+        "model.layers.0.mlp.experts.3.down_proj.weight": tensors[
+            "model.layers.0.mlp.experts.3.down_proj.weight"
+        ][:, 4:],
+        "model.layers.0.mlp.gate.weight": tensors["model.layers.0.mlp.gate.weight"],
+    }
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(rank_part(name, tensor, tp, False), want[name])
+            torch.testing.assert_close(rank_part(name, f.get_slice(name), tp, False), want[name])
+    # Llama 4's stacked experts are transposed: gate_up [E, H, 2I] halves on the last dim.
+    llama4 = full.transpose(1, 2).contiguous()
+    got = rank_part("model.layers.0.mlp.experts.gate_up_proj", llama4, tp, True)
+    torch.testing.assert_close(got, want["model.layers.0.mlp.experts.gate_up_proj"].transpose(1, 2))

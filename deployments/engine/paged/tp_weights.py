@@ -11,12 +11,14 @@ By the tensor's name (as weights.canonical_name and moe_weights.canonical spell 
 - the o projection's bias only on rank 0 (zeros elsewhere): it is added once, by the sum;
 - everything else (embeddings, norms, LM head, q/k norms, routers) whole on every rank.
 
-The cut is a view of the checkpoint tensor: nothing is copied but the rank's part.
+`rank_part` takes a tensor or a safetensors slice (`safe_open(...).get_slice(name)`, read
+lazily): from a slice only the rank's rows or columns are read from the file.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -41,30 +43,47 @@ STACKED = {
 }
 
 
-def rank_part(name: str, tensor: torch.Tensor, tp: TensorParallel, llama4: bool) -> torch.Tensor:
+def rank_part(name: str, tensor: Any, tp: TensorParallel, llama4: bool) -> torch.Tensor:
     """The part of checkpoint tensor `name` (canonical spelling) that rank `tp.rank` holds;
-    `tensor` itself at size 1 and for replicated tensors."""
+    `tensor` (a torch tensor, or a lazy safetensors slice) whole at size 1 and for
+    replicated tensors."""
     if tp.size == 1:
-        return tensor
+        return _whole(tensor)
     m = LAYER_REST.match(name)
     if m is None:
-        return tensor  # embeddings, final norm, LM head
+        return _whole(tensor)  # embeddings, final norm, LM head
     rest = canonical(m.group(1))
     if ROWS.fullmatch(rest):
         return _cut(tensor, 0, tp)
     if COLUMNS.fullmatch(rest):
         return _cut(tensor, 1, tp)
     if rest == "self_attn.o_proj.bias":
-        return tensor if tp.rank == 0 else torch.zeros_like(tensor)
+        whole = _whole(tensor)
+        return whole if tp.rank == 0 else torch.zeros_like(whole)
     if (rest, llama4) in STACKED:
         dim, halves = STACKED[(rest, llama4)]
-        if halves:
-            gate, up = tensor.chunk(2, dim=dim)
-            return torch.cat([_cut(gate, dim, tp), _cut(up, dim, tp)], dim=dim)
+        if halves:  # gate rows (or columns), then up: the rank's block of each
+            half = _shape(tensor)[dim] // 2
+            gate, up = _cut(tensor, dim, tp, 0, half), _cut(tensor, dim, tp, half, half)
+            return torch.cat([gate, up], dim=dim)
         return _cut(tensor, dim, tp)
-    return tensor
+    return _whole(tensor)
 
 
-def _cut(tensor: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
-    part = block(tensor.shape[dim], tp.size, tp.rank)
-    return tensor.narrow(dim, part.start, part.stop - part.start)
+def _shape(tensor: Any) -> list[int]:
+    return list(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor.get_shape()
+
+
+def _whole(tensor: Any) -> torch.Tensor:
+    return tensor if isinstance(tensor, torch.Tensor) else tensor[:]
+
+
+def _cut(
+    tensor: Any, dim: int, tp: TensorParallel, start: int = 0, width: int | None = None
+) -> torch.Tensor:
+    """The rank's block of `width` entries of `dim` from `start` (default: all of it); a
+    view of a tensor, a read of only that block from a safetensors slice."""
+    width = _shape(tensor)[dim] if width is None else width
+    part = block(width, tp.size, tp.rank)
+    index = (slice(None),) * dim + (slice(start + part.start, start + part.stop),)
+    return tensor[index]

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -244,12 +245,12 @@ def expected_names(spec: ModelSpec) -> set[str]:
 def copy_tensors(
     weights: ModelWeights,
     spec: ModelSpec,
-    items: Iterable[tuple[str, torch.Tensor]],
+    items: Iterable[tuple[str, Any]],
     tp: TensorParallel = SINGLE,
 ) -> set[str]:
     """Copy checkpoint tensors into `weights` (shapes checked); return the names copied.
     With `tp`, `spec` is the rank's (tensor_parallel.shard_spec) and each tensor's part
-    for the rank is copied (tp_weights.py)."""
+    for the rank is copied (tp_weights.py); items may then be lazy safetensors slices."""
     loaded: set[str] = set()
     for raw, tensor in items:
         name = canonical_name(spec, raw)
@@ -302,13 +303,15 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
-def shard_items(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of one safetensors file, one tensor at a time."""
+def shard_items(file: Path, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) pairs of one safetensors file, one tensor at a time; with `lazy`,
+    (name, slice) pairs whose tensors are read only as far as they are indexed (a
+    tensor-parallel rank reads its part: tp_weights.rank_part)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
         for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            yield name, f.get_tensor(name)
+            yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
 
 
 def layers_loaded(spec: ModelSpec, loaded: set[str]) -> int:
@@ -335,7 +338,7 @@ def load_checkpoint(
     total = sum(f.stat().st_size for f in files)
     start, done, loaded = time.perf_counter(), 0, set()
     for number, file in enumerate(files, 1):
-        loaded |= copy_tensors(weights, spec, shard_items(file), tp)
+        loaded |= copy_tensors(weights, spec, shard_items(file, lazy=tp.size > 1), tp)
         done += file.stat().st_size
         logger.info(
             "loaded shard %d/%d (%s): %s of %s, %d of %d layers, %.1f s",
