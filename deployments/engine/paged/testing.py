@@ -1,8 +1,8 @@
 """Test and benchmark helpers for the paged engine: kept off the production `PagedEngine`.
 
 - `logits_for(engine, plan)`: run one hand-built step and return each sequence's logits
-  (comparisons against a reference model); `reserve(engine, seq, tokens)`: its pages, as the
-  scheduler gives them;
+  (comparisons against a reference model); `step_inputs(engine, batch)`: a step's device
+  inputs, not run; `reserve(engine, seq, tokens)`: its pages, as the scheduler gives them;
 - `step_log(engine)`: every step's (sequences, tokens, decode_only, seconds) from the first
   call on; an empty tuple for an engine that keeps none (the generic engine);
 - `serve_test_ranks` / `tp_groups` / `open_session`: a gloo world of CPU processes whose
@@ -48,6 +48,12 @@ def logits_for(engine: Any, plan: list[tuple[Sequence, int]]) -> list[torch.Tens
         start += n
         seq.num_computed += n
     return out
+
+
+def step_inputs(engine: Any, batch: Batch) -> Any:
+    """A hand-built batch's device inputs (runner.StepInputs: tokens, meta, logits index,
+    plan, rules), planned and uploaded as a step would be, not run (TP=1 engines only)."""
+    return engine.runner._inputs(engine.runner.plan(batch), None)
 
 
 def reserve(engine: Any, seq: Sequence, tokens: int) -> None:
