@@ -59,7 +59,7 @@ PROGRAM = """
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
-    from deployments.engine.paged.testing import logits_for, reserve
+    from deployments.engine.paged.testing import logits_for, reserve, step_inputs
     CHUNK = 128
     config = transformers.Llama4TextConfig(
         hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, num_hidden_layers=4,
@@ -119,7 +119,7 @@ PROGRAM = """
     # Their chunked lanes start at their chunk (earlier pages released): rows of the decode
     # graph's lane tables hold the scratch page before it.
     assert all(s.chunk_base == s.num_computed // CHUNK * CHUNK // 16 > 0 for s in trio)
-    tokens, meta, _, index, *_ = engine.runner._prepare(batch)
+    tokens, meta, index, *_ = step_inputs(engine, batch)
     graph_logits = engine.runner.graphs.run(meta, tokens).clone()
     eager = engine.runner.model.forward(tokens, meta, index)
     eager_vs_graph = (graph_logits - eager).abs().max().item()
@@ -134,7 +134,7 @@ PROGRAM = """
         reserve(engine, s, 250 + n)
         batch = Batch()
         batch.add(s, n)
-        tokens, meta, *_ = engine.runner._prepare(batch)
+        tokens, meta, *_ = step_inputs(engine, batch)
         assert engine.runner.prefill_graphs.fits(meta.query_lens)
         graph = engine.runner.prefill_graphs.run(meta, tokens)[0].clone()
         eager = engine.runner.model.forward(tokens, meta, torch.tensor([n - 1], device="cuda"))[0]

@@ -28,7 +28,7 @@ PROGRAM = """
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
-    from deployments.engine.paged.testing import logits_for
+    from deployments.engine.paged.testing import logits_for, step_inputs
     SMALL = dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=8,
                  num_key_value_heads=2, max_position_embeddings=4096, vocab_size=448,
                  tie_word_embeddings=False)
@@ -85,7 +85,7 @@ PROGRAM = """
         for s in trio:
             s.pages += engine.cache.allocate(engine.cache.pages_for(50) - len(s.pages))
             batch.add(s, 1)
-        tokens, meta, _, index, *_ = engine.runner._prepare(batch)
+        tokens, meta, index, *_ = step_inputs(engine, batch)
         graph_logits = engine.runner.graphs.run(meta, tokens).clone()
         eager = engine.runner.model.forward(tokens, meta, index)
         torch.cuda.synchronize()

@@ -96,7 +96,7 @@ PROGRAM = """
     from deployments.engine.paged.engine import PagedEngine
     from deployments.engine.paged.scheduler import Batch
     from deployments.engine.paged.sequence import Sequence
-    from deployments.engine.paged.testing import logits_for
+    from deployments.engine.paged.testing import logits_for, step_inputs
     SMALL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                  vocab_size=448, tie_word_embeddings=False)
@@ -156,7 +156,7 @@ PROGRAM = """
         for s in trio:
             s.pages += engine.cache.allocate(engine.cache.pages_for(50) - len(s.pages))
             batch.add(s, 1)
-        tokens, meta, _, index, *_ = engine.runner._prepare(batch)  # the graph path, by hand
+        tokens, meta, index, *_ = step_inputs(engine, batch)  # the graph path, by hand
         graph_logits = engine.runner.graphs.run(meta, tokens).clone()
         eager = engine.runner.model.forward(tokens, meta, index)
         eager_vs_graph = (graph_logits - eager).abs().max().item()
@@ -170,7 +170,7 @@ PROGRAM = """
             s.pages += engine.cache.allocate(engine.cache.pages_for(300 + n) - len(s.pages))
             batch = Batch()
             batch.add(s, n)
-            tokens, meta, *_ = engine.runner._prepare(batch)
+            tokens, meta, *_ = step_inputs(engine, batch)
             assert engine.runner.prefill_graphs.fits(meta.query_lens)
             graph_logits = engine.runner.prefill_graphs.run(meta, tokens)[0].clone()
             last = torch.tensor([n - 1], device="cuda")

@@ -25,6 +25,7 @@ from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.model import DecoderModel
 from deployments.engine.paged.placer import Placer
 from deployments.engine.paged.runner import ModelRunner
+from deployments.engine.paged.tensor_parallel import SINGLE, TensorParallel
 from deployments.engine.paged.tier_mover import CopyMover
 from deployments.engine.paged.warmup import warm_up
 from deployments.engine.paged.weight_stream import WeightStreamer
@@ -57,9 +58,11 @@ def load_weights(
     memory: MemoryAccountant,
     placer: Placer | None,
     path: str,
+    tp: TensorParallel = SINGLE,
 ) -> ModelWeights:
     """The weights, allocated and filled: streamed layers in pinned host memory, cold ones
-    advised to the host (Grace), the rest on the device."""
+    advised to the host (Grace), the rest on the device. With `tp`, `spec` is the rank's
+    and it loads its parts only."""
     start = time.perf_counter()
     cold = frozenset(layout.cold_layers)
     with memory.allocation_scope():
@@ -77,7 +80,7 @@ def load_weights(
         if args.engine.random_weights:
             init_random(weights, seed=0)
         else:
-            load_checkpoint(weights, spec, path)
+            load_checkpoint(weights, spec, path, tp)
     if placer:
         placer.phase("weights loaded")
         for index, block in enumerate(weights.blocks):
@@ -141,12 +144,14 @@ def build_runner(
     args: AppArgs,
     memory: MemoryAccountant,
     weights: ModelWeights,
-    kv: KVParts,
+    pool: KVPool,
     eos_ids: frozenset[int],
     placer: Placer | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> ModelRunner:
     """The model over the weights and KV pool (with its weight streamer when layers
-    stream), its decode CUDA graphs where the layout allows them, and the runner."""
+    stream), its decode CUDA graphs where the layout allows them, and the runner; with
+    `tp`, one rank's (its spec, weights and pool)."""
     use_gpu = layout.device.startswith("cuda")
     streamer = None
     if layout.streamed_layers:
@@ -162,11 +167,12 @@ def build_runner(
     model = DecoderModel(
         spec,
         weights,
-        kv.pool,
+        pool,
         layout.max_model_len,
         use_triton=use_gpu,
         triton_prefill=use_gpu and args.engine.prefill_attention == "triton",
         streamer=streamer,
+        tp=tp,
     )
     graphs = prefill_graphs = None
     if layout.decode_graphs:

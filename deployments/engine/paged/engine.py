@@ -48,11 +48,13 @@ from deployments.engine.paged.build import (
 )
 from deployments.engine.paged.cache_transfer import CacheTransfer
 from deployments.engine.paged.placer import Placer
+from deployments.engine.paged.rank_loop import RankBuild, refuse_unsupported
 from deployments.engine.paged.runner import Launched
 from deployments.engine.paged.sampler import draw_base
 from deployments.engine.paged.scheduler import Batch, Scheduler
 from deployments.engine.paged.sequence import Sequence, Status
 from deployments.engine.paged.step_times import StepTimes
+from deployments.engine.paged.tensor_parallel import SINGLE, TensorParallel, shard_spec
 from deployments.engine.paged.warmup import compiled_variants
 from deployments.engine.token_stream import Outbox, TokenStream
 from deployments.layout import plan_layout
@@ -88,10 +90,17 @@ class PagedEngine(Engine):
     isolate_advised_ranges = True
 
     def __init__(
-        self, args: AppArgs, memory: MemoryAccountant, advisor: MemoryAdvisor | None = None
+        self,
+        args: AppArgs,
+        memory: MemoryAccountant,
+        advisor: MemoryAdvisor | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         """Plan the layout (deployments/layout.py), then allocate from it (build.py); on
-        Grace, `advisor` places managed memory (default: the CUDA driver's advice)."""
+        Grace, `advisor` places managed memory (default: the CUDA driver's advice). `tp`: a
+        joined tensor-parallel group whose rank 0 this is; the other ranks run
+        rank_loop.serve_rank."""
+        self.tp = tp
         path, self.spec = load_spec(args)
         self.device, self.model_name = memory.device, args.model.name
         if self.device == "cpu" and args.engine.cpu_threads:
@@ -122,11 +131,15 @@ class PagedEngine(Engine):
         self._placer = Placer.of(advisor, self.isolate_advised_ranges)
 
     def _build(self, args: AppArgs, memory: MemoryAccountant, path: str) -> None:
-        """Weights, the KV pool and its cache, the model runner and the scheduler (build.py)."""
-        placer = self._placer
-        weights = load_weights(self.layout, self.spec, args, memory, placer, path)
+        """Weights, the KV pool and its cache, the model runner and the scheduler (build.py);
+        under tensor parallelism this rank's parts, after sending the other ranks theirs."""
+        placer, tp = self._placer, self.tp
+        refuse_unsupported(self.layout, tp)
+        tp.send(RankBuild(args, self.layout, self.spec, path, self._eos_token_ids))
+        spec = shard_spec(self.spec, tp.size)  # this rank's heads and widths
+        weights = load_weights(self.layout, spec, args, memory, placer, path, tp)
         self.weights_bytes = weights.nbytes
-        kv = build_kv(self.layout, self.spec, args, memory, placer)
+        kv = build_kv(self.layout, spec, args, memory, placer)
         self.pool, self.cache, self.mover, self._host_pool = (
             kv.pool,
             kv.cache,
@@ -134,7 +147,7 @@ class PagedEngine(Engine):
             kv.host_pool,
         )
         self.runner = build_runner(
-            self.layout, self.spec, args, memory, weights, kv, self._eos_token_ids, placer
+            self.layout, spec, args, memory, weights, kv.pool, self._eos_token_ids, placer, tp
         )
         self.scheduler = Scheduler(
             self.cache, args.engine.max_num_seqs, args.engine.max_batched_tokens, self.mover
@@ -477,11 +490,14 @@ class PagedEngine(Engine):
 
     # ---- moving users' caches between replicas (cache_transfer.py) -------------------------
 
+    # Under tensor parallelism rank 0's pool holds only its KV heads: no user moves yet
+    # (none offered, exported or begun).
+
     def movable_users(self) -> list[MovableUser]:
-        return self._transfer.movable()
+        return self._transfer.movable() if self.tp.size == 1 else []
 
     def export_header(self, key: str) -> CacheHeader | None:
-        return self._transfer.header(key)
+        return self._transfer.header(key) if self.tp.size == 1 else None
 
     def export_user(
         self,
@@ -489,10 +505,10 @@ class PagedEngine(Engine):
         sink: Sink = copy_piece,
         on_piece: Callable[[int, Any], None] | None = None,
     ) -> UserCacheExport | None:
-        return self._transfer.export(key, sink, on_piece)
+        return self._transfer.export(key, sink, on_piece) if self.tp.size == 1 else None
 
     def begin_import(self, header: CacheHeader) -> int | None:
-        return self._transfer.imports.begin(header)
+        return self._transfer.imports.begin(header) if self.tp.size == 1 else None
 
     def import_chunks(self, ticket: int, first: int, pieces: list[np.ndarray]) -> dict[str, float]:
         return self._transfer.imports.write(ticket, first, pieces)
@@ -521,3 +537,4 @@ class PagedEngine(Engine):
             self._wake.notify()
         self._thread.join(timeout=10)
         self._transfer.ring.close()
+        self.runner.close()  # the other tensor-parallel ranks' loops end

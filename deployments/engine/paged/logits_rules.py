@@ -170,6 +170,12 @@ class TokenCounts:
             self._free = list(range(2 * old - 1, old - 1, -1))
         return self._free.pop()
 
+    def fit(self, slots: int) -> None:
+        """At least `slots` slots, as the planning rank's counts have (tensor parallelism)."""
+        while self.counts.shape[0] < slots:
+            self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
+            self.prompt = torch.cat([self.prompt, torch.zeros_like(self.prompt)])
+
     def release(self, slot: int) -> None:
         if slot:
             self._free.append(slot)

@@ -6,6 +6,10 @@ included), residual adds, SiLU-gated MLP; q/k/v and gate/up as fused matrix prod
 layer's MLP is dense or routed experts (moe.py), as its weights say (`LayerWeights.kind`).
 Logits are computed only for the tokens that sample.
 
+Under tensor parallelism (`tp`, tensor_parallel.py) the spec is the rank's (its heads, its
+MLP width) and the o projection's and the MLP's outputs are summed over the ranks, one
+all-reduce each per layer; at size 1 that sum is the identity.
+
 Llama 4's layers differ per layer (`ModelSpec.attention`): NoPE layers rotate by an identity
 table (cos 1, sin 0: exact) and scale q by the attention temperature of its position; RoPE
 layers L2-normalise q and k after the rotation and may attend within chunks.
@@ -20,6 +24,7 @@ from deployments.engine.paged.attention import AttentionMetadata, paged_attentio
 from deployments.engine.paged.fused import add_rms_norm, rms_norm_ref, rope_store, silu_mul
 from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.moe import moe_mlp
+from deployments.engine.paged.tensor_parallel import SINGLE, TensorParallel
 from deployments.engine.paged.weight_stream import WeightStreamer
 from deployments.engine.paged.weights import LayerWeights, ModelWeights
 from deployments.model_spec import ModelSpec
@@ -72,8 +77,11 @@ class DecoderModel:
         use_triton: bool,
         triton_prefill: bool = False,
         streamer: WeightStreamer | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
+        """`spec`: the rank's (tensor_parallel.shard_spec) when `tp` has more than one rank."""
         self.spec = spec
+        self.tp = tp
         self.w = weights
         self.pool = pool
         self.use_triton = use_triton
@@ -104,8 +112,8 @@ class DecoderModel:
             x, h = add_rms_norm(x, delta, layer.input_norm, eps, fast)
             attn = self._attention(index, layer, h, meta)
             out = F.linear(attn.reshape(n, spec.q_size), layer.o, layer.o_bias)
-            x, h = add_rms_norm(x, out, layer.post_norm, eps, fast)
-            delta = MLPS[layer.kind](h, layer, spec, fast)
+            x, h = add_rms_norm(x, self.tp.all_reduce(out), layer.post_norm, eps, fast)
+            delta = self.tp.all_reduce(MLPS[layer.kind](h, layer, spec, fast))
             if self.streamer is not None:
                 self.streamer.done(index)
         _, h = add_rms_norm(

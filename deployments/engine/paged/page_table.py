@@ -82,6 +82,11 @@ class PageTable:
         self.table = bigger
         self._free += list(range(2 * rows - 1, rows - 1, -1))
 
+    def fit(self, rows: int) -> None:
+        """At least `rows` rows (another rank's table grew to them: tensor parallelism)."""
+        while self.table.shape[0] < rows:
+            self._grow()
+
     def apply(self, cleared: torch.Tensor, writes: torch.Tensor) -> None:
         """On the device: zero the `cleared` rows, then write the (slot, column, page) triples."""
         if cleared.numel():

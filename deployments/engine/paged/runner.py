@@ -10,6 +10,10 @@ int64 values and one of int32 values a step, each piece aligned (upload.py); ste
 use logit rules (penalties, logit_bias, a grammar: logits_rules.py) upload those in one more
 pair. Logprobs, when a row asks, are computed from the raw logits on the device and copied to
 pinned host memory with the tokens.
+
+A step is planned on the host into one message (`plan` -> step_message.StepMessage) and then
+executed (`execute`); under tensor parallelism rank 0 sends each message to the other ranks,
+which execute it alike (rank_loop.py), so every rank draws the same tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from deployments.engine.paged.page_table import PageTable
 from deployments.engine.paged.sampler import SamplingPlan, build_plan, draw_seed
 from deployments.engine.paged.scheduler import Batch
 from deployments.engine.paged.sequence import Sequence, Status
+from deployments.engine.paged.step_message import STOP, StepMessage
 from deployments.engine.paged.upload import upload
 
 
@@ -79,12 +84,11 @@ class Launched:
 
 
 class StepInputs(NamedTuple):
-    """A step's device inputs: tokens, attention metadata, the batch rows that sample, the
-    logits rows they read, and their sampling plan (None when no row samples)."""
+    """A step's device inputs: tokens, attention metadata, the logits rows its sampling
+    rows read, and their sampling plan (None when no row samples)."""
 
     tokens: torch.Tensor
     meta: AttentionMetadata
-    rows: list[int]
     logits_index: torch.Tensor
     plan: tuple[torch.Tensor, ...] | None
     rules: DeviceRules | None = None  # logit rules of the sampling rows, when any has some
@@ -111,7 +115,11 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
         prefill_graphs: PrefillGraphs | None = None,
     ) -> None:
+        """The runner of one rank; under tensor parallelism (`model.tp`) rank 0's `launch`
+        plans and sends each step, the others `execute` what it sent (rank_loop.py)."""
         self.model = model
+        self.tp = model.tp
+        self._closed = False  # the other ranks were sent STOP
         self.page_size = page_size
         self.device = model.w.embed.device
         self.graphs = graphs
@@ -125,7 +133,9 @@ class ModelRunner:
         self.set_eos(eos_token_ids)
 
     def set_eos(self, eos_token_ids: frozenset[int]) -> None:
-        """The end-of-sequence ids a draw may be banned from (min_tokens)."""
+        """The end-of-sequence ids a draw may be banned from (min_tokens); the next step's
+        message carries them to the other ranks."""
+        self._eos, self._eos_changed = tuple(sorted(eos_token_ids)), True
         self.eos_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.int32, device=self.device)
 
     def _rules(self, seqs: list[Sequence]) -> HostRules | None:
@@ -153,28 +163,57 @@ class ModelRunner:
             [s.sampling for s in seqs], [s.counts_slot for s in seqs], fresh, self.vocab, masks
         )
 
-    def _prepare(self, batch: Batch, feed: Launched | None = None) -> StepInputs:
-        """A step's device inputs, in one int64 and one int32 upload."""
+    def plan(self, batch: Batch, feed: Launched | None = None) -> StepMessage:
+        """The step as a message (step_message.py), planned on the host from its batch: its
+        rows' tokens, positions and pages, the page-table entries it adds, its draws and
+        logit rules. `feed`: the step in flight whose tokens it may read."""
         page, lanes = self.page_size, self.model.pool.lanes.chunk_lanes
         lists, offsets, width = _page_lists(batch, lanes)
         host = _host_rows(batch, page, feed)
-        contexts = [start + n for start, n in zip(batch.starts, batch.num_tokens, strict=True)]
         slots, cleared, writes = self.table.plan(lists, offsets)
         sampling_seqs = [batch.seqs[i] for i in host.sampling_rows]
-        plan = sampling_plan(sampling_seqs) if host.sampling_rows else None
+        draws = sampling_plan(sampling_seqs) if host.sampling_rows else None
         rules = self._rules(sampling_seqs) if host.sampling_rows else None
+        eos, self._eos_changed = (self._eos if self._eos_changed else None), False
+        return StepMessage(
+            tokens=np.asarray(host.tokens, dtype=np.int64),
+            positions=host.positions,
+            write_pages=host.write_pages,
+            lane_write_pages=tuple(_lane_write_pages(batch, page, j) for j in range(lanes)),
+            fed=np.asarray(host.fed, dtype=np.int64),
+            feeds=host.feeds,
+            logits_index=np.asarray(host.logits_index, dtype=np.int64),
+            query_lens=tuple(batch.num_tokens),
+            context_lens=tuple(a + n for a, n in zip(batch.starts, batch.num_tokens, strict=True)),
+            decode_only=batch.decode_only,
+            slots=np.asarray(slots, dtype=np.int64),
+            cleared=np.asarray(cleared, dtype=np.int64),
+            writes=writes,
+            table_rows=self.table.table.shape[0],
+            width=width,
+            seed=draws.seed if draws else None,
+            words=draws.words() if draws else None,
+            rules=rules,
+            count_slots=self.counts.counts.shape[0] if self.counts is not None else 0,
+            eos_ids=eos,
+        )
+
+    def _inputs(self, step: StepMessage, feed_tokens: torch.Tensor | None) -> StepInputs:
+        """A step's device inputs, in one int64 and one int32 upload; `feed_tokens`: the
+        tokens of the step executed before it, which its fed rows read."""
+        self._fit(step)
         longs = upload(
             [
-                np.asarray(host.tokens),
-                host.positions,
-                host.write_pages,
-                host.positions % page,
-                np.asarray(host.logits_index),
-                np.asarray(host.fed),
-                plan.seed if plan else np.zeros(0),
-                np.asarray(slots),
-                np.asarray(cleared),
-                *(_lane_write_pages(batch, page, j) for j in range(lanes)),
+                step.tokens,
+                step.positions,
+                step.write_pages,
+                step.positions % self.page_size,
+                step.logits_index,
+                step.fed,
+                step.seed if step.seed is not None else np.zeros(0),
+                step.slots,
+                step.cleared,
+                *step.lane_write_pages,
             ],
             np.int64,
             self.device,
@@ -183,15 +222,19 @@ class ModelRunner:
             :9
         ]
         writes_d, contexts_d, words_d = upload(
-            [writes, np.asarray(contexts), plan.words() if plan else np.zeros(0)],
+            [
+                step.writes,
+                np.asarray(step.context_lens),
+                step.words if step.words is not None else np.zeros(0),
+            ],
             np.int32,
             self.device,
         )
         self.table.apply(cleared_d, writes_d)
-        if host.feeds:
-            assert feed.tokens is not None
-            tok = torch.where(fed_d >= 0, feed.tokens[fed_d.clamp(min=0)], tok)
-        tables, rows = self.table.rows(slots_d, width), len(batch)
+        if step.feeds:
+            assert feed_tokens is not None
+            tok = torch.where(fed_d >= 0, feed_tokens[fed_d.clamp(min=0)], tok)
+        tables, rows = self.table.rows(slots_d, step.width), len(step.query_lens)
         lane_tables = tuple(
             (tables[(j + 1) * rows : (j + 2) * rows], w) for j, w in enumerate(longs[9:])
         )
@@ -201,39 +244,71 @@ class ModelRunner:
             write_offsets=offsets_d,
             page_table=tables[:rows],
             context_lens=contexts_d,
-            query_lens=list(batch.num_tokens),
-            context_lens_host=contexts,
-            decode_only=batch.decode_only,
+            query_lens=list(step.query_lens),
+            context_lens_host=list(step.context_lens),
+            decode_only=step.decode_only,
             lane_tables=lane_tables,
         )
-        device_plan = SamplingPlan.device_views(words_d, seed_d) if plan else None
-        device_rules = rules.to_device(self.device) if rules is not None else None
-        return StepInputs(tok, meta, host.sampling_rows, logits_d, device_plan, device_rules)
+        plan = SamplingPlan.device_views(words_d, seed_d) if step.samples else None
+        rules = step.rules.to_device(self.device) if step.rules is not None else None
+        return StepInputs(tok, meta, logits_d, plan, rules)
+
+    def _fit(self, step: StepMessage) -> None:
+        """This rank's device state as the planning rank's bookkeeping says: page-table rows,
+        TokenCounts slots, end-of-sequence ids (no-ops on the planning rank)."""
+        self.table.fit(step.table_rows)
+        if step.count_slots and self.counts is None:
+            self.counts = TokenCounts(self.vocab, self.device, step.count_slots)
+        elif step.count_slots:
+            self.counts.fit(step.count_slots)  # type: ignore[union-attr]
+        if step.eos_ids is not None:
+            self.set_eos(frozenset(step.eos_ids))
+
+    def execute(
+        self, step: StepMessage, feed_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run a planned step on this rank: its logits rows [R, vocab] and, when it samples,
+        the drawn tokens [R] int64 on the device (no host wait)."""
+        tokens, meta, logits_index, plan, rules = self._inputs(step, feed_tokens)
+        logits = self._forward(tokens, meta, logits_index)
+        return logits, (self._draw(logits, plan, rules) if plan is not None else None)
+
+    def run(
+        self, step: StepMessage, feed_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rank 0: send the step to the other ranks (rank_loop.py), then `execute` it."""
+        self.tp.send(step)
+        return self.execute(step, feed_tokens)
+
+    def close(self) -> None:
+        """Rank 0: end the other ranks' loops (nothing at TP=1); once."""
+        if not self._closed:
+            self._closed = True
+            self.tp.send(STOP)
 
     def launch(self, batch: Batch, feed: Launched | None = None) -> Launched:
         """Enqueue one step; `feed` is the step still in flight whose tokens it may read."""
-        tokens, meta, rows, logits_index, plan, rules = self._prepare(batch, feed)
-        logits = self._forward(tokens, meta, logits_index)
-        step = Launched(batch, rows, None)
-        if plan is None:
-            return step
-        step.tokens = self._draw(logits, plan, rules)  # on the device, no host wait
-        step.row_of = {id(batch.seqs[i]): j for j, i in enumerate(rows)}
+        logits, tokens = self.run(self.plan(batch, feed), feed.tokens if feed else None)
+        rows = [i for i, sampling in enumerate(batch.sampling) if sampling]
+        launched = Launched(batch, rows, tokens)
+        if tokens is None:
+            return launched
+        launched.row_of = {id(batch.seqs[i]): j for j, i in enumerate(rows)}
         wanted = [batch.seqs[i].sampling.logprobs for i in rows]
         lp = None
         if any(k is not None for k in wanted):
-            lp = raw_logprobs(logits, step.tokens, max(k or 0 for k in wanted))
-            step.logprobs_wanted = wanted
-        if step.tokens.is_cuda:
-            step.host = _to_pinned(step.tokens)
+            lp = raw_logprobs(logits, tokens, max(k or 0 for k in wanted))
+            launched.logprobs_wanted = wanted
+        if tokens.is_cuda:
+            launched.host = _to_pinned(tokens)
             if lp is not None:
-                step.logprobs_host = tuple(_to_pinned(t) for t in lp)
-            step.event = torch.cuda.Event()
-            step.event.record()
+                launched.logprobs_host = tuple(_to_pinned(t) for t in lp)
+            launched.event = torch.cuda.Event()
+            launched.event.record()
         else:
-            step.host = step.tokens
-            step.logprobs_host = lp
-        return step
+            launched.host = tokens
+            launched.logprobs_host = lp
+        return launched
 
     def _forward(
         self, tokens: torch.Tensor, meta: AttentionMetadata, logits_index: torch.Tensor

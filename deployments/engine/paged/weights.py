@@ -21,10 +21,13 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from deployments.engine.paged.moe_weights import moe_covers, moe_names, moe_shapes, moe_target
+from deployments.engine.paged.tensor_parallel import SINGLE, TensorParallel
+from deployments.engine.paged.tp_weights import rank_part
 from deployments.memory_advice import isolated_empty
 from deployments.model_spec import ModelSpec
 
@@ -240,15 +243,21 @@ def expected_names(spec: ModelSpec) -> set[str]:
 
 @torch.no_grad()  # views of one layer block: autograd must not track the copies into them
 def copy_tensors(
-    weights: ModelWeights, spec: ModelSpec, items: Iterable[tuple[str, torch.Tensor]]
+    weights: ModelWeights,
+    spec: ModelSpec,
+    items: Iterable[tuple[str, Any]],
+    tp: TensorParallel = SINGLE,
 ) -> set[str]:
-    """Copy checkpoint tensors into `weights` (shapes checked); return the names copied."""
+    """Copy checkpoint tensors into `weights` (shapes checked); return the names copied.
+    With `tp`, `spec` is the rank's (tensor_parallel.shard_spec) and each tensor's part
+    for the rank is copied (tp_weights.py); items may then be lazy safetensors slices."""
     loaded: set[str] = set()
     for raw, tensor in items:
         name = canonical_name(spec, raw)
         target = _target(weights, spec, name)
         if target is None:
             continue
+        tensor = rank_part(name, tensor, tp, spec.arch == "llama4")
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"{raw}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}"
@@ -294,13 +303,15 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
-def shard_items(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of one safetensors file, one tensor at a time."""
+def shard_items(file: Path, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) pairs of one safetensors file, one tensor at a time; with `lazy`,
+    (name, slice) pairs whose tensors are read only as far as they are indexed (a
+    tensor-parallel rank reads its part: tp_weights.rank_part)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
         for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            yield name, f.get_tensor(name)
+            yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
 
 
 def layers_loaded(spec: ModelSpec, loaded: set[str]) -> int:
@@ -317,14 +328,17 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def load_checkpoint(weights: ModelWeights, spec: ModelSpec, path: str | Path) -> None:
+def load_checkpoint(
+    weights: ModelWeights, spec: ModelSpec, path: str | Path, tp: TensorParallel = SINGLE
+) -> None:
     """Load a (possibly sharded) safetensors checkpoint, logging progress after each shard:
-    bytes read so far, layers complete so far, seconds since the start."""
+    bytes read so far, layers complete so far, seconds since the start. With `tp`, the
+    rank's parts only (`copy_tensors`)."""
     files = checkpoint_files(path)
     total = sum(f.stat().st_size for f in files)
     start, done, loaded = time.perf_counter(), 0, set()
     for number, file in enumerate(files, 1):
-        loaded |= copy_tensors(weights, spec, shard_items(file))
+        loaded |= copy_tensors(weights, spec, shard_items(file, lazy=tp.size > 1), tp)
         done += file.stat().st_size
         logger.info(
             "loaded shard %d/%d (%s): %s of %s, %d of %d layers, %.1f s",
