@@ -63,6 +63,7 @@ from deployments.streaming import (
     collect,
     completion_events,
     error_from_event,
+    next_message,
     response_headers,
     server_timing,
     sse_response,
@@ -273,9 +274,7 @@ class OpenAIIngress:
         for attempt in range(self._limits.replica_retries + 1):
             stream = self._generate.remote(request=prepared.payload, shape=prepared.shape)
             try:
-                first = await asyncio.wait_for(
-                    stream.__anext__(), max(0.0, first_by - time.monotonic())
-                )
+                first = await next_message(stream, first_by - time.monotonic())
                 break
             except asyncio.TimeoutError:
                 stream.cancel()
