@@ -227,13 +227,13 @@ def decide(
         return Decision([rank for rank in ranks if rank], "anonymous")
     ledger.reconcile(views, now)
     home = find_home(user, views, ledger, now)
+    if home is not None and home not in stale and waited_s < policy.sticky_max_wait_s:
+        return Decision([[home]], "home")  # the usual return: no other replica is ranked
     ranked = _stale_last(rank_for_new_user(user, views, ledger, policy, now, request_bytes), stale)
     if home is None:
         return Decision([[r] for r in ranked], "new")
     if home in stale:  # it may be gone: fresh replicas first, home after them
         return Decision([[r] for r in ranked if r != home] + [[home]], "home")
-    if waited_s < policy.sticky_max_wait_s:
-        return Decision([[home]], "home")
     return Decision([[home]] + [[r] for r in ranked if r != home], "home")
 
 

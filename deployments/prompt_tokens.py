@@ -57,9 +57,24 @@ class PromptTokens:
         self.reused = 0  # prompts encoded from a kept prefix
         self.whole = 0  # prompts encoded whole
 
+    def _key(self, user: str | None, add_special_tokens: bool) -> tuple[str, bool] | None:
+        """Where a user's last prompt is kept; None: never kept (no user, or a tokenizer that
+        appends tokens after the text)."""
+        return (user, add_special_tokens) if user is not None and self._appends_nothing else None
+
+    def chars_to_encode(self, user: str | None, text: str, add_special_tokens: bool) -> int:
+        """How many characters of `text` `encode` would tokenize now: the tail after the
+        kept prefix's cut, else all of it (callers choose a thread by it). Reads the kept
+        prompt without touching its recency."""
+        key = self._key(user, add_special_tokens)
+        with self._lock:
+            kept = self._kept.get(key) if key is not None else None
+        cut = _cut(kept, text) if kept is not None else None
+        return len(text) - (cut or 0)
+
     def encode(self, user: str | None, text: str, add_special_tokens: bool) -> array:
         """The prompt's token ids as array("I")."""
-        key = (user, add_special_tokens) if user is not None and self._appends_nothing else None
+        key = self._key(user, add_special_tokens)
         kept = self._get(key) if key is not None else None
         found = self._extend(kept, text) if kept is not None else None
         if found is None:
@@ -75,9 +90,9 @@ class PromptTokens:
 
     def _extend(self, kept: _Kept, text: str) -> tuple[array, list[int]] | None:
         """Ids of `text` from `kept` and a re-encoded tail, or None where that is not safe."""
-        if len(kept.starts) < TAIL or not text.startswith(kept.text):
+        cut = _cut(kept, text)
+        if cut is None:
             return None
-        cut = kept.starts[0]
         keep = len(kept.ids) - TAIL
         tail, starts = self._tokenizer.encode_with_starts(text[cut:], False, TAIL)
         if tail[:OVERLAP] != kept.ids[keep : keep + OVERLAP].tolist():
@@ -101,6 +116,14 @@ class PromptTokens:
             while self._chars > self._max_chars and len(self._kept) > 1:
                 _, dropped = self._kept.popitem(last=False)
                 self._chars -= len(dropped.text)
+
+
+def _cut(kept: _Kept, text: str) -> int | None:
+    """The character offset in `text` where re-encoding would start from `kept`, or None when
+    `text` does not extend the kept text (or too few of its tokens' starts were kept)."""
+    if len(kept.starts) < TAIL or not text.startswith(kept.text):
+        return None
+    return kept.starts[0]
 
 
 def _appends_nothing(tokenizer: TextTokenizer) -> bool:

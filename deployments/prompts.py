@@ -2,12 +2,13 @@
 
 Runs in the ingress, as vLLM's API server tokenizes apart from its engine: on the GPU replica
 the tokenizer would compete for the GIL with the engine thread (an 8k-token prompt costs ~6 ms
-of tokenizing). The tokenizer's batch entry points release the GIL, so tokenizing in a worker
-thread leaves the ingress's event loop serving other streams meanwhile. The exact token count
-then shapes the request once (admission.py) for the router and the replica. A returning
-user's prompt is tokenized from where its previous one ended (prompt_tokens.py). A chat's
-tools and tool turns are rendered by the model's template, and a `tool_choice` that forces a
-call ends the prompt with that call's opening (tool_choice.py).
+of tokenizing). The tokenizer's batch entry points release the GIL, so tokenizing a long prompt
+in a worker thread leaves the ingress's event loop serving other streams meanwhile; a short
+one (`INLINE_CHARS`) is tokenized on the loop, where the thread's hand-off would cost more.
+The exact token count then shapes the request once (admission.py) for the router and the
+replica. A returning user's prompt is tokenized from where its previous one ended
+(prompt_tokens.py). A chat's tools and tool turns are rendered by the model's template, and a
+`tool_choice` that forces a call ends the prompt with that call's opening (tool_choice.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from deployments.token_bound import fewest_tokens, max_bytes_per_token
 from deployments.tokenizer import TextTokenizer
 from deployments.tool_calls import ParserName
 from deployments.tool_choice import ToolPlan, plan_tools
+
+# Characters of a completion prompt tokenized on the event loop rather than in a worker
+# thread: the thread's hand-off (a wake-up each way) cost ~0.2-0.8 ms of the first token on 2
+# shared cores, more than tokenizing this much (a 512-token prompt is ~2-3k characters, ~0.5
+# ms; a returning user's new tail is shorter); longer texts still leave the loop free.
+INLINE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -144,8 +151,15 @@ class PromptBuilder:
         else:
             text = prompt if isinstance(prompt, str) else prompt[0]
             self._check_length([text], context, "prompt")
-            ids = await asyncio.to_thread(self.tokens.encode, user, text, True)
+            ids = await self._encode(user, text)
         return self._prepared(req, ids, req.max_tokens, user, context, "prompt")
+
+    async def _encode(self, user: str | None, text: str) -> array.array:
+        """A completion prompt's ids (with the tokenizer's special tokens): on this event loop
+        when at most INLINE_CHARS of it are to be tokenized, else in a worker thread."""
+        if self.tokens.chars_to_encode(user, text, True) <= INLINE_CHARS:
+            return self.tokens.encode(user, text, True)
+        return await asyncio.to_thread(self.tokens.encode, user, text, True)
 
     def _check_length(self, texts: list[str], context: int, param: str) -> None:
         """Refuse text that no tokenization fits in the context, before tokenizing it."""

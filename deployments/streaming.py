@@ -40,6 +40,14 @@ def _failure(status: int, message: str, code: str) -> dict[str, Any]:
     }
 
 
+async def next_message(stream: Any, timeout_s: float) -> Any:
+    """`stream`'s next item, or TimeoutError once `timeout_s` seconds have passed (at once for
+    0 or less). Awaited in place: Python 3.11's `asyncio.wait_for` wraps every awaitable in a
+    task of its own, one more task and loop wake-up for each replica message."""
+    async with asyncio.timeout(max(0.0, timeout_s)):
+        return await stream.__anext__()
+
+
 async def until_deadline(stream: Any, deadline: float, idle_s: float = float("inf")) -> Messages:
     """A replica's stream of messages, ended by an error event if it fails (the replica died),
     outlives `deadline` (monotonic seconds) or sends nothing for `idle_s` seconds (a frozen
@@ -51,7 +59,7 @@ async def until_deadline(stream: Any, deadline: float, idle_s: float = float("in
         while True:
             left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(stream.__anext__(), max(0.0, min(left, idle_s)))
+                message = await next_message(stream, min(left, idle_s))
             except StopAsyncIteration:
                 finished = True
                 return

@@ -143,3 +143,19 @@ def test_the_returned_ids_are_the_callers_own(tokenizer):
     assert len(first) > TAIL
     first.append(0)  # a caller changing its ids changes nothing kept
     assert tokens.encode("u", text + " x", True).tolist() == tokenizer.encode_text(text + " x")
+
+
+def test_chars_to_encode_counts_what_encode_will_tokenize(tokenizer):
+    """The figure the ingress picks a thread by: a new user's or an edited text's every
+    character, a returning user's tail from the cut only."""
+    tokens = PromptTokens(tokenizer)
+    rng = random.Random(f"chars-{tokenizer.name}")
+    text = chat_models.random_text(rng, 400)
+    assert tokens.chars_to_encode("u", text, True) == len(text)
+    tokens.encode("u", text, True)
+    longer = text + growth(rng, tokenizer)
+    tail = tokens.chars_to_encode("u", longer, True)
+    cut = tokens._kept[("u", True)].starts[0]  # TAIL tokens before the kept text's end
+    assert tail == len(longer) - cut < len(longer)
+    assert tokens.chars_to_encode(None, longer, True) == len(longer)
+    assert tokens.chars_to_encode("u", "X" + longer[1:], True) == len(longer)
