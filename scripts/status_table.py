@@ -77,6 +77,7 @@ FEATURES = (
             "serve-paths",
             "serve-refactor-check",
             "serve-ttft-check",
+            "serve-first-token",
             "serve-hops",
         ),
     ),
