@@ -178,7 +178,16 @@ class EngineFigures(Protocol):
     def extra(self) -> Mapping[str, Any]: ...
 
 
-def kv_capacity_bytes(stats: EngineFigures, snap: MemorySnapshot) -> int:
+class KVHeld(Protocol):
+    """The KV figures `kv_capacity_bytes` reads (engine.EngineStats or engine.KVFigures)."""
+
+    @property
+    def kv_cache_bytes(self) -> int: ...
+    @property
+    def kv_budget_bytes(self) -> int: ...
+
+
+def kv_capacity_bytes(stats: KVHeld, snap: MemorySnapshot) -> int:
     """Most KV bytes this replica could hold for one request with every other cache dropped:
     the KV budget, or less when free unified memory plus today's KV bytes is smaller."""
     return min(stats.kv_budget_bytes, snap.free_unified_memory_bytes + stats.kv_cache_bytes)

@@ -38,7 +38,12 @@ from ray import serve
 
 from deployments.admission import RequestShape
 from deployments.cache_moves import CacheMover
-from deployments.capacity import ReplicaMemory, replica_memory
+from deployments.capacity import (
+    ReplicaMemory,
+    kv_capacity_bytes,
+    memory_snapshot,
+    replica_memory,
+)
 from deployments.config import AppArgs, parse_app_args
 from deployments.cuda_driver import require_cuda_driver
 from deployments.engine import (
@@ -196,8 +201,9 @@ class LLMReplica:
         figure still meets the engine's own page check."""
         now = time.monotonic()
         if now - self._room_at > ROOM_TTL_S:
-            stats = self.engine.stats()
-            self._room_figures = (self._memory(stats).kv_capacity_bytes, stats.kv_bytes_per_token)
+            kv = self.engine.kv_figures()  # not the whole stats: at one client, every request
+            snap = memory_snapshot(self.memory.reading(), kv.memory)  # finds the figure stale
+            self._room_figures = (kv_capacity_bytes(kv, snap), kv.kv_bytes_per_token)
             self._room_at = now
         return self._room_figures
 

@@ -170,6 +170,16 @@ class EngineStats:
     memory: EngineMemory = field(default_factory=EngineMemory)
 
 
+@dataclass(frozen=True)
+class KVFigures:
+    """The part of the stats a request's admission reads (LLMReplica._room): bytes, not users."""
+
+    kv_cache_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
+    memory: EngineMemory
+
+
 ALL_SAMPLING_FEATURES = frozenset(
     {
         "logprobs",
@@ -214,6 +224,12 @@ class Engine(ABC):
     @abstractmethod
     def stats(self) -> EngineStats:
         """Current KV usage and resident users."""
+
+    def kv_figures(self) -> KVFigures:
+        """What `stats` says of KV bytes and held memory, alone (admission asks per request;
+        engines whose stats cost more than these figures override it)."""
+        s = self.stats()
+        return KVFigures(s.kv_cache_bytes, s.kv_budget_bytes, s.kv_bytes_per_token, s.memory)
 
     def check_health(self) -> None:
         """Raise if the engine cannot serve (default: healthy)."""

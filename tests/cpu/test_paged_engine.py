@@ -162,8 +162,16 @@ def test_greedy_outputs_equal_hf_for_concurrent_users_and_follow_up_turns(checkp
     for prompt, previous, (tokens, out) in zip(follow, firsts, seconds, strict=True):
         assert out.cached_tokens >= len(prompt) - 4 - len(previous[0])  # the first turn, reused
         assert tokens == hf_greedy(model, prompt, len(tokens))
+    # Admission's figures (a request's room) are the stats' own, read without the rest.
+    stats, kv = engine.stats(), engine.kv_figures()
+    assert stats.kv_cache_bytes > 0 and kv.kv_cache_bytes == stats.kv_cache_bytes
+    assert (kv.kv_budget_bytes, kv.kv_bytes_per_token, kv.memory) == (
+        stats.kv_budget_bytes,
+        stats.kv_bytes_per_token,
+        stats.memory,
+    )
     # Decode steps were launched before the previous step's tokens reached the host.
-    extra = engine.stats().extra
+    extra = stats.extra
     assert extra["steps_launched_ahead"] > 0
     # On a CPU no step replays a CUDA graph; every step is counted by the path it took.
     assert extra["steps_by_path"]["eager"] > 0

@@ -35,6 +35,7 @@ from deployments.engine.interface import (
     Engine,
     EngineStats,
     GenerationRequest,
+    KVFigures,
     RequestProgress,
     TokenLogprob,
 )
@@ -429,10 +430,10 @@ class PagedEngine(Engine):
 
     def stats(self) -> EngineStats:
         with self._lock:
-            cache, page = self.cache, self.page_bytes
+            cache = self.cache
             used = cache.usable_pages - cache.free_pages
             return EngineStats(
-                kv_cache_bytes=(used + cache.host_used_pages()) * page,
+                kv_cache_bytes=self._kv_cache_bytes(),
                 kv_budget_bytes=self.layout.kv_capacity_bytes,
                 kv_bytes_per_token=self.layout.kv_bytes_per_token,
                 resident_users=cache.users(),
@@ -450,6 +451,23 @@ class PagedEngine(Engine):
                 },
                 memory=self._memory(),
             )
+
+    def kv_figures(self) -> KVFigures:
+        """`stats`' KV bytes and held memory without the rest (decode-step medians, compiled
+        kernel variants, resident users): the engine's lock held for a few reads only."""
+        with self._lock:
+            return KVFigures(
+                self._kv_cache_bytes(),
+                self.layout.kv_capacity_bytes,
+                self.layout.kv_bytes_per_token,
+                self._memory(),
+            )
+
+    def _kv_cache_bytes(self) -> int:
+        """KV bytes users hold, in every tier (under the lock)."""
+        cache = self.cache
+        used = cache.usable_pages - cache.free_pages + cache.host_used_pages()
+        return used * self.page_bytes
 
     def _kv_extra(self, used: int) -> dict[str, Any]:
         """The KV pages and tiers, for the routing report and metrics (under the lock)."""
