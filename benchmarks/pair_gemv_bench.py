@@ -53,12 +53,7 @@ def _in_graph_ms(calls: list[Any]) -> float:
 
 def _launch(x, w, ids, out, tile: dict[str, int]) -> None:
     """expert_gemv's kernel over `ids`' pairs (no dense rows) with this tile."""
-    n, k = w.shape[1], w.shape[2]
-    grid = (-(-n // tile["BLOCK_N"]), ids.numel())
-    strides = (x.stride(0), w.stride(0), w.stride(1), x.stride(0), out.stride(0))
-    expert_gemv._pair_gemv_kernel[grid](
-        x, w, ids, x, w[0], out, n, k, *strides, 1, ids.numel(), **tile
-    )
+    expert_gemv.launch(x, w, ids, out, 1, (x, w[0]), tile)
 
 
 def shape_rows(name: str, experts: int, n: int, k: int, pairs: int) -> dict[str, Any]:

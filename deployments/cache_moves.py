@@ -300,19 +300,6 @@ class CacheMover:
     async def cancel_import(self, ticket: int) -> bool:
         return await self.receiver.cancel(ticket)
 
-    async def accept(self, export: UserCacheExport) -> int | None:
-        """Adopt a whole export in one go (begin, its pieces, finish); its generation, or
-        None: no room."""
-        ticket = await self.begin_import(export.header())
-        if ticket is None:
-            return None
-        try:
-            await self.import_chunks(ticket, 0, list(export.buffers))
-        except BaseException:
-            await self.cancel_import(ticket)
-            raise
-        return await self.finish_import(ticket)
-
     async def withdraw(self, key: str, generation: int) -> bool:
         return await self.receiver.withdraw(key, generation)
 

@@ -165,19 +165,6 @@ def memory_snapshot(reading: AllocatorReading, engine: EngineMemory) -> MemorySn
     )
 
 
-class EngineFigures(Protocol):
-    """The part of an engine's stats (`engine.EngineStats`) the replica's figures need."""
-
-    @property
-    def kv_cache_bytes(self) -> int: ...
-    @property
-    def kv_budget_bytes(self) -> int: ...
-    @property
-    def memory(self) -> EngineMemory: ...
-    @property
-    def extra(self) -> Mapping[str, Any]: ...
-
-
 class KVHeld(Protocol):
     """The KV figures `kv_capacity_bytes` reads (engine.EngineStats or engine.KVFigures)."""
 
@@ -185,6 +172,15 @@ class KVHeld(Protocol):
     def kv_cache_bytes(self) -> int: ...
     @property
     def kv_budget_bytes(self) -> int: ...
+
+
+class EngineFigures(KVHeld, Protocol):
+    """The part of an engine's stats (`engine.EngineStats`) the replica's figures need."""
+
+    @property
+    def memory(self) -> EngineMemory: ...
+    @property
+    def extra(self) -> Mapping[str, Any]: ...
 
 
 def kv_capacity_bytes(stats: KVHeld, snap: MemorySnapshot) -> int:

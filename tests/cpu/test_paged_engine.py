@@ -14,12 +14,12 @@ import torch
 
 from deployments.config import AppArgs
 from deployments.engine import GenerationRequest, SamplingParams, select_engine_class
-from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.sequence import Sequence
 from deployments.engine.paged.testing import logits_for
 from deployments.memory import setup_memory
 from deployments.platform import detect_platform
+from tests.cpu.tiny_checkpoints import save_tiny
 
 SMALL = {
     "hidden_size": 64,
@@ -56,16 +56,9 @@ ARCHS = {
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def checkpoint(request, tmp_path_factory):
     """A random small model of each architecture, saved like a hub checkpoint."""
-    import transformers
-
     config_name, model_name, extra = ARCHS[request.param]
-    config = getattr(transformers, config_name)(**SMALL, **extra)
-    torch.manual_seed(1)
-    model = getattr(transformers, model_name)(config).eval()
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    write_tokenizer(path)
-    return str(path), model
+    return save_tiny(path, config_name, model_name, {**SMALL, **extra}, seed=1)
 
 
 def make_engine(path: str, **engine) -> PagedEngine:

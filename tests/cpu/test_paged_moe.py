@@ -15,12 +15,12 @@ import asyncio
 import pytest
 import torch
 
-from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.testing import logits_for
 from deployments.engine.paged.weights import layer_numel, load_state
 from deployments.model_spec import ModelSpec
 from deployments.plan.models import footprint_from_config
 from tests.cpu.test_paged_engine import generate, hf_greedy, hf_logits, make_engine, new_seq
+from tests.cpu.tiny_checkpoints import save_tiny
 
 SMALL = {
     "hidden_size": 64,
@@ -58,16 +58,9 @@ ARCHS = {
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def checkpoint(request, tmp_path_factory):
-    import transformers
-
     config_name, model_name, extra = ARCHS[request.param]
-    config = getattr(transformers, config_name)(**SMALL, **extra)
-    torch.manual_seed(3)
-    model = getattr(transformers, model_name)(config).eval()
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    write_tokenizer(path)
-    return str(path), model
+    return save_tiny(path, config_name, model_name, {**SMALL, **extra}, seed=3)
 
 
 def page_bytes() -> int:

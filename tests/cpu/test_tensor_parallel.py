@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deployments.config import AppArgs
-from deployments.engine.builtin_tokenizer import write_tokenizer
 from deployments.engine.paged.engine import PagedEngine
 from deployments.engine.paged.kv_pool import KVPool
 from deployments.engine.paged.tensor_parallel import SINGLE, TensorParallel, block, shard_spec
@@ -29,6 +28,7 @@ from deployments.memory import setup_memory
 from deployments.model_spec import ModelSpec
 from deployments.platform import detect_platform
 from tests.cpu.test_paged_engine import generate, new_seq
+from tests.cpu.tiny_checkpoints import save_tiny
 
 WORLD = 4
 SMALL = {
@@ -90,16 +90,9 @@ def groups(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def checkpoint(request, tmp_path_factory):
-    import transformers
-
     config_name, model_name, extra = MODELS[request.param]
-    config = getattr(transformers, config_name)(**SMALL, **extra)
-    torch.manual_seed(2)
-    model = getattr(transformers, model_name)(config).eval()
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    write_tokenizer(path)
-    return str(path)
+    return save_tiny(path, config_name, model_name, {**SMALL, **extra}, seed=2)[0]
 
 
 def page_bytes(path: str) -> int:

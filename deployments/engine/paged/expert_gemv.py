@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
 # rows a program keeps many programs in flight. Triton's autotuner (each tile timed alone, L2
 # flushed) picked 2 x 1024 with 4 warps: within 1% on Scout's shapes, 8% slower on Qwen's down;
 # a fixed tile also spares the warm-up its tuning.
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 2, 512, 2, 2
+TILE = {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 2, "num_stages": 2}
 
 
 def applies(x: torch.Tensor, pairs: int, experts: int) -> bool:
@@ -104,22 +104,38 @@ def pair_linear(
         xd, wd = dense
         zeros = torch.zeros(len(xd), dtype=torch.long)  # every dense row: "expert" 0 of one
         return torch.cat([out, pair_linear_ref(xd, wd.unsqueeze(0), zeros)])
-    pairs, k, n = expert_ids.numel(), x.shape[1], weight.shape[1]
+    pairs, n = expert_ids.numel(), weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
     xd, wd = (x, weight[0]) if dense is None else (dense[0].contiguous(), dense[1].contiguous())
     if wd.shape != weight.shape[1:]:
         raise ValueError(f"dense matrix {tuple(wd.shape)} against experts' {weight.shape[1:]}")
     extra = 0 if dense is None else xd.shape[0]
     out = torch.empty(pairs + extra, n, dtype=x.dtype, device=x.device)
-    _pair_gemv_kernel[(triton.cdiv(n, BLOCK_N), pairs + extra)](
+    launch(x, weight, expert_ids.reshape(-1), out, per_row, (xd, wd))
+    return out
+
+
+def launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    out: torch.Tensor,
+    per_row: int,
+    dense: tuple[torch.Tensor, torch.Tensor],
+    tile: dict[str, int] = TILE,
+) -> None:
+    """The kernel over `ids`' pairs then `dense`'s rows into `out` [P + D, N] (contiguous
+    operands, checked by `pair_linear`); `tile` other than TILE for pair_gemv_bench only."""
+    (xd, wd), pairs, n = dense, ids.numel(), weight.shape[1]
+    _pair_gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]), out.shape[0])](
         x,
         weight,
-        expert_ids.reshape(-1),
+        ids,
         xd,
         wd,
         out,
         n,
-        k,
+        x.shape[1],
         x.stride(0),
         weight.stride(0),
         weight.stride(1),
@@ -127,12 +143,8 @@ def pair_linear(
         out.stride(0),
         per_row,
         pairs,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        **tile,
     )
-    return out
 
 
 def pair_linear_ref(
